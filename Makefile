@@ -1,0 +1,48 @@
+# Everyday verbs. `make demo` and `make test` each work on a fresh clone: they install first.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+FIXTURES ?= fixtures
+# make all-recipes MODEL=Qwen/Qwen2-VL-7B-Instruct DATASET=data/ GPUS=auto
+MODEL ?= Qwen/Qwen2-VL-7B-Instruct
+DATASET ?= $(FIXTURES)/data
+GPUS ?= auto
+RECIPES ?= all
+ARGS ?=
+
+.PHONY: install test test-fast lint format fixtures demo all-recipes bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -c constraints.txt -e ".[dev]"
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -m "not slow"
+
+lint: $(STAMP)
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+format: $(STAMP)
+	$(PY) -m ruff format .
+	$(PY) -m ruff check --fix .
+
+fixtures: $(STAMP)
+	$(PY) -m src.fixtures --out $(FIXTURES)
+
+demo: $(STAMP)
+	$(VENV)/bin/recipe-run demo --fixtures $(FIXTURES) $(ARGS)
+
+all-recipes: $(STAMP)
+	$(VENV)/bin/recipe-run --recipes $(RECIPES) --gpus $(GPUS) --model-id $(MODEL) --dataset $(DATASET) $(ARGS)
+
+clean:
+	rm -rf $(FIXTURES) outputs .pytest_cache

@@ -1,0 +1,283 @@
+"""Grounding answers: turn boxes into the text a Qwen-VL model emits, and parse that text back.
+
+Two model families speak two formats:
+
+* ``qwen2_vl`` -- special tokens, coordinates normalised to integers 0-1000::
+
+      <|object_ref_start|>cat<|object_ref_end|><|box_start|>(100,200),(300,400)<|box_end|>
+
+  Objects are concatenated with no separator. An image with no objects is answered ``none``.
+* ``qwen2_5_vl`` -- a JSON list in absolute integer pixels of the *resized* image the model saw
+  (``resized=(h, w)``, default :func:`smart_resize` of the original size)::
+
+      [{"bbox_2d": [64, 48, 322, 238], "label": "cat"}]
+
+  The parser also accepts the list inside ```json fences, as Qwen2.5-VL writes it. No objects is ``[]``.
+
+:class:`Box` always holds pixel coordinates of the original image, so callers never see either model's
+coordinate space.
+
+Parsing rules (the parser never raises on any string; a bad ``family`` is a programming error and does):
+
+* A *fragment* is one attempt at an object: for ``qwen2_vl`` a ``<|box_start|>`` (with its optional ref
+  in front) or a ref that no box follows; for ``qwen2_5_vl`` one item of the JSON list, or one ``{...``
+  object when the list as a whole is not valid JSON (broken or cut off). Each fragment either gives a box
+  or adds one to ``malformed``: cut mid-box, wrong number of coordinates, non-numbers, broken JSON.
+* Boxes in the *other* family's format are not read, and each counts as malformed: their coordinate space
+  (0-1000 or resized pixels) would be a guess, and a model answering in the wrong format is a failure
+  the caller should see rather than have papered over.
+* Coordinates outside the image (below 0, above 1000 or the resized size) are clamped to its edge.
+  Corners given in the wrong order (x2 < x1 or y2 < y1) are swapped, not dropped: the region meant is
+  unambiguous, and dropping it would punish recall for a cosmetic slip.
+* ``parsed`` is True when at least one box was read, or the text is the family's "no objects" answer.
+  Text with nothing readable (prose, empty, only malformed fragments) gives ``parsed=False``.
+* Chat end tokens (``<|im_end|>``, ``<|endoftext|>``) left in by decoding with
+  ``skip_special_tokens=False`` are ignored.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+FAMILIES = ("qwen2_vl", "qwen2_5_vl")
+NORMALISED = 1000  # qwen2_vl's coordinate range
+EMPTY_ANSWER = {"qwen2_vl": "none", "qwen2_5_vl": "[]"}
+
+
+@dataclass(frozen=True)
+class Box:
+    """One object: a label and corners in pixel coordinates of the original image."""
+
+    label: str
+    x1: float
+    y1: float
+    x2: float
+    y2: float
+    score: float | None = None
+
+
+@dataclass(frozen=True)
+class ParsedAnswer:
+    """What :func:`parse_answer` read from one model answer."""
+
+    boxes: list[Box]
+    parsed: bool  # False when nothing well-formed could be read
+    malformed: int  # fragments that looked like a box but could not be read
+
+
+def smart_resize(
+    height: int, width: int, factor: int = 28, min_pixels: int = 56 * 56, max_pixels: int = 28 * 28 * 1280
+) -> tuple[int, int]:
+    """The (h, w) Qwen's image processor resizes an image to; same rule as transformers' qwen2_vl one.
+
+    Both sides become multiples of ``factor`` with the area inside [min_pixels, max_pixels] and the aspect
+    ratio kept as closely as possible. Raises ValueError for aspect ratios above 200, as transformers does.
+    """
+    ratio = max(height, width) / min(height, width)
+    if ratio > 200:
+        raise ValueError(f"absolute aspect ratio must be smaller than 200, got {ratio}")
+    h_bar = round(height / factor) * factor
+    w_bar = round(width / factor) * factor
+    if h_bar * w_bar > max_pixels:
+        beta = math.sqrt((height * width) / max_pixels)
+        h_bar = max(factor, math.floor(height / beta / factor) * factor)
+        w_bar = max(factor, math.floor(width / beta / factor) * factor)
+    elif h_bar * w_bar < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h_bar = math.ceil(height * beta / factor) * factor
+        w_bar = math.ceil(width * beta / factor) * factor
+    return h_bar, w_bar
+
+
+# ---------------------------------------------------------------- shared helpers
+
+
+def _check_family(family: str) -> None:
+    if family not in FAMILIES:
+        raise ValueError(f"unknown model family {family!r}; expected one of {FAMILIES}")
+
+
+def _clamp(value: float, high: float) -> float:
+    return min(max(value, 0.0), high)
+
+
+def _to_pixels(coords: Iterable[float], scale_x: float, scale_y: float, limit_x: float, limit_y: float):
+    """Model-space (x1, y1, x2, y2) -> original-image pixels, clamped to the model's space first."""
+    x1, y1, x2, y2 = coords
+    x1, x2 = sorted((_clamp(x1, limit_x), _clamp(x2, limit_x)))
+    y1, y2 = sorted((_clamp(y1, limit_y), _clamp(y2, limit_y)))
+    return x1 * scale_x, y1 * scale_y, x2 * scale_x, y2 * scale_y
+
+
+def _strip_chat_tokens(text: str) -> str:
+    return re.sub(r"<\|(?:im_end|endoftext)\|>", "", text)
+
+
+# ---------------------------------------------------------------- qwen2_vl: special tokens, 0-1000
+
+_NUM = r"\s*([-+]?\d+(?:\.\d*)?)\s*"
+_POINT = rf"\({_NUM},{_NUM}\)"
+_QWEN2_BODY = re.compile(rf"\s*{_POINT}\s*,?\s*{_POINT}\s*")
+_NO_TOKEN = r"(?:(?!<\|).)*"  # text up to the next special token, so one box never swallows the next
+_REF = rf"<\|object_ref_start\|>(?P<label>{_NO_TOKEN})<\|object_ref_end\|>"
+_QWEN2_OBJECT = re.compile(rf"(?:{_REF}\s*)?<\|box_start\|>(?P<body>{_NO_TOKEN})<\|box_end\|>", re.S)
+# What is left of a fragment once complete objects are cut out: a ref and/or box_start that never closed.
+_QWEN2_DANGLING = re.compile(
+    rf"(?:<\|object_ref_start\|>{_NO_TOKEN}<\|object_ref_end\|>\s*)?<\|box_start\|>|<\|object_ref_start\|>",
+    re.S,
+)
+
+
+def _format_qwen2(boxes: list[Box], width: int, height: int) -> str:
+    def norm(value: float, size: int) -> int:
+        return int(_clamp(round(value / size * NORMALISED), NORMALISED))
+
+    return "".join(
+        f"<|object_ref_start|>{b.label}<|object_ref_end|><|box_start|>"
+        f"({norm(b.x1, width)},{norm(b.y1, height)}),({norm(b.x2, width)},{norm(b.y2, height)})<|box_end|>"
+        for b in boxes
+    )
+
+
+def _parse_qwen2(text: str, width: int, height: int) -> ParsedAnswer:
+    boxes: list[Box] = []
+    malformed = 0
+    for match in _QWEN2_OBJECT.finditer(text):
+        body = _QWEN2_BODY.fullmatch(match["body"])
+        if body is None:
+            malformed += 1
+            continue
+        coords = _to_pixels(
+            map(float, body.groups()), width / NORMALISED, height / NORMALISED, NORMALISED, NORMALISED
+        )
+        boxes.append(Box((match["label"] or "").strip(), *coords))
+    rest = _QWEN2_OBJECT.sub(" ", text)
+    malformed += len(_QWEN2_DANGLING.findall(rest)) + rest.count('"bbox_2d"')  # qwen2_5_vl boxes: not read
+    is_empty_answer = text.strip().rstrip(".").lower() == EMPTY_ANSWER["qwen2_vl"]
+    return ParsedAnswer(boxes, bool(boxes) or is_empty_answer, malformed)
+
+
+# ---------------------------------------------------------------- qwen2_5_vl: JSON, resized pixels
+
+_FENCE = re.compile(r"```(?:json)?", re.I)
+_JSON_OBJECT = re.compile(r"\{[^{}]*\}|\{[^{}]*$")  # flat objects; a trailing one may be cut off
+
+
+def _format_qwen2_5(boxes: list[Box], width: int, height: int, resized: tuple[int, int]) -> str:
+    rh, rw = resized
+
+    def scale(value: float, size: int, new_size: int) -> int:
+        return int(_clamp(round(value / size * new_size), new_size))
+
+    items = [
+        {
+            "bbox_2d": [
+                scale(b.x1, width, rw),
+                scale(b.y1, height, rh),
+                scale(b.x2, width, rw),
+                scale(b.y2, height, rh),
+            ],
+            "label": b.label,
+        }
+        for b in boxes
+    ]
+    return json.dumps(items, ensure_ascii=False)
+
+
+def _is_number(value: object) -> bool:
+    # bool is an int subclass; JSON's NaN/Infinity parse to floats but are no coordinates. Huge ints are
+    # fine (clamping compares them exactly) but math.isfinite would overflow on them.
+    if isinstance(value, bool):
+        return False
+    return isinstance(value, int) or (isinstance(value, float) and math.isfinite(value))
+
+
+def _box_from_item(item: object, width: int, height: int, resized: tuple[int, int]) -> Box | None:
+    if not isinstance(item, dict):
+        return None
+    coords = item.get("bbox_2d")
+    if not isinstance(coords, list) or len(coords) != 4 or not all(map(_is_number, coords)):
+        return None
+    rh, rw = resized
+    label = item.get("label", "")
+    label = label.strip() if isinstance(label, str) else str(label)
+    return Box(label, *_to_pixels(coords, width / rw, height / rh, rw, rh))
+
+
+def _json_items(text: str) -> tuple[list[object] | None, int]:
+    """The answer's list items, or (None, unreadable fragments) when it is not one valid JSON value."""
+    try:
+        value = json.loads(text)
+    except (ValueError, RecursionError):  # deeply nested brackets overflow the decoder's recursion
+        value = None
+    if isinstance(value, list):
+        return value, 0
+    if isinstance(value, dict):
+        return [value], 0
+    # Broken or truncated list (or prose around it): read object by object.
+    items: list[object] = []
+    broken = 0
+    for fragment in _JSON_OBJECT.findall(text):
+        try:
+            items.append(json.loads(fragment))
+        except (ValueError, RecursionError):
+            broken += 1
+    return (items or None), broken
+
+
+def _parse_qwen2_5(text: str, width: int, height: int, resized: tuple[int, int]) -> ParsedAnswer:
+    body = _FENCE.sub("", text).strip()
+    items, malformed = _json_items(body)
+    is_empty_answer = items == [] and malformed == 0
+    boxes: list[Box] = []
+    for item in items or []:
+        box = _box_from_item(item, width, height, resized)
+        if box is None:
+            malformed += 1
+        else:
+            boxes.append(box)
+    malformed += body.count("<|box_start|>")  # qwen2_vl boxes: not read, see the module docstring
+    return ParsedAnswer(boxes, bool(boxes) or is_empty_answer, malformed)
+
+
+# ---------------------------------------------------------------- public API
+
+
+def format_answer(
+    boxes: list[Box],
+    width: int,
+    height: int,
+    family: str = "qwen2_vl",
+    resized: tuple[int, int] | None = None,
+) -> str:
+    """The answer text the model should learn for ``boxes`` on a ``width`` x ``height`` image.
+
+    Coordinates are clamped to the image and nothing else is checked. ``resized`` (h, w) only matters for
+    qwen2_5_vl; it defaults to :func:`smart_resize` of the original size.
+    """
+    _check_family(family)
+    if not boxes:
+        return EMPTY_ANSWER[family]
+    if family == "qwen2_vl":
+        return _format_qwen2(boxes, width, height)
+    return _format_qwen2_5(boxes, width, height, resized or smart_resize(height, width))
+
+
+def parse_answer(
+    text: str, width: int, height: int, family: str = "qwen2_vl", resized: tuple[int, int] | None = None
+) -> ParsedAnswer:
+    """Read the boxes of one model answer, in pixels of the original ``width`` x ``height`` image.
+
+    Never raises on any ``text``; see the module docstring for what counts as parsed and malformed.
+    Bad arguments do raise: an unknown ``family``, or (qwen2_5_vl without ``resized``) an image whose
+    aspect ratio :func:`smart_resize` rejects.
+    """
+    _check_family(family)
+    text = _strip_chat_tokens(text if isinstance(text, str) else "")
+    if family == "qwen2_vl":
+        return _parse_qwen2(text, width, height)
+    return _parse_qwen2_5(text, width, height, resized or smart_resize(height, width))

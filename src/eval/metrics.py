@@ -1,0 +1,179 @@
+"""Detection metrics for parsed grounding answers: IoU, one-to-one matching, P/R/F1, COCO mAP.
+
+Pure Python apart from COCO mAP, which goes through pycocotools (imported only when mAP is computed, so
+this module loads without it). Boxes are :class:`src.data.boxes.Box` in pixels of the original image.
+
+Conventions, chosen once here so every report agrees:
+
+* IoU of two boxes whose union has no area is 0.0, even for two identical degenerate boxes.
+* A match needs IoU >= the threshold (inclusive, as in COCO) and, unless ``class_agnostic``, equal labels.
+* Division by zero gives 0.0, as scikit-learn's ``zero_division=0``: precision with no predictions,
+  recall with no ground truth, F1 when precision + recall is 0, mean IoU with no matched pair, parse rate
+  with no samples.
+* mAP is COCO's (101-point interpolated AP, mean over labels that have ground truth). A label only ever
+  predicted has no AP and so does not lower mAP; precision and ``per_label`` still count those false
+  positives. With no predictions at all mAP is 0.0; with no ground truth at all mAP is undefined for COCO
+  and reported as 0.0. Predictions without a score rank with a constant score of 1.0.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+from collections import Counter
+from dataclasses import dataclass
+
+from src.data.boxes import Box
+
+Sample = tuple[list[Box], list[Box], bool]  # (predictions, ground truth, answer parsed) for one image
+
+
+def iou(a: Box, b: Box) -> float:
+    """Intersection over union of two boxes; 0.0 when the union has no area."""
+    inter_w = max(0.0, min(a.x2, b.x2) - max(a.x1, b.x1))
+    inter_h = max(0.0, min(a.y2, b.y2) - max(a.y1, b.y1))
+    inter = inter_w * inter_h
+    union = (a.x2 - a.x1) * (a.y2 - a.y1) + (b.x2 - b.x1) * (b.y2 - b.y1) - inter
+    return inter / union if union > 0 else 0.0
+
+
+@dataclass(frozen=True)
+class Matching:
+    """Result of :func:`match_boxes`; every entry is an index into the lists passed in."""
+
+    pairs: list[tuple[int, int, float]]  # (prediction, truth, IoU), in the order they were matched
+    unmatched_preds: list[int]
+    unmatched_truths: list[int]
+
+
+def match_boxes(
+    preds: list[Box], truths: list[Box], iou_threshold: float = 0.5, class_agnostic: bool = False
+) -> Matching:
+    """Greedy one-to-one matching: repeatedly take the highest-IoU pair whose boxes are both still free.
+
+    Greedy by IoU rather than by score, because parsed answers often carry no score; ties go to the
+    lower prediction index, then the lower truth index, so results are deterministic.
+    """
+    candidates = [
+        (overlap, p, t)
+        for p, pred in enumerate(preds)
+        for t, truth in enumerate(truths)
+        if (class_agnostic or pred.label == truth.label) and (overlap := iou(pred, truth)) >= iou_threshold
+    ]
+    candidates.sort(key=lambda c: (-c[0], c[1], c[2]))
+    pairs: list[tuple[int, int, float]] = []
+    used_preds: set[int] = set()
+    used_truths: set[int] = set()
+    for overlap, p, t in candidates:
+        if p not in used_preds and t not in used_truths:
+            pairs.append((p, t, overlap))
+            used_preds.add(p)
+            used_truths.add(t)
+    return Matching(
+        pairs,
+        [p for p in range(len(preds)) if p not in used_preds],
+        [t for t in range(len(truths)) if t not in used_truths],
+    )
+
+
+def _ratio(numerator: float, denominator: float) -> float:
+    return numerator / denominator if denominator else 0.0
+
+
+def _prf(tp: int, n_preds: int, n_truths: int) -> tuple[float, float, float]:
+    precision, recall = _ratio(tp, n_preds), _ratio(tp, n_truths)
+    return precision, recall, _ratio(2 * precision * recall, precision + recall)
+
+
+def coco_map(samples: list[Sample]) -> tuple[float, float]:
+    """COCO box mAP as (mAP@0.5, mAP@[0.5:0.95]); 0.0 for both with no predictions or no ground truth."""
+    has_preds = any(preds for preds, _, _ in samples)
+    has_truths = any(truths for _, truths, _ in samples)
+    if not (has_preds and has_truths):  # pycocotools fails on no results and returns -1 on no ground truth
+        return 0.0, 0.0
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    labels = sorted({b.label for preds, truths, _ in samples for b in (*preds, *truths)})
+    category = {label: i for i, label in enumerate(labels, start=1)}
+
+    def xywh(b: Box) -> list[float]:
+        return [b.x1, b.y1, b.x2 - b.x1, b.y2 - b.y1]
+
+    truths = [(image, b) for image, (_, ts, _) in enumerate(samples, start=1) for b in ts]
+    dataset = {
+        "images": [{"id": image} for image in range(1, len(samples) + 1)],
+        "categories": [{"id": i, "name": label} for label, i in category.items()],
+        # Annotation ids start at 1: COCOeval treats id 0 as "not matched".
+        "annotations": [
+            {
+                "id": i,
+                "image_id": image,
+                "category_id": category[b.label],
+                "bbox": xywh(b),
+                "area": (b.x2 - b.x1) * (b.y2 - b.y1),
+                "iscrowd": 0,
+            }
+            for i, (image, b) in enumerate(truths, start=1)
+        ],
+    }
+    detections = [
+        {
+            "image_id": image,
+            "category_id": category[b.label],
+            "bbox": xywh(b),
+            "score": 1.0 if b.score is None else b.score,
+        }
+        for image, (ps, _, _) in enumerate(samples, start=1)
+        for b in ps
+    ]
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress and the summary table
+        gt = COCO()
+        gt.dataset = dataset
+        gt.createIndex()
+        evaluator = COCOeval(gt, gt.loadRes(detections), "bbox")
+        evaluator.evaluate()
+        evaluator.accumulate()
+        evaluator.summarize()
+    # stats[0] is AP@[.5:.95], stats[1] AP@.5; -1 means "undefined", which we report as 0.0.
+    return max(float(evaluator.stats[1]), 0.0), max(float(evaluator.stats[0]), 0.0)
+
+
+def detection_metrics(samples: list[Sample], iou_threshold: float = 0.5) -> dict:
+    """Metrics over a list of (preds, truths, parsed) per image; counts are micro-averaged over images.
+
+    Keys: num_images, parse_rate, mean_iou (of matched pairs), precision, recall, f1, tp, fp, fn
+    (all at ``iou_threshold``), map_50, map_50_95 (COCO), and per_label: {label: {precision, recall,
+    f1, support}} where support is the label's number of ground-truth boxes.
+    """
+    matched_ious: list[float] = []
+    tp_by_label: Counter[str] = Counter()
+    preds_by_label: Counter[str] = Counter()
+    truths_by_label: Counter[str] = Counter()
+    for preds, truths, _ in samples:
+        matching = match_boxes(preds, truths, iou_threshold)
+        matched_ious += [overlap for _, _, overlap in matching.pairs]
+        tp_by_label.update(truths[t].label for _, t, _ in matching.pairs)
+        preds_by_label.update(b.label for b in preds)
+        truths_by_label.update(b.label for b in truths)
+    tp, n_preds, n_truths = len(matched_ious), preds_by_label.total(), truths_by_label.total()
+    precision, recall, f1 = _prf(tp, n_preds, n_truths)
+    map_50, map_50_95 = coco_map(samples)
+    per_label = {}
+    for label in sorted(preds_by_label | truths_by_label):
+        p, r, f = _prf(tp_by_label[label], preds_by_label[label], truths_by_label[label])
+        per_label[label] = {"precision": p, "recall": r, "f1": f, "support": truths_by_label[label]}
+    return {
+        "num_images": len(samples),
+        "parse_rate": _ratio(sum(parsed for _, _, parsed in samples), len(samples)),
+        "mean_iou": _ratio(sum(matched_ious), len(matched_ious)),
+        "precision": precision,
+        "recall": recall,
+        "f1": f1,
+        "tp": tp,
+        "fp": n_preds - tp,
+        "fn": n_truths - tp,
+        "map_50": map_50,
+        "map_50_95": map_50_95,
+        "per_label": per_label,
+    }

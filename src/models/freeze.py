@@ -1,0 +1,57 @@
+"""Which parameters of Qwen2-VL train: parameter paths -> model parts -> requires_grad.
+
+Paths (transformers 5; PEFT prefixes every name with `base_model.model.`):
+  vision tower   model.visual.blocks.N.attn.qkv.weight        part "vision"
+  patch embed    model.visual.patch_embed.proj.weight         part "patch_embed" (never trains)
+  merger         model.visual.merger.mlp.0.weight             part "merger"
+  LLM            model.language_model.layers.N.self_attn...  part "llm"
+The user's plan had the bug `"model.layers" in name`, which never matches
+`model.language_model.layers`; parts are therefore found by these anchored patterns.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+
+PART_PATTERNS = (
+    ("patch_embed", re.compile(r"(?:^|\.)visual\.patch_embed\.")),
+    ("merger", re.compile(r"(?:^|\.)visual\.merger\.")),
+    ("vision", re.compile(r"(?:^|\.)visual\.")),
+    ("llm", re.compile(r"(?:^|\.)language_model\.")),
+    ("lm_head", re.compile(r"(?:^|\.)lm_head\.")),
+)
+
+
+def part_of(name: str) -> str:
+    """The model part a parameter or module path belongs to ('other' when none)."""
+    for part, pattern in PART_PATTERNS:
+        if pattern.search(name + "."):
+            return part
+    return "other"
+
+
+def trained_parts(recipe) -> set[str]:
+    modes = {"vision": recipe.train_vision, "merger": recipe.train_merger, "llm": recipe.train_llm}
+    return {part for part, mode in modes.items() if mode != "frozen"}
+
+
+def apply_freeze_policy(model, recipe) -> Counter:
+    """Freeze everything but the LoRA weights of the parts `recipe` trains.
+
+    Returns trainable parameter counts per part, so callers can log and check them.
+    Runs after PEFT wrapping: LoRA tensors are the only ones that may train.
+    """
+    parts = trained_parts(recipe)
+    trainable: Counter = Counter()
+    for name, param in model.named_parameters():
+        part = part_of(name)
+        param.requires_grad_("lora_" in name and part in parts)
+        if param.requires_grad:
+            trainable[part] += param.numel()
+    missing = parts - set(trainable)
+    if missing:
+        raise ValueError(
+            f"recipe {recipe.name} trains {sorted(missing)} but no LoRA weights were found there"
+        )
+    return trainable

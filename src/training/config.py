@@ -1,0 +1,73 @@
+"""Training settings for one stage: `create_training_config()` -> trl.SFTConfig.
+
+Choices that differ from TRL's defaults, and why:
+  * max_length=None: TRL's 1024 silently cuts answers (or image tokens) of long samples.
+  * remove_unused_columns=False and skip_prepare_dataset: our collator builds the batch from the
+    raw conversation and images; TRL must neither drop those columns nor tokenise them itself.
+  * non-reentrant gradient checkpointing: reentrant checkpointing leaves vision LoRA weights
+    without gradients when pixel inputs do not require grad (peft#2880).
+  * bf16 only on a GPU that has it; the CPU trains in fp32.
+  * no tqdm bars: the worker prints one progress line per logging step instead.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class StageSettings:
+    """What one stage's trainer needs to know, resolved from flags and the recipe."""
+
+    output_dir: str
+    learning_rate: float
+    epochs: float = 3
+    max_steps: int = -1
+    batch_size: int = 4
+    grad_accum: int = 1
+    seed: int = 42
+    device: str = "cpu"
+    wandb: bool = False
+    run_name: str | None = None
+    logging_steps: int = 1
+    gradient_checkpointing: bool | None = None  # None: on for GPUs, off on the CPU
+    warmup_fraction: float = 0.03  # of all steps; transformers 5 takes a float below 1 as a ratio
+
+
+def create_training_config(settings: StageSettings):
+    """An SFTConfig for one stage."""
+    import torch
+    from trl import SFTConfig
+
+    on_gpu = settings.device == "cuda"
+    checkpointing = on_gpu if settings.gradient_checkpointing is None else settings.gradient_checkpointing
+    return SFTConfig(
+        output_dir=settings.output_dir,
+        run_name=settings.run_name,
+        num_train_epochs=settings.epochs,
+        max_steps=settings.max_steps,
+        per_device_train_batch_size=settings.batch_size,
+        gradient_accumulation_steps=settings.grad_accum,
+        learning_rate=settings.learning_rate,
+        lr_scheduler_type="cosine",
+        warmup_steps=settings.warmup_fraction,
+        optim="adamw_torch",
+        weight_decay=0.0,
+        max_grad_norm=1.0,
+        seed=settings.seed,
+        data_seed=settings.seed,
+        bf16=on_gpu and torch.cuda.is_bf16_supported(),
+        fp16=False,
+        use_cpu=not on_gpu,
+        gradient_checkpointing=checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+        max_length=None,
+        remove_unused_columns=False,
+        dataset_kwargs={"skip_prepare_dataset": True},
+        logging_steps=settings.logging_steps,
+        logging_strategy="steps",
+        save_strategy="no",
+        report_to=["wandb"] if settings.wandb else [],
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+    )

@@ -1,0 +1,204 @@
+"""Train one recipe: each stage reads top to bottom (load, wrap, freeze, train, save); r3 chains two.
+
+Called by the worker (`src/training/worker.py`); usable from Python:
+
+    from src.recipes import resolve_recipe
+    from src.training.run import RunOptions, run_recipe
+    run_recipe(resolve_recipe("r1"), RunOptions(model_id=..., dataset=..., output_dir=..., device="cpu"))
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from src.training import progress
+from src.training.config import StageSettings, create_training_config
+
+log = logging.getLogger(__name__)
+STAGE_MARKER = "recipe_stage.json"  # written beside a merged stage-1 model, checked by --checkpoint
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """Everything a run needs beyond the recipe; the worker fills it from its flags."""
+
+    model_id: str
+    dataset: str
+    output_dir: Path
+    device: str = "cpu"
+    epochs: float = 3
+    max_steps: int = -1
+    batch_size: int = 4
+    grad_accum: int = 1
+    learning_rate: float | None = None
+    seed: int = 42
+    wandb: bool = False
+    checkpoint: str | None = None
+    skip_bad_records: bool = False
+    gradient_checkpointing: bool | None = None
+
+
+@dataclass
+class StageResult:
+    name: str
+    output: Path
+    final_loss: float | None
+    steps: int
+    trainable: dict = field(default_factory=dict)
+    skipped_records: int = 0
+
+
+class ProgressCallback:
+    """Turns the trainer's log events into RR_PROGRESS lines and loss_history.jsonl rows."""
+
+    def __init__(self, recipe: str, stage: str, history: Path):
+        self.recipe, self.stage, self.history = recipe, stage, history
+        self.final_loss: float | None = None
+
+    def as_trainer_callback(self):
+        from transformers import TrainerCallback
+
+        outer = self
+
+        class _Callback(TrainerCallback):
+            def on_log(self, args, state, control, logs=None, **kwargs):
+                if logs and "loss" in logs:
+                    outer.record(state.global_step, state.max_steps, logs)
+
+        return _Callback()
+
+    def record(self, step: int, total: int, logs: dict) -> None:
+        loss = float(logs["loss"])
+        self.final_loss = loss
+        row = {
+            "stage": self.stage,
+            "step": step,
+            "loss": loss,
+            "lr": logs.get("learning_rate"),
+            "epoch": logs.get("epoch"),
+        }
+        with self.history.open("a") as handle:
+            handle.write(json.dumps(row) + "\n")
+        progress.emit("step", recipe=self.recipe, total=total, gpu_mem_gib=_gpu_memory_gib(), **row)
+        log.info("[%s] step %d/%d loss %.4f", self.stage, step, total, loss)
+
+
+def _gpu_memory_gib() -> float | None:
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    return round(torch.cuda.max_memory_allocated() / 2**30, 2)
+
+
+def load_for_stage(stage, model_id: str, device: str):
+    """The base model as the stage wants it: 4-bit LLM for QLoRA stages, full precision otherwise."""
+    from src.models.loader import load_model, load_quantized_model
+
+    return load_quantized_model(model_id, device) if stage.quantized else load_model(model_id, device)
+
+
+def train_stage(
+    recipe_name: str, stage, model_id: str, opts: RunOptions, stage_dir: Path, merge: bool = False
+) -> StageResult:
+    """One stage: load, wrap with scoped LoRA, freeze, train, save adapter (or merged model)."""
+    from peft import get_peft_model
+    from transformers import set_seed
+    from trl import SFTTrainer
+
+    from src.data.collators import AssistantOnlyCollator
+    from src.data.dataset import build_dataset
+    from src.models.freeze import apply_freeze_policy
+    from src.models.loader import load_processor, model_family
+    from src.models.lora import create_lora_config
+
+    set_seed(opts.seed)  # before LoRA init, so the same seed gives the same adapter
+    processor = load_processor(model_id)
+    family = model_family(model_id)
+    dataset, skipped = build_dataset(opts.dataset, "train", family, processor, opts.skip_bad_records)
+    if skipped:
+        log.warning("skipped %d bad record(s) of %s", skipped, opts.dataset)
+
+    model = get_peft_model(load_for_stage(stage, model_id, opts.device), create_lora_config(stage, family))
+    trainable = apply_freeze_policy(model, stage)
+    log.info("[%s] trainable parameters by part: %s", stage.name, dict(trainable))
+
+    settings = StageSettings(
+        output_dir=str(stage_dir / "trainer"),
+        learning_rate=opts.learning_rate or stage.learning_rate,
+        epochs=opts.epochs,
+        max_steps=opts.max_steps,
+        batch_size=opts.batch_size,
+        grad_accum=opts.grad_accum,
+        seed=opts.seed,
+        device=opts.device,
+        wandb=opts.wandb,
+        run_name=f"{recipe_name}/{stage.name}",
+        gradient_checkpointing=opts.gradient_checkpointing,
+    )
+    reporter = ProgressCallback(recipe_name, stage.name, opts.output_dir / "loss_history.jsonl")
+    trainer = SFTTrainer(
+        model=model,
+        args=create_training_config(settings),
+        train_dataset=dataset,
+        processing_class=processor,
+        data_collator=AssistantOnlyCollator(processor),
+        callbacks=[reporter.as_trainer_callback()],
+    )
+    trainer.train()
+
+    output = save_stage(model, processor, stage_dir, merge, recipe_name, stage.name)
+    final_loss = (
+        reporter.final_loss if reporter.final_loss is None or math.isfinite(reporter.final_loss) else None
+    )
+    progress.emit(
+        "stage_end", recipe=recipe_name, stage=stage.name, final_loss=final_loss, output=str(output)
+    )
+    return StageResult(stage.name, output, final_loss, trainer.state.global_step, dict(trainable), skipped)
+
+
+def save_stage(model, processor, stage_dir: Path, merge: bool, recipe_name: str, stage_name: str) -> Path:
+    """The adapter, or (for a stage another starts from) the base with the adapter merged in."""
+    if not merge:
+        out = stage_dir / "adapter"
+        model.save_pretrained(out)
+        processor.save_pretrained(out)
+        return out
+    out = stage_dir / "merged"
+    merged = model.merge_and_unload()
+    merged.save_pretrained(out)
+    processor.save_pretrained(out)
+    (out / STAGE_MARKER).write_text(json.dumps({"recipe": recipe_name, "stage": stage_name}) + "\n")
+    return out
+
+
+def is_stage_one_output(path: str | Path) -> bool:
+    marker = Path(path) / STAGE_MARKER
+    return marker.is_file() and (Path(path) / "config.json").is_file()
+
+
+def run_recipe(recipe, opts: RunOptions, on_stage_done=None) -> list[StageResult]:
+    """All stages of `recipe` in order on one device; a chain passes merged weights along.
+
+    r3 with `opts.checkpoint` skips stage 1 and starts stage 2 from that merged output; other
+    recipes treat `opts.checkpoint` as the model to start from.
+    """
+    stages = recipe.stages or (recipe,)
+    model_id = opts.checkpoint or opts.model_id
+    if recipe.stages and opts.checkpoint:
+        stages = stages[1:]
+    results = []
+    for index, stage in enumerate(stages):
+        is_last = index == len(stages) - 1
+        stage_dir = opts.output_dir / stage.name if recipe.stages else opts.output_dir
+        progress.emit("stage_start", recipe=recipe.name, stage=stage.name, model=model_id)
+        result = train_stage(recipe.name, stage, model_id, opts, stage_dir, merge=not is_last)
+        results.append(result)
+        if on_stage_done:
+            on_stage_done(result)
+        model_id = str(result.output)
+    return results

@@ -1,0 +1,53 @@
+"""Shared fixtures: the offline tiny Qwen2-VL and shapes data set, built once per session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def pytest_collection_modifyitems(config, items):
+    """GPU tests are skipped visibly (with a reason in the summary) where CUDA is absent."""
+    if not any("gpu" in item.keywords for item in items):
+        return
+    try:
+        import torch
+
+        has_gpu = torch.cuda.is_available()
+    except ImportError:
+        has_gpu = False
+    if not has_gpu:
+        skip = pytest.mark.skip(reason="needs a CUDA GPU (run on the GPU machine: see docs/benchmarks.md)")
+        for item in items:
+            if "gpu" in item.keywords:
+                item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tiny_fixtures(tmp_path_factory) -> tuple[Path, Path]:
+    """(model_dir, data_dir) of the offline fixtures; reuses $RECIPE_RUNNER_FIXTURES if set."""
+    from src.fixtures import build_fixtures
+
+    root = Path(os.environ.get("RECIPE_RUNNER_FIXTURES") or tmp_path_factory.mktemp("fixtures"))
+    return build_fixtures(root, train=16, test=8)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tiny_fixtures) -> Path:
+    return tiny_fixtures[0]
+
+
+@pytest.fixture(scope="session")
+def tiny_data_dir(tiny_fixtures) -> Path:
+    return tiny_fixtures[1]
+
+
+@pytest.fixture(scope="session")
+def tiny_processor(tiny_model_dir):
+    from src.models.loader import load_processor
+
+    return load_processor(str(tiny_model_dir))

@@ -1,0 +1,125 @@
+"""Freeze policy and LoRA targets: right by construction, for Qwen2-VL and Qwen2.5-VL."""
+
+import re
+
+import pytest
+
+from src.models.freeze import apply_freeze_policy, part_of
+from src.models.lora import create_lora_config, target_regex
+from src.recipes import RECIPES
+
+
+def test_part_of_uses_transformers5_paths():
+    assert part_of("model.visual.blocks.0.attn.qkv.weight") == "vision"
+    assert part_of("model.visual.merger.mlp.0.weight") == "merger"
+    assert part_of("model.visual.patch_embed.proj.weight") == "patch_embed"
+    assert part_of("model.language_model.layers.0.self_attn.q_proj.weight") == "llm"
+    assert (
+        part_of("base_model.model.model.language_model.layers.3.mlp.up_proj.lora_B.default.weight") == "llm"
+    )
+    assert part_of("lm_head.weight") == "lm_head"
+
+
+def test_plan_bug_regression_every_parameter_lands_in_its_part(tiny_model_dir):
+    """The plan's freeze bug came from un-anchored name tests against the transformers 5 layout
+    (`model.language_model.layers`, `model.visual.blocks`); every real parameter, bare or under
+    PEFT's prefix, must land in exactly the part its path says, and none in 'other'."""
+    from transformers import AutoModelForImageTextToText
+
+    model = AutoModelForImageTextToText.from_pretrained(tiny_model_dir)
+    names = [n for n, _ in model.named_parameters()]
+    assert not any(n.startswith("model.layers") for n in names)  # the old layout is gone
+    for name in names:
+        expected = (
+            "llm"
+            if ".language_model." in f".{name}"
+            else "merger"
+            if ".merger." in name
+            else "patch_embed"
+            if ".patch_embed." in name
+            else "vision"
+            if ".visual." in f".{name}"
+            else "lm_head"
+        )
+        assert part_of(name) == expected, name
+        assert part_of("base_model.model." + name) == expected, name
+    assert {part_of(n) for n in names} == {"llm", "vision", "merger", "patch_embed", "lm_head"}
+
+
+def _tiny_qwen2_5_vl():
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    text = {
+        "vocab_size": 300,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
+    }
+    vision = {
+        "depth": 1,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "out_hidden_size": 64,
+        "num_heads": 4,
+        "fullatt_block_indexes": [0],
+    }
+    return Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(text_config=text, vision_config=vision))
+
+
+def _wrapped_modules(model, recipe, family):
+    from peft import get_peft_model
+
+    peft_model = get_peft_model(model, create_lora_config(recipe, family))
+    return [
+        name
+        for name, module in peft_model.named_modules()
+        if hasattr(module, "lora_A") and not name.endswith(("lora_A", "lora_B"))
+    ], peft_model
+
+
+@pytest.fixture(params=["qwen2_vl", "qwen2_5_vl"])
+def family_model(request, tiny_model_dir):
+    if request.param == "qwen2_vl":
+        from transformers import AutoModelForImageTextToText
+
+        return "qwen2_vl", AutoModelForImageTextToText.from_pretrained(tiny_model_dir)
+    return "qwen2_5_vl", _tiny_qwen2_5_vl()
+
+
+@pytest.mark.parametrize("key", ["r1-llm-only", "r2-vision-only", "r4-joint"])
+def test_lora_wraps_only_the_recipe_parts(family_model, key):
+    family, model = family_model
+    recipe = RECIPES[key]
+    wrapped, peft_model = _wrapped_modules(model, recipe, family)
+    parts = {part_of(name) for name in wrapped}
+    assert parts == set(recipe.trains())
+    assert not any("patch_embed" in name for name in wrapped)
+    if key == "r1-llm-only":  # Qwen2.5-VL's vision MLP shares gate/up/down_proj names with the LLM
+        assert not any(".visual." in name for name in wrapped)
+    counts = apply_freeze_policy(peft_model, recipe)
+    assert set(counts) == set(recipe.trains())
+    trainable = [n for n, p in peft_model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+
+
+def test_vision_targets_per_family_hit_every_vision_linear(family_model):
+    family, model = family_model
+    vision_linears = [
+        n
+        for n, m in model.named_modules()
+        if type(m).__name__ == "Linear" and re.search(r"visual\.(blocks|merger)\.", n)
+    ]
+    wrapped, _ = _wrapped_modules(model, RECIPES["r2-vision-only"], family)
+    assert sorted(n.removeprefix("base_model.model.") for n in wrapped) == sorted(vision_linears)
+
+
+def test_target_regex_never_matches_patch_embed_or_other_parts():
+    pattern = re.compile(target_regex({"vision"}, "qwen2_5_vl"))
+    assert pattern.fullmatch("model.visual.blocks.0.mlp.gate_proj")
+    assert not pattern.fullmatch("model.visual.patch_embed.proj")
+    assert not pattern.fullmatch("model.language_model.layers.0.mlp.gate_proj")
+    with pytest.raises(ValueError, match="unsupported model family"):
+        target_regex({"llm"}, "llava")

@@ -1,0 +1,159 @@
+"""Each recipe trains a few steps on the tiny model; effects on the weights are checked.
+
+Trainable LoRA tensors change, everything else stays bit-identical to what was loaded
+(r1 leaves the vision tower alone, r2 the LLM), every lora_B gets a gradient, r3 runs both
+stages with stage 2 starting from stage 1's merged weights, and 4-bit loading works on CPU.
+"""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from src.models.freeze import part_of, trained_parts
+from src.recipes import RECIPES
+from src.training import run as run_module
+from src.training.run import RunOptions, run_recipe
+
+pytestmark = pytest.mark.slow
+
+
+def _base_name(name: str) -> str:
+    """A PEFT-wrapped parameter's name as it was before wrapping."""
+    return name.removeprefix("base_model.model.").replace(".base_layer.", ".")
+
+
+@pytest.fixture
+def captured(monkeypatch):
+    """Snapshots of every model as loaded, and every model as it was about to be saved."""
+    loaded, trained = [], []
+    load, save = run_module.load_for_stage, run_module.save_stage
+
+    def load_and_snapshot(stage, model_id, device):
+        model = load(stage, model_id, device)
+        loaded.append({n: p.detach().clone() for n, p in model.named_parameters()})
+        return model
+
+    def snapshot_and_save(model, *args, **kwargs):
+        trained.append({n: p.detach().clone() for n, p in model.named_parameters()})
+        return save(model, *args, **kwargs)
+
+    monkeypatch.setattr(run_module, "load_for_stage", load_and_snapshot)
+    monkeypatch.setattr(run_module, "save_stage", snapshot_and_save)
+    return loaded, trained
+
+
+def _options(tiny_model_dir, tiny_data_dir, out: Path, **extra) -> RunOptions:
+    return RunOptions(
+        model_id=str(tiny_model_dir),
+        dataset=str(tiny_data_dir),
+        output_dir=out,
+        device="cpu",
+        max_steps=3,
+        batch_size=2,
+        learning_rate=1e-2,
+        **extra,
+    )
+
+
+def _check_effects(stage, before: dict, after: dict) -> None:
+    parts = trained_parts(stage)
+    lora_b = [n for n in after if "lora_B" in n]
+    assert lora_b, "no LoRA weights"
+    for name in lora_b:  # lora_B starts at zero: non-zero means it received gradients and moved
+        assert after[name].abs().sum() > 0, f"{name} never trained"
+        assert part_of(name) in parts, f"{name} is outside the trained parts {parts}"
+    for name, value in after.items():
+        if "lora_" in name:
+            continue
+        assert torch.equal(value, before[_base_name(name)]), f"frozen {name} changed"
+
+
+@pytest.mark.parametrize("key", ["r1-llm-only", "r2-vision-only", "r4-joint"])
+def test_single_stage_recipe_trains_its_parts_only(key, captured, tiny_model_dir, tiny_data_dir, tmp_path):
+    recipe = RECIPES[key]
+    (result,) = run_recipe(recipe, _options(tiny_model_dir, tiny_data_dir, tmp_path))
+    loaded, trained = captured
+    _check_effects(recipe, loaded[0], trained[0])
+    assert result.steps == 3 and result.final_loss is not None
+    assert (tmp_path / "adapter" / "adapter_config.json").is_file()
+    history = (tmp_path / "loss_history.jsonl").read_text().splitlines()
+    assert len(history) == 3
+
+
+def test_r1_leaves_vision_tower_untouched_and_r2_the_llm(captured, tiny_model_dir, tiny_data_dir, tmp_path):
+    run_recipe(RECIPES["r1-llm-only"], _options(tiny_model_dir, tiny_data_dir, tmp_path / "r1"))
+    run_recipe(RECIPES["r2-vision-only"], _options(tiny_model_dir, tiny_data_dir, tmp_path / "r2"))
+    (r1_before, r2_before), (r1_after, r2_after) = captured
+    r1_vision = [n for n in r1_after if part_of(n) in ("vision", "merger", "patch_embed")]
+    r2_llm = [n for n in r2_after if part_of(n) == "llm"]
+    assert r1_vision and r2_llm
+    assert not any("lora_" in n for n in r1_vision + r2_llm)
+    assert all(torch.equal(r1_after[n], r1_before[_base_name(n)]) for n in r1_vision)
+    assert all(torch.equal(r2_after[n], r2_before[_base_name(n)]) for n in r2_llm)
+
+
+def test_r3_runs_both_stages_and_stage2_starts_from_stage1(captured, tiny_model_dir, tiny_data_dir, tmp_path):
+    recipe = RECIPES["r3-two-stage"]
+    stage1, stage2 = run_recipe(recipe, _options(tiny_model_dir, tiny_data_dir, tmp_path))
+    assert stage1.output == tmp_path / "stage1-vision" / "merged"
+    assert stage2.output == tmp_path / "stage2-llm" / "adapter"
+    assert run_module.is_stage_one_output(stage1.output)
+    loaded, trained = captured
+    _check_effects(recipe.stages[0], loaded[0], trained[0])
+    _check_effects(recipe.stages[1], loaded[1], trained[1])
+    # Stage 2 loads W + (alpha/r) * B @ A of stage 1's trained LoRA, not the base W.
+    qkv, wrapped = "model.visual.blocks.0.attn.qkv", "base_model.model.model.visual.blocks.0.attn.qkv"
+    first = trained[0]
+    scale = recipe.stages[0].lora_alpha / recipe.stages[0].lora_rank
+    expected = first[f"{wrapped}.base_layer.weight"] + scale * (
+        first[f"{wrapped}.lora_B.default.weight"] @ first[f"{wrapped}.lora_A.default.weight"]
+    )
+    assert not torch.equal(loaded[1][f"{qkv}.weight"], loaded[0][f"{qkv}.weight"])
+    assert torch.allclose(loaded[1][f"{qkv}.weight"], expected, atol=1e-6)
+
+
+def test_r3_checkpoint_runs_stage2_only(tiny_model_dir, tiny_data_dir, tmp_path):
+    recipe = RECIPES["r3-two-stage"]
+    stage1, _ = run_recipe(recipe, _options(tiny_model_dir, tiny_data_dir, tmp_path / "first"))
+    (only,) = run_recipe(
+        recipe, _options(tiny_model_dir, tiny_data_dir, tmp_path / "again", checkpoint=str(stage1.output))
+    )
+    assert only.name == "stage2-llm" and not (tmp_path / "again" / "stage1-vision").exists()
+
+
+def test_every_lora_b_gets_a_gradient_under_gradient_checkpointing(
+    tiny_model_dir, tiny_data_dir, tiny_processor
+):
+    from peft import get_peft_model
+
+    from src.data.collators import AssistantOnlyCollator
+    from src.data.dataset import build_dataset
+    from src.models.freeze import apply_freeze_policy
+    from src.models.loader import load_model
+    from src.models.lora import create_lora_config
+
+    recipe = RECIPES["r4-joint"]
+    model = get_peft_model(load_model(str(tiny_model_dir)), create_lora_config(recipe))
+    apply_freeze_policy(model, recipe)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.enable_input_require_grads()
+    model.train()
+    dataset, _ = build_dataset(str(tiny_data_dir), "train", "qwen2_vl", tiny_processor)
+    model(**AssistantOnlyCollator(tiny_processor)([dataset[0], dataset[1]])).loss.backward()
+    lora_b = {n: p for n, p in model.named_parameters() if "lora_B" in n}
+    assert {part_of(n) for n in lora_b} == {"vision", "merger", "llm"}
+    for name, param in lora_b.items():
+        assert param.grad is not None and param.grad.abs().sum() > 0, f"{name} got no gradient"
+
+
+def test_4bit_loader_on_cpu_keeps_vision_full_precision_and_qlora_steps(
+    tiny_model_dir, tiny_data_dir, tmp_path, captured
+):
+    from src.models.loader import count_quantized_layers, load_quantized_model
+
+    counts = count_quantized_layers(load_quantized_model(str(tiny_model_dir)))
+    assert counts.get("llm", 0) > 0 and set(counts) == {"llm"}
+    run_recipe(RECIPES["r1-llm-only"], _options(tiny_model_dir, tiny_data_dir, tmp_path))
+    loaded, trained = captured
+    _check_effects(RECIPES["r1-llm-only"], loaded[0], trained[0])

@@ -1,0 +1,106 @@
+"""The worker's command line end to end (a subprocess, as the launcher runs it)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from src.training.progress import parse_line
+from tests.conftest import REPO
+
+
+def _worker(*args, env=None, timeout=300):
+    command = [sys.executable, str(REPO / "scripts" / "train_recipe.py"), *map(str, args)]
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)
+
+
+def _common(tiny_model_dir, tiny_data_dir, out):
+    return [
+        "--cpu",
+        "--model-id",
+        tiny_model_dir,
+        "--dataset",
+        tiny_data_dir,
+        "--output-dir",
+        out,
+        "--max-steps",
+        2,
+        "--batch-size",
+        2,
+    ]
+
+
+@pytest.mark.slow
+def test_r3_end_to_end_writes_status_history_log_and_outputs(tiny_model_dir, tiny_data_dir, tmp_path):
+    out = tmp_path / "r3"
+    done = _worker("--recipe", "r3", "--no-wandb", *_common(tiny_model_dir, tiny_data_dir, out))
+    assert done.returncode == 0, done.stderr[-2000:]
+    status = json.loads((out / "status.json").read_text())
+    assert status["status"] == "succeeded" and status["exit_code"] == 0
+    assert [s["name"] for s in status["stages"]] == ["stage1-vision", "stage2-llm"]
+    assert status["output"] == str(out / "stage2-llm" / "adapter")
+    assert (out / "stage1-vision" / "merged" / "config.json").is_file()
+    assert (out / "stage2-llm" / "adapter" / "adapter_model.safetensors").is_file()
+    history = [json.loads(line) for line in (out / "loss_history.jsonl").read_text().splitlines()]
+    assert [(h["stage"], h["step"]) for h in history] == [
+        ("stage1-vision", 1),
+        ("stage1-vision", 2),
+        ("stage2-llm", 1),
+        ("stage2-llm", 2),
+    ]
+    assert "step 2/2" in (out / "train.log").read_text()
+    events = [e for e in map(parse_line, done.stdout.splitlines()) if e]
+    assert [e["event"] for e in events][0] == "start" and events[-1]["event"] == "end"
+    assert sum(e["event"] == "step" for e in events) == 4
+
+
+@pytest.mark.slow
+def test_wandb_without_key_runs_offline_and_never_fails(tiny_model_dir, tiny_data_dir, tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB")}
+    env["HOME"] = str(tmp_path)  # no ~/.netrc credentials
+    out = tmp_path / "r2"
+    done = _worker("--recipe", "r2", *_common(tiny_model_dir, tiny_data_dir, out), env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads((out / "status.json").read_text())["status"] == "succeeded"
+    assert list(out.glob("wandb/offline-run-*")), "W&B did not log offline"
+
+
+@pytest.mark.parametrize(
+    "flag, value, message",
+    [
+        ("--recipe", "r9", "invalid choice"),
+        ("--max-steps", "0", "--max-steps 0"),
+        ("--batch-size", "0", "--batch-size 0"),
+        ("--model-id", "{tmp}/nowhere", "no config.json"),
+        ("--dataset", "{tmp}/missing", "--dataset"),
+        ("--checkpoint", "{data}", "not a stage-1 output"),
+    ],
+)
+def test_bad_input_exits_2_with_one_clear_message_and_writes_nothing(
+    tiny_model_dir, tiny_data_dir, tmp_path, flag, value, message
+):
+    out = tmp_path / "out"
+    flags = {
+        "--recipe": "r3",
+        "--model-id": tiny_model_dir,
+        "--dataset": tiny_data_dir,
+        "--output-dir": out,
+        "--max-steps": 2,
+    }
+    flags[flag] = value.format(tmp=tmp_path, data=tiny_data_dir)
+    done = _worker("--cpu", "--no-wandb", *[item for pair in flags.items() for item in pair], timeout=120)
+    assert done.returncode == 2
+    assert message in done.stderr
+    assert "Traceback" not in done.stderr
+    assert not out.exists()
+
+
+def test_non_empty_output_dir_is_refused(tiny_model_dir, tiny_data_dir, tmp_path):
+    out = tmp_path / "used"
+    out.mkdir()
+    (out / "keep.txt").write_text("precious")
+    done = _worker("--recipe", "r1", "--no-wandb", *_common(tiny_model_dir, tiny_data_dir, out), timeout=120)
+    assert done.returncode == 2 and "not empty" in done.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
