@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -50,6 +51,8 @@ class StageResult:
     steps: int
     trainable: dict = field(default_factory=dict)
     skipped_records: int = 0
+    peak_gpu_mem_gib: float | None = None
+    train_seconds: float | None = None
 
 
 class ProgressCallback:
@@ -116,6 +119,7 @@ def train_stage(
     from src.models.loader import load_processor, model_family
     from src.models.lora import create_lora_config
 
+    started = time.monotonic()
     set_seed(opts.seed)  # before LoRA init, so the same seed gives the same adapter
     processor = load_processor(model_id)
     family = model_family(model_id)
@@ -158,7 +162,16 @@ def train_stage(
     progress.emit(
         "stage_end", recipe=recipe_name, stage=stage.name, final_loss=final_loss, output=str(output)
     )
-    return StageResult(stage.name, output, final_loss, trainer.state.global_step, dict(trainable), skipped)
+    return StageResult(
+        stage.name,
+        output,
+        final_loss,
+        trainer.state.global_step,
+        dict(trainable),
+        skipped,
+        peak_gpu_mem_gib=_gpu_memory_gib(),
+        train_seconds=round(time.monotonic() - started, 3),
+    )
 
 
 def save_stage(model, processor, stage_dir: Path, merge: bool, recipe_name: str, stage_name: str) -> Path:

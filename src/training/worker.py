@@ -240,9 +240,16 @@ def run_worker(args, recipe, output: Path) -> int:
                 "steps": result.steps,
                 "trainable": result.trainable,
                 "skipped_records": result.skipped_records,
+                "peak_gpu_mem_gib": result.peak_gpu_mem_gib,
+                "train_seconds": result.train_seconds,
             }
         )
-        status.update(final_loss=result.final_loss, output=str(result.output))
+        peaks = [s["peak_gpu_mem_gib"] for s in status["stages"] if s["peak_gpu_mem_gib"] is not None]
+        status.update(
+            final_loss=result.final_loss,
+            output=str(result.output),
+            peak_gpu_mem_gib=max(peaks) if peaks else None,
+        )
         write_json_atomic(output / "status.json", status)
 
     code, error = EXIT_OK, None

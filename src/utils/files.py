@@ -8,20 +8,23 @@ import tempfile
 from pathlib import Path
 
 
-def write_json_atomic(path: str | Path, data) -> Path:
-    """Write JSON to a temporary name beside `path`, then rename: readers see old or new, never half."""
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    """Write to a temporary name beside `path`, then rename: readers see old or new, never half."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w") as handle:
-            json.dump(data, handle, indent=2, sort_keys=True, default=str)
-            handle.write("\n")
+            handle.write(text)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def write_json_atomic(path: str | Path, data) -> Path:
+    return write_text_atomic(path, json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
 
 
 def read_json(path: str | Path, default=None):

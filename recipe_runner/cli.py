@@ -1,0 +1,537 @@
+"""recipe-run: run the fine-tuning recipes, one worker process per recipe on its own GPU(s).
+
+    recipe-run --recipes r1,r2,r4 --gpus 0,1,2      # same as `recipe-run launch ...`
+    python -m recipe_runner plan --recipes all        # what would run where; starts nothing
+
+Subcommands (a literal list, `COMMANDS`): launch (the default), plan, list, gpus, demo, report.
+`recipe-run --help` explains with examples. Exit codes: 0 every recipe succeeded, 1 any did not,
+2 bad usage or unusable GPUs (nothing started, nothing written), 130 Ctrl-C, 143 SIGTERM.
+
+Environment: RECIPE_RUNNER_LEASE_DIR (leases.py). Testing hooks: RECIPE_RUNNER_FAKE_GPUS
+(gpus.py) fakes NVML, RECIPE_RUNNER_WORKER (plan.py) replaces the worker command.
+
+This module imports no torch and no transformers, so that --help and plan answer at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import json
+import os
+import shlex
+import subprocess
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import asdict
+from pathlib import Path
+
+from recipe_runner.execute import GpuPool, run_jobs
+from recipe_runner.gpus import DEFAULT_MAX_USED_MIB, GpuInfo, NvmlUnavailable, probe_gpus
+from recipe_runner.leases import holder, lease_dir
+from recipe_runner.plan import (
+    GpuSelection,
+    JobSpec,
+    TrainFlags,
+    first_wave,
+    new_launch_id,
+    parse_gpu_ids,
+    plan_jobs,
+    resolve_recipes,
+    select_gpus,
+    split_threads,
+    worker_command,
+)
+from recipe_runner.status import LiveReporter, PlainReporter
+from recipe_runner.summary import launch_exit_code, render_summary, write_summary
+from src.recipes import RECIPES
+
+COMMANDS = ("launch", "plan", "list", "gpus", "demo", "report")
+DEMO_MAX_STEPS = 3
+
+EXAMPLES = """\
+examples:
+  recipe-run --recipes r1,r2,r4 --gpus 0,1,2        three recipes, one GPU each, at once
+  recipe-run --recipes all --gpus auto --wait         every recipe on the free GPUs, queueing
+  recipe-run --recipes r3 --gpus 0 --model-id Qwen/Qwen2-VL-2B-Instruct --dataset data/train.json
+  recipe-run --recipes r4 --gpus 0,1 --gpus-per-recipe 2     one model sharded over two GPUs
+  recipe-run --recipes r1,r3 --cpu --max-steps 5      on the CPU, threads split between recipes
+  recipe-run plan --recipes all                       which recipe goes where, commands, env
+  recipe-run gpus                                     what NVML sees, which GPUs are free
+  recipe-run list                                     the recipes and what each trains
+  recipe-run demo                                     tiny offline model and data, all four recipes
+  recipe-run report outputs/20261126-041500-ab12      the side-by-side report of a launch again
+
+Recipes: r1 (r1-llm-only), r2 (r2-vision-only), r3 (r3-two-stage), r4 (r4-joint), or all.
+Each run writes <output-dir>/<launch-id>/: one directory per recipe (the worker's output),
+logs/<recipe>.log, and summary.json. Exit: 0 all succeeded, 1 some failed, 2 bad usage,
+130 interrupted. GPU leases live in $RECIPE_RUNNER_LEASE_DIR (default /tmp/recipe-runner-leases).
+Every flag of a subcommand: recipe-run launch --help (plan, demo and gpus alike).
+"""
+
+
+class UsageError(Exception):
+    """Bad usage or an unusable host: reported in one message with its fix, exit 2."""
+
+    def __init__(self, message: str, hint: str = "") -> None:
+        super().__init__(message)
+        self.hint = hint
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UsageError(message, f"see '{self.prog} --help'")
+
+
+def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    parser = _Parser(
+        prog="recipe-run",
+        usage="recipe-run [launch] --recipes R[,R...] [--gpus IDS|auto | --cpu] [options]\n"
+        "       recipe-run {plan,list,gpus,demo} [options]",
+        description="Run Qwen2-VL fine-tuning recipes, one worker process per recipe on its own GPU(s).",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,
+    )
+    sub = parser.add_subparsers(
+        dest="command", metavar="{" + ",".join(COMMANDS) + "}", parser_class=_Parser, prog="recipe-run"
+    )
+    helps = {
+        "launch": "run recipes and wait for them (the default: `recipe-run --recipes ...` is launch)",
+        "plan": "show which recipe goes to which GPU, with command and env; start nothing",
+        "list": "list the recipes and what each trains",
+        "gpus": "show the GPUs NVML sees and which are free",
+        "demo": "build the tiny offline fixtures if missing and run every recipe on them",
+        "report": "write the side-by-side report of a finished launch (done after every launch too)",
+    }
+    subs = {
+        name: sub.add_parser(
+            name,
+            help=text,
+            description=text,
+            allow_abbrev=False,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        for name, text in helps.items()
+    }
+    for name in ("launch", "plan"):
+        _add_launch_args(subs[name])
+    subs["launch"].add_argument("--dry-run", action="store_true", help="same as the plan subcommand")
+    _add_gpus_args(subs["gpus"])
+    _add_demo_args(subs["demo"])
+    subs["report"].add_argument(
+        "launch_dir", metavar="LAUNCH_DIR", help="<output-dir>/<launch-id> of a launch"
+    )
+    return parser, subs
+
+
+def _add_launch_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--recipes", metavar="R[,R...]", help="recipes by key or alias (r1..r4), or all; required")
+    _add_device_args(p)
+    _add_run_args(p)
+    train = p.add_argument_group("training flags, passed to every worker (default: the worker's)")
+    train.add_argument("--model-id", metavar="ID", help="hub id or local directory")
+    train.add_argument("--dataset", metavar="PATH", help="imagefolder dir, COCO json, or hub name")
+    train.add_argument("--epochs", type=float, metavar="N", help="training epochs per stage")
+    train.add_argument("--max-steps", type=int, metavar="N", help="stop after N optimizer steps per stage")
+    train.add_argument("--batch-size", type=int, metavar="N", help="per-device micro-batch")
+    train.add_argument("--grad-accum", type=int, metavar="N", help="gradient accumulation steps")
+    train.add_argument("--learning-rate", type=float, metavar="LR", help="default: each recipe's own")
+    train.add_argument("--seed", type=int, metavar="N")
+    train.add_argument(
+        "--gradient-checkpointing", choices=["auto", "on", "off"], help="auto: on for GPUs, off on the CPU"
+    )
+    train.add_argument(
+        "--skip-bad-records", action="store_true", help="drop invalid records instead of failing"
+    )
+    train.add_argument("--no-wandb", action="store_true", help="turn W&B logging off")
+
+
+def _add_device_args(p: argparse.ArgumentParser) -> None:
+    device = p.add_argument_group("devices")
+    device.add_argument(
+        "--gpus",
+        metavar="IDS",
+        help="NVML indices as nvidia-smi shows them (0,1,2), or auto (default): every free GPU",
+    )
+    device.add_argument(
+        "--gpus-per-recipe", type=int, default=1, metavar="N", help="GPUs per worker (default 1)"
+    )
+    device.add_argument(
+        "--max-used-mib",
+        type=int,
+        default=DEFAULT_MAX_USED_MIB,
+        metavar="MIB",
+        help=f"a GPU with this much memory in use counts as busy (default {DEFAULT_MAX_USED_MIB})",
+    )
+    device.add_argument(
+        "--wait", action="store_true", help="queue until busy GPUs free up instead of exiting 2"
+    )
+    device.add_argument("--cpu", action="store_true", help="train on the CPU, all recipes at once")
+    device.add_argument("--threads", type=int, metavar="N", help="with --cpu: cores to split (default: all)")
+
+
+def _add_run_args(p: argparse.ArgumentParser) -> None:
+    run = p.add_argument_group("run")
+    run.add_argument(
+        "--output-dir", default="outputs", metavar="DIR", help="root of the launch (default outputs)"
+    )
+    run.add_argument(
+        "--grace", type=float, default=30.0, metavar="S", help="after Ctrl-C, seconds before SIGKILL"
+    )
+    run.add_argument("--plain", action="store_true", help="plain lines even on a terminal (no live table)")
+
+
+def _add_gpus_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--max-used-mib", type=int, default=DEFAULT_MAX_USED_MIB, metavar="MIB", help="busy threshold"
+    )
+    p.add_argument("--json", action="store_true", help="JSON records instead of a table")
+
+
+def _add_demo_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--fixtures", default="fixtures", metavar="DIR", help="where the tiny model and data live")
+    p.add_argument("--recipes", default="all", metavar="R[,R...]", help="default all")
+    p.add_argument(
+        "--max-steps", type=int, default=DEMO_MAX_STEPS, metavar="N", help=f"default {DEMO_MAX_STEPS}"
+    )
+    _add_device_args(p)
+    _add_run_args(p)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        args = _parse(argv)
+        return _COMMANDS[args.command](args)
+    except UsageError as error:
+        print(f"recipe-run: error: {error}", file=sys.stderr)
+        if error.hint:
+            print(f"  {error.hint}", file=sys.stderr)
+        return 2
+    except SystemExit as done:  # --help
+        return done.code if isinstance(done.code, int) else 0
+    except KeyboardInterrupt:
+        return 130
+
+
+def _parse(argv: list[str]) -> argparse.Namespace:
+    parser, subs = build_parser()
+    if not argv or argv[0] not in (*COMMANDS, "-h", "--help"):
+        if argv and not argv[0].startswith("-"):
+            raise UsageError(
+                f"unknown subcommand {argv[0]!r}; choose from {', '.join(COMMANDS)}",
+                "see 'recipe-run --help'",
+            )
+        argv = ["launch", *argv]
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        raise UsageError(_unrecognized(extra, subs[args.command]), f"see 'recipe-run {args.command} --help'")
+    args.argv = argv
+    return args
+
+
+def _unrecognized(extra: list[str], parser: argparse.ArgumentParser) -> str:
+    known = [opt for action in parser._actions for opt in action.option_strings]
+    message = f"unrecognized arguments: {' '.join(extra)}"
+    for word in extra:
+        close = (
+            difflib.get_close_matches(word.split("=")[0], known, n=1, cutoff=0.8)
+            if word.startswith("--")
+            else []
+        )
+        if close:
+            message += f" (did you mean {close[0]}?)"
+    return message
+
+
+def validate_launch(args: argparse.Namespace) -> list[str]:
+    """Every problem with the launch flags, each naming its flag; empty when they are fine."""
+    problems = []
+    if not args.recipes:
+        problems.append(
+            "--recipes is required: name them like --recipes r1,r2 or --recipes all (see 'recipe-run list')"
+        )
+    else:
+        try:
+            resolve_recipes(args.recipes)
+        except ValueError as error:
+            problems.append(f"--recipes: {error}")
+    # `--gpus auto --cpu` is allowed: auto is the default, and `make all-recipes ARGS=--cpu` passes both.
+    if args.cpu and args.gpus is not None and args.gpus.strip().lower() != "auto":
+        problems.append("--cpu and --gpus exclude each other: drop one")
+    if args.gpus is not None:
+        try:
+            parse_gpu_ids(args.gpus)
+        except ValueError as error:
+            problems.append(str(error))
+    if args.cpu and args.gpus_per_recipe != 1:
+        problems.append("--gpus-per-recipe does not apply to --cpu")
+    problems += _range_problems(args)
+    return problems
+
+
+def _range_problems(args: argparse.Namespace) -> list[str]:
+    checks = [
+        ("--gpus-per-recipe", args.gpus_per_recipe, lambda v: v >= 1, "at least 1"),
+        ("--threads", args.threads, lambda v: v >= 1, "at least 1"),
+        ("--max-used-mib", args.max_used_mib, lambda v: v >= 0, "0 or more"),
+        ("--grace", args.grace, lambda v: v >= 0, "0 or more seconds"),
+        ("--max-steps", args.max_steps, lambda v: v >= 1 or v == -1, "at least 1, or -1 for epochs"),
+        ("--epochs", getattr(args, "epochs", None), lambda v: v > 0, "above 0"),
+        ("--batch-size", getattr(args, "batch_size", None), lambda v: v >= 1, "at least 1"),
+        ("--grad-accum", getattr(args, "grad_accum", None), lambda v: v >= 1, "at least 1"),
+        ("--learning-rate", getattr(args, "learning_rate", None), lambda v: 0 < v < 1, "between 0 and 1"),
+        ("--seed", getattr(args, "seed", None), lambda v: v >= 0, "0 or more"),
+    ]
+    return [
+        f"{flag} {value}: must be {want}"
+        for flag, value, ok, want in checks
+        if value is not None and not ok(value)
+    ]
+
+
+def cmd_launch(args: argparse.Namespace, probe: Callable[[], list[GpuInfo]] = probe_gpus) -> int:
+    problems = validate_launch(args)
+    if problems:
+        raise UsageError("\n  ".join(problems), f"see 'recipe-run {args.command} --help'")
+    recipes = resolve_recipes(args.recipes)
+    try:
+        worker = worker_command()
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+    launch_id = new_launch_id()
+    launch_dir = Path(args.output_dir).resolve() / launch_id
+    flags = _train_flags(args)
+    if args.cpu:
+        threads = split_threads(args.threads or os.cpu_count() or 1, len(recipes))
+        specs, selection = plan_jobs(recipes, launch_dir, flags, worker, cpu_threads=threads), None
+    else:
+        selection = _select(args, probe)
+        specs = plan_jobs(recipes, launch_dir, flags, worker)
+    if args.command == "plan" or getattr(args, "dry_run", False):
+        print_plan(launch_dir, specs, selection, args.gpus_per_recipe)
+        return 0
+    return _execute(args, launch_id, launch_dir, specs, selection, probe)
+
+
+def _select(args: argparse.Namespace, probe: Callable[[], list[GpuInfo]]) -> GpuSelection:
+    try:
+        gpus = probe()
+    except NvmlUnavailable as error:
+        raise UsageError(
+            f"cannot list GPUs: {error}", "no NVIDIA driver here? To train on the CPU instead, add --cpu"
+        ) from None
+    asked = parse_gpu_ids(args.gpus) if args.gpus is not None else None
+    leases = lease_dir()
+    selection = select_gpus(
+        gpus, asked, args.max_used_mib, lambda gpu: holder(leases, gpu.uuid), args.gpus_per_recipe
+    )
+    problems = selection.problems(args.wait)
+    if problems:
+        raise UsageError(
+            "\n  ".join(problems),
+            "add --wait to queue until they free up, pick other --gpus "
+            "('recipe-run gpus' shows the free ones), or use --cpu",
+        )
+    if os.environ.get("CUDA_VISIBLE_DEVICES"):
+        print("recipe-run: note: CUDA_VISIBLE_DEVICES is ignored here; --gpus picks GPUs", file=sys.stderr)
+    return selection
+
+
+def _train_flags(args: argparse.Namespace) -> TrainFlags:
+    return TrainFlags(
+        model_id=args.model_id,
+        dataset=args.dataset,
+        epochs=args.epochs,
+        max_steps=args.max_steps,
+        batch_size=args.batch_size,
+        grad_accum=args.grad_accum,
+        learning_rate=args.learning_rate,
+        seed=args.seed,
+        gradient_checkpointing=args.gradient_checkpointing,
+        skip_bad_records=args.skip_bad_records,
+        no_wandb=args.no_wandb,
+    )
+
+
+def print_plan(
+    launch_dir: Path, specs: Sequence[JobSpec], selection: GpuSelection | None, per_job: int
+) -> None:
+    """What a launch would do, job by job; nothing is started and nothing written."""
+    print(f"launch directory: {launch_dir} (plan only: nothing started, nothing written)")
+    print("env+ lists what each worker gets on top of this environment")
+    pool = selection.pool if selection else ()
+    bound = first_wave(specs, pool, per_job) if selection else list(specs)
+    names = ",".join(gpu.label for gpu in pool)
+    for spec, ready in zip(specs, bound, strict=True):
+        shown = ready or spec
+        if ready is None:
+            where = f"queued: starts on the first {per_job} of {names} to be free"
+        elif shown.gpus:
+            where = ", ".join(f"{gpu.label} ({gpu.uuid}, {gpu.name})" for gpu in shown.gpus)
+        else:
+            where = f"cpu, {shown.threads} thread(s)"
+        env = dict(shown.env)
+        if ready is None:
+            env.update(CUDA_DEVICE_ORDER="PCI_BUS_ID", CUDA_VISIBLE_DEVICES="<UUID of the GPU it gets>")
+        print(f"\n{spec.recipe}: {where}")
+        print(f"  command: {shlex.join(shown.argv)}")
+        print(f"  env+:    {' '.join(f'{k}={v}' for k, v in sorted(env.items()))}")
+        print(f"  log:     {shown.log_path}")
+
+
+def _execute(
+    args: argparse.Namespace,
+    launch_id: str,
+    launch_dir: Path,
+    specs: list[JobSpec],
+    selection: GpuSelection | None,
+    probe: Callable[[], list[GpuInfo]],
+) -> int:
+    launch_dir.mkdir(parents=True, exist_ok=False)
+    pool = None
+    if selection is not None:
+        pool = GpuPool(selection.pool, probe, lease_dir(), launch_id, args.gpus_per_recipe, args.max_used_mib)
+    where = "the CPU" if pool is None else ", ".join(gpu.label for gpu in pool.gpus)
+    print(
+        f"recipe-run: launch {launch_id}: {len(specs)} recipe(s) on {where}; everything goes to {launch_dir}"
+    )
+    live = sys.stdout.isatty() and os.environ.get("TERM", "") != "dumb" and not args.plain
+    reporter = LiveReporter(sys.stdout) if live else PlainReporter(sys.stdout)
+    results, signum = run_jobs(specs, pool, reporter, grace_s=args.grace)
+    code = launch_exit_code(results, signum)
+    path = write_summary(launch_dir, launch_id, results, code, ["recipe-run", *args.argv])
+    print("\n" + render_summary(results))
+    print(f"\nsummary: {path}")
+    _write_report(launch_dir)
+    return code
+
+
+def _write_report(launch_dir: Path) -> None:
+    """The side-by-side report; failing to write it never changes how the launch ended."""
+    try:
+        from recipe_runner.report import write_report  # imported late: drawing loads matplotlib
+
+        written = write_report(launch_dir)
+    except Exception as error:
+        print(f"recipe-run: no report ({type(error).__name__}: {error})", file=sys.stderr)
+        print(f"  once fixed: recipe-run report {launch_dir}", file=sys.stderr)
+        return
+    print(f"report:  {written[0]}")
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from recipe_runner.report import write_report
+
+    try:
+        written = write_report(args.launch_dir)
+    except FileNotFoundError as error:
+        raise UsageError(
+            str(error), "pass the <output-dir>/<launch-id> directory that a launch created"
+        ) from None
+    for path in written:
+        print(path)
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    rows = [("alias", "recipe", "trains", "stages", "description")]
+    for key, recipe in RECIPES.items():
+        stages = " -> ".join(stage.name for stage in recipe.stages) or "-"
+        rows.append((key.split("-", 1)[0], key, "+".join(recipe.trains()), stages, recipe.description))
+    _print_rows(rows)
+    return 0
+
+
+def cmd_gpus(args: argparse.Namespace, probe: Callable[[], list[GpuInfo]] = probe_gpus) -> int:
+    try:
+        gpus = probe()
+    except NvmlUnavailable as error:
+        print(f"recipe-run: cannot list GPUs: {error}\n  no NVIDIA driver here? Recipes still run with --cpu")
+        return 1
+    leases = lease_dir()
+    verdicts = [_verdict(gpu, args.max_used_mib, holder(leases, gpu.uuid)) for gpu in gpus]
+    if args.json:
+        print(
+            json.dumps(
+                [
+                    {**asdict(g), "free": v == "free", "verdict": v}
+                    for g, v in zip(gpus, verdicts, strict=True)
+                ]
+            )
+        )
+        return 0
+    rows = [("index", "name", "uuid", "memory used/total", "util", "processes", "free")]
+    for gpu, verdict in zip(gpus, verdicts, strict=True):
+        util = "-" if gpu.utilization_pct is None else f"{gpu.utilization_pct}%"
+        procs = ",".join(map(str, gpu.processes)) or "-"
+        memory = f"{gpu.memory_used_mib}/{gpu.memory_total_mib} MiB"
+        rows.append((str(gpu.index), gpu.name, gpu.uuid, memory, util, procs, verdict))
+    _print_rows(rows)
+    if not gpus:
+        print("(NVML sees no GPU)")
+    return 0
+
+
+def _verdict(gpu: GpuInfo, max_used_mib: int, leased: str | None) -> str:
+    if leased:
+        return f"no: leased ({leased})"
+    busy = gpu.busy_reason(max_used_mib)
+    return f"no: {busy}" if busy else "free"
+
+
+def cmd_demo(args: argparse.Namespace, probe: Callable[[], list[GpuInfo]] = probe_gpus) -> int:
+    fixtures = Path(args.fixtures)
+    model, data = fixtures / "tiny-qwen2-vl", fixtures / "data"
+    if not (model.is_dir() and data.is_dir()):
+        print(f"recipe-run demo: building the offline fixtures in {fixtures}/", flush=True)
+        built = subprocess.run([sys.executable, "-m", "src.fixtures", "--out", str(fixtures)], check=False)
+        if built.returncode != 0:
+            print(f"recipe-run demo: building the fixtures failed (exit {built.returncode})", file=sys.stderr)
+            return 1
+    device = _demo_device(args, probe)
+    launch = ["launch", "--recipes", args.recipes, "--model-id", str(model), "--dataset", str(data)]
+    launch += ["--max-steps", str(args.max_steps), "--no-wandb", "--output-dir", args.output_dir]
+    launch += ["--grace", str(args.grace), *device, *(["--plain"] if args.plain else [])]
+    print(f"recipe-run demo: recipe-run {shlex.join(launch)}", flush=True)
+    return main(launch)
+
+
+def _demo_device(args: argparse.Namespace, probe: Callable[[], list[GpuInfo]]) -> list[str]:
+    """Free GPUs when there are any, else the CPU: the demo must run anywhere."""
+    threads = ["--threads", str(args.threads)] if args.threads else []
+    if args.cpu:
+        return ["--cpu", *threads]
+    gpu_flags = ["--gpus-per-recipe", str(args.gpus_per_recipe), "--max-used-mib", str(args.max_used_mib)]
+    gpu_flags += ["--wait"] if args.wait else []
+    if args.gpus is not None:
+        return ["--gpus", args.gpus, *gpu_flags]
+    try:
+        free = [gpu for gpu in probe() if gpu.is_free(args.max_used_mib)]
+    except NvmlUnavailable:
+        free = []
+    if len(free) >= args.gpus_per_recipe:
+        return ["--gpus", "auto", *gpu_flags]
+    print("recipe-run demo: no free GPU here, running on the CPU", flush=True)
+    return ["--cpu", *threads]
+
+
+def _print_rows(rows: Sequence[Sequence[str]]) -> None:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+
+
+_COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "launch": cmd_launch,
+    "plan": cmd_launch,
+    "list": cmd_list,
+    "gpus": cmd_gpus,
+    "demo": cmd_demo,
+    "report": cmd_report,
+}
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,390 @@
+"""Run planned jobs as local subprocesses and watch them until every one has ended.
+
+`run_jobs` spawns each job without a shell in its own session (its own process group), streams
+its merged stdout+stderr line by line to its log file and the reporter, queues jobs until enough
+GPUs of the pool are free and leased, and returns one `JobResult` per job. It is the seam a
+later backend (Ray) replaces: planning before it and the summary after it stay as they are.
+
+No child outlives the launcher:
+  * SIGINT/SIGTERM are forwarded to every child's process group (grandchildren included), then
+    after `grace_s` (or a second Ctrl-C) the groups are SIGKILLed; jobs not started are cancelled;
+  * when a worker exits, what is left of its process group is killed, so its leftovers cannot hold
+    a GPU whose lease has just been released;
+  * each child asks the kernel for SIGKILL when the launcher dies (PR_SET_PDEATHSIG), which covers
+    a SIGKILLed launcher. Grandchildren then end on their own when their parent dies (torch's
+    DataLoader workers watch for it) or on their next write to the closed log pipe.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import functools
+import os
+import queue
+import shlex
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+from recipe_runner.gpus import DEFAULT_MAX_USED_MIB, GpuInfo
+from recipe_runner.leases import Lease, holder, try_acquire
+from recipe_runner.plan import JobSpec, bind_gpus
+from recipe_runner.status import PlainReporter, Progress, apply_event, clean_line, fmt_duration
+from recipe_runner.summary import TAIL_LINES, JobResult, build_result, job_status
+from src.training.progress import parse_line
+
+POLL_S = 0.1  # how often the loop wakes when no line arrives: signal and exit latency
+PROBE_EVERY_S = 1.0  # NVML is asked again at most this often while jobs wait for a GPU
+PR_SET_PDEATHSIG = 1
+
+
+@dataclass
+class Job:
+    """A job at run time (the reporter's JobView)."""
+
+    spec: JobSpec
+    progress: Progress = field(default_factory=Progress)
+    proc: subprocess.Popen[bytes] | None = None
+    gpus: list[GpuInfo] = field(default_factory=list)
+    leases: list[Lease] = field(default_factory=list)
+    log: IO[str] | None = None
+    reader: threading.Thread | None = None
+    tail: deque[str] = field(default_factory=lambda: deque(maxlen=TAIL_LINES))
+    interrupted: bool = False
+    exit_code: int | None = None
+
+
+class GpuPool:
+    """The launch's GPUs and the leases on them: hands out `per_job` free GPUs to the next job."""
+
+    def __init__(
+        self,
+        gpus: Sequence[GpuInfo],
+        probe: Callable[[], list[GpuInfo]],
+        lease_dir: Path,
+        launch_id: str,
+        per_job: int = 1,
+        max_used_mib: int = DEFAULT_MAX_USED_MIB,
+    ) -> None:
+        self.gpus, self.probe, self.lease_dir = list(gpus), probe, lease_dir
+        self.launch_id, self.per_job, self.max_used_mib = launch_id, per_job, max_used_mib
+        self.in_use: set[str] = set()  # uuids our own running jobs hold
+        self.waiting_for = ""  # why the last take() found nothing, for the user
+        self._seen = {gpu.uuid: gpu for gpu in gpus}
+        self._seen_at = time.monotonic()
+
+    def take(self, recipe: str) -> tuple[list[GpuInfo], list[Lease]] | None:
+        candidates = [gpu for gpu in self.gpus if gpu.uuid not in self.in_use]
+        if len(candidates) < self.per_job:
+            self.waiting_for = ""  # our own jobs hold them; nothing to explain
+            return None
+        taken: list[GpuInfo] = []
+        leases: list[Lease] = []
+        why: list[str] = []
+        for gpu in candidates:
+            lease = self._lease_if_free(gpu, recipe, why)
+            if lease:
+                taken.append(gpu)
+                leases.append(lease)
+            if len(taken) == self.per_job:
+                self.in_use.update(g.uuid for g in taken)
+                self.waiting_for = ""
+                return taken, leases
+        for lease in leases:
+            lease.release()
+        self.waiting_for = "; ".join(why)
+        return None
+
+    def give_back(self, gpus: Sequence[GpuInfo], leases: Sequence[Lease]) -> None:
+        for lease in leases:
+            lease.release()
+        self.in_use.difference_update(gpu.uuid for gpu in gpus)
+
+    def _lease_if_free(self, gpu: GpuInfo, recipe: str, why: list[str]) -> Lease | None:
+        busy = self._current(gpu).busy_reason(self.max_used_mib)
+        if busy:
+            why.append(f"{gpu.label} busy: {busy}")
+            return None
+        lease = try_acquire(self.lease_dir, gpu.uuid, f"recipe {recipe} launch {self.launch_id}")
+        if lease is None:
+            why.append(f"{gpu.label} leased by another launcher ({holder(self.lease_dir, gpu.uuid) or '?'})")
+        return lease
+
+    def _current(self, gpu: GpuInfo) -> GpuInfo:
+        # Someone else may have started on a GPU since the launch began: look again, but
+        # not on every loop turn.
+        if time.monotonic() - self._seen_at >= PROBE_EVERY_S:
+            with contextlib.suppress(Exception):  # a failed probe keeps the last answer
+                self._seen = {g.uuid: g for g in self.probe()}
+            self._seen_at = time.monotonic()
+        return self._seen.get(gpu.uuid, gpu)
+
+
+def run_jobs(
+    specs: Sequence[JobSpec],
+    pool: GpuPool | None,
+    reporter: PlainReporter,
+    grace_s: float = 30.0,
+) -> tuple[list[JobResult], int | None]:
+    """Run every job (all at once on CPU, `pool` allowing on GPUs); results in `specs` order and
+    the signal that stopped the launch, if one did."""
+    runner = _Runner([Job(spec) for spec in specs], pool, reporter, grace_s)
+    runner.run()
+    results = [
+        build_result(
+            job.spec,
+            job.progress,
+            job.exit_code,
+            job.tail,
+            started=job.progress.started is not None,
+            interrupted=job.interrupted,
+        )
+        for job in runner.jobs
+    ]
+    return results, runner.signum
+
+
+class _Runner:
+    def __init__(
+        self, jobs: list[Job], pool: GpuPool | None, reporter: PlainReporter, grace_s: float
+    ) -> None:
+        self.jobs, self.pool, self.reporter, self.grace_s = jobs, pool, reporter, grace_s
+        self.lines: queue.SimpleQueue[tuple[Job, str | None]] = queue.SimpleQueue()
+        self.signum: int | None = None  # first SIGINT/SIGTERM received
+        self.kill_now = False  # a second one: skip the grace period
+        self.deadline: float | None = None  # when forwarded signals turn into SIGKILL
+        self._waiting_note = ""
+
+    def run(self) -> None:
+        self.reporter.begin(self.jobs)
+        with _handle_signals(self._on_signal):
+            try:
+                while self._queued() or self._running():
+                    self._turn()
+            finally:
+                self._kill_running()  # an error in here must not leave children behind
+        self.reporter.close()
+
+    def _turn(self) -> None:
+        if self.signum is not None and self.deadline is None:
+            self._stop()
+        if self.signum is None:
+            self._start_ready()
+        self._drain(timeout=POLL_S)
+        for job in self._running():
+            if job.proc is not None and job.proc.poll() is not None:
+                self._finish(job)
+        if self.deadline is not None and (self.kill_now or time.monotonic() > self.deadline):
+            self._kill_running()
+        self.reporter.tick()
+
+    def _queued(self) -> list[Job]:
+        return [job for job in self.jobs if job.progress.state == "queued"]
+
+    def _running(self) -> list[Job]:
+        return [job for job in self.jobs if job.progress.state == "running"]
+
+    def _on_signal(self, signum: int) -> None:
+        # Runs between two bytecodes of the loop: only note it; the loop acts on it.
+        if self.signum is None:
+            self.signum = signum
+        else:
+            self.kill_now = True
+
+    def _stop(self) -> None:
+        name = signal.Signals(self.signum or signal.SIGINT).name
+        running = self._running()
+        self.reporter.note(
+            f"recipe-run: {name} received; forwarding it to {len(running)} running job(s), "
+            f"SIGKILL in {self.grace_s:g}s (send it again to kill now)"
+        )
+        for job in self._queued():
+            job.progress.state = "cancelled"
+            job.interrupted = True
+        for job in running:
+            job.interrupted = True
+            _signal_group(job, self.signum or signal.SIGINT)
+        self.deadline = time.monotonic() + self.grace_s
+
+    def _start_ready(self) -> None:
+        for job in self._queued():
+            if self.pool is None:
+                self._spawn(job)
+                continue
+            taken = self.pool.take(job.spec.recipe)
+            if taken is None:
+                self._note_waiting(job)
+                return  # first in, first out: the rest wait behind it
+            job.gpus, job.leases = taken
+            job.spec = bind_gpus(job.spec, job.gpus)
+            self._spawn(job)
+
+    def _note_waiting(self, job: Job) -> None:
+        why = self.pool.waiting_for if self.pool else ""
+        if why and why != self._waiting_note:
+            self.reporter.note(f"recipe-run: {job.spec.recipe} waits for a GPU ({why})")
+        self._waiting_note = why
+
+    def _spawn(self, job: Job) -> None:
+        spec = job.spec
+        spec.log_path.parent.mkdir(parents=True, exist_ok=True)
+        # Line-buffered so that `tail -f` on the log follows the run.
+        job.log = open(spec.log_path, "a", encoding="utf-8", errors="replace", buffering=1)
+        job.log.write(f"# command: {shlex.join(spec.argv)}\n# env: {shlex.join(_env_words(spec.env))}\n")
+        try:
+            job.proc = spawn(spec.argv, spec.env)
+        except OSError as error:
+            self._spawn_failed(job, error)
+            return
+        progress = job.progress
+        progress.state, progress.pid = "running", job.proc.pid
+        progress.started, progress.started_at = time.monotonic(), time.time()
+        job.reader = threading.Thread(target=_pump, args=(job, job.proc.stdout, self.lines), daemon=True)
+        job.reader.start()
+        self.reporter.note(f"{self.reporter.prefix(job)} started, pid {job.proc.pid}, log {spec.log_path}")
+
+    def _spawn_failed(self, job: Job, error: OSError) -> None:
+        job.progress.state, job.progress.error = "failed", f"could not start {job.spec.argv[0]!r}: {error}"
+        job.tail.append(job.progress.error)
+        self._close_job(job)
+        self.reporter.note(f"{self.reporter.prefix(job)} {job.progress.error}")
+
+    def _drain(self, timeout: float) -> None:
+        try:
+            job, text = self.lines.get(timeout=timeout)
+        except queue.Empty:
+            return
+        self._take_line(job, text)
+        with contextlib.suppress(queue.Empty):
+            for _ in range(5000):  # bounded, so the table still redraws under a flood of lines
+                self._take_line(*self.lines.get_nowait())
+
+    def _take_line(self, job: Job, text: str | None) -> None:
+        if text is None or job.log is None:  # end of stream, or a straggler after the job closed
+            return
+        job.log.write(text + "\n")
+        event = parse_line(text)
+        if event is not None:
+            apply_event(job.progress, event, time.monotonic())
+        elif clean_line(text):
+            job.tail.append(clean_line(text))
+        self.reporter.line(job, text, event)
+
+    def _finish(self, job: Job) -> None:
+        assert job.proc is not None
+        job.exit_code = job.proc.returncode
+        _signal_group(job, signal.SIGKILL)  # leftovers of a finished worker
+        if job.reader is not None:
+            job.reader.join(timeout=2.0)
+        with contextlib.suppress(queue.Empty):
+            while True:
+                self._take_line(*self.lines.get_nowait())
+        progress = job.progress
+        progress.ended, progress.ended_at = time.monotonic(), time.time()
+        progress.state = job_status(job.exit_code, started=True, interrupted=job.interrupted)
+        self._close_job(job)
+        took = fmt_duration(progress.elapsed(progress.ended))
+        self.reporter.note(f"{self.reporter.prefix(job)} {progress.state} (exit {job.exit_code}) in {took}")
+
+    def _close_job(self, job: Job) -> None:
+        if job.log is not None:
+            job.log.close()
+            job.log = None
+        if self.pool is not None and job.gpus:
+            self.pool.give_back(job.gpus, job.leases)
+            job.leases = []
+
+    def _kill_running(self) -> None:
+        for job in self._running():
+            _signal_group(job, signal.SIGKILL)
+            if job.proc is not None:
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    job.proc.wait(timeout=5)
+                if job.proc.poll() is not None:
+                    self._finish(job)
+
+
+def spawn(argv: Sequence[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
+    """Start one worker: no shell, its own session, stdout+stderr merged into one pipe."""
+    return subprocess.Popen(
+        list(argv),
+        stdin=subprocess.DEVNULL,  # a child must not read (or stop on) the terminal
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, **env},
+        start_new_session=True,  # its own process group: signals reach its grandchildren too
+        preexec_fn=_die_with_parent_hook(),  # see _die_with_parent_hook
+    )
+
+
+def _die_with_parent_hook() -> Callable[[], None] | None:
+    """A preexec_fn asking the kernel to SIGKILL the child when this process dies.
+
+    Runs in the child between fork and exec, where other threads' locks may be held: it only
+    calls a C function resolved beforehand. PDEATHSIG fires when the *thread* that forked dies,
+    so jobs are spawned from the main thread only.
+    """
+    prctl = _prctl()
+    if prctl is None:
+        return None
+    parent = os.getpid()
+
+    def hook() -> None:
+        prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+        if os.getppid() != parent:  # the launcher died before prctl took effect
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    return hook
+
+
+@functools.cache
+def _prctl() -> Any:
+    if not sys.platform.startswith("linux"):
+        return None
+    return ctypes.CDLL(None, use_errno=True).prctl
+
+
+def _signal_group(job: Job, signum: int) -> None:
+    if job.proc is None:
+        return
+    # The child is its group's leader (start_new_session), so its pid is the group id. The group
+    # can outlive the leader, so this still reaches grandchildren after the worker has exited.
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(job.proc.pid, signum)
+
+
+def _pump(job: Job, stream: IO[bytes], lines: queue.SimpleQueue[tuple[Job, str | None]]) -> None:
+    """Reader thread: whole lines from a child's pipe onto the shared queue, None at the end."""
+    with stream:
+        for raw in iter(stream.readline, b""):
+            lines.put((job, raw.decode("utf-8", errors="replace").rstrip("\r\n")))
+    lines.put((job, None))
+
+
+@contextlib.contextmanager
+def _handle_signals(on_signal: Callable[[int], None]) -> Iterator[None]:
+    """SIGINT and SIGTERM call `on_signal` for the duration; the old handlers come back after."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers can only be set from the main thread
+        return
+    previous = {sig: signal.signal(sig, lambda signum, _frame: on_signal(signum)) for sig in _STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+def _env_words(env: dict[str, str]) -> list[str]:
+    return [f"{key}={value}" for key, value in sorted(env.items())]

@@ -1,0 +1,256 @@
+"""Pure planning: recipes + GPUs + options -> one `JobSpec` per recipe (argv, env, paths).
+
+Nothing here touches a process, a file or NVML; the executor (`execute.py`) runs the specs and
+the CLI prints them for `plan` / `--dry-run`. GPU jobs are planned without a device and bound to
+GPUs (`bind_gpus`) only when they start, because with more recipes than GPUs the queue decides
+at run time which GPU frees first.
+
+Testing hook: env `RECIPE_RUNNER_WORKER` (a JSON list, e.g. `["python", "tests/fakes/worker.py"]`)
+replaces the worker command `[sys.executable, "-m", "src.training.worker"]`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+
+from recipe_runner.gpus import GpuInfo
+from src.recipes import RECIPES, resolve_recipe
+
+WORKER_ENV = "RECIPE_RUNNER_WORKER"
+
+# Every child gets these: whole lines as they are printed, and no NVLink multicast, which
+# hangs or fails on the lent multi-GPU machines (see docs/facts.md, NVML section).
+BASE_ENV = {
+    "PYTHONUNBUFFERED": "1",
+    "NCCL_NVLS_ENABLE": "0",
+    "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
+    "NVSHMEM_DISABLE_NVLS": "1",
+}
+
+
+@dataclass(frozen=True)
+class TrainFlags:
+    """The worker's training flags passed through unchanged; None = the worker's default."""
+
+    model_id: str | None = None
+    dataset: str | None = None
+    epochs: float | None = None
+    max_steps: int | None = None
+    batch_size: int | None = None
+    grad_accum: int | None = None
+    learning_rate: float | None = None
+    seed: int | None = None
+    gradient_checkpointing: str | None = None  # "auto" | "on" | "off"
+    skip_bad_records: bool = False
+    no_wandb: bool = False
+
+    def argv(self) -> list[str]:
+        out: list[str] = []
+        for item in fields(self):
+            value = getattr(self, item.name)
+            flag = "--" + item.name.replace("_", "-")
+            if value is True:
+                out.append(flag)
+            elif value is not None and value is not False:
+                out += [flag, _flag_text(value)]
+        return out
+
+
+def _flag_text(value: object) -> str:
+    # 3.0 epochs reads better as 3; repr keeps every digit of a learning rate.
+    if isinstance(value, float):
+        return str(int(value)) if value.is_integer() else repr(value)
+    return str(value)
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """One worker process: everything needed to start it, nothing about how it went."""
+
+    recipe: str  # key in src.recipes.RECIPES
+    argv: tuple[str, ...]
+    env: dict[str, str] = field(hash=False)  # added to the launcher's environment
+    output_dir: Path  # the worker's --output-dir
+    log_path: Path  # the child's stdout+stderr, as the launcher saw it
+    gpus: tuple[GpuInfo, ...] = ()  # empty until bound; always empty on CPU
+    threads: int | None = None  # CPU threads, for --cpu jobs
+
+    @property
+    def device(self) -> str:
+        if self.threads is not None:
+            return "cpu"
+        if not self.gpus:
+            return "gpu?"
+        return "gpu" + ",".join(str(gpu.index) for gpu in self.gpus)
+
+
+def resolve_recipes(text: str) -> list[str]:
+    """Recipe keys from "r1,r3-two-stage" or "all", in the order given, each once."""
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    if not names:
+        raise ValueError("no recipe named; use e.g. --recipes r1,r2 or --recipes all")
+    keys: list[str] = []
+    for name in names:
+        try:
+            found = list(RECIPES) if name == "all" else [resolve_recipe(name).name]
+        except KeyError as error:
+            raise ValueError(f"{error.args[0]}, or all") from None
+        keys += [key for key in found if key not in keys]
+    return keys
+
+
+def parse_gpu_ids(text: str) -> list[int] | None:
+    """[0, 2] from "0,2"; None for "auto" (every free GPU). ValueError otherwise."""
+    if text.strip().lower() == "auto":
+        return None
+    try:
+        ids = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise ValueError(f"--gpus {text!r}: give GPU indices like 0,1,2 or 'auto'") from None
+    if not ids or min(ids) < 0:
+        raise ValueError(f"--gpus {text!r}: give GPU indices like 0,1,2 or 'auto'")
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"--gpus {text!r} names a GPU twice")
+    return ids
+
+
+def worker_command(environ: Mapping[str, str] | None = None) -> list[str]:
+    environ = os.environ if environ is None else environ
+    override = environ.get(WORKER_ENV)
+    if not override:
+        return [sys.executable, "-m", "src.training.worker"]
+    command = json.loads(override)
+    if not (isinstance(command, list) and command and all(isinstance(part, str) for part in command)):
+        raise ValueError(f"{WORKER_ENV} must be a JSON list of strings, got {override!r}")
+    return command
+
+
+def new_launch_id(now: float | None = None) -> str:
+    """Sortable and unique enough for two launches in the same second: 20261126-041500-ab12."""
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(now))
+    return f"{stamp}-{secrets.token_hex(2)}"
+
+
+def split_threads(total: int, jobs: int) -> int:
+    """CPU threads per worker when `jobs` workers share `total` cores (at least one each)."""
+    return max(1, total // max(1, jobs))
+
+
+def plan_jobs(
+    recipes: Sequence[str],
+    launch_dir: Path,
+    flags: TrainFlags,
+    worker: Sequence[str],
+    cpu_threads: int | None = None,
+) -> list[JobSpec]:
+    """One spec per recipe. With `cpu_threads` the jobs are complete CPU jobs; otherwise each
+    still needs `bind_gpus` before it can start."""
+    return [_plan_job(key, launch_dir, flags, worker, cpu_threads) for key in recipes]
+
+
+def _plan_job(
+    key: str, launch_dir: Path, flags: TrainFlags, worker: Sequence[str], cpu_threads: int | None
+) -> JobSpec:
+    output_dir = launch_dir / key
+    argv = [*worker, "--recipe", key, "--output-dir", str(output_dir), *flags.argv()]
+    env = dict(BASE_ENV)
+    if cpu_threads is not None:
+        argv += ["--cpu", "--threads", str(cpu_threads)]
+        env.update(cpu_env(cpu_threads))
+    return JobSpec(key, tuple(argv), env, output_dir, launch_dir / "logs" / f"{key}.log", (), cpu_threads)
+
+
+def cpu_env(threads: int) -> dict[str, str]:
+    # Empty CUDA_VISIBLE_DEVICES: a --cpu job must not open a CUDA context on someone's GPU 0.
+    return {"CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+
+
+def gpu_env(gpus: Sequence[GpuInfo]) -> dict[str, str]:
+    # UUIDs, not indices: NVML's order need not match CUDA's, a UUID names one board everywhere.
+    return {
+        "CUDA_DEVICE_ORDER": "PCI_BUS_ID",
+        "CUDA_VISIBLE_DEVICES": ",".join(gpu.uuid for gpu in gpus),
+    }
+
+
+def bind_gpus(job: JobSpec, gpus: Sequence[GpuInfo]) -> JobSpec:
+    return replace(job, gpus=tuple(gpus), env={**job.env, **gpu_env(gpus)})
+
+
+@dataclass(frozen=True)
+class GpuSelection:
+    """The GPUs a launch may use, or why it cannot start."""
+
+    pool: tuple[GpuInfo, ...]
+    missing: tuple[str, ...] = ()  # fatal: asked for GPUs that do not exist
+    busy: tuple[str, ...] = ()  # fatal unless --wait
+
+    def problems(self, wait: bool) -> list[str]:
+        return [*self.missing, *([] if wait else self.busy)]
+
+
+def select_gpus(
+    gpus: Sequence[GpuInfo],
+    asked: list[int] | None,
+    max_used_mib: int,
+    leased_by: Callable[[GpuInfo], str | None],
+    per_job: int = 1,
+) -> GpuSelection:
+    """The pool for a launch: the asked-for GPUs, or with `asked=None` every free one (every
+    one, to wait on, when none is free). `leased_by` names another launcher holding a GPU."""
+    by_index = {gpu.index: gpu for gpu in gpus}
+    if asked is None:
+        return _select_auto(gpus, max_used_mib, leased_by, per_job)
+    missing = [i for i in asked if i not in by_index]
+    if missing:
+        have = ", ".join(str(i) for i in sorted(by_index)) or "none"
+        return GpuSelection(
+            (), (f"no GPU with index {', '.join(map(str, missing))} (this host has: {have})",)
+        )
+    pool = tuple(by_index[i] for i in asked)
+    busy = [
+        f"{gpu.label} ({gpu.uuid}) is busy: {why}"
+        for gpu in pool
+        if (why := _why_busy(gpu, max_used_mib, leased_by))
+    ]
+    return GpuSelection(pool, _too_few(pool, per_job), tuple(busy))
+
+
+def _select_auto(
+    gpus: Sequence[GpuInfo], max_used_mib: int, leased_by: Callable[[GpuInfo], str | None], per_job: int
+) -> GpuSelection:
+    if not gpus:
+        return GpuSelection((), ("NVML sees no GPU on this host",))
+    free = tuple(gpu for gpu in gpus if not _why_busy(gpu, max_used_mib, leased_by))
+    if len(free) >= per_job:
+        return GpuSelection(free)
+    busy = [f"{gpu.label} is busy: {why}" for gpu in gpus if (why := _why_busy(gpu, max_used_mib, leased_by))]
+    short = f"--gpus auto found {len(free)} free GPU(s), a recipe needs {per_job}"
+    return GpuSelection(tuple(gpus), _too_few(tuple(gpus), per_job), (short, *busy))
+
+
+def _why_busy(gpu: GpuInfo, max_used_mib: int, leased_by: Callable[[GpuInfo], str | None]) -> str | None:
+    holder = leased_by(gpu)
+    return f"leased by another launcher ({holder})" if holder else gpu.busy_reason(max_used_mib)
+
+
+def _too_few(pool: tuple[GpuInfo, ...], per_job: int) -> tuple[str, ...]:
+    if len(pool) >= per_job:
+        return ()
+    return (f"--gpus-per-recipe {per_job} needs at least {per_job} GPUs; --gpus gives {len(pool)}",)
+
+
+def first_wave(jobs: Sequence[JobSpec], pool: Sequence[GpuInfo], per_job: int) -> list[JobSpec | None]:
+    """What `plan` shows: the jobs that start at once, bound in pool order; None for queued ones."""
+    slots = len(pool) // per_job
+    return [
+        bind_gpus(job, pool[n * per_job : (n + 1) * per_job]) if n < slots else None
+        for n, job in enumerate(jobs)
+    ]

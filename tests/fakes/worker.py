@@ -1,0 +1,148 @@
+"""A stand-in for `src.training.worker` in launcher tests: the worker's flags, scripted behaviour, no torch.
+
+Run as `python tests/fakes/worker.py --recipe r1-llm-only --output-dir DIR [worker flags...]`; the
+launcher tests point `RECIPE_RUNNER_WORKER` at it. What it does comes from env `FAKE_WORKER`, a JSON
+object from recipe key (or "*" for every recipe) to behaviour:
+
+    steps        progress steps per stage (3)          step_s       seconds per step (0.02)
+    exit         exit code (0)                         status_json  write DIR/status.json (true)
+    grandchild   start a sleeping grandchild (false)   ignore_term  ignore SIGTERM and SIGINT (false)
+    noise        plain log lines per step, half on stderr (1)
+
+With env `FAKE_WORKER_RECORDS=DIR` it writes `DIR/<recipe>-<pid>.json` at start (pid, argv, the
+device env, grandchild pid, start time) and rewrites it with the end time before it exits, so tests
+can check what each child was given and when it held its device.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root, for the shared protocol
+
+from src.recipes import RECIPES  # noqa: E402
+from src.training.progress import format_event  # noqa: E402
+
+ENV_KEYS = (
+    "CUDA_VISIBLE_DEVICES",
+    "CUDA_DEVICE_ORDER",
+    "NCCL_NVLS_ENABLE",
+    "TORCH_SYMM_MEM_DISABLE_MULTICAST",
+    "NVSHMEM_DISABLE_NVLS",
+    "OMP_NUM_THREADS",
+    "MKL_NUM_THREADS",
+    "PYTHONUNBUFFERED",
+)
+
+
+def behaviour(recipe: str) -> dict:
+    table = json.loads(os.environ.get("FAKE_WORKER", "{}"))
+    return {
+        "steps": 3,
+        "step_s": 0.02,
+        "exit": 0,
+        "status_json": True,
+        "noise": 1,
+        **table.get("*", {}),
+        **table.get(recipe, {}),
+    }
+
+
+def record(path: Path | None, data: dict) -> None:
+    if path is not None:
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(data))
+        os.replace(tmp, path)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--recipe", required=True)
+    parser.add_argument("--output-dir", required=True)
+    args, _ = parser.parse_known_args()
+    recipe, out = RECIPES[args.recipe], Path(args.output_dir)
+    plan = behaviour(recipe.name)
+    if plan.get("ignore_term"):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    grandchild = None
+    if plan.get("grandchild"):
+        grandchild = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"]).pid
+    records = os.environ.get("FAKE_WORKER_RECORDS")
+    rec_path = Path(records) / f"{recipe.name}-{os.getpid()}.json" if records else None
+    rec = {"recipe": recipe.name, "pid": os.getpid(), "argv": sys.argv[1:], "grandchild": grandchild}
+    rec |= {"env": {key: os.environ.get(key) for key in ENV_KEYS}, "start": time.time()}
+    record(rec_path, rec)
+
+    out.mkdir(parents=True, exist_ok=True)
+    device = os.environ.get("CUDA_VISIBLE_DEVICES") or "cpu"
+    stages = [stage.name for stage in recipe.stages] or ["main"]
+    loss, done = None, []
+    for stage in stages:
+        print(
+            format_event("start", recipe=recipe.name, stage=stage, device=device, pid=os.getpid()), flush=True
+        )
+        for step in range(1, plan["steps"] + 1):
+            time.sleep(plan["step_s"])
+            loss = round(2.0 / (step + 1), 4)
+            for n in range(plan["noise"]):
+                print(f"{stage} step {step} line {n}", file=sys.stderr if n % 2 else sys.stdout, flush=True)
+            print(
+                format_event(
+                    "step",
+                    recipe=recipe.name,
+                    stage=stage,
+                    step=step,
+                    total=plan["steps"],
+                    loss=loss,
+                    gpu_mem_gib=None,
+                ),
+                flush=True,
+            )
+        output = str(out / stage / "adapter") if recipe.stages else str(out / "adapter")
+        done.append(
+            {
+                "name": stage,
+                "status": "succeeded",
+                "output": output,
+                "final_loss": loss,
+                "steps": plan["steps"],
+            }
+        )
+        print(
+            format_event("stage_end", recipe=recipe.name, stage=stage, final_loss=loss, output=output),
+            flush=True,
+        )
+
+    code = plan["exit"]
+    status = "succeeded" if code == 0 else "failed"
+    if code:
+        print(f"fake failure of {recipe.name}: exiting {code}", file=sys.stderr, flush=True)
+    print(format_event("end", recipe=recipe.name, status=status, final_loss=loss, exit_code=code), flush=True)
+    if plan["status_json"]:
+        (out / "status.json").write_text(
+            json.dumps(
+                {
+                    "recipe": recipe.name,
+                    "status": status,
+                    "exit_code": code,
+                    "device": {"name": device},
+                    "final_loss": loss,
+                    "output": done[-1]["output"],
+                    "stages": done,
+                }
+            )
+        )
+    record(rec_path, rec | {"end": time.time(), "exit": code})
+    return code
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

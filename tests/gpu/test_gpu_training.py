@@ -1,0 +1,81 @@
+"""The training core on a real GPU: bf16 LoRA, 4-bit QLoRA, device identity. Marked `gpu`.
+
+Run on the GPU machine: `python -m pytest tests/gpu -m gpu` (see docs/benchmarks.md for the setup).
+"""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from src.recipes import RECIPES
+from tests.conftest import REPO
+
+pytestmark = pytest.mark.gpu
+
+
+def _options(tiny_model_dir, tiny_data_dir, out):
+    from src.training.run import RunOptions
+
+    return RunOptions(
+        model_id=str(tiny_model_dir),
+        dataset=str(tiny_data_dir),
+        output_dir=out,
+        device="cuda",
+        max_steps=3,
+        batch_size=2,
+        learning_rate=1e-2,
+    )
+
+
+@pytest.mark.parametrize("key", ["r1-llm-only", "r4-joint"])
+def test_recipe_trains_on_cuda(key, tiny_model_dir, tiny_data_dir, tmp_path):
+    from src.training.run import run_recipe
+
+    (result,) = run_recipe(RECIPES[key], _options(tiny_model_dir, tiny_data_dir, tmp_path))
+    assert result.steps == 3 and result.final_loss is not None
+    history = [json.loads(line) for line in (tmp_path / "loss_history.jsonl").read_text().splitlines()]
+    assert len(history) == 3
+
+
+def test_4bit_on_cuda_keeps_vision_in_bf16(tiny_model_dir):
+    import torch
+
+    from src.models.loader import count_quantized_layers, load_quantized_model
+
+    model = load_quantized_model(str(tiny_model_dir), "cuda")
+    assert set(count_quantized_layers(model)) == {"llm"}
+    assert model.model.visual.blocks[0].attn.qkv.weight.dtype == torch.bfloat16
+    assert next(model.parameters()).device.type == "cuda"
+
+
+def test_worker_logs_the_device_it_sees(tiny_model_dir, tiny_data_dir, tmp_path):
+    import torch
+
+    out = tmp_path / "r3"
+    command = [
+        sys.executable,
+        str(REPO / "scripts" / "train_recipe.py"),
+        "--recipe",
+        "r3",
+        "--gpu",
+        "0",
+        "--model-id",
+        str(tiny_model_dir),
+        "--dataset",
+        str(tiny_data_dir),
+        "--output-dir",
+        str(out),
+        "--max-steps",
+        "2",
+        "--batch-size",
+        "2",
+        "--no-wandb",
+    ]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert done.returncode == 0, done.stderr[-3000:]
+    status = json.loads((out / "status.json").read_text())
+    assert status["device"]["name"] == torch.cuda.get_device_name(0)
+    assert status["device"]["uuid"].startswith("GPU-")
+    assert [s["name"] for s in status["stages"]] == ["stage1-vision", "stage2-llm"]

@@ -1,0 +1,62 @@
+"""End to end on the CPU with the real worker and the tiny offline fixtures (slow: real training)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+HOOKS = ("RECIPE_RUNNER_WORKER", "RECIPE_RUNNER_FAKE_GPUS", "FAKE_WORKER", "FAKE_WORKER_RECORDS")
+
+
+def recipe_run(*args: str, tmp_path: Path, timeout: float) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in HOOKS}  # the real worker, no fakes
+    env["RECIPE_RUNNER_LEASE_DIR"] = str(tmp_path / "leases")
+    command = [sys.executable, "-m", "recipe_runner", *args, "--plain"]
+    return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def only_launch(out: Path) -> Path:
+    (launch,) = [p for p in out.iterdir() if p.is_dir()]
+    return launch
+
+
+@pytest.mark.slow
+def test_r1_and_r3_on_cpu_with_the_real_worker(tiny_model_dir, tiny_data_dir, tmp_path) -> None:
+    out = tmp_path / "out"
+    done = recipe_run(
+        *("--recipes", "r1,r3", "--cpu", "--model-id", str(tiny_model_dir), "--dataset", str(tiny_data_dir)),
+        *("--max-steps", "2", "--batch-size", "2", "--no-wandb", "--output-dir", str(out)),
+        tmp_path=tmp_path,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
+    launch = only_launch(out)
+    jobs = {j["recipe"]: j for j in json.loads((launch / "summary.json").read_text())["jobs"]}
+    assert [j["status"] for j in jobs.values()] == ["succeeded", "succeeded"]
+    r1, r3 = jobs["r1-llm-only"], jobs["r3-two-stage"]
+    assert r1["output"] == str(launch / "r1-llm-only" / "adapter")
+    assert (Path(r1["output"]) / "adapter_model.safetensors").is_file()
+    assert [s["name"] for s in r3["stages"]] == ["stage1-vision", "stage2-llm"]
+    assert (Path(r3["output"]) / "adapter_model.safetensors").is_file()
+    assert all(isinstance(j["final_loss"], float) for j in jobs.values())
+    assert "[r3-two-stage cpu]" in done.stdout and "(stage2-llm)" in done.stdout
+    assert (launch / "logs" / "r3-two-stage.log").read_text().count("RR_PROGRESS") >= 6
+
+
+@pytest.mark.slow
+def test_demo_builds_fixtures_and_runs_every_recipe(tmp_path) -> None:
+    fixtures, out = tmp_path / "fixtures", tmp_path / "out"
+    done = recipe_run(
+        "demo", "--fixtures", str(fixtures), "--output-dir", str(out), tmp_path=tmp_path, timeout=600
+    )
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
+    assert (fixtures / "tiny-qwen2-vl" / "config.json").is_file()
+    summary = json.loads((only_launch(out) / "summary.json").read_text())
+    assert [j["status"] for j in summary["jobs"]] == ["succeeded"] * 4
+    assert "--max-steps" in summary["command"] and "--no-wandb" in summary["command"]
