@@ -26,27 +26,36 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
 
-from recipe_runner.execute import GpuPool, run_jobs
+from recipe_runner.execute import GpuPool, RunPolicy, run_jobs
 from recipe_runner.gpus import DEFAULT_MAX_USED_MIB, GpuInfo, NvmlUnavailable, probe_gpus
 from recipe_runner.leases import holder, lease_dir
 from recipe_runner.plan import (
+    WORKER_ENV,
     GpuSelection,
     JobSpec,
     TrainFlags,
+    as_cpu_job,
     first_wave,
     new_launch_id,
     parse_gpu_ids,
     plan_jobs,
     resolve_recipes,
+    resume_spec,
     select_gpus,
     split_threads,
     worker_command,
 )
 from recipe_runner.status import LiveReporter, PlainReporter
-from recipe_runner.summary import launch_exit_code, render_summary, write_summary
+from recipe_runner.summary import (
+    JobResult,
+    launch_exit_code,
+    read_summary,
+    render_summary,
+    write_summary,
+)
 from src.recipes import RECIPES
 
-COMMANDS = ("launch", "plan", "list", "gpus", "demo", "report")
+COMMANDS = ("launch", "plan", "list", "gpus", "demo", "report", "resume")
 DEMO_MAX_STEPS = 3
 
 EXAMPLES = """\
@@ -103,6 +112,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
         "gpus": "show the GPUs NVML sees and which are free",
         "demo": "build the tiny offline fixtures if missing and run every recipe on them",
         "report": "write the side-by-side report of a finished launch (done after every launch too)",
+        "resume": "re-run the recipes of a launch that did not succeed, each from its last checkpoint",
     }
     subs = {
         name: sub.add_parser(
@@ -122,6 +132,12 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     subs["report"].add_argument(
         "launch_dir", metavar="LAUNCH_DIR", help="<output-dir>/<launch-id> of a launch"
     )
+    subs["resume"].add_argument(
+        "launch_dir", metavar="LAUNCH_DIR", help="<output-dir>/<launch-id> of an earlier launch"
+    )
+    _add_device_args(subs["resume"])
+    _add_fault_args(subs["resume"])
+    subs["resume"].add_argument("--plain", action="store_true", help="plain lines even on a terminal")
     return parser, subs
 
 
@@ -143,6 +159,9 @@ def _add_launch_args(p: argparse.ArgumentParser) -> None:
     )
     train.add_argument(
         "--skip-bad-records", action="store_true", help="drop invalid records instead of failing"
+    )
+    train.add_argument(
+        "--save-steps", type=int, metavar="N", help="checkpoint every N steps, for `recipe-run resume`"
     )
     train.add_argument("--no-wandb", action="store_true", help="turn W&B logging off")
 
@@ -176,10 +195,31 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     run.add_argument(
         "--output-dir", default="outputs", metavar="DIR", help="root of the launch (default outputs)"
     )
-    run.add_argument(
+    run.add_argument("--plain", action="store_true", help="plain lines even on a terminal (no live table)")
+    _add_fault_args(p)
+
+
+def _add_fault_args(p: argparse.ArgumentParser) -> None:
+    faults = p.add_argument_group("faults")
+    faults.add_argument(
         "--grace", type=float, default=30.0, metavar="S", help="after Ctrl-C, seconds before SIGKILL"
     )
-    run.add_argument("--plain", action="store_true", help="plain lines even on a terminal (no live table)")
+    faults.add_argument(
+        "--oom-retries",
+        type=int,
+        default=2,
+        metavar="N",
+        help="re-run a recipe that ran out of GPU memory with half the micro-batch and twice the "
+        "accumulation, up to N times (default 2)",
+    )
+    faults.add_argument(
+        "--hang-timeout",
+        type=float,
+        default=1800.0,
+        metavar="S",
+        help="report a recipe that printed nothing for S seconds (default 1800; 0: never)",
+    )
+    faults.add_argument("--kill-hung", action="store_true", help="also end such a recipe")
 
 
 def _add_gpus_args(p: argparse.ArgumentParser) -> None:
@@ -283,6 +323,9 @@ def _range_problems(args: argparse.Namespace) -> list[str]:
         ("--grad-accum", getattr(args, "grad_accum", None), lambda v: v >= 1, "at least 1"),
         ("--learning-rate", getattr(args, "learning_rate", None), lambda v: 0 < v < 1, "between 0 and 1"),
         ("--seed", getattr(args, "seed", None), lambda v: v >= 0, "0 or more"),
+        ("--save-steps", getattr(args, "save_steps", None), lambda v: v >= 0, "0 (off) or more"),
+        ("--oom-retries", args.oom_retries, lambda v: v >= 0, "0 or more"),
+        ("--hang-timeout", args.hang_timeout, lambda v: v >= 0, "0 (off) or more seconds"),
     ]
     return [
         f"{flag} {value}: must be {want}"
@@ -303,6 +346,8 @@ def cmd_launch(args: argparse.Namespace, probe: Callable[[], list[GpuInfo]] = pr
     launch_id = new_launch_id()
     launch_dir = Path(args.output_dir).resolve() / launch_id
     flags = _train_flags(args)
+    if problems := preflight_problems(flags, Path(args.output_dir)):
+        raise UsageError("\n  ".join(problems), "fix the input above; nothing was started or written")
     if args.cpu:
         threads = split_threads(args.threads or os.cpu_count() or 1, len(recipes))
         specs, selection = plan_jobs(recipes, launch_dir, flags, worker, cpu_threads=threads), None
@@ -313,6 +358,25 @@ def cmd_launch(args: argparse.Namespace, probe: Callable[[], list[GpuInfo]] = pr
         print_plan(launch_dir, specs, selection, args.gpus_per_recipe)
         return 0
     return _execute(args, launch_id, launch_dir, specs, selection, probe)
+
+
+def preflight_problems(flags: TrainFlags, output_dir: Path) -> list[str]:
+    """Bad model, data or output directory, found before any worker starts (and any model loads).
+
+    Hub ids and hub data sets are left to the workers: checking them needs a download. With the
+    worker replaced (the RECIPE_RUNNER_WORKER testing hook) only the output directory is checked:
+    the stand-in has its own contract.
+    """
+    from src.training.checks import model_and_data_problems, writable_problems
+    from src.training.worker import DEFAULT_DATASET, DEFAULT_MODEL
+
+    problems = writable_problems(output_dir, "--output-dir")
+    dataset = flags.dataset or DEFAULT_DATASET
+    if os.environ.get(WORKER_ENV):
+        return problems
+    if Path(dataset).exists() or dataset.startswith((".", "/")) or dataset == DEFAULT_DATASET:
+        problems += model_and_data_problems(flags.model_id or DEFAULT_MODEL, dataset, flags.skip_bad_records)
+    return problems
 
 
 def _select(args: argparse.Namespace, probe: Callable[[], list[GpuInfo]]) -> GpuSelection:
@@ -350,6 +414,7 @@ def _train_flags(args: argparse.Namespace) -> TrainFlags:
         learning_rate=args.learning_rate,
         seed=args.seed,
         gradient_checkpointing=args.gradient_checkpointing,
+        save_steps=args.save_steps,
         skip_bad_records=args.skip_bad_records,
         no_wandb=args.no_wandb,
     )
@@ -388,8 +453,10 @@ def _execute(
     specs: list[JobSpec],
     selection: GpuSelection | None,
     probe: Callable[[], list[GpuInfo]],
+    earlier: Sequence[JobResult] = (),
 ) -> int:
-    launch_dir.mkdir(parents=True, exist_ok=False)
+    """Run the jobs, keeping summary.json true while they run; `earlier` are kept results of a resume."""
+    launch_dir.mkdir(parents=True, exist_ok=True)
     pool = None
     if selection is not None:
         pool = GpuPool(selection.pool, probe, lease_dir(), launch_id, args.gpus_per_recipe, args.max_used_mib)
@@ -399,13 +466,51 @@ def _execute(
     )
     live = sys.stdout.isatty() and os.environ.get("TERM", "") != "dumb" and not args.plain
     reporter = LiveReporter(sys.stdout) if live else PlainReporter(sys.stdout)
-    results, signum = run_jobs(specs, pool, reporter, grace_s=args.grace)
+    command = ["recipe-run", *args.argv]
+    policy = RunPolicy(args.grace, args.oom_retries, args.hang_timeout, args.kill_hung)
+
+    def keep_summary_true(results: list[JobResult]) -> None:
+        write_summary(launch_dir, launch_id, _merge(earlier, results), None, command)
+
+    results, signum = run_jobs(specs, pool, reporter, policy=policy, on_change=keep_summary_true)
+    results = _merge(earlier, results)
     code = launch_exit_code(results, signum)
-    path = write_summary(launch_dir, launch_id, results, code, ["recipe-run", *args.argv])
+    path = write_summary(launch_dir, launch_id, results, code, command)
     print("\n" + render_summary(results))
     print(f"\nsummary: {path}")
     _write_report(launch_dir)
     return code
+
+
+def _merge(earlier: Sequence[JobResult], latest: Sequence[JobResult]) -> list[JobResult]:
+    """Earlier results with the re-run ones put in their place, in the launch's order."""
+    rerun = {r.recipe: r for r in latest}
+    merged = [rerun.pop(r.recipe, r) for r in earlier]
+    return merged + list(rerun.values())
+
+
+def cmd_resume(args: argparse.Namespace, probe: Callable[[], list[GpuInfo]] = probe_gpus) -> int:
+    """Re-run what did not succeed in LAUNCH_DIR, each from its last checkpoint, on free GPUs."""
+    launch_dir = Path(args.launch_dir).resolve()
+    summary = read_summary(launch_dir)
+    if summary is None:
+        raise UsageError(f"{launch_dir}: no summary.json", "pass the <output-dir>/<launch-id> of a launch")
+    earlier = [JobResult(**job) for job in summary["jobs"]]
+    todo = [r for r in earlier if r.status != "succeeded"]
+    if not todo:
+        print(f"recipe-run: every recipe of {launch_dir.name} succeeded already; nothing to resume")
+        return 0
+    specs = [resume_spec(r) for r in todo]
+    cpu = args.cpu or all(r.threads is not None for r in todo)
+    args.recipes, args.plain = ",".join(r.recipe for r in todo), getattr(args, "plain", False)
+    if cpu:
+        threads = split_threads(args.threads or os.cpu_count() or 1, len(specs))
+        specs, selection = [as_cpu_job(spec, threads) for spec in specs], None
+    else:
+        selection = _select(args, probe)
+    print(f"recipe-run: resuming {', '.join(r.recipe for r in todo)} of {launch_dir.name}")
+    args.argv = ["resume", *args.argv[1:]]
+    return _execute(args, summary["launch_id"], launch_dir, specs, selection, probe, earlier)
 
 
 def _write_report(launch_dir: Path) -> None:
@@ -530,6 +635,7 @@ _COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "gpus": cmd_gpus,
     "demo": cmd_demo,
     "report": cmd_report,
+    "resume": cmd_resume,
 }
 
 

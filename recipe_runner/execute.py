@@ -30,16 +30,17 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import IO, Any
 
 from recipe_runner.gpus import DEFAULT_MAX_USED_MIB, GpuInfo
 from recipe_runner.leases import Lease, holder, try_acquire
-from recipe_runner.plan import JobSpec, bind_gpus
+from recipe_runner.plan import JobSpec, bind_gpus, flag_value, oom_retry
 from recipe_runner.status import PlainReporter, Progress, apply_event, clean_line, fmt_duration
 from recipe_runner.summary import TAIL_LINES, JobResult, build_result, job_status
 from src.training.progress import parse_line
+from src.utils.secrets import redact, secret_values
 
 POLL_S = 0.1  # how often the loop wakes when no line arrives: signal and exit latency
 PROBE_EVERY_S = 1.0  # NVML is asked again at most this often while jobs wait for a GPU
@@ -60,6 +61,9 @@ class Job:
     tail: deque[str] = field(default_factory=lambda: deque(maxlen=TAIL_LINES))
     interrupted: bool = False
     exit_code: int | None = None
+    attempts: list[dict[str, Any]] = field(default_factory=list)  # earlier tries (OOM retries)
+    last_output: float = 0.0  # time.monotonic() of the last line: a silent job may be hung
+    hung: bool = False
 
 
 class GpuPool:
@@ -128,43 +132,78 @@ class GpuPool:
         return self._seen.get(gpu.uuid, gpu)
 
 
+@dataclass(frozen=True)
+class RunPolicy:
+    """How the executor treats faults: OOM retries, hung jobs, the grace period after Ctrl-C."""
+
+    grace_s: float = 30.0
+    oom_retries: int = 0  # re-run a job that died of CUDA OOM with half the micro-batch, this often
+    hang_timeout_s: float = 0.0  # report a job silent this long (0: never)
+    kill_hung: bool = False  # ... and end it
+
+
 def run_jobs(
     specs: Sequence[JobSpec],
     pool: GpuPool | None,
     reporter: PlainReporter,
     grace_s: float = 30.0,
+    policy: RunPolicy | None = None,
+    on_change: Callable[[list[JobResult]], None] | None = None,
 ) -> tuple[list[JobResult], int | None]:
     """Run every job (all at once on CPU, `pool` allowing on GPUs); results in `specs` order and
-    the signal that stopped the launch, if one did."""
-    runner = _Runner([Job(spec) for spec in specs], pool, reporter, grace_s)
+    the signal that stopped the launch, if one did. `on_change` gets the results so far whenever a
+    job starts or ends (the launcher keeps summary.json true with it)."""
+    policy = policy or RunPolicy(grace_s=grace_s)
+    runner = _Runner([Job(spec) for spec in specs], pool, reporter, policy, on_change)
     runner.run()
-    results = [
-        build_result(
-            job.spec,
-            job.progress,
-            job.exit_code,
-            job.tail,
-            started=job.progress.started is not None,
-            interrupted=job.interrupted,
-        )
-        for job in runner.jobs
-    ]
-    return results, runner.signum
+    return runner.results(), runner.signum
+
+
+def _result(job: Job) -> JobResult:
+    result = build_result(
+        job.spec,
+        job.progress,
+        job.exit_code,
+        job.tail,
+        started=job.progress.started is not None,
+        interrupted=job.interrupted,
+    )
+    if job.progress.state in ("queued", "running"):
+        result.status = "not started" if job.progress.state == "queued" else "running"
+    if job.hung:
+        result.status = "hung" if result.status != "succeeded" else result.status
+    result.attempts = list(job.attempts)
+    return result
 
 
 class _Runner:
     def __init__(
-        self, jobs: list[Job], pool: GpuPool | None, reporter: PlainReporter, grace_s: float
+        self,
+        jobs: list[Job],
+        pool: GpuPool | None,
+        reporter: PlainReporter,
+        policy: RunPolicy,
+        on_change: Callable[[list[JobResult]], None] | None = None,
     ) -> None:
-        self.jobs, self.pool, self.reporter, self.grace_s = jobs, pool, reporter, grace_s
+        self.jobs, self.pool, self.reporter, self.policy = jobs, pool, reporter, policy
+        self.grace_s, self.on_change = policy.grace_s, on_change
+        self.secrets = secret_values()  # masked in every line the launcher writes
         self.lines: queue.SimpleQueue[tuple[Job, str | None]] = queue.SimpleQueue()
         self.signum: int | None = None  # first SIGINT/SIGTERM received
         self.kill_now = False  # a second one: skip the grace period
         self.deadline: float | None = None  # when forwarded signals turn into SIGKILL
         self._waiting_note = ""
 
+    def results(self) -> list[JobResult]:
+        return [_result(job) for job in self.jobs]
+
+    def _changed(self) -> None:
+        if self.on_change is not None:
+            self.on_change(self.results())
+
     def run(self) -> None:
         self.reporter.begin(self.jobs)
+        self._changed()
         with _handle_signals(self._on_signal):
             try:
                 while self._queued() or self._running():
@@ -184,7 +223,22 @@ class _Runner:
                 self._finish(job)
         if self.deadline is not None and (self.kill_now or time.monotonic() > self.deadline):
             self._kill_running()
+        self._watch_for_hangs()
         self.reporter.tick()
+
+    def _watch_for_hangs(self) -> None:
+        limit = self.policy.hang_timeout_s
+        if limit <= 0:
+            return
+        now = time.monotonic()
+        for job in self._running():
+            if job.hung or now - job.last_output < limit:
+                continue
+            job.hung = True
+            action = "ending it" if self.policy.kill_hung else "still waiting (--kill-hung ends such jobs)"
+            self.reporter.note(f"{self.reporter.prefix(job)} no output for {limit:g}s: looks hung; {action}")
+            if self.policy.kill_hung:
+                _signal_group(job, signal.SIGKILL)
 
     def _queued(self) -> list[Job]:
         return [job for job in self.jobs if job.progress.state == "queued"]
@@ -247,9 +301,11 @@ class _Runner:
         progress = job.progress
         progress.state, progress.pid = "running", job.proc.pid
         progress.started, progress.started_at = time.monotonic(), time.time()
+        job.last_output = progress.started
         job.reader = threading.Thread(target=_pump, args=(job, job.proc.stdout, self.lines), daemon=True)
         job.reader.start()
         self.reporter.note(f"{self.reporter.prefix(job)} started, pid {job.proc.pid}, log {spec.log_path}")
+        self._changed()
 
     def _spawn_failed(self, job: Job, error: OSError) -> None:
         job.progress.state, job.progress.error = "failed", f"could not start {job.spec.argv[0]!r}: {error}"
@@ -270,6 +326,8 @@ class _Runner:
     def _take_line(self, job: Job, text: str | None) -> None:
         if text is None or job.log is None:  # end of stream, or a straggler after the job closed
             return
+        text = redact(text, self.secrets)
+        job.last_output = time.monotonic()
         job.log.write(text + "\n")
         event = parse_line(text)
         if event is not None:
@@ -293,6 +351,31 @@ class _Runner:
         self._close_job(job)
         took = fmt_duration(progress.elapsed(progress.ended))
         self.reporter.note(f"{self.reporter.prefix(job)} {progress.state} (exit {job.exit_code}) in {took}")
+        if progress.state == "oom" and self.signum is None:
+            self._retry_after_oom(job)
+        self._changed()
+
+    def _retry_after_oom(self, job: Job) -> None:
+        """Queue the job again with half the micro-batch and twice the accumulation, if allowed."""
+        retry = oom_retry(job.spec) if len(job.attempts) < self.policy.oom_retries else None
+        if retry is None:
+            return
+        batch, accum = flag_value(retry.argv, "--batch-size"), flag_value(retry.argv, "--grad-accum")
+        job.attempts.append(
+            {
+                "status": "oom",
+                "exit_code": job.exit_code,
+                "batch_size": flag_value(job.spec.argv, "--batch-size"),
+                "grad_accum": flag_value(job.spec.argv, "--grad-accum"),
+                "duration_s": job.progress.elapsed(job.progress.ended or 0.0),
+            }
+        )
+        self.reporter.note(
+            f"{self.reporter.prefix(job)} out of GPU memory: retry {len(job.attempts)} of "
+            f"{self.policy.oom_retries} with --batch-size {batch} --grad-accum {accum} (same effective batch)"
+        )
+        job.spec = replace(retry, gpus=())
+        job.progress, job.proc, job.exit_code, job.reader, job.gpus = Progress(), None, None, None, []
 
     def _close_job(self, job: Job) -> None:
         if job.log is not None:

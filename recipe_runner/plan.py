@@ -22,8 +22,10 @@ from pathlib import Path
 
 from recipe_runner.gpus import GpuInfo
 from src.recipes import RECIPES, resolve_recipe
+from src.training.worker import DEFAULT_BATCH_SIZE, DEFAULT_GRAD_ACCUM  # torch-free at import
 
 WORKER_ENV = "RECIPE_RUNNER_WORKER"
+
 
 # Every child gets these: whole lines as they are printed, and no NVLink multicast, which
 # hangs or fails on the lent multi-GPU machines (see docs/facts.md, NVML section).
@@ -48,6 +50,7 @@ class TrainFlags:
     learning_rate: float | None = None
     seed: int | None = None
     gradient_checkpointing: str | None = None  # "auto" | "on" | "off"
+    save_steps: int | None = None
     skip_bad_records: bool = False
     no_wandb: bool = False
 
@@ -92,7 +95,7 @@ class JobSpec:
 
 
 def resolve_recipes(text: str) -> list[str]:
-    """Recipe keys from "r1,r3-two-stage" or "all", in the order given, each once."""
+    """Recipe keys from "r1,r3-two-stage" or "all", in the order given; a recipe named twice is an error."""
     names = [name.strip() for name in text.split(",") if name.strip()]
     if not names:
         raise ValueError("no recipe named; use e.g. --recipes r1,r2 or --recipes all")
@@ -102,7 +105,10 @@ def resolve_recipes(text: str) -> list[str]:
             found = list(RECIPES) if name == "all" else [resolve_recipe(name).name]
         except KeyError as error:
             raise ValueError(f"{error.args[0]}, or all") from None
-        keys += [key for key in found if key not in keys]
+        twice = [key for key in found if key in keys]
+        if twice:
+            raise ValueError(f"{twice[0]} is named twice; name each recipe once (or use all alone)")
+        keys += found
     return keys
 
 
@@ -182,6 +188,64 @@ def gpu_env(gpus: Sequence[GpuInfo]) -> dict[str, str]:
 
 def bind_gpus(job: JobSpec, gpus: Sequence[GpuInfo]) -> JobSpec:
     return replace(job, gpus=tuple(gpus), env={**job.env, **gpu_env(gpus)})
+
+
+def flag_value(argv: Sequence[str], flag: str) -> str | None:
+    """The value after the last `flag` in argv, or None."""
+    found = None
+    for index, word in enumerate(argv[:-1]):
+        if word == flag:
+            found = argv[index + 1]
+    return found
+
+
+def with_flag(argv: Sequence[str], flag: str, value: str | None = None) -> tuple[str, ...]:
+    """argv with `flag` (and its value) set once: replaced where present, else appended."""
+    out: list[str] = []
+    skip = False
+    for word in argv:
+        if skip:
+            skip = False
+        elif word == flag:
+            skip = value is not None
+        else:
+            out.append(word)
+    return (*out, flag, *([] if value is None else [value]))
+
+
+def resume_spec(result) -> JobSpec:
+    """The job of an earlier launch's summary entry, continuing from its last checkpoint.
+
+    A worker that never wrote status.json had nothing to resume: it starts afresh.
+    """
+    env = {k: v for k, v in result.env.items() if k not in ("CUDA_VISIBLE_DEVICES", "CUDA_DEVICE_ORDER")}
+    job = JobSpec(result.recipe, tuple(result.argv), env, Path(result.output_dir), Path(result.log))
+    has_run = (job.output_dir / "status.json").is_file()
+    return resumed(job) if has_run else job
+
+
+def as_cpu_job(job: JobSpec, threads: int) -> JobSpec:
+    argv = with_flag(with_flag(job.argv, "--cpu"), "--threads", str(threads))
+    return replace(job, argv=argv, env={**job.env, **cpu_env(threads)}, threads=threads, gpus=())
+
+
+def resumed(job: JobSpec) -> JobSpec:
+    """The same job continuing in its output directory from its last checkpoint."""
+    return replace(job, argv=with_flag(job.argv, "--resume"))
+
+
+def oom_retry(job: JobSpec) -> JobSpec | None:
+    """After CUDA OOM: half the micro-batch, twice the accumulation (the same effective batch),
+    resuming from the last checkpoint. None when the micro-batch is already 1."""
+    batch = int(flag_value(job.argv, "--batch-size") or DEFAULT_BATCH_SIZE)
+    accum = int(flag_value(job.argv, "--grad-accum") or DEFAULT_GRAD_ACCUM)
+    if batch <= 1:
+        return None
+    argv = with_flag(job.argv, "--batch-size", str(batch // 2))
+    argv = with_flag(argv, "--grad-accum", str(accum * 2 if batch % 2 == 0 else accum * batch))
+    if batch % 2:  # an odd batch cannot halve exactly: go to 1 x (batch * accum)
+        argv = with_flag(argv, "--batch-size", "1")
+    return resumed(replace(job, argv=argv))
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,7 @@ class JobResult:
     recipe: str
     device: str
     gpu_uuids: list[str]
-    status: str  # succeeded | failed | oom | interrupted | cancelled
+    status: str  # succeeded | failed | oom | hung | interrupted | cancelled | not started | running
     exit_code: int | None  # negative: killed by that signal
     duration_s: float | None
     final_loss: float | None
@@ -41,6 +41,9 @@ class JobResult:
     stages: list[dict[str, Any]] = field(default_factory=list)
     last_lines: list[str] = field(default_factory=list)  # only when it did not succeed
     argv: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)  # what the launcher added for this worker
+    threads: int | None = None  # CPU threads of a --cpu job; None for a GPU job
+    attempts: list[dict[str, Any]] = field(default_factory=list)  # earlier tries: OOM retries
 
 
 def job_status(exit_code: int | None, *, started: bool, interrupted: bool) -> str:
@@ -51,6 +54,15 @@ def job_status(exit_code: int | None, *, started: bool, interrupted: bool) -> st
     if interrupted:
         return "interrupted"
     return "oom" if exit_code == OOM_EXIT_CODE else "failed"
+
+
+def read_summary(launch_dir: Path) -> dict[str, Any] | None:
+    """A launch's summary.json, or None when there is no readable one."""
+    try:
+        data = json.loads((launch_dir / "summary.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) and isinstance(data.get("jobs"), list) else None
 
 
 def read_worker_status(output_dir: Path) -> dict[str, Any]:
@@ -93,6 +105,8 @@ def build_result(
         stages=worker.get("stages") or progress.stages,
         last_lines=[] if status == "succeeded" else list(tail)[-TAIL_LINES:],
         argv=list(spec.argv),
+        env={k: v for k, v in spec.env.items() if k != "CUDA_VISIBLE_DEVICES" or spec.threads is not None},
+        threads=spec.threads,
     )
 
 
@@ -104,8 +118,13 @@ def launch_exit_code(results: Sequence[JobResult], signum: int | None) -> int:
 
 
 def write_summary(
-    launch_dir: Path, launch_id: str, results: Sequence[JobResult], exit_code: int, command: Sequence[str]
+    launch_dir: Path,
+    launch_id: str,
+    results: Sequence[JobResult],
+    exit_code: int | None,
+    command: Sequence[str],
 ) -> Path:
+    """summary.json, atomically; `exit_code` None while the launch is still running."""
     path = launch_dir / "summary.json"
     data = {
         "launch_id": launch_id,

@@ -8,6 +8,7 @@ Every flag of scripts/train_recipe.py works here too, except --recipe; the run i
 """
 
 import argparse
+import re
 import sys
 from pathlib import Path
 
@@ -42,8 +43,17 @@ def recipe_from_flags(argv: list[str] | None) -> tuple[TrainingRecipe, list[str]
     return recipe, rest
 
 
+SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
 if __name__ == "__main__":
     custom, remaining = recipe_from_flags(sys.argv[1:])
+    if not SAFE_NAME.fullmatch(custom.name):
+        print(
+            f"error: --name {custom.name!r}: use letters, digits, '.', '_' and '-' (it names the output "
+            "directory, so it may not contain '/' or start with '.')",
+            file=sys.stderr,
+        )
+        raise SystemExit(EXIT_USAGE)
     if "-h" in remaining or "--help" in remaining:
         print(
             "Recipe flags: --train-vision/--train-merger/--train-llm {frozen,lora}, --quantized, "

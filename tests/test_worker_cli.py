@@ -104,3 +104,19 @@ def test_non_empty_output_dir_is_refused(tiny_model_dir, tiny_data_dir, tmp_path
     done = _worker("--recipe", "r1", "--no-wandb", *_common(tiny_model_dir, tiny_data_dir, out), timeout=120)
     assert done.returncode == 2 and "not empty" in done.stderr
     assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+
+
+def test_custom_run_name_cannot_escape_the_output_directory(tmp_path):
+    command = [
+        sys.executable,
+        str(REPO / "scripts" / "train.py"),
+        "--train-llm",
+        "lora",
+        "--name",
+        "../../evil",
+        "--cpu",
+        "--no-wandb",
+    ]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert done.returncode == 2 and "--name '../../evil'" in done.stderr
+    assert list(tmp_path.iterdir()) == []

@@ -31,6 +31,7 @@ class StageSettings:
     run_name: str | None = None
     logging_steps: int = 1
     gradient_checkpointing: bool | None = None  # None: on for GPUs, off on the CPU
+    save_steps: int = 0  # 0: no intermediate checkpoints
     warmup_fraction: float = 0.03  # of all steps; transformers 5 takes a float below 1 as a ratio
 
 
@@ -66,7 +67,10 @@ def create_training_config(settings: StageSettings):
         dataset_kwargs={"skip_prepare_dataset": True},
         logging_steps=settings.logging_steps,
         logging_strategy="steps",
-        save_strategy="no",
+        # Checkpoints (adapter, optimizer, scheduler, RNG) let `--resume` continue where a run died.
+        save_strategy="steps" if settings.save_steps > 0 else "no",
+        save_steps=settings.save_steps if settings.save_steps > 0 else 500,
+        save_total_limit=2,
         report_to=["wandb"] if settings.wandb else [],
         disable_tqdm=True,
         dataloader_num_workers=0,

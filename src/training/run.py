@@ -12,15 +12,21 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
+import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from src.training import progress
 from src.training.config import StageSettings, create_training_config
+from src.utils.files import atomic_dir
 
 log = logging.getLogger(__name__)
 STAGE_MARKER = "recipe_stage.json"  # written beside a merged stage-1 model, checked by --checkpoint
+# Testing hook for the reliability tests: "STAGE:STEP" raises after that step is logged,
+# "STAGE:STEP:kill" SIGKILLs the worker there (a hard crash: no status update, no cleanup).
+FAULT_ENV = "RECIPE_RUNNER_FAULT_AT"
 
 
 @dataclass(frozen=True)
@@ -41,6 +47,8 @@ class RunOptions:
     checkpoint: str | None = None
     skip_bad_records: bool = False
     gradient_checkpointing: bool | None = None
+    save_steps: int = 0  # checkpoint every N optimizer steps (0: only the final output)
+    resume: bool = False  # skip finished stages; continue the others from their last checkpoint
 
 
 @dataclass
@@ -88,6 +96,17 @@ class ProgressCallback:
             handle.write(json.dumps(row) + "\n")
         progress.emit("step", recipe=self.recipe, total=total, gpu_mem_gib=_gpu_memory_gib(), **row)
         log.info("[%s] step %d/%d loss %.4f", self.stage, step, total, loss)
+        inject_fault(self.stage, step)
+
+
+def inject_fault(stage: str, step: int) -> None:
+    """Fail here if the FAULT_ENV testing hook names this stage and step."""
+    wanted = os.environ.get(FAULT_ENV, "").split(":")
+    if wanted[:2] != [stage, str(step)]:
+        return
+    if wanted[2:] == ["kill"]:
+        os.kill(os.getpid(), signal.SIGKILL)
+    raise RuntimeError(f"injected fault at {stage} step {step} ({FAULT_ENV})")
 
 
 def _gpu_memory_gib() -> float | None:
@@ -110,7 +129,7 @@ def train_stage(
 ) -> StageResult:
     """One stage: load, wrap with scoped LoRA, freeze, train, save adapter (or merged model)."""
     from peft import get_peft_model
-    from transformers import set_seed
+    from transformers import PrinterCallback, set_seed
     from trl import SFTTrainer
 
     from src.data.collators import AssistantOnlyCollator
@@ -143,6 +162,7 @@ def train_stage(
         wandb=opts.wandb,
         run_name=f"{recipe_name}/{stage.name}",
         gradient_checkpointing=opts.gradient_checkpointing,
+        save_steps=opts.save_steps,
     )
     reporter = ProgressCallback(recipe_name, stage.name, opts.output_dir / "loss_history.jsonl")
     trainer = SFTTrainer(
@@ -153,7 +173,12 @@ def train_stage(
         data_collator=AssistantOnlyCollator(processor),
         callbacks=[reporter.as_trainer_callback()],
     )
-    trainer.train()
+    # Our progress lines replace the trainer's printed log dicts.
+    trainer.remove_callback(PrinterCallback)
+    checkpoint = last_checkpoint(stage_dir / "trainer") if opts.resume else None
+    if checkpoint:
+        log.info("[%s] resuming from %s", stage.name, checkpoint)
+    trainer.train(resume_from_checkpoint=checkpoint)
 
     output = save_stage(model, processor, stage_dir, merge, recipe_name, stage.name)
     final_loss = (
@@ -175,18 +200,26 @@ def train_stage(
 
 
 def save_stage(model, processor, stage_dir: Path, merge: bool, recipe_name: str, stage_name: str) -> Path:
-    """The adapter, or (for a stage another starts from) the base with the adapter merged in."""
-    if not merge:
-        out = stage_dir / "adapter"
-        model.save_pretrained(out)
-        processor.save_pretrained(out)
-        return out
-    out = stage_dir / "merged"
-    merged = model.merge_and_unload()
-    merged.save_pretrained(out)
-    processor.save_pretrained(out)
-    (out / STAGE_MARKER).write_text(json.dumps({"recipe": recipe_name, "stage": stage_name}) + "\n")
+    """The adapter, or (for a stage another starts from) the base with the adapter merged in.
+
+    Written to a temporary directory and renamed, so a killed run never leaves half an output.
+    """
+    out = stage_dir / ("merged" if merge else "adapter")
+    with atomic_dir(out) as tmp:
+        if merge:
+            model.merge_and_unload().save_pretrained(tmp)
+            (tmp / STAGE_MARKER).write_text(json.dumps({"recipe": recipe_name, "stage": stage_name}) + "\n")
+        else:
+            model.save_pretrained(tmp)
+        processor.save_pretrained(tmp)
     return out
+
+
+def last_checkpoint(trainer_dir: Path) -> str | None:
+    """The newest complete trainer checkpoint under `trainer_dir`, if any."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    return get_last_checkpoint(str(trainer_dir)) if trainer_dir.is_dir() else None
 
 
 def is_stage_one_output(path: str | Path) -> bool:
@@ -194,18 +227,26 @@ def is_stage_one_output(path: str | Path) -> bool:
     return marker.is_file() and (Path(path) / "config.json").is_file()
 
 
-def run_recipe(recipe, opts: RunOptions, on_stage_done=None) -> list[StageResult]:
+def run_recipe(
+    recipe, opts: RunOptions, on_stage_done=None, done_stages: dict | None = None
+) -> list[StageResult]:
     """All stages of `recipe` in order on one device; a chain passes merged weights along.
 
     r3 with `opts.checkpoint` skips stage 1 and starts stage 2 from that merged output; other
-    recipes treat `opts.checkpoint` as the model to start from.
+    recipes treat `opts.checkpoint` as the model to start from. `done_stages` (name -> output of
+    stages that already finished, when resuming) are not trained again.
     """
     stages = recipe.stages or (recipe,)
     model_id = opts.checkpoint or opts.model_id
     if recipe.stages and opts.checkpoint:
         stages = stages[1:]
+    done_stages = done_stages or {}
     results = []
     for index, stage in enumerate(stages):
+        if stage.name in done_stages:
+            log.info("[%s] already finished: %s", stage.name, done_stages[stage.name])
+            model_id = str(done_stages[stage.name])
+            continue
         is_last = index == len(stages) - 1
         stage_dir = opts.output_dir / stage.name if recipe.stages else opts.output_dir
         progress.emit("stage_start", recipe=recipe.name, stage=stage.name, model=model_id)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 import time
 import traceback
@@ -23,12 +24,14 @@ from pathlib import Path
 
 from src.recipes import ALIASES, RECIPES, resolve_recipe
 from src.training import progress
-from src.utils.files import write_json_atomic
+from src.utils.files import read_json, write_json_atomic
 from src.utils.gpu import setup_gpus
+from src.utils.secrets import RedactingFilter, secret_values
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_OOM = 0, 1, 2, 3
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_OOM, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 DEFAULT_MODEL = "Qwen/Qwen2-VL-7B-Instruct"
 DEFAULT_DATASET = "fixtures/data"
+DEFAULT_BATCH_SIZE, DEFAULT_GRAD_ACCUM, DEFAULT_SAVE_STEPS = 4, 1, 200
 log = logging.getLogger("recipe-worker")
 
 
@@ -75,8 +78,18 @@ def build_parser(recipe_required: bool = True, prog: str = "train_recipe.py") ->
         default=-1,
         help="stop each stage after N optimizer steps (overrides --epochs)",
     )
-    arg("--batch-size", type=int, default=4, help="per-device micro-batch (default: %(default)s)")
-    arg("--grad-accum", type=int, default=1, help="gradient accumulation steps (default: %(default)s)")
+    arg(
+        "--batch-size",
+        type=int,
+        default=DEFAULT_BATCH_SIZE,
+        help="per-device micro-batch (default: %(default)s)",
+    )
+    arg(
+        "--grad-accum",
+        type=int,
+        default=DEFAULT_GRAD_ACCUM,
+        help="gradient accumulation steps (default: %(default)s)",
+    )
     arg("--learning-rate", type=float, default=None, help="override the recipe's learning rate")
     arg("--seed", type=int, default=42, help="random seed (default: %(default)s)")
     arg(
@@ -90,14 +103,26 @@ def build_parser(recipe_required: bool = True, prog: str = "train_recipe.py") ->
         default="auto",
         help="recompute activations to save memory (auto: on for GPUs, off on the CPU)",
     )
+    arg(
+        "--save-steps",
+        type=int,
+        default=DEFAULT_SAVE_STEPS,
+        help="checkpoint every N optimizer steps, for --resume; 0 keeps only the final output "
+        "(default: %(default)s)",
+    )
+    arg(
+        "--resume",
+        action="store_true",
+        help="continue a run in --output-dir: finished stages are kept, the others resume from their "
+        "last checkpoint",
+    )
     arg("--no-wandb", action="store_true", help="do not log to Weights & Biases")
     return parser
 
 
 def check_args(args, recipe) -> list[str]:
     """Every problem with the flags that can be found without loading a model."""
-    from src.data.dataset import DatasetError, load_records
-    from src.models.loader import local_model_problem
+    from src.training.checks import model_and_data_problems, output_dir_problems
 
     problems = recipe.problems()
     for flag, value, low in (
@@ -111,22 +136,15 @@ def check_args(args, recipe) -> list[str]:
         problems.append(f"--max-steps {args.max_steps}: use a positive number, or -1 for --epochs")
     if args.learning_rate is not None and not 0 < args.learning_rate < 1:
         problems.append(f"--learning-rate {args.learning_rate}: must be in (0, 1)")
+    if args.save_steps < 0:
+        problems.append(f"--save-steps {args.save_steps}: use 0 (off) or a positive interval")
     if args.threads is not None and args.threads < 1:
         problems.append(f"--threads {args.threads}: must be at least 1")
     if args.cpu and args.gpu:
         problems.append("--cpu and --gpu conflict: pass one of them")
-    problems.extend(_checkpoint_problems(args, recipe))
-    if problem := local_model_problem(args.checkpoint or args.model_id):
-        problems.append(problem)
-    output = Path(args.output_dir)
-    if output.exists() and (not output.is_dir() or any(output.iterdir())):
-        problems.append(f"--output-dir {output}: exists and is not empty; choose a new directory")
-    elif not os.access(_existing_parent(output), os.W_OK):
-        problems.append(f"--output-dir {output}: not writable; choose a directory you can write to")
-    try:
-        load_records(args.dataset, "train", args.skip_bad_records)
-    except DatasetError as error:
-        problems.append(str(error))
+    problems += _checkpoint_problems(args, recipe)
+    problems += output_dir_problems(Path(args.output_dir), args.resume)
+    problems += model_and_data_problems(args.checkpoint or args.model_id, args.dataset, args.skip_bad_records)
     return problems
 
 
@@ -145,17 +163,13 @@ def _checkpoint_problems(args, recipe) -> list[str]:
     return []
 
 
-def _existing_parent(path: Path) -> Path:
-    while not path.exists() and path != path.parent:
-        path = path.parent
-    return path
-
-
 def configure_logging(log_file: Path) -> None:
     fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S")
     handlers = [logging.StreamHandler(sys.stderr), logging.FileHandler(log_file)]
+    secrets = RedactingFilter(secret_values())
     for handler in handlers:
         handler.setFormatter(fmt)
+        handler.addFilter(secrets)
     logging.basicConfig(level=logging.INFO, handlers=handlers, force=True)
     for noisy in ("httpx", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -170,24 +184,15 @@ def main(argv: list[str] | None = None, recipe=None, prog: str = "train_recipe.p
         print("error: " + "\nerror: ".join(problems), file=sys.stderr)
         return EXIT_USAGE
     setup_gpus(args.gpu)  # before torch loads: CUDA reads it once
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # bars are noise in a piped log
     output = Path(args.output_dir)
     output.mkdir(parents=True, exist_ok=True)
     configure_logging(output / "train.log")
     return run_worker(args, recipe, output)
 
 
-def run_worker(args, recipe, output: Path) -> int:
-    """Resolve the device once, train every stage, keep status.json true at each step."""
-    import torch
-
-    from src.training.run import RunOptions, run_recipe
-    from src.training.tracking import finish_wandb
-    from src.utils.gpu import describe_device, resolve_device
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = resolve_device(args.cpu)
-    device_info = describe_device(device)
+def initial_status(args, recipe, output: Path, device_info: dict) -> tuple[dict, dict]:
+    """status.json at start, and the stages already finished (name -> output) when resuming."""
     status = {
         "recipe": recipe.name,
         "status": "running",
@@ -200,7 +205,48 @@ def run_worker(args, recipe, output: Path) -> int:
         "stages": [],
         "argv": sys.argv,
         "pid": os.getpid(),
+        "resumed": 0,
     }
+    if not args.resume:
+        return status, {}
+    earlier = read_json(output / "status.json", {})
+    finished = [s for s in earlier.get("stages", []) if s.get("output") and Path(s["output"]).exists()]
+    status.update(
+        stages=finished,
+        resumed=earlier.get("resumed", 0) + 1,
+        started=earlier.get("started", status["started"]),
+    )
+    if finished:
+        status.update(final_loss=finished[-1].get("final_loss"), output=finished[-1]["output"])
+    done = {s["name"]: s["output"] for s in finished}
+    log.info("resuming %s; finished stages kept: %s", recipe.name, ", ".join(done) or "none")
+    return status, done
+
+
+class Interrupted(Exception):
+    """SIGTERM from the launcher: stop like Ctrl-C, recording the run as interrupted."""
+
+
+def _raise_interrupted(signum, frame):
+    raise Interrupted(f"signal {signum}")
+
+
+def run_worker(args, recipe, output: Path) -> int:
+    """Resolve the device once, train every stage, keep status.json true at each step."""
+    import torch
+    from transformers.utils import logging as hf_logging
+
+    from src.training.run import run_recipe
+    from src.training.tracking import finish_wandb
+    from src.utils.gpu import describe_device, resolve_device
+
+    hf_logging.disable_progress_bar()  # weight loading/saving bars: noise in a log file
+    signal.signal(signal.SIGTERM, _raise_interrupted)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = resolve_device(args.cpu)
+    device_info = describe_device(device)
+    status, done_stages = initial_status(args, recipe, output, device_info)
     write_json_atomic(output / "status.json", status)
     progress.emit(
         "start",
@@ -213,7 +259,66 @@ def run_worker(args, recipe, output: Path) -> int:
     )
     log.info("recipe %s on %s (%s %s)", recipe.name, device, device_info["name"], device_info["uuid"] or "")
     wandb_on = not args.no_wandb and _start_tracking(recipe, args, output)
-    opts = RunOptions(
+    opts = run_options(args, device, output, wandb_on)
+
+    def stage_done(result) -> None:
+        status["stages"].append(stage_record(result))
+        peaks = [s["peak_gpu_mem_gib"] for s in status["stages"] if s.get("peak_gpu_mem_gib") is not None]
+        status.update(
+            final_loss=result.final_loss,
+            output=str(result.output),
+            peak_gpu_mem_gib=max(peaks) if peaks else None,
+        )
+        write_json_atomic(output / "status.json", status)
+
+    code, error = EXIT_OK, None
+    try:
+        run_recipe(recipe, opts, on_stage_done=stage_done, done_stages=done_stages)
+    except (KeyboardInterrupt, Interrupted) as stop:
+        code, error = EXIT_INTERRUPTED, f"interrupted ({type(stop).__name__})"
+        log.error("interrupted; rerun with --resume to continue from the last checkpoint")
+    except Exception as failure:  # a failed run is reported, never silent
+        code, error = exit_code_for(failure), f"{type(failure).__name__}: {failure}"
+        log.error("training failed:\n%s", traceback.format_exc())
+        if code == EXIT_OOM:
+            log.error("out of GPU memory: try a smaller --batch-size with a larger --grad-accum")
+    finally:
+        if wandb_on:
+            finish_wandb()
+    status.update(
+        status={EXIT_OK: "succeeded", EXIT_INTERRUPTED: "interrupted"}.get(code, "failed"),
+        exit_code=code,
+        ended=time.time(),
+        error=error,
+    )
+    write_json_atomic(output / "status.json", status)
+    progress.emit(
+        "end",
+        recipe=recipe.name,
+        status=status["status"],
+        final_loss=status["final_loss"],
+        exit_code=code,
+        error=error,
+    )
+    return code
+
+
+def exit_code_for(failure: BaseException) -> int:
+    """EXIT_OOM for CUDA out-of-memory (typed, or a cuBLAS/cuDNN allocation failure), else EXIT_FAILED."""
+    import torch
+
+    text = str(failure)
+    if isinstance(failure, torch.cuda.OutOfMemoryError) or (
+        isinstance(failure, RuntimeError) and ("CUDA out of memory" in text or "ALLOC_FAILED" in text)
+    ):
+        return EXIT_OOM
+    return EXIT_FAILED
+
+
+def run_options(args, device: str, output: Path, wandb_on: bool):
+    from src.training.run import RunOptions
+
+    return RunOptions(
         model_id=args.model_id,
         dataset=args.dataset,
         output_dir=output,
@@ -227,56 +332,25 @@ def run_worker(args, recipe, output: Path) -> int:
         wandb=wandb_on,
         checkpoint=args.checkpoint,
         skip_bad_records=args.skip_bad_records,
+        save_steps=args.save_steps,
+        resume=args.resume,
         gradient_checkpointing={"auto": None, "on": True, "off": False}[args.gradient_checkpointing],
     )
 
-    def stage_done(result) -> None:
-        status["stages"].append(
-            {
-                "name": result.name,
-                "status": "succeeded",
-                "output": str(result.output),
-                "final_loss": result.final_loss,
-                "steps": result.steps,
-                "trainable": result.trainable,
-                "skipped_records": result.skipped_records,
-                "peak_gpu_mem_gib": result.peak_gpu_mem_gib,
-                "train_seconds": result.train_seconds,
-            }
-        )
-        peaks = [s["peak_gpu_mem_gib"] for s in status["stages"] if s["peak_gpu_mem_gib"] is not None]
-        status.update(
-            final_loss=result.final_loss,
-            output=str(result.output),
-            peak_gpu_mem_gib=max(peaks) if peaks else None,
-        )
-        write_json_atomic(output / "status.json", status)
 
-    code, error = EXIT_OK, None
-    try:
-        run_recipe(recipe, opts, on_stage_done=stage_done)
-    except torch.cuda.OutOfMemoryError as oom:
-        code, error = EXIT_OOM, f"CUDA out of memory: {oom}"
-        log.error("%s\nTry a smaller --batch-size with a larger --grad-accum.", error)
-    except Exception as failure:  # a failed run is reported, never silent
-        code, error = EXIT_FAILED, f"{type(failure).__name__}: {failure}"
-        log.error("training failed:\n%s", traceback.format_exc())
-    finally:
-        if wandb_on:
-            finish_wandb()
-    status.update(
-        status="succeeded" if code == EXIT_OK else "failed", exit_code=code, ended=time.time(), error=error
-    )
-    write_json_atomic(output / "status.json", status)
-    progress.emit(
-        "end",
-        recipe=recipe.name,
-        status=status["status"],
-        final_loss=status["final_loss"],
-        exit_code=code,
-        error=error,
-    )
-    return code
+def stage_record(result) -> dict:
+    """One finished stage as status.json lists it."""
+    return {
+        "name": result.name,
+        "status": "succeeded",
+        "output": str(result.output),
+        "final_loss": result.final_loss,
+        "steps": result.steps,
+        "trainable": result.trainable,
+        "skipped_records": result.skipped_records,
+        "peak_gpu_mem_gib": result.peak_gpu_mem_gib,
+        "train_seconds": result.train_seconds,
+    }
 
 
 def _start_tracking(recipe, args, output: Path) -> bool:

@@ -8,6 +8,9 @@ object from recipe key (or "*" for every recipe) to behaviour:
     exit         exit code (0)                         status_json  write DIR/status.json (true)
     grandchild   start a sleeping grandchild (false)   ignore_term  ignore SIGTERM and SIGINT (false)
     noise        plain log lines per step, half on stderr (1)
+    oom_above    exit 3 (CUDA OOM) while --batch-size is above this (none)
+    silent_s     print nothing for this long before the first step (0): a hung worker
+    say          one extra line to print at start (e.g. a secret, to test masking)
 
 With env `FAKE_WORKER_RECORDS=DIR` it writes `DIR/<recipe>-<pid>.json` at start (pid, argv, the
 device env, grandchild pid, start time) and rewrites it with the end time before it exits, so tests
@@ -66,6 +69,7 @@ def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--recipe", required=True)
     parser.add_argument("--output-dir", required=True)
+    parser.add_argument("--batch-size", type=int, default=4)
     args, _ = parser.parse_known_args()
     recipe, out = RECIPES[args.recipe], Path(args.output_dir)
     plan = behaviour(recipe.name)
@@ -82,6 +86,13 @@ def main() -> int:
     record(rec_path, rec)
 
     out.mkdir(parents=True, exist_ok=True)
+    if plan.get("say"):
+        print(plan["say"], flush=True)
+    time.sleep(plan.get("silent_s", 0))
+    if plan.get("oom_above") is not None and args.batch_size > plan["oom_above"]:
+        print(f"torch.OutOfMemoryError: CUDA out of memory at batch {args.batch_size}", flush=True)
+        record(rec_path, rec | {"end": time.time(), "exit": 3})
+        return 3
     device = os.environ.get("CUDA_VISIBLE_DEVICES") or "cpu"
     stages = [stage.name for stage in recipe.stages] or ["main"]
     loss, done = None, []

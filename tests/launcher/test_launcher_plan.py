@@ -32,8 +32,10 @@ def never_leased(_gpu: GpuInfo) -> None:
     return None
 
 
-def test_recipes_by_key_alias_and_all_in_order_once() -> None:
-    assert resolve_recipes("r3,r1-llm-only,r1") == ["r3-two-stage", "r1-llm-only"]
+def test_recipes_by_key_alias_and_all_in_order_each_once() -> None:
+    assert resolve_recipes("r3,r1-llm-only") == ["r3-two-stage", "r1-llm-only"]
+    with pytest.raises(ValueError, match="r1-llm-only is named twice"):
+        resolve_recipes("r3,r1-llm-only,r1")
     assert resolve_recipes("all") == ["r1-llm-only", "r2-vision-only", "r3-two-stage", "r4-joint"]
     with pytest.raises(ValueError, match="unknown recipe 'r9'.*r1-llm-only"):
         resolve_recipes("r1,r9")

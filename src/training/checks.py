@@ -1,0 +1,45 @@
+"""Checks of a run's inputs that need no model and no torch: shared by the worker and the launcher.
+
+The launcher runs them once before it starts anything, so that bad input gets one clear message
+and exit code 2 with nothing written; each worker runs them again, since it can be run alone.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def model_and_data_problems(model_id: str, dataset: str, skip_bad_records: bool = False) -> list[str]:
+    """A local model that is not Qwen2-VL/2.5-VL, a data set that is missing, empty or has bad records."""
+    from src.data.dataset import DatasetError, load_records
+    from src.models.loader import local_model_problem
+
+    problems = []
+    if problem := local_model_problem(model_id):
+        problems.append(problem)
+    try:
+        load_records(dataset, "train", skip_bad_records)
+    except DatasetError as error:
+        problems.append(str(error))
+    return problems
+
+
+def output_dir_problems(output: Path, resume: bool = False, flag: str = "--output-dir") -> list[str]:
+    """An output directory must be new (or empty) and writable; with resume it must hold a run."""
+    if resume:
+        if not (output / "status.json").is_file():
+            return [f"--resume: {output} holds no earlier run (no status.json); drop --resume"]
+        return []
+    if output.exists() and (not output.is_dir() or any(output.iterdir())):
+        return [f"{flag} {output}: exists and is not empty; choose a new directory, or --resume it"]
+    return writable_problems(output, flag)
+
+
+def writable_problems(path: Path, flag: str) -> list[str]:
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        return [f"{flag} {path}: not writable ({existing}); choose a directory you can write to"]
+    return []
