@@ -10,6 +10,8 @@ DATASET ?= $(FIXTURES)/data
 GPUS ?= auto
 RECIPES ?= all
 ARGS ?=
+# Where the venv is not the way in (a GPU image with its own Python): RECIPE_RUN="python3 -m recipe_runner"
+RECIPE_RUN ?= $(VENV)/bin/recipe-run
 
 .PHONY: install test test-fast lint format fixtures demo all-recipes bench clean
 
@@ -18,7 +20,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -c constraints.txt -e ".[dev]"
+	$(PY) -m pip install -q -c constraints.txt -e ".[dev,ray]"
 	touch $(STAMP)
 
 test: $(STAMP)
@@ -41,8 +43,8 @@ fixtures: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/recipe-run demo --fixtures $(FIXTURES) $(ARGS)
 
-all-recipes: $(STAMP)
-	$(VENV)/bin/recipe-run --recipes $(RECIPES) --gpus $(GPUS) --model-id $(MODEL) --dataset $(DATASET) $(ARGS)
+all-recipes: $(if $(filter $(VENV)/bin/recipe-run,$(RECIPE_RUN)),$(STAMP))
+	$(RECIPE_RUN) --recipes $(RECIPES) --gpus $(GPUS) --model-id $(MODEL) --dataset $(DATASET) $(ARGS)
 
 clean:
 	rm -rf $(FIXTURES) outputs .pytest_cache

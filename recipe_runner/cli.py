@@ -144,6 +144,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
 def _add_launch_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--recipes", metavar="R[,R...]", help="recipes by key or alias (r1..r4), or all; required")
     _add_device_args(p)
+    _add_backend_args(p)
     _add_run_args(p)
     train = p.add_argument_group("training flags, passed to every worker (default: the worker's)")
     train.add_argument("--model-id", metavar="ID", help="hub id or local directory")
@@ -187,7 +188,35 @@ def _add_device_args(p: argparse.ArgumentParser) -> None:
         "--wait", action="store_true", help="queue until busy GPUs free up instead of exiting 2"
     )
     device.add_argument("--cpu", action="store_true", help="train on the CPU, all recipes at once")
-    device.add_argument("--threads", type=int, metavar="N", help="with --cpu: cores to split (default: all)")
+    device.add_argument(
+        "--threads",
+        type=int,
+        metavar="N",
+        help="CPU cores to split between the recipes running at once (default: all)",
+    )
+
+
+def _add_backend_args(p: argparse.ArgumentParser) -> None:
+    backend = p.add_argument_group("backend")
+    backend.add_argument(
+        "--backend",
+        choices=["local", "ray"],
+        default="local",
+        help="local (default): subprocesses on this host; ray: the Ray cluster at --ray-address",
+    )
+    backend.add_argument(
+        "--ray-address",
+        metavar="ADDRESS",
+        help="with --backend ray: HEAD:6379, auto, or ray://HEAD:10001 "
+        "(default $RAY_ADDRESS, else a local Ray)",
+    )
+    backend.add_argument(
+        "--ray-retries",
+        type=int,
+        default=0,
+        metavar="N",
+        help="with --backend ray: rerun a recipe whose node was lost, N times (default 0)",
+    )
 
 
 def _add_run_args(p: argparse.ArgumentParser) -> None:
@@ -307,7 +336,26 @@ def validate_launch(args: argparse.Namespace) -> list[str]:
             problems.append(str(error))
     if args.cpu and args.gpus_per_recipe != 1:
         problems.append("--gpus-per-recipe does not apply to --cpu")
+    problems += _backend_problems(args)
     problems += _range_problems(args)
+    return problems
+
+
+def _backend_problems(args: argparse.Namespace) -> list[str]:
+    if args.backend != "ray":
+        used = [
+            flag
+            for flag, value in (("--ray-address", args.ray_address), ("--ray-retries", args.ray_retries))
+            if value
+        ]
+        return [f"{flag} needs --backend ray" for flag in used]
+    problems = []
+    if args.gpus is not None and args.gpus.strip().lower() != "auto":
+        problems.append("--gpus IDS does not apply to --backend ray: Ray picks the GPUs")
+    if args.ray_retries < 0:
+        problems.append(f"--ray-retries {args.ray_retries}: must be 0 or more")
+    if args.wait:
+        problems.append("--wait does not apply to --backend ray: Ray queues recipes until GPUs free up")
     return problems
 
 
@@ -348,16 +396,35 @@ def cmd_launch(args: argparse.Namespace, probe: Callable[[], list[GpuInfo]] = pr
     flags = _train_flags(args)
     if problems := preflight_problems(flags, Path(args.output_dir)):
         raise UsageError("\n  ".join(problems), "fix the input above; nothing was started or written")
-    if args.cpu:
+    if args.backend == "ray":
+        # Ray picks nodes and GPUs; --threads is per recipe there (a cluster has no one core count).
+        threads = (args.threads or 1) if args.cpu else None
+        specs, selection = plan_jobs(recipes, launch_dir, flags, worker, cpu_threads=threads), None
+    elif args.cpu:
         threads = split_threads(args.threads or os.cpu_count() or 1, len(recipes))
         specs, selection = plan_jobs(recipes, launch_dir, flags, worker, cpu_threads=threads), None
     else:
         selection = _select(args, probe)
-        specs = plan_jobs(recipes, launch_dir, flags, worker)
+        at_once = max(1, min(len(recipes), len(selection.pool) // args.gpus_per_recipe))
+        threads = split_threads(args.threads or os.cpu_count() or 1, at_once)
+        specs = plan_jobs(recipes, launch_dir, flags, worker, gpu_job_threads=threads)
     if args.command == "plan" or getattr(args, "dry_run", False):
         print_plan(launch_dir, specs, selection, args.gpus_per_recipe)
         return 0
+    if args.backend == "ray":
+        _connect_ray(args.ray_address)
     return _execute(args, launch_id, launch_dir, specs, selection, probe)
+
+
+def _connect_ray(address: str | None) -> None:
+    """Ray installed and the head reachable, or exit 2 before anything is written."""
+    from recipe_runner.ray_backend import RayConnectError, RayUnavailable, check_reachable, import_ray
+
+    try:
+        import_ray()
+        check_reachable(address)
+    except (RayUnavailable, RayConnectError) as error:
+        raise UsageError(str(error), "see README.md, 'Many machines: the Ray backend'") from None
 
 
 def preflight_problems(flags: TrainFlags, output_dir: Path) -> list[str]:
@@ -461,6 +528,8 @@ def _execute(
     if selection is not None:
         pool = GpuPool(selection.pool, probe, lease_dir(), launch_id, args.gpus_per_recipe, args.max_used_mib)
     where = "the CPU" if pool is None else ", ".join(gpu.label for gpu in pool.gpus)
+    if getattr(args, "backend", "local") == "ray":
+        where = f"the Ray cluster at {args.ray_address or os.environ.get('RAY_ADDRESS') or 'a local Ray'}"
     print(
         f"recipe-run: launch {launch_id}: {len(specs)} recipe(s) on {where}; everything goes to {launch_dir}"
     )
@@ -472,7 +541,20 @@ def _execute(
     def keep_summary_true(results: list[JobResult]) -> None:
         write_summary(launch_dir, launch_id, _merge(earlier, results), None, command)
 
-    results, signum = run_jobs(specs, pool, reporter, policy=policy, on_change=keep_summary_true)
+    if getattr(args, "backend", "local") == "ray":
+        from recipe_runner.ray_backend import run_jobs_ray
+
+        results, signum = run_jobs_ray(
+            specs,
+            reporter,
+            address=args.ray_address,
+            gpus_per_job=args.gpus_per_recipe,
+            cpu=args.cpu,
+            grace_s=args.grace,
+            retries_on_node_loss=args.ray_retries,
+        )
+    else:
+        results, signum = run_jobs(specs, pool, reporter, policy=policy, on_change=keep_summary_true)
     results = _merge(earlier, results)
     code = launch_exit_code(results, signum)
     path = write_summary(launch_dir, launch_id, results, code, command)

@@ -155,14 +155,20 @@ def plan_jobs(
     flags: TrainFlags,
     worker: Sequence[str],
     cpu_threads: int | None = None,
+    gpu_job_threads: int | None = None,
 ) -> list[JobSpec]:
     """One spec per recipe. With `cpu_threads` the jobs are complete CPU jobs; otherwise each
-    still needs `bind_gpus` before it can start."""
-    return [_plan_job(key, launch_dir, flags, worker, cpu_threads) for key in recipes]
+    still needs `bind_gpus` before it can start, and `gpu_job_threads` caps its CPU threads."""
+    return [_plan_job(key, launch_dir, flags, worker, cpu_threads, gpu_job_threads) for key in recipes]
 
 
 def _plan_job(
-    key: str, launch_dir: Path, flags: TrainFlags, worker: Sequence[str], cpu_threads: int | None
+    key: str,
+    launch_dir: Path,
+    flags: TrainFlags,
+    worker: Sequence[str],
+    cpu_threads: int | None,
+    gpu_job_threads: int | None,
 ) -> JobSpec:
     output_dir = launch_dir / key
     argv = [*worker, "--recipe", key, "--output-dir", str(output_dir), *flags.argv()]
@@ -170,12 +176,26 @@ def _plan_job(
     if cpu_threads is not None:
         argv += ["--cpu", "--threads", str(cpu_threads)]
         env.update(cpu_env(cpu_threads))
+    elif gpu_job_threads is not None:
+        # Each GPU worker still preprocesses images on the CPU; with every worker taking all cores
+        # (torch's default) four workers ran r3 1.7x slower than alone (docs/benchmarks.md).
+        argv += ["--threads", str(gpu_job_threads)]
+        env.update(thread_env(gpu_job_threads))
     return JobSpec(key, tuple(argv), env, output_dir, launch_dir / "logs" / f"{key}.log", (), cpu_threads)
+
+
+def thread_env(threads: int) -> dict[str, str]:
+    # RAYON: the fast tokenizers' pool, which otherwise starts one spinning thread per core.
+    return {
+        "OMP_NUM_THREADS": str(threads),
+        "MKL_NUM_THREADS": str(threads),
+        "RAYON_NUM_THREADS": str(threads),
+    }
 
 
 def cpu_env(threads: int) -> dict[str, str]:
     # Empty CUDA_VISIBLE_DEVICES: a --cpu job must not open a CUDA context on someone's GPU 0.
-    return {"CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    return {"CUDA_VISIBLE_DEVICES": "", **thread_env(threads)}
 
 
 def gpu_env(gpus: Sequence[GpuInfo]) -> dict[str, str]:

@@ -50,9 +50,37 @@ def compute_dtype(device: str):
     return torch.float32
 
 
-def device_map_for(device: str):
-    # "auto" spreads one model over every visible GPU: that is how `--gpu 0,1` shards.
-    return "auto" if device == "cuda" else {"": "cpu"}
+def device_map_for(device: str, model_id: str | None = None):
+    """Where each module goes: one device, or (several visible GPUs) a balanced split.
+
+    Sharded over several GPUs, `lm_head` is pinned to GPU 0 beside the embeddings: the trainer
+    puts inputs and label counts there, and TRL's loss divides one by the other (seen failing on
+    4x H200 with lm_head on GPU 1: "found at least two devices, cuda:1 and cuda:0").
+    """
+    if device != "cuda":
+        return {"": "cpu"}
+    import torch
+
+    if torch.cuda.device_count() < 2 or model_id is None:
+        return {"": 0}
+    return _balanced_map_with_head_on_first_gpu(model_id)
+
+
+def _balanced_map_with_head_on_first_gpu(model_id: str) -> dict:
+    import torch
+    from accelerate import infer_auto_device_map, init_empty_weights
+    from accelerate.utils import get_balanced_memory
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    with init_empty_weights():
+        skeleton = AutoModelForImageTextToText.from_config(AutoConfig.from_pretrained(model_id))
+    no_split = skeleton._no_split_modules
+    memory = get_balanced_memory(skeleton, dtype=torch.bfloat16, no_split_module_classes=no_split)
+    device_map = infer_auto_device_map(
+        skeleton, max_memory=memory, no_split_module_classes=no_split, dtype=torch.bfloat16
+    )
+    device_map["lm_head"] = 0
+    return device_map
 
 
 def load_processor(model_id: str):
@@ -70,7 +98,7 @@ def load_model(model_id: str, device: str = "cpu", attn_implementation: str = "s
     return AutoModelForImageTextToText.from_pretrained(
         model_id,
         dtype=compute_dtype(device),
-        device_map=device_map_for(device),
+        device_map=device_map_for(device, model_id),
         attn_implementation=attn_implementation,
     )
 
@@ -92,7 +120,7 @@ def load_quantized_model(model_id: str, device: str = "cpu", attn_implementation
         model_id,
         quantization_config=quantization,
         dtype=compute_dtype(device),
-        device_map=device_map_for(device),
+        device_map=device_map_for(device, model_id),
         attn_implementation=attn_implementation,
     )
     if device == "cpu":

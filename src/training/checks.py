@@ -14,10 +14,17 @@ def model_and_data_problems(model_id: str, dataset: str, skip_bad_records: bool 
     """A local model that is not Qwen2-VL/2.5-VL, a data set that is missing, empty or has bad records."""
     from src.data.dataset import DatasetError, load_records
     from src.models.loader import local_model_problem
+    from src.training.worker import DEFAULT_DATASET
 
     problems = []
     if problem := local_model_problem(model_id):
         problems.append(problem)
+    if dataset == DEFAULT_DATASET and not Path(dataset).exists():
+        return [
+            *problems,
+            f"--dataset not given, and the default {DEFAULT_DATASET} does not exist: build it "
+            "with `python -m src.fixtures` (or `make fixtures`), or pass --dataset DIR|FILE.json|HUB_NAME",
+        ]
     try:
         load_records(dataset, "train", skip_bad_records)
     except DatasetError as error:

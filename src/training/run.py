@@ -110,11 +110,13 @@ def inject_fault(stage: str, step: int) -> None:
 
 
 def _gpu_memory_gib() -> float | None:
+    """Peak memory allocated on the fullest visible GPU (a sharded model spreads over several)."""
     import torch
 
     if not torch.cuda.is_available():
         return None
-    return round(torch.cuda.max_memory_allocated() / 2**30, 2)
+    peak = max(torch.cuda.max_memory_allocated(i) for i in range(torch.cuda.device_count()))
+    return round(peak / 2**30, 2)
 
 
 def load_for_stage(stage, model_id: str, device: str):

@@ -5,6 +5,7 @@ subprocesses (tests/fakes/worker.py)."""
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 
@@ -51,14 +52,23 @@ def test_children_get_their_gpu_by_uuid_and_the_multicast_switches(host, capsys)
         "NCCL_NVLS_ENABLE": "0",
         "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
         "NVSHMEM_DISABLE_NVLS": "1",
-        "OMP_NUM_THREADS": None,
-        "MKL_NUM_THREADS": None,
+        "OMP_NUM_THREADS": str(os.cpu_count()),  # one job at a time: every core
+        "MKL_NUM_THREADS": str(os.cpu_count()),
+        "RAYON_NUM_THREADS": str(os.cpu_count()),
         "PYTHONUNBUFFERED": "1",
     }
     (launch_dir,) = host.launch_dirs()
     assert record["argv"][:4] == ["--recipe", "r1-llm-only", "--output-dir", str(launch_dir / "r1-llm-only")]
     assert "--gpu" not in record["argv"]
     assert holder(host.lease_dir, "GPU-fake-0001") is None  # released after the run
+
+
+def test_gpu_workers_running_at_once_split_the_cpu_cores(host, monkeypatch, capsys) -> None:
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    assert launch(host, "--recipes", "r1,r2,r4", "--gpus", "0,1") == 0  # two at a time
+    for record in host.records():
+        assert record["env"]["OMP_NUM_THREADS"] == "4"
+        assert record["argv"][record["argv"].index("--threads") + 1] == "4"
 
 
 def test_gpus_per_recipe_gives_each_worker_its_own_set(host, monkeypatch, capsys) -> None:

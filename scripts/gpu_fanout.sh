@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# The multi-GPU fan-out runs of docs/benchmarks.md: every recipe on its own GPU at the 2B and 7B
+# shapes (random weights, src/models/shapes.py), r3 alone for the makespan, one 7B recipe sharded
+# over two GPUs, and a real out-of-memory retry. Run from the repo root on a machine with 4 GPUs:
+#
+#   scripts/gpu_fanout.sh OUT_DIR PART...     PART: setup 2b 7b alone shard oom
+#
+# RECIPE_RUN (default `python3 -m recipe_runner`), WORK (default /tmp/rr), STEPS (default 10) and
+# ALONE_SHAPE (the model of the `alone` run, default 2b) can be set in the environment. Each part writes OUT_DIR/<part>.log and copies the launch's small
+# files (summary, report, logs, status files; no weights) to OUT_DIR/<part>/.
+set -euo pipefail
+out=${1:?usage: scripts/gpu_fanout.sh OUT_DIR PART...}
+shift
+work=${WORK:-/tmp/rr}
+steps=${STEPS:-10}
+read -r -a recipe_run <<< "${RECIPE_RUN:-python3 -m recipe_runner}"
+mkdir -p "$out" "$work"
+common=(--dataset "$work/data" --max-steps "$steps" --batch-size 4 --no-wandb --save-steps 0)
+
+keep() {  # copy a launch's small files (no weights) to $out/$1
+  local launch
+  launch=$(ls -d "$work/runs-$1"/*/ | tail -n 1)
+  mkdir -p "$out/$1"
+  (cd "$launch" && find . -name '*.json' -o -name '*.log' -o -name '*.md' -o -name '*.png' -o -name '*.jsonl' \
+    | grep -v '/trainer/\|/merged/\|/adapter/' | tar -cf - -T - ) | tar -xf - -C "$out/$1"
+}
+
+launch() {  # launch NAME ARGS...: one timed recipe-run, output to $out/NAME.log
+  local name=$1
+  shift
+  local start=$SECONDS
+  "${recipe_run[@]}" "$@" --output-dir "$work/runs-$name" 2>&1 | tee "$out/$name.log" || true
+  echo "wall seconds: $((SECONDS - start))" | tee -a "$out/$name.log"
+  keep "$name"
+}
+
+for part in "$@"; do
+  case $part in
+    setup)
+      nvidia-smi -L | tee "$out/gpus.txt"
+      python3 -c "from src.data.synthetic import write_dataset; write_dataset('$work/data', train=64, test=16, size=(644, 476))"
+      for shape in 2b 7b; do
+        [ -f "$work/$shape/config.json" ] || python3 -m src.models.shapes --shape "$shape" --out "$work/$shape"
+      done ;;
+    2b)  # `make all-recipes` on a pseudo-terminal, so the live status table is drawn; `script` keeps it
+      script -qfec "make all-recipes RECIPE_RUN='${recipe_run[*]}' GPUS=0,1,2,3 MODEL=$work/2b \
+        DATASET=$work/data ARGS='${common[*]:2} --output-dir $work/runs-2b'" "$out/2b.tty" > /dev/null || true
+      keep 2b ;;
+    7b)
+      start=$SECONDS
+      make all-recipes RECIPE_RUN="${recipe_run[*]}" GPUS=0,1,2,3 MODEL="$work/7b" DATASET="$work/data" \
+        ARGS="${common[*]:2} --plain --output-dir $work/runs-7b" 2>&1 | tee "$out/7b.log" || true
+      echo "wall seconds: $((SECONDS - start))" | tee -a "$out/7b.log"
+      keep 7b ;;
+    alone) launch alone --recipes r3 --gpus 0 --model-id "$work/${ALONE_SHAPE:-2b}" "${common[@]}" --plain ;;
+    shard) launch shard --recipes r4 --gpus 0,1 --gpus-per-recipe 2 --model-id "$work/7b" "${common[@]}" --plain ;;
+    oom) launch oom --recipes r2 --gpus 0 --model-id "$work/2b" --dataset "$work/data" --max-steps 2 \
+      --batch-size 64 --gradient-checkpointing off --oom-retries 3 --no-wandb --plain ;;
+    *) echo "unknown part $part" >&2; exit 2 ;;
+  esac
+done
