@@ -33,6 +33,7 @@ from recipe_runner.plan import (
     WORKER_ENV,
     GpuSelection,
     JobSpec,
+    SweepPoint,
     TrainFlags,
     as_cpu_job,
     first_wave,
@@ -43,6 +44,7 @@ from recipe_runner.plan import (
     resume_spec,
     select_gpus,
     split_threads,
+    sweep_points,
     worker_command,
 )
 from recipe_runner.status import LiveReporter, PlainReporter
@@ -155,6 +157,9 @@ def _add_launch_args(p: argparse.ArgumentParser) -> None:
     train.add_argument("--grad-accum", type=int, metavar="N", help="gradient accumulation steps")
     train.add_argument("--learning-rate", type=float, metavar="LR", help="default: each recipe's own")
     train.add_argument("--seed", type=int, metavar="N")
+    sweep = p.add_argument_group("sweeps: every recipe runs once per seed and data set")
+    sweep.add_argument("--seeds", metavar="S[,S...]", help="e.g. 0,1,2; the report gives mean and spread")
+    sweep.add_argument("--datasets", metavar="D[,D...]", help="several data sets, compared side by side")
     train.add_argument(
         "--gradient-checkpointing", choices=["auto", "on", "off"], help="auto: on for GPUs, off on the CPU"
     )
@@ -337,8 +342,49 @@ def validate_launch(args: argparse.Namespace) -> list[str]:
     if args.cpu and args.gpus_per_recipe != 1:
         problems.append("--gpus-per-recipe does not apply to --cpu")
     problems += _backend_problems(args)
+    problems += _sweep_problems(args)
     problems += _range_problems(args)
     return problems
+
+
+def parse_seeds(text: str) -> list[int]:
+    try:
+        seeds = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise ValueError(f"--seeds {text!r}: give whole numbers like 0,1,2") from None
+    if not seeds or min(seeds) < 0 or len(set(seeds)) != len(seeds):
+        raise ValueError(f"--seeds {text!r}: give distinct whole numbers of 0 or more, like 0,1,2")
+    return seeds
+
+
+def parse_datasets(text: str) -> list[str]:
+    datasets = [part.strip() for part in text.split(",") if part.strip()]
+    if not datasets or len(set(datasets)) != len(datasets):
+        raise ValueError(f"--datasets {text!r}: give distinct data sets, like data/a,data/b")
+    return datasets
+
+
+def _sweep_problems(args: argparse.Namespace) -> list[str]:
+    problems = []
+    for flag, value, single, parse in (
+        ("--seeds", args.seeds, args.seed, parse_seeds),
+        ("--datasets", args.datasets, args.dataset, parse_datasets),
+    ):
+        if value is None:
+            continue
+        if single is not None:
+            problems.append(f"{flag} and {flag[:-1]} exclude each other: drop one")
+        try:
+            parse(value)
+        except ValueError as error:
+            problems.append(str(error))
+    return problems
+
+
+def _sweep(args: argparse.Namespace) -> list[SweepPoint]:
+    seeds = parse_seeds(args.seeds) if args.seeds else None
+    datasets = parse_datasets(args.datasets) if args.datasets else None
+    return sweep_points(seeds, datasets)
 
 
 def _backend_problems(args: argparse.Namespace) -> list[str]:
@@ -393,21 +439,22 @@ def cmd_launch(args: argparse.Namespace, probe: Callable[[], list[GpuInfo]] = pr
         raise UsageError(str(error)) from None
     launch_id = new_launch_id()
     launch_dir = Path(args.output_dir).resolve() / launch_id
-    flags = _train_flags(args)
-    if problems := preflight_problems(flags, Path(args.output_dir)):
+    flags, sweep = _train_flags(args), _sweep(args)
+    if problems := preflight_problems(flags, sweep, Path(args.output_dir)):
         raise UsageError("\n  ".join(problems), "fix the input above; nothing was started or written")
+    jobs = len(recipes) * len(sweep)
     if args.backend == "ray":
         # Ray picks nodes and GPUs; --threads is per recipe there (a cluster has no one core count).
         threads = (args.threads or 1) if args.cpu else None
-        specs, selection = plan_jobs(recipes, launch_dir, flags, worker, cpu_threads=threads), None
+        specs, selection = plan_jobs(recipes, launch_dir, flags, worker, threads, sweep=sweep), None
     elif args.cpu:
-        threads = split_threads(args.threads or os.cpu_count() or 1, len(recipes))
-        specs, selection = plan_jobs(recipes, launch_dir, flags, worker, cpu_threads=threads), None
+        threads = split_threads(args.threads or os.cpu_count() or 1, jobs)
+        specs, selection = plan_jobs(recipes, launch_dir, flags, worker, threads, sweep=sweep), None
     else:
         selection = _select(args, probe)
-        at_once = max(1, min(len(recipes), len(selection.pool) // args.gpus_per_recipe))
+        at_once = max(1, min(jobs, len(selection.pool) // args.gpus_per_recipe))
         threads = split_threads(args.threads or os.cpu_count() or 1, at_once)
-        specs = plan_jobs(recipes, launch_dir, flags, worker, gpu_job_threads=threads)
+        specs = plan_jobs(recipes, launch_dir, flags, worker, gpu_job_threads=threads, sweep=sweep)
     if args.command == "plan" or getattr(args, "dry_run", False):
         print_plan(launch_dir, specs, selection, args.gpus_per_recipe)
         return 0
@@ -427,7 +474,7 @@ def _connect_ray(address: str | None) -> None:
         raise UsageError(str(error), "see README.md, 'Many machines: the Ray backend'") from None
 
 
-def preflight_problems(flags: TrainFlags, output_dir: Path) -> list[str]:
+def preflight_problems(flags: TrainFlags, sweep: Sequence[SweepPoint], output_dir: Path) -> list[str]:
     """Bad model, data or output directory, found before any worker starts (and any model loads).
 
     Hub ids and hub data sets are left to the workers: checking them needs a download. With the
@@ -438,12 +485,14 @@ def preflight_problems(flags: TrainFlags, output_dir: Path) -> list[str]:
     from src.training.worker import DEFAULT_DATASET, DEFAULT_MODEL
 
     problems = writable_problems(output_dir, "--output-dir")
-    dataset = flags.dataset or DEFAULT_DATASET
     if os.environ.get(WORKER_ENV):
         return problems
-    if Path(dataset).exists() or dataset.startswith((".", "/")) or dataset == DEFAULT_DATASET:
-        problems += model_and_data_problems(flags.model_id or DEFAULT_MODEL, dataset, flags.skip_bad_records)
-    return problems
+    for dataset in dict.fromkeys(point.dataset or flags.dataset or DEFAULT_DATASET for point in sweep):
+        if Path(dataset).exists() or dataset.startswith((".", "/")) or dataset == DEFAULT_DATASET:
+            problems += model_and_data_problems(
+                flags.model_id or DEFAULT_MODEL, dataset, flags.skip_bad_records
+            )
+    return list(dict.fromkeys(problems))
 
 
 def _select(args: argparse.Namespace, probe: Callable[[], list[GpuInfo]]) -> GpuSelection:
@@ -507,7 +556,7 @@ def print_plan(
         env = dict(shown.env)
         if ready is None:
             env.update(CUDA_DEVICE_ORDER="PCI_BUS_ID", CUDA_VISIBLE_DEVICES="<UUID of the GPU it gets>")
-        print(f"\n{spec.recipe}: {where}")
+        print(f"\n{spec.key}: {where}")
         print(f"  command: {shlex.join(shown.argv)}")
         print(f"  env+:    {' '.join(f'{k}={v}' for k, v in sorted(env.items()))}")
         print(f"  log:     {shown.log_path}")
@@ -566,8 +615,8 @@ def _execute(
 
 def _merge(earlier: Sequence[JobResult], latest: Sequence[JobResult]) -> list[JobResult]:
     """Earlier results with the re-run ones put in their place, in the launch's order."""
-    rerun = {r.recipe: r for r in latest}
-    merged = [rerun.pop(r.recipe, r) for r in earlier]
+    rerun = {r.name: r for r in latest}
+    merged = [rerun.pop(r.name, r) for r in earlier]
     return merged + list(rerun.values())
 
 
@@ -584,13 +633,13 @@ def cmd_resume(args: argparse.Namespace, probe: Callable[[], list[GpuInfo]] = pr
         return 0
     specs = [resume_spec(r) for r in todo]
     cpu = args.cpu or all(r.threads is not None for r in todo)
-    args.recipes, args.plain = ",".join(r.recipe for r in todo), getattr(args, "plain", False)
+    args.plain = getattr(args, "plain", False)
     if cpu:
         threads = split_threads(args.threads or os.cpu_count() or 1, len(specs))
         specs, selection = [as_cpu_job(spec, threads) for spec in specs], None
     else:
         selection = _select(args, probe)
-    print(f"recipe-run: resuming {', '.join(r.recipe for r in todo)} of {launch_dir.name}")
+    print(f"recipe-run: resuming {', '.join(r.name for r in todo)} of {launch_dir.name}")
     args.argv = ["resume", *args.argv[1:]]
     return _execute(args, summary["launch_id"], launch_dir, specs, selection, probe, earlier)
 

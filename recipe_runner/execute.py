@@ -273,7 +273,7 @@ class _Runner:
             if self.pool is None:
                 self._spawn(job)
                 continue
-            taken = self.pool.take(job.spec.recipe)
+            taken = self.pool.take(job.spec.key)
             if taken is None:
                 self._note_waiting(job)
                 return  # first in, first out: the rest wait behind it
@@ -284,7 +284,7 @@ class _Runner:
     def _note_waiting(self, job: Job) -> None:
         why = self.pool.waiting_for if self.pool else ""
         if why and why != self._waiting_note:
-            self.reporter.note(f"recipe-run: {job.spec.recipe} waits for a GPU ({why})")
+            self.reporter.note(f"recipe-run: {job.spec.key} waits for a GPU ({why})")
         self._waiting_note = why
 
     def _spawn(self, job: Job) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import sys
 import time
@@ -84,6 +85,12 @@ class JobSpec:
     log_path: Path  # the child's stdout+stderr, as the launcher saw it
     gpus: tuple[GpuInfo, ...] = ()  # empty until bound; always empty on CPU
     threads: int | None = None  # CPU threads, for --cpu jobs
+    name: str | None = None  # the job's name when a sweep runs a recipe several times
+
+    @property
+    def key(self) -> str:
+        """What names this job everywhere: its directory, log, row. The recipe, unless swept."""
+        return self.name or self.recipe
 
     @property
     def device(self) -> str:
@@ -149,6 +156,41 @@ def split_threads(total: int, jobs: int) -> int:
     return max(1, total // max(1, jobs))
 
 
+@dataclass(frozen=True)
+class SweepPoint:
+    """One (seed, dataset) a sweep runs every recipe at; `tag` tells its jobs apart."""
+
+    seed: int | None = None
+    dataset: str | None = None
+    tag: str = ""
+
+
+def sweep_points(seeds: Sequence[int] | None, datasets: Sequence[str] | None) -> list[SweepPoint]:
+    """Every seed x dataset pair; tags only name what varies (no sweep: one untagged point)."""
+    seed_list: list[int | None] = list(seeds) if seeds else [None]
+    data_list: list[str | None] = list(datasets) if datasets else [None]
+    data_tags = _dataset_tags(data_list) if len(data_list) > 1 else {}
+    points = []
+    for dataset in data_list:
+        for seed in seed_list:
+            tag = (f"-{data_tags[dataset]}" if data_tags else "") + (
+                f"-seed{seed}" if len(seed_list) > 1 else ""
+            )
+            points.append(SweepPoint(seed, dataset, tag))
+    return points
+
+
+def _dataset_tags(datasets: Sequence[str | None]) -> dict[str | None, str]:
+    """Short, path-safe names for data sets: their base names, numbered where two coincide."""
+    names = [
+        re.sub(r"[^A-Za-z0-9._-]+", "_", Path(str(d).rstrip("/")).name).strip("._") or "data"
+        for d in datasets
+    ]
+    if len(set(names)) < len(names):
+        names = [f"d{i}-{name}" for i, name in enumerate(names)]
+    return dict(zip(datasets, names, strict=True))
+
+
 def plan_jobs(
     recipes: Sequence[str],
     launch_dir: Path,
@@ -156,21 +198,36 @@ def plan_jobs(
     worker: Sequence[str],
     cpu_threads: int | None = None,
     gpu_job_threads: int | None = None,
+    sweep: Sequence[SweepPoint] = (SweepPoint(),),
 ) -> list[JobSpec]:
-    """One spec per recipe. With `cpu_threads` the jobs are complete CPU jobs; otherwise each
-    still needs `bind_gpus` before it can start, and `gpu_job_threads` caps its CPU threads."""
-    return [_plan_job(key, launch_dir, flags, worker, cpu_threads, gpu_job_threads) for key in recipes]
+    """One spec per recipe and sweep point. With `cpu_threads` the jobs are complete CPU jobs;
+    otherwise each still needs `bind_gpus` before it can start, and `gpu_job_threads` caps its
+    CPU threads."""
+    jobs = []
+    for point in sweep:
+        point_flags = replace(
+            flags,
+            seed=flags.seed if point.seed is None else point.seed,
+            dataset=flags.dataset if point.dataset is None else point.dataset,
+        )
+        for key in recipes:
+            jobs.append(
+                _plan_job(key, point.tag, launch_dir, point_flags, worker, cpu_threads, gpu_job_threads)
+            )
+    return jobs
 
 
 def _plan_job(
     key: str,
+    tag: str,
     launch_dir: Path,
     flags: TrainFlags,
     worker: Sequence[str],
     cpu_threads: int | None,
     gpu_job_threads: int | None,
 ) -> JobSpec:
-    output_dir = launch_dir / key
+    name = key + tag
+    output_dir = launch_dir / name
     argv = [*worker, "--recipe", key, "--output-dir", str(output_dir), *flags.argv()]
     env = dict(BASE_ENV)
     if cpu_threads is not None:
@@ -181,7 +238,8 @@ def _plan_job(
         # (torch's default) four workers ran r3 1.7x slower than alone (docs/benchmarks.md).
         argv += ["--threads", str(gpu_job_threads)]
         env.update(thread_env(gpu_job_threads))
-    return JobSpec(key, tuple(argv), env, output_dir, launch_dir / "logs" / f"{key}.log", (), cpu_threads)
+    log = launch_dir / "logs" / f"{name}.log"
+    return JobSpec(key, tuple(argv), env, output_dir, log, (), cpu_threads, name if tag else None)
 
 
 def thread_env(threads: int) -> dict[str, str]:
@@ -239,7 +297,14 @@ def resume_spec(result) -> JobSpec:
     A worker that never wrote status.json had nothing to resume: it starts afresh.
     """
     env = {k: v for k, v in result.env.items() if k not in ("CUDA_VISIBLE_DEVICES", "CUDA_DEVICE_ORDER")}
-    job = JobSpec(result.recipe, tuple(result.argv), env, Path(result.output_dir), Path(result.log))
+    job = JobSpec(
+        result.recipe,
+        tuple(result.argv),
+        env,
+        Path(result.output_dir),
+        Path(result.log),
+        name=result.name if result.name != result.recipe else None,
+    )
     has_run = (job.output_dir / "status.json").is_file()
     return resumed(job) if has_run else job
 

@@ -12,6 +12,7 @@ ground truth in green, predictions in red). Torch-free; matplotlib is imported o
 from __future__ import annotations
 
 import json
+import statistics
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -35,7 +36,7 @@ TRUTH_RGB, PREDICTION_RGB = (0, 170, 0), (220, 0, 0)
 
 @dataclass
 class RecipeRow:
-    recipe: str
+    recipe: str  # the job's name: the recipe key, or recipe-<data>-seed<N> in a sweep
     status: str
     metrics: dict = field(default_factory=dict)
     gain: dict = field(default_factory=dict)  # metric minus the base's, where both exist
@@ -46,12 +47,22 @@ class RecipeRow:
     final_loss: float | None = None
     output_dir: str = ""
     error: str | None = None
+    recipe_key: str = ""  # the recipe itself, shared by every seed of a sweep
+    seed: int | None = None
+    dataset: str | None = None
 
 
 def _read_jsonl(path: Path) -> list[dict]:
+    """Rows of a JSON-lines file; a line cut short by a killed writer is skipped."""
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
 
 
 def _headline_metrics(metrics: dict | None) -> dict:
@@ -68,7 +79,10 @@ def recipe_row(job: dict, base: dict) -> RecipeRow:
     wall = job.get("duration_s")
     gpus = len(job.get("gpu_uuids") or [])
     return RecipeRow(
-        recipe=job["recipe"],
+        recipe=job.get("name") or job["recipe"],
+        recipe_key=job["recipe"],
+        seed=job.get("seed"),
+        dataset=job.get("dataset"),
         status=job["status"],
         metrics=metrics,
         gain={k: round(v - base[k], 4) for k, v in metrics.items() if k in base},
@@ -104,7 +118,40 @@ def build_report(launch_dir: Path) -> dict:
         "base": base,
         "recipes": [asdict(r) for r in rows],
         "best": best_per_metric(rows),
+        "over_seeds": over_seeds(rows),
     }
+
+
+def over_seeds(rows: list[RecipeRow]) -> list[dict]:
+    """Mean and spread (population standard deviation) of each metric per recipe and data set,
+    over the seeds that succeeded; only where a sweep ran more than one seed."""
+    groups: dict[tuple[str, str | None], list[RecipeRow]] = {}
+    for row in rows:
+        groups.setdefault((row.recipe_key, row.dataset), []).append(row)
+    out = []
+    for (recipe, dataset), members in groups.items():
+        if len({m.seed for m in members}) < 2:
+            continue
+        done = [m for m in members if m.status == "succeeded" and m.metrics]
+        stats = {}
+        for key, _ in METRICS:
+            values = [m.metrics[key] for m in done if key in m.metrics]
+            if values:
+                stats[key] = {
+                    "mean": round(statistics.fmean(values), 4),
+                    "std": round(statistics.pstdev(values), 4),
+                    "n": len(values),
+                }
+        out.append(
+            {
+                "recipe": recipe,
+                "dataset": dataset,
+                "seeds": sorted(m.seed for m in members),
+                "succeeded": len(done),
+                "metrics": stats,
+            }
+        )
+    return out
 
 
 def _fmt(value, digits: int = 3) -> str:
@@ -182,6 +229,31 @@ def render_markdown(report: dict, pictures: list[str]) -> str:
             lines.append(f"- `{row['recipe']}` {row['status']}: {row['error'] or 'see its log'}")
     lines += ["", *(f"![{Path(p).stem}]({p})" for p in pictures), ""]
     return "\n".join(lines)
+
+
+def _over_seeds_table(groups: list[dict]) -> list[str]:
+    if not groups:
+        return []
+    titles = [title for _, title in METRICS]
+    lines = [
+        "",
+        "Over seeds (mean ± standard deviation of the seeds that succeeded):",
+        "",
+        "| recipe | data set | seeds | " + " | ".join(titles) + " |",
+        "|" + " --- |" * (3 + len(titles)),
+    ]
+    for group in groups:
+        cells = [
+            f"{group['metrics'][k]['mean']:.3f} ± {group['metrics'][k]['std']:.3f}"
+            if k in group["metrics"]
+            else "-"
+            for k, _ in METRICS
+        ]
+        seeds = f"{group['succeeded']}/{len(group['seeds'])} ({','.join(map(str, group['seeds']))})"
+        lines.append(
+            f"| `{group['recipe']}` | {group['dataset'] or '-'} | {seeds} | " + " | ".join(cells) + " |"
+        )
+    return lines
 
 
 def plot_loss(launch_dir: Path, rows: list[dict], out: Path) -> Path | None:

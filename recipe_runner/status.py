@@ -151,7 +151,7 @@ def _row(job: JobView, now: float) -> tuple[str, ...]:
     more = "+" if eta is not None and _stages_left(job.spec.recipe, p.stage) else ""
     mem = f"{p.gpu_mem_gib:.1f} GiB" if p.gpu_mem_gib is not None else "-"
     return (
-        job.spec.recipe,
+        job.spec.key,
         job.spec.device if job.spec.gpus or job.spec.threads is not None else "-",
         p.state,
         stage_label(job.spec.recipe, p.stage),
@@ -184,10 +184,10 @@ class PlainReporter:
     def begin(self, jobs: list[JobView]) -> None:
         self.jobs = jobs
         # Pad prefixes to one width so that the jobs' lines line up.
-        self._width = max((len(job.spec.recipe) for job in jobs), default=0) + len(" gpu0") + 2
+        self._width = max((len(job.spec.key) for job in jobs), default=0) + len(" gpu0") + 2
 
     def prefix(self, job: JobView) -> str:
-        return f"[{job.spec.recipe} {job.spec.device}]".ljust(self._width)
+        return f"[{job.spec.key} {job.spec.device}]".ljust(self._width)
 
     def line(self, job: JobView, text: str, event: dict[str, Any] | None) -> None:
         self._emit(f"{self.prefix(job)} {describe_event(event) if event else clean_line(text)}")

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from recipe_runner.plan import JobSpec
+from recipe_runner.plan import JobSpec, flag_value
 from recipe_runner.status import Progress, fmt_duration, fmt_loss
 
 OOM_EXIT_CODE = 3
@@ -25,7 +25,7 @@ TAIL_LINES = 20
 
 @dataclass
 class JobResult:
-    recipe: str
+    recipe: str  # key in src.recipes.RECIPES
     device: str
     gpu_uuids: list[str]
     status: str  # succeeded | failed | oom | hung | interrupted | cancelled | not started | running
@@ -44,6 +44,12 @@ class JobResult:
     env: dict[str, str] = field(default_factory=dict)  # what the launcher added for this worker
     threads: int | None = None  # CPU threads of a --cpu job; None for a GPU job
     attempts: list[dict[str, Any]] = field(default_factory=list)  # earlier tries: OOM retries
+    name: str = ""  # the job's name: the recipe, or recipe-<dataset>-seed<N> in a sweep
+    seed: int | None = None  # the seed it ran with (None: the worker's default)
+    dataset: str | None = None  # the data set it ran on (None: the worker's default)
+
+    def __post_init__(self) -> None:
+        self.name = self.name or self.recipe
 
 
 def job_status(exit_code: int | None, *, started: bool, interrupted: bool) -> str:
@@ -90,6 +96,9 @@ def build_result(
         final_loss = progress.final_loss if progress.final_loss is not None else progress.loss
     return JobResult(
         recipe=spec.recipe,
+        name=spec.key,
+        seed=_int_or_none(flag_value(spec.argv, "--seed")),
+        dataset=flag_value(spec.argv, "--dataset"),
         device=spec.device if started else "-",
         gpu_uuids=[gpu.uuid for gpu in spec.gpus],
         status=status,
@@ -147,14 +156,14 @@ def render_summary(results: Sequence[JobResult]) -> str:
     lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows]
     for r in results:
         if r.last_lines:
-            lines += ["", f"{r.recipe} {r.status} (exit {_exit_text(r.exit_code)}); last lines of {r.log}:"]
+            lines += ["", f"{r.name} {r.status} (exit {_exit_text(r.exit_code)}); last lines of {r.log}:"]
             lines += [f"    {text}" for text in r.last_lines]
     return "\n".join(lines)
 
 
 def _summary_row(r: JobResult) -> tuple[str, ...]:
     return (
-        r.recipe,
+        r.name,
         r.device,
         r.status,
         _exit_text(r.exit_code),
@@ -173,6 +182,10 @@ def _exit_text(code: int | None) -> str:
         except ValueError:
             return f"signal {-code}"
     return str(code)
+
+
+def _int_or_none(text: str | None) -> int | None:
+    return int(text) if text is not None and text.lstrip("-").isdigit() else None
 
 
 def _duration(progress: Progress) -> float | None:

@@ -86,6 +86,7 @@ class ProgressCallback:
         loss = float(logs["loss"])
         self.final_loss = loss
         row = {
+            "time": round(time.time(), 3),
             "stage": self.stage,
             "step": step,
             "loss": loss,
