@@ -176,7 +176,70 @@ def _result(job: Job) -> JobResult:
     return result
 
 
-class _Runner:
+class JobLoop:
+    """What every backend's loop shares: the jobs, the reporter, signals, and reading lines.
+
+    A backend (local subprocesses here, Ray in ray_backend.py) subclasses it and supplies how jobs
+    start, stop and end. Lines pass through `take_line`, which masks secrets, keeps the tail for the
+    summary and folds progress events into the live table.
+    """
+
+    def __init__(self, jobs: list, reporter: PlainReporter, grace_s: float) -> None:
+        self.jobs, self.reporter, self.grace_s = jobs, reporter, grace_s
+        self.signum: int | None = None  # first SIGINT/SIGTERM received
+        self.kill_now = False  # a second one: skip the grace period
+        self.deadline: float | None = None  # when forwarded signals turn into SIGKILL
+        self.secrets = secret_values()  # masked in every line the launcher writes
+
+    def _queued(self) -> list:
+        return [job for job in self.jobs if job.progress.state == "queued"]
+
+    def _running(self) -> list:
+        return [job for job in self.jobs if job.progress.state == "running"]
+
+    def _on_signal(self, signum: int) -> None:
+        # Runs between two bytecodes of the loop: only note it; the loop acts on it.
+        if self.signum is None:
+            self.signum = signum
+        else:
+            self.kill_now = True
+
+    def _announce_stop(self) -> int:
+        """Tell the user a signal came, cancel the queued jobs; the signal to forward."""
+        signum = self.signum or signal.SIGINT
+        self.reporter.note(
+            f"recipe-run: {signal.Signals(signum).name} received; forwarding it to {len(self._running())} "
+            f"running job(s), SIGKILL in {self.grace_s:g}s (send it again to kill now)"
+        )
+        for job in self._queued():
+            job.progress.state = "cancelled"
+            job.interrupted = True
+        self.deadline = time.monotonic() + self.grace_s
+        return signum
+
+    def take_line(self, job, text: str) -> None:
+        if job.log is None:  # a straggler after the job closed
+            return
+        text = redact(text, self.secrets)
+        job.last_output = time.monotonic()
+        job.log.write(text + "\n")
+        event = parse_line(text)
+        if event is not None:
+            apply_event(job.progress, event, time.monotonic())
+        elif clean_line(text):
+            job.tail.append(clean_line(text))
+        self.reporter.line(job, text, event)
+
+    def _mark_ended(self, job, exit_code: int | None) -> None:
+        job.exit_code = exit_code
+        progress = job.progress
+        progress.ended, progress.ended_at = time.monotonic(), time.time()
+        progress.state = job_status(exit_code, started=True, interrupted=job.interrupted)
+        took = fmt_duration(progress.elapsed(progress.ended))
+        self.reporter.note(f"{self.reporter.prefix(job)} {progress.state} (exit {exit_code}) in {took}")
+
+
+class _Runner(JobLoop):
     def __init__(
         self,
         jobs: list[Job],
@@ -185,13 +248,9 @@ class _Runner:
         policy: RunPolicy,
         on_change: Callable[[list[JobResult]], None] | None = None,
     ) -> None:
-        self.jobs, self.pool, self.reporter, self.policy = jobs, pool, reporter, policy
-        self.grace_s, self.on_change = policy.grace_s, on_change
-        self.secrets = secret_values()  # masked in every line the launcher writes
+        super().__init__(jobs, reporter, policy.grace_s)
+        self.pool, self.policy, self.on_change = pool, policy, on_change
         self.lines: queue.SimpleQueue[tuple[Job, str | None]] = queue.SimpleQueue()
-        self.signum: int | None = None  # first SIGINT/SIGTERM received
-        self.kill_now = False  # a second one: skip the grace period
-        self.deadline: float | None = None  # when forwarded signals turn into SIGKILL
         self._waiting_note = ""
 
     def results(self) -> list[JobResult]:
@@ -204,7 +263,7 @@ class _Runner:
     def run(self) -> None:
         self.reporter.begin(self.jobs)
         self._changed()
-        with _handle_signals(self._on_signal):
+        with handle_signals(self._on_signal):
             try:
                 while self._queued() or self._running():
                     self._turn()
@@ -240,33 +299,12 @@ class _Runner:
             if self.policy.kill_hung:
                 _signal_group(job, signal.SIGKILL)
 
-    def _queued(self) -> list[Job]:
-        return [job for job in self.jobs if job.progress.state == "queued"]
-
-    def _running(self) -> list[Job]:
-        return [job for job in self.jobs if job.progress.state == "running"]
-
-    def _on_signal(self, signum: int) -> None:
-        # Runs between two bytecodes of the loop: only note it; the loop acts on it.
-        if self.signum is None:
-            self.signum = signum
-        else:
-            self.kill_now = True
-
     def _stop(self) -> None:
-        name = signal.Signals(self.signum or signal.SIGINT).name
         running = self._running()
-        self.reporter.note(
-            f"recipe-run: {name} received; forwarding it to {len(running)} running job(s), "
-            f"SIGKILL in {self.grace_s:g}s (send it again to kill now)"
-        )
-        for job in self._queued():
-            job.progress.state = "cancelled"
-            job.interrupted = True
+        signum = self._announce_stop()
         for job in running:
             job.interrupted = True
-            _signal_group(job, self.signum or signal.SIGINT)
-        self.deadline = time.monotonic() + self.grace_s
+            _signal_group(job, signum)
 
     def _start_ready(self) -> None:
         for job in self._queued():
@@ -324,34 +362,20 @@ class _Runner:
                 self._take_line(*self.lines.get_nowait())
 
     def _take_line(self, job: Job, text: str | None) -> None:
-        if text is None or job.log is None:  # end of stream, or a straggler after the job closed
-            return
-        text = redact(text, self.secrets)
-        job.last_output = time.monotonic()
-        job.log.write(text + "\n")
-        event = parse_line(text)
-        if event is not None:
-            apply_event(job.progress, event, time.monotonic())
-        elif clean_line(text):
-            job.tail.append(clean_line(text))
-        self.reporter.line(job, text, event)
+        if text is not None:  # None: the end of a job's stream
+            self.take_line(job, text)
 
     def _finish(self, job: Job) -> None:
         assert job.proc is not None
-        job.exit_code = job.proc.returncode
         _signal_group(job, signal.SIGKILL)  # leftovers of a finished worker
         if job.reader is not None:
             job.reader.join(timeout=2.0)
         with contextlib.suppress(queue.Empty):
             while True:
                 self._take_line(*self.lines.get_nowait())
-        progress = job.progress
-        progress.ended, progress.ended_at = time.monotonic(), time.time()
-        progress.state = job_status(job.exit_code, started=True, interrupted=job.interrupted)
         self._close_job(job)
-        took = fmt_duration(progress.elapsed(progress.ended))
-        self.reporter.note(f"{self.reporter.prefix(job)} {progress.state} (exit {job.exit_code}) in {took}")
-        if progress.state == "oom" and self.signum is None:
+        self._mark_ended(job, job.proc.returncode)
+        if job.progress.state == "oom" and self.signum is None:
             self._retry_after_oom(job)
         self._changed()
 
@@ -453,7 +477,7 @@ def _pump(job: Job, stream: IO[bytes], lines: queue.SimpleQueue[tuple[Job, str |
 
 
 @contextlib.contextmanager
-def _handle_signals(on_signal: Callable[[int], None]) -> Iterator[None]:
+def handle_signals(on_signal: Callable[[int], None]) -> Iterator[None]:
     """SIGINT and SIGTERM call `on_signal` for the duration; the old handlers come back after."""
     if threading.current_thread() is not threading.main_thread():
         yield  # signal handlers can only be set from the main thread

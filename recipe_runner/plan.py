@@ -26,6 +26,7 @@ from src.recipes import RECIPES, resolve_recipe
 from src.training.worker import DEFAULT_BATCH_SIZE, DEFAULT_GRAD_ACCUM  # torch-free at import
 
 WORKER_ENV = "RECIPE_RUNNER_WORKER"
+BASELINE_DIR = "base"  # <launch>/base: the untrained model's metrics on the test split
 
 
 # Every child gets these: whole lines as they are printed, and no NVLink multicast, which
@@ -52,7 +53,9 @@ class TrainFlags:
     seed: int | None = None
     gradient_checkpointing: str | None = None  # "auto" | "on" | "off"
     save_steps: int | None = None
+    eval_samples: int | None = None
     skip_bad_records: bool = False
+    skip_eval: bool = False
     no_wandb: bool = False
 
     def argv(self) -> list[str]:
@@ -163,6 +166,7 @@ class SweepPoint:
     seed: int | None = None
     dataset: str | None = None
     tag: str = ""
+    data_tag: str = ""  # the data set's part of the tag, shared by its seeds
 
 
 def sweep_points(seeds: Sequence[int] | None, datasets: Sequence[str] | None) -> list[SweepPoint]:
@@ -172,11 +176,10 @@ def sweep_points(seeds: Sequence[int] | None, datasets: Sequence[str] | None) ->
     data_tags = _dataset_tags(data_list) if len(data_list) > 1 else {}
     points = []
     for dataset in data_list:
+        data_tag = f"-{data_tags[dataset]}" if data_tags else ""
         for seed in seed_list:
-            tag = (f"-{data_tags[dataset]}" if data_tags else "") + (
-                f"-seed{seed}" if len(seed_list) > 1 else ""
-            )
-            points.append(SweepPoint(seed, dataset, tag))
+            tag = data_tag + (f"-seed{seed}" if len(seed_list) > 1 else "")
+            points.append(SweepPoint(seed, dataset, tag, data_tag))
     return points
 
 
@@ -214,7 +217,26 @@ def plan_jobs(
             jobs.append(
                 _plan_job(key, point.tag, launch_dir, point_flags, worker, cpu_threads, gpu_job_threads)
             )
-    return jobs
+    return with_baselines(jobs, sweep, launch_dir, flags)
+
+
+def with_baselines(
+    jobs: list[JobSpec], sweep: Sequence[SweepPoint], launch_dir: Path, flags: TrainFlags
+) -> list[JobSpec]:
+    """The first job of each data set also evaluates the untrained base model (the zero-shot
+    baseline of the report) into <launch>/base, or <launch>/base-<data set> in a data-set sweep."""
+    if flags.skip_eval or not jobs:
+        return jobs
+    per_point = len(jobs) // len(sweep)
+    out, seen = list(jobs), set()
+    for index, point in enumerate(sweep):
+        if point.dataset in seen:
+            continue
+        seen.add(point.dataset)
+        first = index * per_point
+        target = launch_dir / (BASELINE_DIR + point.data_tag)
+        out[first] = replace(out[first], argv=with_flag(out[first].argv, "--baseline-dir", str(target)))
+    return out
 
 
 def _plan_job(

@@ -51,12 +51,11 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import IO, Any
 
-from recipe_runner.execute import _handle_signals
+from recipe_runner.execute import JobLoop, handle_signals
 from recipe_runner.gpus import GpuInfo
 from recipe_runner.plan import BASE_ENV, JobSpec
-from recipe_runner.status import PlainReporter, Progress, apply_event, clean_line, fmt_duration
-from recipe_runner.summary import TAIL_LINES, JobResult, build_result, job_status
-from src.training.progress import parse_line
+from recipe_runner.status import PlainReporter, Progress
+from recipe_runner.summary import TAIL_LINES, JobResult, build_result
 
 INSTALL_HINT = "pip install 'recipe-runner[ray]'"
 POLL_S = 0.1  # how long the launcher's loop waits for an answer: signal and exit latency
@@ -98,6 +97,7 @@ class RayJob:
     log: IO[str] | None = None
     interrupted: bool = False
     exit_code: int | None = None
+    last_output: float = 0.0  # time.monotonic() of the last line
 
 
 def run_jobs_ray(
@@ -172,7 +172,7 @@ def worker_env(spec: JobSpec) -> dict[str, str]:
     return env
 
 
-class _RayRunner:
+class _RayRunner(JobLoop):
     def __init__(
         self,
         ray: Any,
@@ -183,18 +183,15 @@ class _RayRunner:
         grace_s: float,
         retries: int,
     ) -> None:
-        self.ray, self.jobs, self.reporter = ray, jobs, reporter
-        self.gpus_per_job, self.cpu, self.grace_s, self.retries = gpus_per_job, cpu, grace_s, retries
+        super().__init__(jobs, reporter, grace_s)
+        self.ray, self.gpus_per_job, self.cpu, self.retries = ray, gpus_per_job, cpu, retries
         self.actor_class = ray.remote(_job_actor_class())
         self.lost_errors = _lost_errors(ray)
-        self.signum: int | None = None  # first SIGINT/SIGTERM received
-        self.kill_now = False  # a second one: skip the grace period
-        self.deadline: float | None = None  # when forwarded signals turn into SIGKILL
         self.killed_at: float | None = None
 
     def run(self) -> None:
         self.reporter.begin(self.jobs)
-        with _handle_signals(self._on_signal):
+        with handle_signals(self._on_signal):
             try:
                 self._note_cluster()
                 for job in self.jobs:
@@ -224,19 +221,6 @@ class _RayRunner:
             if self.kill_now or time.monotonic() > self.deadline:
                 self._kill_running()
         self.reporter.tick()
-
-    def _queued(self) -> list[RayJob]:
-        return [job for job in self.jobs if job.progress.state == "queued"]
-
-    def _running(self) -> list[RayJob]:
-        return [job for job in self.jobs if job.progress.state == "running"]
-
-    def _on_signal(self, signum: int) -> None:
-        # Runs between two bytecodes of the loop: only note it; the loop acts on it.
-        if self.signum is None:
-            self.signum = signum
-        else:
-            self.kill_now = True
 
     def _resources(self, spec: JobSpec) -> dict[str, Any]:
         if self.cpu:
@@ -270,7 +254,7 @@ class _RayRunner:
             return
         job.heard_at = time.monotonic()
         for text in answer["lines"]:
-            self._take_line(job, text)
+            self.take_line(job, text)
         if answer["done"]:
             self._finish(job, answer["exit_code"])
         else:
@@ -309,24 +293,10 @@ class _RayRunner:
     def _poll(self, job: RayJob) -> None:
         job.poll_ref = job.actor.poll.remote(BATCH_WAIT_S, BATCH_LINES)
 
-    def _take_line(self, job: RayJob, text: str) -> None:
-        if job.log is not None:
-            job.log.write(text + "\n")
-        event = parse_line(text)
-        if event is not None:
-            apply_event(job.progress, event, time.monotonic())
-        elif clean_line(text):
-            job.tail.append(clean_line(text))
-        self.reporter.line(job, text, event)
-
     def _finish(self, job: RayJob, exit_code: int | None) -> None:
-        job.exit_code, job.poll_ref = exit_code, None
-        progress = job.progress
-        progress.ended, progress.ended_at = time.monotonic(), time.time()
-        progress.state = job_status(exit_code, started=True, interrupted=job.interrupted)
+        job.poll_ref = None
         self._close_job(job)
-        took = fmt_duration(progress.elapsed(progress.ended))
-        self.reporter.note(f"{self.reporter.prefix(job)} {progress.state} (exit {exit_code}) in {took}")
+        self._mark_ended(job, exit_code)
 
     def _fail(self, job: RayJob, why: str) -> None:
         """The job ends without a worker exit code: it could not start, or its node is gone."""
@@ -392,19 +362,14 @@ class _RayRunner:
             )
 
     def _stop(self) -> None:
-        name = signal.Signals(self.signum or signal.SIGINT).name
         running = self._running()
-        self.reporter.note(
-            f"recipe-run: {name} received; forwarding it to {len(running)} running job(s), "
-            f"SIGKILL in {self.grace_s:g}s (send it again to kill now)"
-        )
-        for job in self._queued():
-            job.interrupted, job.progress.state = True, "cancelled"
+        queued = self._queued()
+        signum = self._announce_stop()
+        for job in queued:
             self._close_job(job)
         for job in running:
             job.interrupted = True
-            job.actor.signal.remote(int(self.signum or signal.SIGINT))
-        self.deadline = time.monotonic() + self.grace_s
+            job.actor.signal.remote(int(signum))
 
     def _kill_running(self) -> None:
         # The workers' exits come back through their polls; a node that cannot confirm within

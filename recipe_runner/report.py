@@ -4,7 +4,8 @@
 
 Reads what the launch left on disk: `summary.json`, and in each recipe's directory the worker's
 `status.json`, `loss_history.jsonl`, `metrics.json` and `predictions.jsonl`; the zero-shot baseline
-comes from `LAUNCH_DIR/base/metrics.json` when it was evaluated. Writes `report.md`, `report.json`,
+comes from `LAUNCH_DIR/base/metrics.json` (one per data set in a data-set sweep: `base-<data>/`) when
+it was evaluated. Writes `report.md`, `report.json`,
 `loss.png` (every recipe's training loss on one plot) and `predictions_<recipe>.png` (held-out images,
 ground truth in green, predictions in red). Torch-free; matplotlib is imported only to draw.
 """
@@ -16,9 +17,9 @@ import statistics
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from recipe_runner.plan import BASELINE_DIR
 from src.utils.files import read_json, write_json_atomic, write_text_atomic
 
-BASE_DIR = "base"
 # (key in metrics.json, column title); higher is better for all of them.
 METRICS = (
     ("precision", "P@0.5"),
@@ -110,16 +111,34 @@ def build_report(launch_dir: Path) -> dict:
     summary = read_json(launch_dir / "summary.json")
     if not isinstance(summary, dict) or "jobs" not in summary:
         raise FileNotFoundError(f"{launch_dir}: no summary.json; pass the directory a launch created")
-    base = _headline_metrics(read_json(launch_dir / BASE_DIR / "metrics.json"))
-    rows = [recipe_row(job, base) for job in summary["jobs"]]
+    bases = baselines(launch_dir)
+    rows = [recipe_row(job, base_for(bases, job.get("dataset"))) for job in summary["jobs"]]
     return {
         "launch_id": summary.get("launch_id"),
         "launch_dir": str(launch_dir),
-        "base": base,
+        "base": base_for(bases, None) if len(bases) == 1 else {},
+        "bases": bases,
         "recipes": [asdict(r) for r in rows],
         "best": best_per_metric(rows),
         "over_seeds": over_seeds(rows),
     }
+
+
+def baselines(launch_dir: Path) -> dict[str, dict]:
+    """The untrained model's headline metrics per data set, from LAUNCH_DIR/base*/metrics.json."""
+    found = {}
+    for path in sorted(launch_dir.glob(f"{BASELINE_DIR}*/metrics.json")):
+        metrics = read_json(path) or {}
+        dataset = (metrics.get("eval") or {}).get("dataset") or path.parent.name
+        found[str(dataset)] = _headline_metrics(metrics)
+    return found
+
+
+def base_for(bases: dict[str, dict], dataset: str | None) -> dict:
+    """The baseline of a job's data set (its only one when the job used the worker's default)."""
+    if dataset is not None and dataset in bases:
+        return bases[dataset]
+    return next(iter(bases.values())) if len(bases) == 1 else {}
 
 
 def over_seeds(rows: list[RecipeRow]) -> list[dict]:

@@ -30,10 +30,10 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def tiny_fixtures(tmp_path_factory) -> tuple[Path, Path]:
     """(model_dir, data_dir) of the offline fixtures; reuses $RECIPE_RUNNER_FIXTURES if set."""
-    from src.fixtures import build_fixtures
+    from src.fixtures import build_test_fixtures
 
     root = Path(os.environ.get("RECIPE_RUNNER_FIXTURES") or tmp_path_factory.mktemp("fixtures"))
-    return build_fixtures(root, train=16, test=8)
+    return build_test_fixtures(root, train=16, test=8)
 
 
 @pytest.fixture(scope="session")

@@ -6,9 +6,11 @@ Written to disk in the Hugging Face `imagefolder` layout that `src.data.dataset`
     OUT/test/metadata.jsonl,  OUT/test/000000.png, ...
 
 one JSON line per image: {"file_name": ..., "objects": {"bbox": [[x1, y1, x2, y2], ...], "label": [...]}}
-with boxes in pixels (x1, y1 top-left, x2, y2 bottom-right). Two domains: "source" (plain
-shapes on flat backgrounds) and "target" (other colours and shapes on noisy, textured
-backgrounds), so a model pretrained on one can be fine-tuned on the other.
+with boxes in pixels (x1, y1 top-left, x2, y2 bottom-right), and OUT/synthetic.json with the
+settings it was written with. Two domains: "source" (plain shapes on flat backgrounds) and "target"
+(the same shapes in other colours on noisy, textured backgrounds), so a model pretrained on one can
+be fine-tuned on the other (`src.models.pretrain` does the first half for the demo).
+Deterministic: the same arguments write byte-identical files.
 """
 
 from __future__ import annotations
@@ -17,12 +19,18 @@ import json
 import random
 from pathlib import Path
 
+SETTINGS_FILE = "synthetic.json"
+
 DOMAINS = {
     "source": {"colours": ("red", "green", "blue"), "shapes": ("circle", "square", "triangle"), "noise": 0},
+    # The demo's target: the same shapes in colours the source never shows (each a mix of two source
+    # colours, far apart from one another), on noisy checkered backgrounds. New colour words make a
+    # source-trained base fail zero-shot (it names every object in a source colour) while what it
+    # learnt about shapes and positions still helps.
     "target": {
-        "colours": ("yellow", "purple", "orange"),
-        "shapes": ("diamond", "cross", "ring"),
-        "noise": 40,
+        "colours": ("yellow", "purple", "cyan"),
+        "shapes": ("circle", "square", "triangle"),
+        "noise": 30,
     },
 }
 RGB = {
@@ -32,7 +40,9 @@ RGB = {
     "yellow": (235, 210, 30),
     "purple": (140, 40, 170),
     "orange": (245, 130, 20),
+    "cyan": (30, 190, 210),
 }
+SHAPES = ("circle", "square", "triangle", "diamond", "cross", "ring")  # what _draw_shape can draw
 
 
 def _draw_shape(draw, shape: str, box: tuple[int, int, int, int], fill) -> None:
@@ -57,35 +67,46 @@ def _draw_shape(draw, shape: str, box: tuple[int, int, int, int], fill) -> None:
 
 
 def _background(rng: random.Random, size: tuple[int, int], noise: int):
+    import numpy as np
     from PIL import Image
 
     base = tuple(rng.randint(200, 255) for _ in range(3))
-    image = Image.new("RGB", size, base)
-    if noise:
-        pixels = image.load()
-        for x in range(size[0]):
-            for y in range(size[1]):
-                stripe = 25 if (x // 8 + y // 8) % 2 else 0  # a checker texture under the noise
-                pixels[x, y] = tuple(max(0, min(255, c - stripe + rng.randint(-noise, noise))) for c in base)
-    return image
+    if not noise:
+        return Image.new("RGB", size, base)
+    width, height = size
+    noise_rng = np.random.default_rng(rng.getrandbits(32))  # seeded from rng: same seed, same image
+    ys, xs = np.mgrid[0:height, 0:width]
+    stripe = np.where((xs // 8 + ys // 8) % 2 == 1, 25, 0)[..., None]  # a checker texture under the noise
+    pixels = (
+        np.array(base)[None, None, :] - stripe + noise_rng.integers(-noise, noise + 1, (height, width, 3))
+    )
+    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8), "RGB")
 
 
-def _place_boxes(rng: random.Random, count: int, size: tuple[int, int]) -> list[tuple[int, int, int, int]]:
-    """Non-overlapping boxes, each 20-45% of the image side."""
+def _place_boxes(
+    rng: random.Random, count: int, size: tuple[int, int], side: tuple[float, float] = (0.2, 0.45)
+) -> list[tuple[int, int, int, int]]:
+    """Non-overlapping square boxes, each side[0]-side[1] of the image's shorter side."""
     width, height = size
     boxes: list[tuple[int, int, int, int]] = []
     for _ in range(count * 20):
         if len(boxes) == count:
             break
-        side = rng.randint(int(0.2 * min(size)), int(0.45 * min(size)))
-        x1, y1 = rng.randint(0, width - side), rng.randint(0, height - side)
-        box = (x1, y1, x1 + side, y1 + side)
+        side_px = rng.randint(int(side[0] * min(size)), int(side[1] * min(size)))
+        x1, y1 = rng.randint(0, width - side_px), rng.randint(0, height - side_px)
+        box = (x1, y1, x1 + side_px, y1 + side_px)
         if all(box[2] <= b[0] or box[0] >= b[2] or box[3] <= b[1] or box[1] >= b[3] for b in boxes):
             boxes.append(box)
     return boxes
 
 
-def make_image(rng: random.Random, domain: str, size: tuple[int, int] = (112, 112), max_objects: int = 2):
+def make_image(
+    rng: random.Random,
+    domain: str,
+    size: tuple[int, int] = (112, 112),
+    max_objects: int = 2,
+    side: tuple[float, float] = (0.2, 0.45),
+):
     """One image and its objects as (label, box) pairs."""
     from PIL import ImageDraw
 
@@ -94,7 +115,7 @@ def make_image(rng: random.Random, domain: str, size: tuple[int, int] = (112, 11
     background = image.copy()
     draw = ImageDraw.Draw(image)
     objects = []
-    for box in _place_boxes(rng, rng.randint(1, max_objects), size):
+    for box in _place_boxes(rng, rng.randint(1, max_objects), size, side):
         colour, shape = rng.choice(spec["colours"]), rng.choice(spec["shapes"])
         _draw_shape(draw, shape, box, RGB[colour])
         objects.append((f"{colour} {shape}", box))
@@ -116,13 +137,15 @@ def _punch_rings(image, background, objects):
     return Image.composite(background, image, mask)
 
 
-def write_split(out_dir: Path, count: int, domain: str, seed: int, size=(112, 112), max_objects=2) -> Path:
+def write_split(
+    out_dir: Path, count: int, domain: str, seed: int, size=(112, 112), max_objects=2, side=(0.2, 0.45)
+) -> Path:
     """Write `count` images and metadata.jsonl into out_dir; returns the metadata path."""
     rng = random.Random(seed)
     out_dir.mkdir(parents=True, exist_ok=True)
     lines = []
     for index in range(count):
-        image, objects = make_image(rng, domain, size, max_objects)
+        image, objects = make_image(rng, domain, size, max_objects, side)
         name = f"{index:06d}.png"
         image.save(out_dir / name)
         lines.append(
@@ -147,9 +170,35 @@ def write_dataset(
     seed: int = 0,
     size=(112, 112),
     max_objects: int = 2,
+    side: tuple[float, float] = (0.2, 0.45),
 ) -> Path:
-    """A train and a test split of one domain under out_dir."""
+    """A train and a test split of one domain under out_dir; objects per image 1..max_objects.
+
+    OUT/synthetic.json records the arguments, so a cache can tell whether it holds what is asked.
+    """
     out = Path(out_dir)
-    write_split(out / "train", train, domain, seed, size, max_objects)
-    write_split(out / "test", test, domain, seed + 1, size, max_objects)
+    write_split(out / "train", train, domain, seed, size, max_objects, side)
+    write_split(out / "test", test, domain, seed + 1, size, max_objects, side)
+    (out / SETTINGS_FILE).write_text(
+        json.dumps(dataset_settings(train, test, domain, seed, size, max_objects, side), sort_keys=True)
+        + "\n"
+    )
     return out
+
+
+def dataset_settings(train, test, domain, seed, size, max_objects, side) -> dict:
+    """What write_dataset records in synthetic.json (JSON-normalised, so it compares equal when re-read)."""
+    return json.loads(
+        json.dumps(
+            {
+                "train": train,
+                "test": test,
+                "domain": domain,
+                "spec": DOMAINS[domain],
+                "seed": seed,
+                "size": list(size),
+                "max_objects": max_objects,
+                "side": list(side),
+            }
+        )
+    )

@@ -14,6 +14,7 @@ before a model loads and before anything is written.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import signal
@@ -31,7 +32,7 @@ from src.utils.secrets import RedactingFilter, secret_values
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_OOM, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 DEFAULT_MODEL = "Qwen/Qwen2-VL-7B-Instruct"
 DEFAULT_DATASET = "fixtures/data"
-DEFAULT_BATCH_SIZE, DEFAULT_GRAD_ACCUM, DEFAULT_SAVE_STEPS = 4, 1, 200
+DEFAULT_BATCH_SIZE, DEFAULT_GRAD_ACCUM, DEFAULT_SAVE_STEPS, DEFAULT_EVAL_SAMPLES = 4, 1, 200, 32
 log = logging.getLogger("recipe-worker")
 
 
@@ -116,6 +117,18 @@ def build_parser(recipe_required: bool = True, prog: str = "train_recipe.py") ->
         help="continue a run in --output-dir: finished stages are kept, the others resume from their "
         "last checkpoint",
     )
+    arg("--skip-eval", action="store_true", help="do not evaluate on the test split after training")
+    arg(
+        "--eval-samples",
+        type=int,
+        default=DEFAULT_EVAL_SAMPLES,
+        help="test images to evaluate after training; 0 for all (default: %(default)s)",
+    )
+    arg(
+        "--baseline-dir",
+        default=None,
+        help="also evaluate the untrained --model-id (the zero-shot baseline) into this directory",
+    )
     arg("--no-wandb", action="store_true", help="do not log to Weights & Biases")
     return parser
 
@@ -140,6 +153,8 @@ def check_args(args, recipe) -> list[str]:
         problems.append(f"--save-steps {args.save_steps}: use 0 (off) or a positive interval")
     if args.threads is not None and args.threads < 1:
         problems.append(f"--threads {args.threads}: must be at least 1")
+    if args.eval_samples < 0:
+        problems.append(f"--eval-samples {args.eval_samples}: use 0 (all) or more")
     if args.cpu and args.gpu:
         problems.append("--cpu and --gpu conflict: pass one of them")
     problems += _checkpoint_problems(args, recipe)
@@ -292,6 +307,12 @@ def run_worker(args, recipe, output: Path) -> int:
         error=error,
     )
     write_json_atomic(output / "status.json", status)
+    if code == EXIT_OK:  # evaluation reads the finished run's status.json to find its model
+        status["eval"] = evaluate_after_training(args, output, device)
+        write_json_atomic(output / "status.json", status)
+    if code == EXIT_OK and args.baseline_dir and not args.skip_eval:
+        status["baseline"] = evaluate_baseline(args, device)
+        write_json_atomic(output / "status.json", status)
     progress.emit(
         "end",
         recipe=recipe.name,
@@ -301,6 +322,47 @@ def run_worker(args, recipe, output: Path) -> int:
         error=error,
     )
     return code
+
+
+def evaluate_after_training(args, output: Path, device: str) -> dict:
+    """Detection metrics of the trained model on the test split, written beside its outputs.
+
+    A failed evaluation is recorded (and logged with its traceback) but does not undo a finished
+    training run: the adapter is there, and `recipe-run eval` can try again.
+    """
+    if args.skip_eval:
+        return {"status": "skipped"}
+    from src.eval.evaluate import METRICS_FILE, evaluate_output
+
+    progress.emit("stage_start", recipe=args.recipe, stage="eval", model=str(output))
+    try:
+        metrics = evaluate_output(output, args.dataset, max_samples=args.eval_samples or None, device=device)
+    except Exception as failure:  # reported in status.json and the log, never silent
+        log.error("evaluation failed:\n%s", traceback.format_exc())
+        return {"status": "failed", "error": f"{type(failure).__name__}: {failure}"}
+    headline = {k: metrics.get(k) for k in ("precision", "recall", "f1", "map_50", "parse_rate")}
+    log.info("evaluation on the test split: %s", json.dumps(headline))
+    return {"status": "succeeded", "metrics": str(output / METRICS_FILE), **headline}
+
+
+def evaluate_baseline(args, device: str) -> dict:
+    """The untrained model on the same test images: the zero-shot numbers every recipe is judged by."""
+    from src.eval.evaluate import evaluate_base
+
+    progress.emit("stage_start", recipe=args.recipe, stage="baseline", model=args.model_id)
+    try:
+        metrics = evaluate_base(
+            args.model_id,
+            args.dataset,
+            args.baseline_dir,
+            max_samples=args.eval_samples or None,
+            device=device,
+        )
+    except Exception as failure:  # the recipe's own results stand; the report shows no baseline
+        log.error("baseline evaluation failed:\n%s", traceback.format_exc())
+        return {"status": "failed", "error": f"{type(failure).__name__}: {failure}"}
+    log.info("zero-shot baseline: precision %.3f, f1 %.3f", metrics["precision"], metrics["f1"])
+    return {"status": "succeeded", "dir": args.baseline_dir}
 
 
 def exit_code_for(failure: BaseException) -> int:

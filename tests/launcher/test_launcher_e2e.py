@@ -47,6 +47,35 @@ def test_r1_and_r3_on_cpu_with_the_real_worker(tiny_model_dir, tiny_data_dir, tm
     assert all(isinstance(j["final_loss"], float) for j in jobs.values())
     assert "[r3-two-stage cpu]" in done.stdout and "(stage2-llm)" in done.stdout
     assert (launch / "logs" / "r3-two-stage.log").read_text().count("RR_PROGRESS") >= 6
+    # Each worker evaluated its model on the test split; the first also the untrained base.
+    for name in ("r1-llm-only", "r3-two-stage", "base"):
+        metrics = json.loads((launch / name / "metrics.json").read_text())
+        assert metrics["num_images"] == 8 and 0 <= metrics["precision"] <= 1
+        assert len((launch / name / "predictions.jsonl").read_text().splitlines()) == 8
+    report = json.loads((launch / "report.json").read_text())
+    assert report["base"] and [r["recipe"] for r in report["recipes"]] == ["r1-llm-only", "r3-two-stage"]
+    assert "| base (zero-shot) |" in (launch / "report.md").read_text()
+    assert (launch / "predictions_r3-two-stage.png").is_file() and (launch / "loss.png").is_file()
+    again = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "recipe_runner",
+            "eval",
+            str(launch / "r1-llm-only"),
+            "--dataset",
+            str(tiny_data_dir),
+            "--max-samples",
+            "2",
+            "--cpu",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert json.loads((launch / "r1-llm-only" / "metrics.json").read_text())["num_images"] == 2
 
 
 @pytest.mark.slow

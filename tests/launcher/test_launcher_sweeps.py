@@ -39,6 +39,11 @@ def test_plan_runs_every_recipe_per_seed_and_dataset(tmp_path):
     assert last.recipe == "r3-two-stage" and last.output_dir == tmp_path / "r3-two-stage-b-seed1"
     assert (flag_value(last.argv, "--seed"), flag_value(last.argv, "--dataset")) == ("1", "d/b")
     assert flag_value(last.argv, "--recipe") == "r3-two-stage"
+    baselines = {s.key: flag_value(s.argv, "--baseline-dir") for s in specs if "--baseline-dir" in s.argv}
+    assert baselines == {
+        "r1-llm-only-a-seed0": str(tmp_path / "base-a"),
+        "r1-llm-only-b-seed0": str(tmp_path / "base-b"),
+    }
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,285 @@
+"""Evaluate a trained recipe (or the untrained base) on a held-out split: metrics.json + predictions.jsonl.
+
+    python -m src.eval.evaluate outputs/r4-joint --dataset fixtures/data --max-samples 32 --cpu
+    python -m src.eval.evaluate outputs/r1-llm-only outputs/r2-vision-only ...   # one process, in turn
+    python -m src.eval.evaluate outputs/base --base fixtures/tiny-qwen2-vl --dataset fixtures/data
+
+The first forms find the final model of each worker output directory (`status.json["output"]`:
+`OUT/adapter/`, or r3's `OUT/stage2-llm/adapter/` on top of `OUT/stage1-vision/merged/`); the
+last (`--base MODEL_ID`) evaluates a model as it is, the zero-shot baseline, and writes into
+OUTPUT_DIR. Each writes, atomically, into its output directory:
+
+  * `metrics.json`: everything `src.eval.metrics.detection_metrics` returns (precision, recall, f1,
+    tp/fp/fn at IoU 0.5, map_50, map_50_95, mean_iou, parse_rate, per_label, num_images), plus
+    `class_agnostic` ({precision, recall, f1, mean_iou}: boxes matched whatever their label, which
+    separates "found it" from "named it") and `eval` (model, adapter, dataset, split, device, seconds...);
+  * `predictions.jsonl`: one line per image: image, width, height, truths, predictions (boxes in
+    original-image pixels), text (the raw answer, special tokens kept), parsed, malformed.
+
+Exit codes (the worst over all directories): 0 done, 2 bad input (no finished run there, missing
+dataset split), 1 evaluation failed. The same functions from Python: `evaluate_output(output_dir,
+dataset, ...)`, `evaluate_base(model_id, dataset, out_dir, ...)`; both return the metrics dict.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from src.data.boxes import Box
+from src.data.dataset import DEFAULT_PROMPT, DatasetError, load_records
+from src.eval.predict import DEFAULT_MAX_NEW_TOKENS, Prediction, load_for_eval, predict_records, resolve_model
+from src.utils.files import read_json, write_json_atomic
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+METRICS_FILE, PREDICTIONS_FILE = "metrics.json", "predictions.jsonl"
+log = logging.getLogger("recipe-eval")
+
+
+class EvaluationError(ValueError):
+    """Nothing to evaluate as asked; the message says what is missing."""
+
+
+def final_model_of(output_dir: str | Path) -> Path:
+    """The model a finished worker run produced, from its status.json (see the worker contract)."""
+    from src.eval.predict import locate
+
+    output_dir = Path(output_dir)
+    status = read_json(output_dir / "status.json")
+    if status is None:
+        raise EvaluationError(f"{output_dir}: no readable status.json; is this a worker output directory?")
+    if status.get("status") != "succeeded" or not status.get("output"):
+        raise EvaluationError(
+            f"{output_dir}: the run's status is {status.get('status')!r}; only a succeeded run has a model"
+        )
+    model = Path(locate(status["output"], output_dir))
+    if not model.is_dir():
+        raise EvaluationError(f"{output_dir}: status.json names {status['output']}, which is not there")
+    return model
+
+
+def evaluate_output(
+    output_dir: str | Path,
+    dataset: str,
+    split: str = "test",
+    max_samples: int | None = 32,
+    device: str = "cpu",
+    batch_size: int = 8,
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+    prompt: str = DEFAULT_PROMPT,
+) -> dict:
+    """Evaluate the final model of a worker output dir; writes OUT/metrics.json and OUT/predictions.jsonl."""
+    model_path = final_model_of(output_dir)
+    return evaluate_model(
+        model_path, dataset, output_dir, split, max_samples, device, batch_size, max_new_tokens, prompt
+    )
+
+
+def evaluate_base(
+    model_id: str,
+    dataset: str,
+    out_dir: str | Path,
+    split: str = "test",
+    max_samples: int | None = 32,
+    device: str = "cpu",
+    batch_size: int = 8,
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+    prompt: str = DEFAULT_PROMPT,
+) -> dict:
+    """The zero-shot baseline: `model_id` as it is, same files as evaluate_output, into out_dir."""
+    return evaluate_model(
+        model_id, dataset, out_dir, split, max_samples, device, batch_size, max_new_tokens, prompt
+    )
+
+
+def evaluate_model(
+    model_path: str | Path,
+    dataset: str,
+    out_dir: str | Path,
+    split: str = "test",
+    max_samples: int | None = 32,
+    device: str = "cpu",
+    batch_size: int = 8,
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+    prompt: str = DEFAULT_PROMPT,
+) -> dict:
+    """Predict on the first `max_samples` records of `split`, score, and write both files into out_dir."""
+    from src.eval.metrics import detection_metrics
+
+    out_dir = Path(out_dir)
+    records, _ = load_records(dataset, split)  # raises DatasetError naming what is wrong
+    records = records[:max_samples] if max_samples else records
+    started = time.time()
+    model, processor, family = load_for_eval(model_path, device, search_root=out_dir)
+    predictions = predict_records(
+        model, processor, records, family, device, batch_size, prompt=prompt, max_new_tokens=max_new_tokens
+    )
+    samples = [(p.boxes, p.truths, p.parsed) for p in predictions]
+    base, adapter = resolve_model(model_path, out_dir)
+    metrics = {
+        **detection_metrics(samples),
+        "class_agnostic": class_agnostic_metrics(samples),
+        "eval": {
+            "model": str(model_path),
+            "base_model": base,
+            "adapter": adapter,
+            "family": family,
+            "dataset": str(dataset),
+            "split": split,
+            "num_samples": len(records),
+            "device": device,
+            "batch_size": batch_size,
+            "max_new_tokens": max_new_tokens,
+            "seconds": round(time.time() - started, 2),
+        },
+    }
+    write_predictions(out_dir / PREDICTIONS_FILE, predictions)
+    write_json_atomic(out_dir / METRICS_FILE, metrics)
+    return metrics
+
+
+def class_agnostic_metrics(samples: list, iou_threshold: float = 0.5) -> dict:
+    """Precision, recall, F1 and mean IoU with boxes matched whatever their labels."""
+    from src.eval.metrics import match_boxes
+
+    tp = n_preds = n_truths = 0
+    ious: list[float] = []
+    for preds, truths, _ in samples:
+        matching = match_boxes(preds, truths, iou_threshold, class_agnostic=True)
+        tp += len(matching.pairs)
+        ious += [overlap for _, _, overlap in matching.pairs]
+        n_preds, n_truths = n_preds + len(preds), n_truths + len(truths)
+    precision = tp / n_preds if n_preds else 0.0
+    recall = tp / n_truths if n_truths else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    return {
+        "precision": precision,
+        "recall": recall,
+        "f1": f1,
+        "mean_iou": sum(ious) / len(ious) if ious else 0.0,
+    }
+
+
+def _box_json(box: Box) -> dict:
+    return {k: v for k, v in asdict(box).items() if v is not None}
+
+
+def write_predictions(path: Path, predictions: list[Prediction]) -> Path:
+    """predictions.jsonl, written to a temporary name and renamed, like metrics.json."""
+    lines = [
+        {
+            "image": p.image,
+            "width": p.width,
+            "height": p.height,
+            "truths": [_box_json(b) for b in p.truths],
+            "predictions": [_box_json(b) for b in p.boxes],
+            "text": p.text,
+            "parsed": p.parsed,
+            "malformed": p.malformed,
+        }
+        for p in predictions
+    ]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    os.replace(tmp, path)
+    return path
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m src.eval.evaluate", description=__doc__.splitlines()[0])
+    arg = parser.add_argument
+    arg(
+        "output_dirs",
+        nargs="+",
+        metavar="OUTPUT_DIR",
+        help="worker output directories, evaluated in turn in this one process (with --base: one, "
+        "where to write)",
+    )
+    arg(
+        "--dataset",
+        default="fixtures/data",
+        help="imagefolder dir, COCO .json or hub name (default: %(default)s)",
+    )
+    arg("--split", default="test", help="split to evaluate on (default: %(default)s)")
+    arg(
+        "--max-samples",
+        type=int,
+        default=32,
+        help="evaluate the first N images; 0 for all (default: %(default)s)",
+    )
+    arg("--batch-size", type=int, default=8, help="images per generate() call (default: %(default)s)")
+    arg(
+        "--max-new-tokens",
+        type=int,
+        default=DEFAULT_MAX_NEW_TOKENS,
+        help="answer length cap (default: %(default)s)",
+    )
+    arg("--cpu", action="store_true", help="evaluate on the CPU even if a GPU is visible")
+    arg("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
+    arg("--base", metavar="MODEL_ID", default=None, help="evaluate this model as it is (zero-shot baseline)")
+    return parser
+
+
+def _usage_problems(args) -> list[str]:
+    problems = []
+    if args.max_samples < 0:
+        problems.append(f"--max-samples {args.max_samples}: use 0 (all) or more")
+    if args.batch_size < 1 or args.max_new_tokens < 1:
+        problems.append("--batch-size and --max-new-tokens must be at least 1")
+    if args.base and len(args.output_dirs) > 1:
+        problems.append("--base writes into one OUTPUT_DIR; got several")
+    return problems
+
+
+def evaluate_one(output_dir: str, base: str | None, options: dict) -> int:
+    """Exit code for one directory; the summary line goes to stdout, problems to stderr."""
+    try:
+        if base:
+            metrics = evaluate_base(base, out_dir=output_dir, **options)
+        else:
+            metrics = evaluate_output(output_dir, **options)
+    except (EvaluationError, DatasetError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    except Exception:  # a failed evaluation is reported with its traceback, never silent
+        log.exception("evaluation of %s failed", output_dir)
+        return EXIT_FAILED
+    summary = {k: round(metrics[k], 3) for k in ("precision", "recall", "f1", "map_50", "parse_rate")}
+    print(f"{output_dir}: {json.dumps(summary)} -> {Path(output_dir) / METRICS_FILE}", flush=True)
+    return EXIT_OK
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Evaluate each OUTPUT_DIR; the exit code is the worst of theirs (2 bad input, 1 failed)."""
+    args = build_parser().parse_args(argv)
+    if problems := _usage_problems(args):
+        print("error: " + "\nerror: ".join(problems), file=sys.stderr)
+        return EXIT_USAGE
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    import torch
+
+    from src.utils.gpu import resolve_device
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    options = {
+        "dataset": args.dataset,
+        "split": args.split,
+        "max_samples": args.max_samples or None,
+        "device": resolve_device(args.cpu),
+        "batch_size": args.batch_size,
+        "max_new_tokens": args.max_new_tokens,
+    }
+    codes = [evaluate_one(output_dir, args.base, options) for output_dir in args.output_dirs]
+    return max(codes, key=lambda code: (code == EXIT_USAGE, code))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
