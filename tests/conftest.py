@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -51,3 +52,25 @@ def tiny_processor(tiny_model_dir):
     from src.models.loader import load_processor
 
     return load_processor(str(tiny_model_dir))
+
+
+def worker_argv(recipe: str, model_dir, data_dir, out, *extra: str) -> list[str]:
+    """The worker's command line as the tests run it: a few small steps, no W&B."""
+    return [
+        sys.executable,
+        str(REPO / "scripts" / "train_recipe.py"),
+        "--recipe",
+        recipe,
+        "--model-id",
+        str(model_dir),
+        "--dataset",
+        str(data_dir),
+        "--output-dir",
+        str(out),
+        "--max-steps",
+        "2",
+        "--batch-size",
+        "2",
+        "--no-wandb",
+        *extra,
+    ]

@@ -1,8 +1,8 @@
 """Checkpoints and resume: a run that died continues where it stopped and ends where it would have."""
 
 import json
+import os
 import subprocess
-import sys
 
 import pytest
 import torch
@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from src.recipes import RECIPES
 from src.training.run import FAULT_ENV, RunOptions, run_recipe
 from src.utils.files import atomic_dir
-from tests.conftest import REPO
+from tests.conftest import worker_argv
 
 pytestmark = pytest.mark.slow
 
@@ -55,25 +55,8 @@ def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(
 
 def test_worker_resume_keeps_the_finished_stage_of_r3(tiny_model_dir, tiny_data_dir, tmp_path):
     out = tmp_path / "r3"
-    command = [
-        sys.executable,
-        str(REPO / "scripts" / "train_recipe.py"),
-        "--recipe",
-        "r3",
-        "--cpu",
-        "--model-id",
-        str(tiny_model_dir),
-        "--dataset",
-        str(tiny_data_dir),
-        "--output-dir",
-        str(out),
-        "--max-steps",
-        "2",
-        "--batch-size",
-        "2",
-        "--no-wandb",
-    ]
-    env = {**__import__("os").environ, FAULT_ENV: "stage2-llm:1:kill"}
+    command = worker_argv("r3", tiny_model_dir, tiny_data_dir, out, "--cpu")
+    env = {**os.environ, FAULT_ENV: "stage2-llm:1:kill"}
     died = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
     assert died.returncode == -9
     status = json.loads((out / "status.json").read_text())

@@ -64,38 +64,17 @@ def final_model_of(output_dir: str | Path) -> Path:
     return model
 
 
-def evaluate_output(
-    output_dir: str | Path,
-    dataset: str,
-    split: str = "test",
-    max_samples: int | None = 32,
-    device: str = "cpu",
-    batch_size: int = 8,
-    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
-    prompt: str = DEFAULT_PROMPT,
-) -> dict:
-    """Evaluate the final model of a worker output dir; writes OUT/metrics.json and OUT/predictions.jsonl."""
-    model_path = final_model_of(output_dir)
-    return evaluate_model(
-        model_path, dataset, output_dir, split, max_samples, device, batch_size, max_new_tokens, prompt
-    )
+def evaluate_output(output_dir: str | Path, dataset: str, **options) -> dict:
+    """Evaluate the final model of a worker output dir; writes OUT/metrics.json and OUT/predictions.jsonl.
+
+    `options` are evaluate_model's: split, max_samples, device, batch_size, max_new_tokens, prompt.
+    """
+    return evaluate_model(final_model_of(output_dir), dataset, output_dir, **options)
 
 
-def evaluate_base(
-    model_id: str,
-    dataset: str,
-    out_dir: str | Path,
-    split: str = "test",
-    max_samples: int | None = 32,
-    device: str = "cpu",
-    batch_size: int = 8,
-    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
-    prompt: str = DEFAULT_PROMPT,
-) -> dict:
+def evaluate_base(model_id: str, dataset: str, out_dir: str | Path, **options) -> dict:
     """The zero-shot baseline: `model_id` as it is, same files as evaluate_output, into out_dir."""
-    return evaluate_model(
-        model_id, dataset, out_dir, split, max_samples, device, batch_size, max_new_tokens, prompt
-    )
+    return evaluate_model(model_id, dataset, out_dir, **options)
 
 
 def evaluate_model(

@@ -5,12 +5,11 @@ Run on the GPU machine: `python -m pytest tests/gpu -m gpu` (see docs/benchmarks
 
 import json
 import subprocess
-import sys
 
 import pytest
 
 from src.recipes import RECIPES
-from tests.conftest import REPO
+from tests.conftest import REPO, worker_argv
 
 pytestmark = pytest.mark.gpu
 
@@ -54,25 +53,7 @@ def test_worker_logs_the_device_it_sees(tiny_model_dir, tiny_data_dir, tmp_path)
     import torch
 
     out = tmp_path / "r3"
-    command = [
-        sys.executable,
-        str(REPO / "scripts" / "train_recipe.py"),
-        "--recipe",
-        "r3",
-        "--gpu",
-        "0",
-        "--model-id",
-        str(tiny_model_dir),
-        "--dataset",
-        str(tiny_data_dir),
-        "--output-dir",
-        str(out),
-        "--max-steps",
-        "2",
-        "--batch-size",
-        "2",
-        "--no-wandb",
-    ]
+    command = worker_argv("r3", tiny_model_dir, tiny_data_dir, out, "--gpu", "0")
     done = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=REPO)
     assert done.returncode == 0, done.stderr[-3000:]
     status = json.loads((out / "status.json").read_text())
