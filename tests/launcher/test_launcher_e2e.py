@@ -82,10 +82,24 @@ def test_r1_and_r3_on_cpu_with_the_real_worker(tiny_model_dir, tiny_data_dir, tm
 def test_demo_builds_fixtures_and_runs_every_recipe(tmp_path) -> None:
     fixtures, out = tmp_path / "fixtures", tmp_path / "out"
     done = recipe_run(
-        "demo", "--fixtures", str(fixtures), "--output-dir", str(out), tmp_path=tmp_path, timeout=600
+        # A guard against a hang, not the speed target: `make demo` took 6 min 15 s on 2 idle cores
+        # (README); a CI machine shared with other work must not fail it.
+        "demo",
+        "--fixtures",
+        str(fixtures),
+        "--output-dir",
+        str(out),
+        tmp_path=tmp_path,
+        timeout=1500,
     )
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
     assert (fixtures / "tiny-qwen2-vl" / "config.json").is_file()
     summary = json.loads((only_launch(out) / "summary.json").read_text())
     assert [j["status"] for j in summary["jobs"]] == ["succeeded"] * 4
     assert "--max-steps" in summary["command"] and "--no-wandb" in summary["command"]
+    launch = only_launch(out)
+    report = json.loads((launch / "report.json").read_text())
+    best = max(r["metrics"]["precision"] for r in report["recipes"])
+    # The pretrained base fails the shifted domain zero-shot; fine-tuning must clearly beat it.
+    assert best - report["base"]["precision"] >= 0.5, report
+    assert {"loss.png", "predictions_r4-joint.png", "report.md"} <= {p.name for p in launch.iterdir()}
