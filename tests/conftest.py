@@ -74,3 +74,11 @@ def worker_argv(recipe: str, model_dir, data_dir, out, *extra: str) -> list[str]
         "--no-wandb",
         *extra,
     ]
+
+
+def tiny_run_options(model_dir, data_dir, out, **overrides):
+    """RunOptions for a few quick steps on the tiny fixtures; tests override what they vary."""
+    from src.training.run import RunOptions
+
+    settings = {"device": "cpu", "max_steps": 3, "batch_size": 2, "learning_rate": 1e-2, **overrides}
+    return RunOptions(model_id=str(model_dir), dataset=str(data_dir), output_dir=out, **settings)

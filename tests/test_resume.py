@@ -9,26 +9,15 @@ import torch
 from safetensors.torch import load_file
 
 from src.recipes import RECIPES
-from src.training.run import FAULT_ENV, RunOptions, run_recipe
+from src.training.run import FAULT_ENV, run_recipe
 from src.utils.files import atomic_dir
-from tests.conftest import worker_argv
+from tests.conftest import tiny_run_options, worker_argv
 
 pytestmark = pytest.mark.slow
 
 
 def _options(tiny_model_dir, tiny_data_dir, out, **extra):
-    return RunOptions(
-        model_id=str(tiny_model_dir),
-        dataset=str(tiny_data_dir),
-        output_dir=out,
-        device="cpu",
-        max_steps=4,
-        batch_size=2,
-        learning_rate=1e-2,
-        save_steps=2,
-        seed=7,
-        **extra,
-    )
+    return tiny_run_options(tiny_model_dir, tiny_data_dir, out, max_steps=4, save_steps=2, seed=7, **extra)
 
 
 def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(

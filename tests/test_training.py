@@ -14,6 +14,7 @@ from src.models.freeze import part_of, trained_parts
 from src.recipes import RECIPES
 from src.training import run as run_module
 from src.training.run import RunOptions, run_recipe
+from tests.conftest import tiny_run_options
 
 pytestmark = pytest.mark.slow
 
@@ -44,16 +45,7 @@ def captured(monkeypatch):
 
 
 def _options(tiny_model_dir, tiny_data_dir, out: Path, **extra) -> RunOptions:
-    return RunOptions(
-        model_id=str(tiny_model_dir),
-        dataset=str(tiny_data_dir),
-        output_dir=out,
-        device="cpu",
-        max_steps=3,
-        batch_size=2,
-        learning_rate=1e-2,
-        **extra,
-    )
+    return tiny_run_options(tiny_model_dir, tiny_data_dir, out, **extra)
 
 
 def _check_effects(stage, before: dict, after: dict) -> None:

@@ -9,23 +9,13 @@ import subprocess
 import pytest
 
 from src.recipes import RECIPES
-from tests.conftest import REPO, worker_argv
+from tests.conftest import REPO, tiny_run_options, worker_argv
 
 pytestmark = pytest.mark.gpu
 
 
 def _options(tiny_model_dir, tiny_data_dir, out):
-    from src.training.run import RunOptions
-
-    return RunOptions(
-        model_id=str(tiny_model_dir),
-        dataset=str(tiny_data_dir),
-        output_dir=out,
-        device="cuda",
-        max_steps=3,
-        batch_size=2,
-        learning_rate=1e-2,
-    )
+    return tiny_run_options(tiny_model_dir, tiny_data_dir, out, device="cuda")
 
 
 @pytest.mark.parametrize("key", ["r1-llm-only", "r4-joint"])
