@@ -3,7 +3,8 @@
     recipe-run --recipes r1,r2,r4 --gpus 0,1,2      # same as `recipe-run launch ...`
     python -m recipe_runner plan --recipes all        # what would run where; starts nothing
 
-Subcommands (a literal list, `COMMANDS`): launch (the default), plan, list, gpus, demo, report.
+Subcommands (a literal list, `COMMANDS`): launch (the default), plan, list, gpus, demo, report,
+resume, eval, bench (eval and bench run their torch modules in a child process).
 `recipe-run --help` explains with examples. Exit codes: 0 every recipe succeeded, 1 any did not,
 2 bad usage or unusable GPUs (nothing started, nothing written), 130 Ctrl-C, 143 SIGTERM.
 
@@ -57,7 +58,7 @@ from recipe_runner.summary import (
 )
 from src.recipes import RECIPES
 
-COMMANDS = ("launch", "plan", "list", "gpus", "demo", "report", "resume", "eval")
+COMMANDS = ("launch", "plan", "list", "gpus", "demo", "report", "resume", "eval", "bench")
 # The demo fine-tunes the pretrained tiny detector on the shifted target domain: 250 steps of batch 8
 # at a rate that suits a 1M-parameter model (the recipes' own rates are for 2B-7B models). Measured
 # on 2 CPU cores: about 4 minutes for the four recipes at once; see the README's example report.
@@ -75,6 +76,7 @@ examples:
   recipe-run list                                     the recipes and what each trains
   recipe-run demo                                     tiny offline model and data, all four recipes
   recipe-run report outputs/20261126-041500-ab12      the side-by-side report of a launch again
+  recipe-run bench --shape 7b --shape 2b              tokens/s, memory, MFU per recipe vs the plain loop
 
 Recipes: r1 (r1-llm-only), r2 (r2-vision-only), r3 (r3-two-stage), r4 (r4-joint), or all.
 Each run writes <output-dir>/<launch-id>/: one directory per recipe (the worker's output),
@@ -121,6 +123,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
         "resume": "re-run the recipes of a launch that did not succeed, each from its last checkpoint",
         "eval": "evaluate worker output directories on a test split (runs python -m src.eval.evaluate; "
         "`recipe-run eval --help` lists its flags)",
+        "bench": "tokens/s, step time, peak memory, MFU of every recipe beside the plain loop, on 2B/7B "
+        "random-weight models (runs python -m src.bench; `recipe-run bench --help` lists its flags)",
     }
     subs = {
         name: sub.add_parser(
@@ -289,6 +293,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["eval"]:
         return cmd_eval(argv[1:])
+    if argv[:1] == ["bench"]:
+        return cmd_bench(argv[1:])
     try:
         args = _parse(argv)
         return _COMMANDS[args.command](args)
@@ -639,6 +645,11 @@ def _merge(earlier: Sequence[JobResult], latest: Sequence[JobResult]) -> list[Jo
 def cmd_eval(rest: list[str]) -> int:
     """The evaluator in its own process: it loads torch and models, which the launcher never does."""
     return subprocess.call([sys.executable, "-m", "src.eval.evaluate", *rest])
+
+
+def cmd_bench(rest: list[str]) -> int:
+    """The benchmark in its own process, like eval: it needs torch and a GPU, the launcher neither."""
+    return subprocess.call([sys.executable, "-m", "src.bench", *rest])
 
 
 def cmd_resume(args: argparse.Namespace, probe: Callable[[], list[GpuInfo]] = probe_gpus) -> int:

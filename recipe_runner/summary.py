@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import signal
 import time
 from collections.abc import Iterable, Sequence
@@ -141,6 +142,8 @@ def write_summary(
         "command": list(command),
         "exit_code": exit_code,
         "succeeded": sum(r.status == "succeeded" for r in results),
+        # The launcher's own footprint (peak resident memory so far): it must stay small beside workers.
+        "launcher_peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "jobs": [asdict(r) for r in results],
     }
     tmp = path.with_suffix(".json.tmp")

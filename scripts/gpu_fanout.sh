@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# The multi-GPU fan-out runs of docs/benchmarks.md: every recipe on its own GPU at the 2B and 7B
-# shapes (random weights, src/models/shapes.py), r3 alone for the makespan, one 7B recipe sharded
-# over two GPUs, and a real out-of-memory retry. Run from the repo root on a machine with 4 GPUs:
+# The GPU runs of docs/benchmarks.md: the benchmark (bench7b, bench2b), every recipe on its own GPU
+# at the 2B and 7B shapes (random weights, src/models/shapes.py; 4 GPUs), r3 alone for the makespan,
+# two recipes on two GPUs against the longer alone (pair, pairalone), one 7B recipe sharded over two
+# GPUs, and a real out-of-memory retry. Run from the repo root:
 #
-#   scripts/gpu_fanout.sh OUT_DIR PART...     PART: setup 2b 7b alone shard oom
+#   scripts/gpu_fanout.sh OUT_DIR PART...   PART: setup bench7b bench2b 2b 7b alone pair pairalone shard oom
 #
 # RECIPE_RUN (default `python3 -m recipe_runner`), WORK (default /tmp/rr), STEPS (default 10) and
 # ALONE_SHAPE (the model of the `alone` run, default 2b) can be set in the environment. Each part writes OUT_DIR/<part>.log and copies the launch's small
@@ -52,6 +53,14 @@ for part in "$@"; do
         ARGS="${common[*]:2} --plain --output-dir $work/runs-7b" 2>&1 | tee "$out/7b.log" || true
       echo "wall seconds: $((SECONDS - start))" | tee -a "$out/7b.log"
       keep 7b ;;
+    bench7b)  # the ladder where the levers differ (r1: frozen tower; r4: everything trains), r2 plainly
+      python3 -m src.bench --shape 7b --recipes r1,r4 --ladder --profile --work "$work" --out "$out/bench7b" \
+        2>&1 | tee "$out/bench7b.log"
+      python3 -m src.bench --shape 7b --recipes r2 --work "$work" --out "$out/bench7b-r2" 2>&1 | tee -a "$out/bench7b.log" ;;
+    bench2b)
+      python3 -m src.bench --shape 2b --recipes r1,r2,r4 --work "$work" --out "$out/bench2b" 2>&1 | tee "$out/bench2b.log" ;;
+    pair) launch pair --recipes r2,r4 --gpus 0,1 --model-id "$work/7b" "${common[@]}" --skip-eval --plain ;;
+    pairalone) launch pairalone --recipes r4 --gpus 0 --model-id "$work/7b" "${common[@]}" --skip-eval --plain ;;
     alone) launch alone --recipes r3 --gpus 0 --model-id "$work/${ALONE_SHAPE:-2b}" "${common[@]}" --plain ;;
     shard) launch shard --recipes r4 --gpus 0,1 --gpus-per-recipe 2 --model-id "$work/7b" "${common[@]}" --plain ;;
     oom) launch oom --recipes r2 --gpus 0 --model-id "$work/2b" --dataset "$work/data" --max-steps 2 \

@@ -123,3 +123,40 @@ def test_target_regex_never_matches_patch_embed_or_other_parts():
     assert not pattern.fullmatch("model.language_model.layers.0.mlp.gate_proj")
     with pytest.raises(ValueError, match="unsupported model family"):
         target_regex({"llm"}, "llava")
+
+
+def _one_batch(model_dir, data_dir, processor):
+    from src.data.collators import AssistantOnlyCollator
+    from src.data.dataset import build_dataset
+
+    dataset, _ = build_dataset(str(data_dir), "train", "qwen2_vl", processor)
+    return AssistantOnlyCollator(processor)([dataset[0], dataset[1]])
+
+
+@pytest.mark.parametrize("key", ["r1-llm-only", "r2-vision-only"])
+def test_frozen_vision_runs_outside_autograd_and_the_llm_still_learns(
+    key, tiny_model_dir, tiny_data_dir, tiny_processor
+):
+    """r1's tower gets no backward pass at all; r2's (which trains) keeps its own."""
+    from peft import get_peft_model
+    from transformers import AutoModelForImageTextToText
+
+    from src.models.freeze import keep_frozen_vision_out_of_autograd, vision_tower
+
+    recipe = RECIPES[key]
+    model = get_peft_model(
+        AutoModelForImageTextToText.from_pretrained(tiny_model_dir), create_lora_config(recipe, "qwen2_vl")
+    )
+    apply_freeze_policy(model, recipe)
+    model.enable_input_require_grads()  # what the trainer does; it used to drag the tower into autograd
+    applied = keep_frozen_vision_out_of_autograd(model, recipe)
+    backward_calls = []
+    for block in vision_tower(model).blocks:
+        block.register_full_backward_hook(lambda *args: backward_calls.append(1))
+
+    model(**_one_batch(tiny_model_dir, tiny_data_dir, tiny_processor)).loss.backward()
+
+    assert applied is (key == "r1-llm-only")
+    assert (not backward_calls) is applied
+    lora_b_grads = [p.grad for n, p in model.named_parameters() if "lora_B" in n and p.requires_grad]
+    assert lora_b_grads and all(g is not None and g.abs().sum() > 0 for g in lora_b_grads)

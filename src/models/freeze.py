@@ -55,3 +55,27 @@ def apply_freeze_policy(model, recipe) -> Counter:
             f"recipe {recipe.name} trains {sorted(missing)} but no LoRA weights were found there"
         )
     return trainable
+
+
+def keep_frozen_vision_out_of_autograd(model, recipe) -> bool:
+    """Run the vision tower under no_grad when nothing in it (or the merger) trains.
+
+    Without this, the trainer's `enable_input_require_grads` marks the patch embedding's output as
+    requiring grad, so a frozen tower records its whole graph and the backward pass walks all of
+    its blocks for gradients nobody uses (r1, r3's stage 2). Returns whether it was applied.
+    """
+    import torch
+
+    if trained_parts(recipe) & {"vision", "merger"}:
+        return False
+    tower = vision_tower(model)
+    tower.forward = torch.no_grad()(tower.forward)
+    return True
+
+
+def vision_tower(model):
+    """The `visual` module of a (possibly PEFT-wrapped) Qwen2-VL model."""
+    for name, module in model.named_modules():
+        if name.endswith("visual") and part_of(name) == "vision":
+            return module
+    raise ValueError("no vision tower (a module named 'visual') in this model")

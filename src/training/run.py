@@ -49,6 +49,10 @@ class RunOptions:
     gradient_checkpointing: bool | None = None
     save_steps: int = 0  # checkpoint every N optimizer steps (0: only the final output)
     resume: bool = False  # skip finished stages; continue the others from their last checkpoint
+    # Speed levers (docs/benchmarks.md says what each bought); the defaults are the fast path.
+    dataloader_workers: int | None = None  # None: 2 on a GPU (batches prepared ahead), 0 on the CPU
+    fused_optimizer: bool = True  # fused AdamW kernel on GPUs
+    frozen_vision_no_grad: bool = True  # run a vision tower with nothing to train outside autograd
 
 
 @dataclass
@@ -127,21 +131,61 @@ def load_for_stage(stage, model_id: str, device: str):
     return load_quantized_model(model_id, device) if stage.quantized else load_model(model_id, device)
 
 
+@dataclass
+class PreparedStage:
+    """A stage ready to train: the wrapped model, its processor and the trainer around them."""
+
+    trainer: object
+    model: object
+    processor: object
+    trainable: dict
+    skipped_records: int
+    reporter: ProgressCallback
+
+
 def train_stage(
     recipe_name: str, stage, model_id: str, opts: RunOptions, stage_dir: Path, merge: bool = False
 ) -> StageResult:
     """One stage: load, wrap with scoped LoRA, freeze, train, save adapter (or merged model)."""
+    started = time.monotonic()
+    prepared = prepare_stage(recipe_name, stage, model_id, opts, stage_dir)
+    checkpoint = last_checkpoint(stage_dir / "trainer") if opts.resume else None
+    if checkpoint:
+        log.info("[%s] resuming from %s", stage.name, checkpoint)
+    prepared.trainer.train(resume_from_checkpoint=checkpoint)
+
+    output = save_stage(prepared.model, prepared.processor, stage_dir, merge, recipe_name, stage.name)
+    final_loss = prepared.reporter.final_loss
+    final_loss = final_loss if final_loss is None or math.isfinite(final_loss) else None
+    progress.emit(
+        "stage_end", recipe=recipe_name, stage=stage.name, final_loss=final_loss, output=str(output)
+    )
+    return StageResult(
+        stage.name,
+        output,
+        final_loss,
+        prepared.trainer.state.global_step,
+        prepared.trainable,
+        prepared.skipped_records,
+        peak_gpu_mem_gib=_gpu_memory_gib(),
+        train_seconds=round(time.monotonic() - started, 3),
+    )
+
+
+def prepare_stage(
+    recipe_name: str, stage, model_id: str, opts: RunOptions, stage_dir: Path, callbacks=()
+) -> PreparedStage:
+    """Load, wrap with scoped LoRA, freeze, and build the trainer (the benchmark times this same path)."""
     from peft import get_peft_model
     from transformers import PrinterCallback, set_seed
     from trl import SFTTrainer
 
     from src.data.collators import AssistantOnlyCollator
     from src.data.dataset import build_dataset
-    from src.models.freeze import apply_freeze_policy
+    from src.models.freeze import apply_freeze_policy, keep_frozen_vision_out_of_autograd
     from src.models.loader import load_processor, model_family
     from src.models.lora import create_lora_config
 
-    started = time.monotonic()
     set_seed(opts.seed)  # before LoRA init, so the same seed gives the same adapter
     processor = load_processor(model_id)
     family = model_family(model_id)
@@ -152,6 +196,8 @@ def train_stage(
     model = get_peft_model(load_for_stage(stage, model_id, opts.device), create_lora_config(stage, family))
     trainable = apply_freeze_policy(model, stage)
     log.info("[%s] trainable parameters by part: %s", stage.name, dict(trainable))
+    if opts.frozen_vision_no_grad and keep_frozen_vision_out_of_autograd(model, stage):
+        log.info("[%s] vision tower trains nothing: it runs without autograd", stage.name)
 
     settings = StageSettings(
         output_dir=str(stage_dir / "trainer"),
@@ -164,8 +210,10 @@ def train_stage(
         device=opts.device,
         wandb=opts.wandb,
         run_name=f"{recipe_name}/{stage.name}",
-        gradient_checkpointing=opts.gradient_checkpointing,
+        gradient_checkpointing=resolve_checkpointing(stage, model_id, opts, dataset, processor),
         save_steps=opts.save_steps,
+        dataloader_workers=opts.dataloader_workers,
+        fused_optimizer=opts.fused_optimizer,
     )
     reporter = ProgressCallback(recipe_name, stage.name, opts.output_dir / "loss_history.jsonl")
     trainer = SFTTrainer(
@@ -174,32 +222,43 @@ def train_stage(
         train_dataset=dataset,
         processing_class=processor,
         data_collator=AssistantOnlyCollator(processor),
-        callbacks=[reporter.as_trainer_callback()],
+        callbacks=[reporter.as_trainer_callback(), *callbacks],
     )
     # Our progress lines replace the trainer's printed log dicts.
     trainer.remove_callback(PrinterCallback)
-    checkpoint = last_checkpoint(stage_dir / "trainer") if opts.resume else None
-    if checkpoint:
-        log.info("[%s] resuming from %s", stage.name, checkpoint)
-    trainer.train(resume_from_checkpoint=checkpoint)
+    return PreparedStage(trainer, model, processor, dict(trainable), skipped, reporter)
 
-    output = save_stage(model, processor, stage_dir, merge, recipe_name, stage.name)
-    final_loss = (
-        reporter.final_loss if reporter.final_loss is None or math.isfinite(reporter.final_loss) else None
-    )
-    progress.emit(
-        "stage_end", recipe=recipe_name, stage=stage.name, final_loss=final_loss, output=str(output)
-    )
-    return StageResult(
+
+def resolve_checkpointing(stage, model_id: str, opts: RunOptions, dataset, processor) -> bool | None:
+    """Gradient checkpointing as asked; for "auto" on one GPU, off when the planner says it fits.
+
+    Recomputing activations costs about a third of a step; it is only worth it when the
+    activations would not fit. None leaves the CPU rule to the config (off).
+    """
+    if opts.gradient_checkpointing is not None or opts.device != "cuda":
+        return opts.gradient_checkpointing
+    import torch
+
+    if torch.cuda.device_count() > 1:  # a sharded model: stay lean, the split is already tight
+        return True
+    from src.planner import ModelShape, choose_checkpointing
+    from src.training.memory import available_gpu_bytes, largest_sample
+
+    patches, text_tokens = largest_sample(dataset, processor)
+    shape = ModelShape.from_model_dir(model_id)
+    capacity = available_gpu_bytes()
+    checkpointing = choose_checkpointing(shape, stage, opts.batch_size, capacity, patches, text_tokens)
+    log.info(
+        "[%s] gradient checkpointing %s (planner: batch %d, %d image patches + %d text tokens a sample, "
+        "%.1f GiB available)",
         stage.name,
-        output,
-        final_loss,
-        trainer.state.global_step,
-        dict(trainable),
-        skipped,
-        peak_gpu_mem_gib=_gpu_memory_gib(),
-        train_seconds=round(time.monotonic() - started, 3),
+        "on" if checkpointing else "off",
+        opts.batch_size,
+        patches,
+        text_tokens,
+        capacity / 2**30,
     )
+    return checkpointing
 
 
 def save_stage(model, processor, stage_dir: Path, merge: bool, recipe_name: str, stage_name: str) -> Path:

@@ -50,3 +50,32 @@ def test_worker_logs_the_device_it_sees(tiny_model_dir, tiny_data_dir, tmp_path)
     assert status["device"]["name"] == torch.cuda.get_device_name(0)
     assert status["device"]["uuid"].startswith("GPU-")
     assert [s["name"] for s in status["stages"]] == ["stage1-vision", "stage2-llm"]
+
+
+def test_bench_on_cuda_measures_memory_utilisation_and_mfu(tiny_fixtures, tmp_path):
+    """The benchmark's GPU-only columns are filled on a GPU (the CPU smoke run leaves them empty)."""
+    import sys
+
+    model_dir, data_dir = tiny_fixtures
+    out = tmp_path / "out"
+    argv = ["--model-id", str(model_dir), "--dataset", str(data_dir), "--recipes", "r1,r4"]
+    argv += [
+        "--variants",
+        "plain,fast",
+        "--steps",
+        "3",
+        "--warmup",
+        "2",
+        "--work",
+        str(tmp_path),
+        "--out",
+        str(out),
+    ]
+    done = subprocess.run(
+        [sys.executable, "-m", "src.bench", *argv], capture_output=True, text=True, cwd=REPO
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads((out / "bench.json").read_text())
+    assert report["environment"]["bf16_peak_tflops"] > 50
+    for row in report["rows"]:
+        assert row["peak_gib"] > 0 and row["mfu_pct"] is not None and row["gpu_util_pct"] is not None

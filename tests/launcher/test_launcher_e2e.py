@@ -37,8 +37,10 @@ def test_r1_and_r3_on_cpu_with_the_real_worker(tiny_model_dir, tiny_data_dir, tm
     )
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
     launch = only_launch(out)
-    jobs = {j["recipe"]: j for j in json.loads((launch / "summary.json").read_text())["jobs"]}
+    summary = json.loads((launch / "summary.json").read_text())
+    jobs = {j["recipe"]: j for j in summary["jobs"]}
     assert [j["status"] for j in jobs.values()] == ["succeeded", "succeeded"]
+    assert 0 < summary["launcher_peak_rss_mib"] < 150  # the parent stays small: no torch, no models
     r1, r3 = jobs["r1-llm-only"], jobs["r3-two-stage"]
     assert r1["output"] == str(launch / "r1-llm-only" / "adapter")
     assert (Path(r1["output"]) / "adapter_model.safetensors").is_file()

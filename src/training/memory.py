@@ -1,0 +1,44 @@
+"""What the memory planner (`src/planner.py`) needs to know at training time: the largest sample and
+the GPU memory this process can use. Used by `run.resolve_checkpointing` and the worker's
+`--batch-size auto`.
+"""
+
+from __future__ import annotations
+
+SAMPLES_TO_SIZE = 64  # enough to find the largest image of a data set of one resolution or a few
+
+
+def largest_sample(dataset, processor, limit: int = SAMPLES_TO_SIZE) -> tuple[int, int]:
+    """(image patches, text tokens) of the largest of the first `limit` samples.
+
+    Image sizes come from the files' headers (PIL opens lazily); text tokens from the chat
+    template, where each image is still one placeholder token.
+    """
+    from src.data.dataset import processor_pixel_limits
+    from src.planner import image_grid
+
+    low, high = processor_pixel_limits(processor)
+    patches = text_tokens = 0
+    for row in dataset.select(range(min(limit, len(dataset)))):
+        sizes = [_image_size(image) for image in row.get("images") or []]
+        patches = max(patches, sum(image_grid(w, h, low, high)[0] for w, h in sizes))
+        text = processor.apply_chat_template(row["messages"], tokenize=False)
+        text_tokens = max(text_tokens, len(processor.tokenizer(text)["input_ids"]))
+    return patches, text_tokens
+
+
+def _image_size(image) -> tuple[int, int]:
+    from PIL import Image
+
+    if isinstance(image, str):
+        with Image.open(image) as opened:
+            return opened.size
+    return image.size
+
+
+def available_gpu_bytes() -> int:
+    """GPU memory this process may fill: what is free plus what its own allocator already holds."""
+    import torch
+
+    free, _total = torch.cuda.mem_get_info()
+    return free + torch.cuda.memory_reserved()
