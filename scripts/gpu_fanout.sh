@@ -54,7 +54,7 @@ for part in "$@"; do
       echo "wall seconds: $((SECONDS - start))" | tee -a "$out/7b.log"
       keep 7b ;;
     bench7b)  # the ladder where the levers differ (r1: frozen tower; r4: everything trains), r2 plainly
-      python3 -m src.bench --shape 7b --recipes r1,r4 --ladder --profile --work "$work" --out "$out/bench7b" \
+      python3 -m src.bench --shape 7b --recipes r1,r4 --ladder ${BENCH_FLAGS:-} --work "$work" --out "$out/bench7b" \
         2>&1 | tee "$out/bench7b.log"
       python3 -m src.bench --shape 7b --recipes r2 --work "$work" --out "$out/bench7b-r2" 2>&1 | tee -a "$out/bench7b.log" ;;
     bench2b)

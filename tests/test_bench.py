@@ -48,9 +48,15 @@ def test_tiny_shape_runs_the_core_and_the_plain_loop(tmp_path, tiny_fixtures):
 
 
 def test_the_ladder_switches_one_lever_on_at_a_time():
-    switched = [{k: v for k, v in VARIANTS[name].items()} for name in LADDER]
-    levers_off = [sum(1 for k, v in s.items() if v in (False, 0)) for s in switched]
-    assert levers_off == sorted(levers_off, reverse=True) and levers_off[-1] == 0
+    from dataclasses import fields
+
+    from src.training.run import RunOptions
+
+    defaults = {f.name: f.default for f in fields(RunOptions)}
+    settings = [{**defaults, **VARIANTS[name]} for name in LADDER]
+    changed = [{k for k in a if a[k] != b[k]} for a, b in zip(settings, settings[1:], strict=False)]
+    assert all(len(keys) == 1 for keys in changed), changed
+    assert settings[-1] == defaults  # the last rung is the worker's own default path
     assert variants(build_parser().parse_args(["--shape", "tiny", "--ladder"])) == ["plain", *LADDER]
 
 

@@ -149,3 +149,19 @@ def test_4bit_loader_on_cpu_keeps_vision_full_precision_and_qlora_steps(
     run_recipe(RECIPES["r1-llm-only"], _options(tiny_model_dir, tiny_data_dir, tmp_path))
     loaded, trained = captured
     _check_effects(RECIPES["r1-llm-only"], loaded[0], trained[0])
+
+
+def test_adapter_input_casts_are_skipped_on_gpus_only(tiny_model_dir, tiny_data_dir, tmp_path):
+    """On a GPU, LoRA layers get their bf16 input as is (autocast does the bf16 matmul anyway); the
+    CPU, which trains without autocast, keeps PEFT's cast (a 4-bit model's bf16 adapters need it)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    from src.training.run import prepare_stage, skip_adapter_input_casts
+
+    recipe = RECIPES["r4-joint"]
+    opts = tiny_run_options(tiny_model_dir, tiny_data_dir, tmp_path)
+    model = prepare_stage(recipe.name, recipe, str(tiny_model_dir), opts, tmp_path).model
+    layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+    assert layers and {m.cast_input_dtype_enabled for m in layers} == {True}
+    skip_adapter_input_casts(model)
+    assert {m.cast_input_dtype_enabled for m in layers} == {False}

@@ -29,15 +29,22 @@ from src.utils.files import write_json_atomic, write_text_atomic
 
 log = logging.getLogger("bench")
 # RunOptions overrides per variant; the ladder switches the training core's levers on one by one.
-OFF = {"frozen_vision_no_grad": False, "fused_optimizer": False, "dataloader_workers": 0}
+OFF = {
+    "frozen_vision_no_grad": False,
+    "fused_optimizer": False,
+    "adapter_input_casts": True,
+    "dataloader_workers": 0,
+    "gradient_checkpointing": True,
+}
 VARIANTS = {
-    "before": {**OFF, "gradient_checkpointing": True},
-    "+vision-no-grad": {**OFF, "frozen_vision_no_grad": True, "gradient_checkpointing": True},
-    "+fused-adamw": {"dataloader_workers": 0, "gradient_checkpointing": True},
+    "before": OFF,
+    "+vision-no-grad": {**OFF, "frozen_vision_no_grad": True},
+    "+fused-adamw": {**OFF, "frozen_vision_no_grad": True, "fused_optimizer": True},
+    "+no-input-cast": {"dataloader_workers": 0, "gradient_checkpointing": True},
     "lean": {"gradient_checkpointing": True},  # = +loader-workers: every lever but the last
     "fast": {},  # + no recompute when the planner says the activations fit
 }
-LADDER = ("before", "+vision-no-grad", "+fused-adamw", "lean", "fast")
+LADDER = ("before", "+vision-no-grad", "+fused-adamw", "+no-input-cast", "lean", "fast")
 IMAGE_SIZE = (644, 476)  # 391 image tokens a sample, as in the reference figures
 SAMPLE_STATS_SAMPLES = 16
 
