@@ -24,12 +24,13 @@ import shlex
 import subprocess
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from recipe_runner.execute import GpuPool, RunPolicy, run_jobs
 from recipe_runner.gpus import DEFAULT_MAX_USED_MIB, GpuInfo, NvmlUnavailable, probe_gpus
 from recipe_runner.leases import holder, lease_dir
+from recipe_runner.memory import AUTO_EFFECTIVE_BATCH
 from recipe_runner.plan import (
     WORKER_ENV,
     GpuSelection,
@@ -46,6 +47,7 @@ from recipe_runner.plan import (
     select_gpus,
     split_threads,
     sweep_points,
+    with_flag,
     worker_command,
 )
 from recipe_runner.status import LiveReporter, PlainReporter
@@ -163,7 +165,13 @@ def _add_launch_args(p: argparse.ArgumentParser) -> None:
     train.add_argument("--dataset", metavar="PATH", help="imagefolder dir, COCO json, or hub name")
     train.add_argument("--epochs", type=float, metavar="N", help="training epochs per stage")
     train.add_argument("--max-steps", type=int, metavar="N", help="stop after N optimizer steps per stage")
-    train.add_argument("--batch-size", type=int, metavar="N", help="per-device micro-batch")
+    train.add_argument(
+        "--batch-size",
+        type=_batch_size,
+        metavar="N|auto",
+        help=f"per-device micro-batch; auto: the largest that the memory planner fits on the GPU, with "
+        f"accumulation keeping {AUTO_EFFECTIVE_BATCH} samples a step",
+    )
     train.add_argument("--grad-accum", type=int, metavar="N", help="gradient accumulation steps")
     train.add_argument("--learning-rate", type=float, metavar="LR", help="default: each recipe's own")
     train.add_argument("--seed", type=int, metavar="N")
@@ -361,6 +369,13 @@ def validate_launch(args: argparse.Namespace) -> list[str]:
             problems.append(str(error))
     if args.cpu and args.gpus_per_recipe != 1:
         problems.append("--gpus-per-recipe does not apply to --cpu")
+    if getattr(args, "batch_size", None) == "auto" and (
+        args.cpu or args.backend == "ray" or args.gpus_per_recipe > 1
+    ):
+        problems.append(
+            "--batch-size auto plans against one local GPU's memory: give --batch-size N with --cpu, "
+            "--backend ray or --gpus-per-recipe above 1"
+        )
     problems += _backend_problems(args)
     problems += _sweep_problems(args)
     problems += _range_problems(args)
@@ -433,7 +448,7 @@ def _range_problems(args: argparse.Namespace) -> list[str]:
         ("--grace", args.grace, lambda v: v >= 0, "0 or more seconds"),
         ("--max-steps", args.max_steps, lambda v: v >= 1 or v == -1, "at least 1, or -1 for epochs"),
         ("--epochs", getattr(args, "epochs", None), lambda v: v > 0, "above 0"),
-        ("--batch-size", getattr(args, "batch_size", None), lambda v: v >= 1, "at least 1"),
+        ("--batch-size", getattr(args, "batch_size", None), lambda v: v == "auto" or v >= 1, "at least 1"),
         ("--grad-accum", getattr(args, "grad_accum", None), lambda v: v >= 1, "at least 1"),
         ("--learning-rate", getattr(args, "learning_rate", None), lambda v: 0 < v < 1, "between 0 and 1"),
         ("--seed", getattr(args, "seed", None), lambda v: v >= 0, "0 or more"),
@@ -475,9 +490,13 @@ def cmd_launch(args: argparse.Namespace, probe: Callable[[], list[GpuInfo]] = pr
         at_once = max(1, min(jobs, len(selection.pool) // args.gpus_per_recipe))
         threads = split_threads(args.threads or os.cpu_count() or 1, at_once)
         specs = plan_jobs(recipes, launch_dir, flags, worker, gpu_job_threads=threads, sweep=sweep)
+    memory = _memory_plans(args, recipes, flags, sweep, selection)
+    specs = [_with_planned_batch(spec, memory.get(spec.recipe), args) for spec in specs]
     if args.command == "plan" or getattr(args, "dry_run", False):
-        print_plan(launch_dir, specs, selection, args.gpus_per_recipe)
+        print_plan(launch_dir, specs, selection, args.gpus_per_recipe, memory)
         return 0
+    for name, plan in memory.items():
+        print(f"recipe-run: {name}: {plan.describe()}")
     if args.backend == "ray":
         _connect_ray(args.ray_address)
     return _execute(args, launch_id, launch_dir, specs, selection, probe)
@@ -558,8 +577,75 @@ def _train_flags(args: argparse.Namespace) -> TrainFlags:
     )
 
 
+def _batch_size(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number or auto") from None
+
+
+def _memory_plans(args, recipes, flags: TrainFlags, sweep, selection: GpuSelection | None) -> dict:
+    """recipe -> MemoryPlan on the smallest GPU of the pool; empty where nothing can be planned.
+
+    Planned only for local GPUs, one per recipe (a sharded model is split by accelerate). With
+    --batch-size auto an unplannable launch is refused: the worker needs a number.
+    """
+    auto = flags.batch_size == "auto"
+    if selection is None or not selection.pool or args.gpus_per_recipe != 1 or os.environ.get(WORKER_ENV):
+        return {}
+    from recipe_runner.memory import model_dir_for, plan_memory, workload_for
+    from src.planner import ModelShape
+    from src.training.worker import DEFAULT_BATCH_SIZE, DEFAULT_DATASET, DEFAULT_GRAD_ACCUM, DEFAULT_MODEL
+
+    model_dir = model_dir_for(flags.model_id or DEFAULT_MODEL)
+    datasets = dict.fromkeys(point.dataset or flags.dataset or DEFAULT_DATASET for point in sweep)
+    workloads = [workload_for(d, model_dir) for d in datasets] if model_dir else []
+    if not workloads or None in workloads:
+        if auto:
+            raise UsageError(
+                "--batch-size auto: cannot plan memory without the model's config.json on this machine "
+                "and a local data set",
+                "give --batch-size N instead",
+            )
+        return {}
+    workload = max(workloads, key=lambda w: w.patches)
+    shape = ModelShape.from_model_dir(model_dir)
+    capacity = min(gpu.memory_total_mib for gpu in selection.pool)
+    batch = flags.batch_size or DEFAULT_BATCH_SIZE
+    accum = flags.grad_accum or DEFAULT_GRAD_ACCUM
+    plans = {}
+    for recipe in (RECIPES[name] for name in recipes):
+        plan = plan_memory(
+            recipe, shape, workload, capacity, batch, accum, flags.gradient_checkpointing or "auto"
+        )
+        if plan is None:
+            raise UsageError(
+                f"--batch-size auto: {recipe.name} does not fit a {capacity / 1024:.0f} GiB GPU even at "
+                "micro-batch 1 with gradient checkpointing",
+                "use a smaller model or --gpus-per-recipe 2",
+            )
+        plans[recipe.name] = plan
+    return plans
+
+
+def _with_planned_batch(spec: JobSpec, plan, args) -> JobSpec:
+    """With --batch-size auto, the worker gets the planned micro-batch, accumulation and checkpointing."""
+    if plan is None or getattr(args, "batch_size", None) != "auto":
+        return spec
+    argv = with_flag(spec.argv, "--batch-size", str(plan.batch_size))
+    argv = with_flag(argv, "--grad-accum", str(plan.grad_accum))
+    argv = with_flag(argv, "--gradient-checkpointing", "on" if plan.checkpointing else "off")
+    return replace(spec, argv=argv)
+
+
 def print_plan(
-    launch_dir: Path, specs: Sequence[JobSpec], selection: GpuSelection | None, per_job: int
+    launch_dir: Path,
+    specs: Sequence[JobSpec],
+    selection: GpuSelection | None,
+    per_job: int,
+    memory: dict | None = None,
 ) -> None:
     """What a launch would do, job by job; nothing is started and nothing written."""
     print(f"launch directory: {launch_dir} (plan only: nothing started, nothing written)")
@@ -582,6 +668,8 @@ def print_plan(
         print(f"  command: {shlex.join(shown.argv)}")
         print(f"  env+:    {' '.join(f'{k}={v}' for k, v in sorted(env.items()))}")
         print(f"  log:     {shown.log_path}")
+        if memory and spec.recipe in memory:
+            print(f"  memory:  {memory[spec.recipe].describe()}")
 
 
 def _execute(

@@ -142,14 +142,28 @@ def write_summary(
         "command": list(command),
         "exit_code": exit_code,
         "succeeded": sum(r.status == "succeeded" for r in results),
-        # The launcher's own footprint (peak resident memory so far): it must stay small beside workers.
-        "launcher_peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "launcher_peak_rss_mib": peak_rss_mib(),
         "jobs": [asdict(r) for r in results],
     }
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(data, indent=2) + "\n")
     os.replace(tmp, path)  # a reader never sees half a file
     return path
+
+
+def peak_rss_mib() -> float:
+    """The launcher's own peak resident memory so far: it must stay small beside its workers.
+
+    Linux's VmHWM starts afresh at exec; ru_maxrss (the fallback elsewhere) keeps the peak of the
+    process that forked us, e.g. 834 MiB when pytest started the launcher.
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
 def render_summary(results: Sequence[JobResult]) -> str:

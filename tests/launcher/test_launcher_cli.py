@@ -24,7 +24,10 @@ def assert_nothing_happened(host) -> None:
         (["--recipes", "r1,r9"], "unknown recipe 'r9'"),
         (["--recipes", "r1", "--gpu", "0"], "did you mean --gpus?"),
         (["--recipes", "r1", "--epochs", "x"], "argument --epochs: invalid float value: 'x'"),
-        (["--recipes", "r1", "--batch-size", "2.5"], "argument --batch-size: invalid int value: '2.5'"),
+        (
+            ["--recipes", "r1", "--batch-size", "2.5"],
+            "argument --batch-size: '2.5' is not a whole number or auto",
+        ),
         (["--recipes", "r1", "--cpu", "--gpus", "0"], "--cpu and --gpus exclude each other"),
         (["--recipes", "r1", "--gpus", "0,0"], "names a GPU twice"),
         (["--recipes", "r1", "--gpus-per-recipe", "0"], "--gpus-per-recipe 0: must be at least 1"),
