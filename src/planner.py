@@ -49,10 +49,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from src.data.boxes import smart_resize
 from src.recipes import RECIPES, TrainingRecipe
 
 GIB = 2**30
@@ -213,18 +213,7 @@ def image_grid(
     width: int, height: int, min_pixels: int, max_pixels: int, patch: int = 14, merge: int = 2
 ) -> tuple[int, int]:
     """(vision patches, LLM image tokens) of one image, after Qwen's smart_resize."""
-    factor = patch * merge
-    if max(height, width) / min(height, width) > 200:
-        raise ValueError(f"aspect ratio of {width}x{height} is over 200, which Qwen's processor refuses")
-    h_bar, w_bar = round(height / factor) * factor, round(width / factor) * factor
-    if h_bar * w_bar > max_pixels:
-        beta = math.sqrt(height * width / max_pixels)
-        h_bar = max(factor, math.floor(height / beta / factor) * factor)
-        w_bar = max(factor, math.floor(width / beta / factor) * factor)
-    elif h_bar * w_bar < min_pixels:
-        beta = math.sqrt(min_pixels / (height * width))
-        h_bar = math.ceil(height * beta / factor) * factor
-        w_bar = math.ceil(width * beta / factor) * factor
+    h_bar, w_bar = smart_resize(height, width, patch * merge, min_pixels, max_pixels)
     patches = (h_bar // patch) * (w_bar // patch)  # grid_t = 1 for an image
     return patches, patches // merge**2
 
