@@ -47,7 +47,7 @@ all-recipes: $(if $(filter $(VENV)/bin/recipe-run,$(RECIPE_RUN)),$(STAMP))
 	$(RECIPE_RUN) --recipes $(RECIPES) --gpus $(GPUS) --model-id $(MODEL) --dataset $(DATASET) $(ARGS)
 
 # On a GPU machine; BENCH=--shape tiny --cpu is the CI smoke run. Add --ladder/--profile for the why.
-BENCH ?= --shape 2b --shape 7b --ladder
+BENCH ?= --shape 2b --shape 7b
 bench: $(if $(filter $(VENV)/bin/recipe-run,$(RECIPE_RUN)),$(STAMP))
 	$(RECIPE_RUN) bench $(BENCH) --out bench-out
 
