@@ -191,6 +191,27 @@ class JobLoop:
         self.deadline: float | None = None  # when forwarded signals turn into SIGKILL
         self.secrets = secret_values()  # masked in every line the launcher writes
 
+    def run(self) -> None:
+        """Turn until no job is queued or running; whatever happens, release every worker."""
+        self.reporter.begin(self.jobs)
+        with handle_signals(self._on_signal):
+            try:
+                self._begin()
+                while self._queued() or self._running():
+                    self._turn()
+            finally:
+                self._release_all()  # an error in here must not leave workers behind
+        self.reporter.close()
+
+    def _begin(self) -> None:
+        """Before the first turn (a backend may submit its jobs here)."""
+
+    def _turn(self) -> None:
+        raise NotImplementedError
+
+    def _release_all(self) -> None:
+        raise NotImplementedError
+
     def _queued(self) -> list:
         return [job for job in self.jobs if job.progress.state == "queued"]
 
@@ -260,16 +281,11 @@ class _Runner(JobLoop):
         if self.on_change is not None:
             self.on_change(self.results())
 
-    def run(self) -> None:
-        self.reporter.begin(self.jobs)
+    def _begin(self) -> None:
         self._changed()
-        with handle_signals(self._on_signal):
-            try:
-                while self._queued() or self._running():
-                    self._turn()
-            finally:
-                self._kill_running()  # an error in here must not leave children behind
-        self.reporter.close()
+
+    def _release_all(self) -> None:
+        self._kill_running()
 
     def _turn(self) -> None:
         if self.signum is not None and self.deadline is None:

@@ -51,7 +51,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import IO, Any
 
-from recipe_runner.execute import JobLoop, handle_signals
+from recipe_runner.execute import JobLoop
 from recipe_runner.gpus import GpuInfo
 from recipe_runner.plan import BASE_ENV, JobSpec
 from recipe_runner.status import PlainReporter, Progress
@@ -189,18 +189,10 @@ class _RayRunner(JobLoop):
         self.lost_errors = _lost_errors(ray)
         self.killed_at: float | None = None
 
-    def run(self) -> None:
-        self.reporter.begin(self.jobs)
-        with handle_signals(self._on_signal):
-            try:
-                self._note_cluster()
-                for job in self.jobs:
-                    self._submit(job)
-                while self._queued() or self._running():
-                    self._turn()
-            finally:
-                self._release_all()  # an error in here must not leave workers behind
-        self.reporter.close()
+    def _begin(self) -> None:
+        self._note_cluster()
+        for job in self.jobs:
+            self._submit(job)
 
     def _turn(self) -> None:
         if self.signum is not None and self.deadline is None:

@@ -53,6 +53,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from src.data.boxes import smart_resize
+from src.models.freeze import vision_trains
 from src.recipes import RECIPES, TrainingRecipe
 
 GIB = 2**30
@@ -416,7 +417,7 @@ def vision_has_grad(stage: TrainingRecipe, checkpointing: bool, frozen_vision_no
     It does when the vision blocks or the merger train. A frozen tower runs under no_grad; without that,
     checkpointing's enable_input_require_grads (TRL) also makes the patch embedding's output require grad.
     """
-    if stage.train_vision != "frozen" or stage.train_merger != "frozen":
+    if vision_trains(stage):
         return True
     return checkpointing and not frozen_vision_no_grad
 

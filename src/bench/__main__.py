@@ -21,7 +21,7 @@ import json
 import logging
 import sys
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from src.recipes import resolve_recipe
@@ -86,11 +86,11 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     env = environment(device, argv)
     report = {"environment": env, "rows": []}
-    for model_dir, data_dir, shape_name in targets(args, device):
+    for target in targets(args, device):
         for recipe_key in args.recipes.split(","):
             for label, stage in stages_of(recipe_key):
                 for variant in variants(args):
-                    row = bench_one(shape_name, model_dir, data_dir, stage, variant, args, device, env)
+                    row = bench_one(target, stage, variant, args, device, env)
                     row["recipe"] = label
                     report["rows"].append(row)
                     print(json.dumps(row), flush=True)
@@ -132,24 +132,51 @@ def stages_of(recipe_key: str) -> list[tuple[str, object]]:
     return [(f"{recipe.name}/{stage.name}", stage) for stage in recipe.stages]
 
 
+@dataclass
+class Target:
+    """One model and its data, with what every row of it shares (read once, not once a row)."""
+
+    label: str
+    model_dir: Path
+    data_dir: Path
+    dataset: object  # the training conversations, as the worker builds them
+    processor: object
+    stats: dict  # mean tokens, patches and labels a sample (sample_stats)
+    memory_shape: object  # src.planner.ModelShape
+    flop_shape: object  # src.bench.measure.FlopShape
+
+    @classmethod
+    def load(cls, label: str, model_dir: Path, data_dir: Path) -> Target:
+        from src.bench.measure import FlopShape
+        from src.data.dataset import build_dataset
+        from src.models.loader import load_processor, model_family
+        from src.planner import ModelShape
+
+        processor = load_processor(str(model_dir))
+        dataset, _ = build_dataset(str(data_dir), "train", model_family(str(model_dir)), processor)
+        stats = sample_stats(dataset, processor)
+        shapes = ModelShape.from_model_dir(model_dir), FlopShape.from_model_dir(model_dir)
+        return cls(label, model_dir, data_dir, dataset, processor, stats, *shapes)
+
+
 def targets(args, device: str):
-    """(model dir, data dir, label) for each shape asked, building what is missing."""
+    """A Target for each model asked, building the shapes' models and data where missing."""
     work = Path(args.work)
     if args.model_id:
-        yield Path(args.model_id), Path(args.dataset or _synthetic_data(work)), Path(args.model_id).name
+        data = Path(args.dataset or _synthetic_data(work))
+        yield Target.load(Path(args.model_id).name, Path(args.model_id), data)
     for shape in args.shape or []:
         if shape == "tiny":
             from src.fixtures import build_test_fixtures
 
-            model_dir, data_dir = build_test_fixtures(work / "tiny")
-            yield model_dir, data_dir, "tiny"
+            yield Target.load("tiny", *build_test_fixtures(work / "tiny"))
             continue
         from src.models.shapes import build_shape_model
 
         model_dir = work / shape
         if not (model_dir / "config.json").is_file():
             build_shape_model(shape, model_dir, device=device)
-        yield model_dir, _synthetic_data(work), shape
+        yield Target.load(shape, model_dir, _synthetic_data(work))
 
 
 def _synthetic_data(work: Path) -> Path:
@@ -161,8 +188,8 @@ def _synthetic_data(work: Path) -> Path:
     return data
 
 
-def bench_one(shape_name, model_dir: Path, data_dir: Path, stage, variant: str, args, device, env) -> dict:
-    """One (shape, stage, variant): steps timed after warm-up, peak memory, utilisation, MFU."""
+def bench_one(target: Target, stage, variant: str, args, device, env) -> dict:
+    """One (model, stage, variant): steps timed after warm-up, peak memory, utilisation, MFU."""
     from src.bench.measure import StepTimer, UtilisationSampler, median
 
     _release_gpu_memory()
@@ -170,39 +197,40 @@ def bench_one(shape_name, model_dir: Path, data_dir: Path, stage, variant: str, 
     timer = StepTimer(args.warmup, on_warm=sampler.start)
     started = time.monotonic()
     if variant == "plain":
-        checkpointing, stats = _run_plain(model_dir, data_dir, stage, args, device, timer)
+        checkpointing = _run_plain(target, stage, args, device, timer)
     else:
-        checkpointing, stats = _run_core(model_dir, data_dir, stage, variant, args, device, timer)
+        checkpointing = _run_core(target, stage, variant, args, device, timer)
     utilisation = sampler.stop()
     step_s = median(timer.measured())
+    tokens = target.stats["tokens"] * args.batch_size
     row = {
-        "shape": shape_name,
+        "shape": target.label,
         "recipe": stage.name,
         "variant": variant,
         "batch_size": args.batch_size,
         "checkpointing": checkpointing,
         "steps_measured": len(timer.measured()),
         "step_s": _round(step_s, 4),
-        "tokens_per_step": round(stats["tokens"] * args.batch_size),
-        "tokens_s": _round(stats["tokens"] * args.batch_size / step_s if step_s else None, 1),
+        "tokens_per_step": round(tokens),
+        "tokens_s": _round(tokens / step_s if step_s else None, 1),
         "peak_gib": _peak_gib(),
         "gpu_util_pct": utilisation,
         "wall_s": round(time.monotonic() - started, 1),
-        **_predicted_and_flops(model_dir, stage, args.batch_size, stats, checkpointing, step_s, env),
+        **_predicted_and_flops(target, stage, args.batch_size, checkpointing, step_s, env),
     }
     _release_gpu_memory()
     return row
 
 
-def _run_core(model_dir, data_dir, stage, variant, args, device, timer):
+def _run_core(target: Target, stage, variant, args, device, timer) -> bool:
     """The worker's own path: prepare_stage (collator, trainer, freeze, LoRA, quantization)."""
     from src.training.run import RunOptions, prepare_stage
 
     out = Path(args.work) / "runs" / f"{stage.name}-{variant}"
     out.mkdir(parents=True, exist_ok=True)
     opts = RunOptions(
-        model_id=str(model_dir),
-        dataset=str(data_dir),
+        model_id=str(target.model_dir),
+        dataset=str(target.data_dir),
         output_dir=out,
         device=device,
         max_steps=args.warmup + args.steps,
@@ -212,35 +240,22 @@ def _run_core(model_dir, data_dir, stage, variant, args, device, timer):
     opts = replace(opts, **VARIANTS[variant])
     callbacks = [timer.as_trainer_callback()]
     if args.profile and variant == "before":
-        callbacks.append(_profiler_callback(args, out, stage.name, shape=Path(model_dir).name))
-    prepared = prepare_stage(stage.name, stage, str(model_dir), opts, out, callbacks=callbacks)
-    stats = sample_stats(prepared.trainer.train_dataset, prepared.processor)
+        callbacks.append(_profiler_callback(args, stage.name, shape=target.model_dir.name))
+    prepared = prepare_stage(stage.name, stage, opts.model_id, opts, out, callbacks=callbacks)
     prepared.trainer.train()
-    checkpointing = bool(prepared.trainer.args.gradient_checkpointing)
-    del prepared
-    return checkpointing, stats
+    return bool(prepared.trainer.args.gradient_checkpointing)
 
 
-def _run_plain(model_dir, data_dir, stage, args, device, timer):
-    from peft import get_peft_model
-
+def _run_plain(target: Target, stage, args, device, timer) -> bool:
     from src.bench.plain import prebuilt_batches, train_plain
-    from src.data.dataset import build_dataset
-    from src.models.freeze import apply_freeze_policy
-    from src.models.loader import load_processor, model_family
-    from src.models.lora import create_lora_config
-    from src.training.run import load_for_stage
+    from src.models.loader import model_family
+    from src.training.run import load_wrapped_model
 
-    processor = load_processor(str(model_dir))
-    family = model_family(str(model_dir))
-    dataset, _ = build_dataset(str(data_dir), "train", family, processor)
-    model = get_peft_model(load_for_stage(stage, str(model_dir), device), create_lora_config(stage, family))
-    apply_freeze_policy(model, stage)
-    stats = sample_stats(dataset, processor)
-    batches = prebuilt_batches(dataset, processor, args.batch_size, device)
+    family = model_family(str(target.model_dir))
+    model, _ = load_wrapped_model(stage, str(target.model_dir), device, family)
+    batches = prebuilt_batches(target.dataset, target.processor, args.batch_size, device)
     train_plain(model, batches, args.warmup + args.steps, stage.learning_rate, timer, device)
-    del model, batches
-    return True, stats
+    return True  # the plain loop always recomputes: it is the issue's reference
 
 
 def sample_stats(dataset, processor, count: int = SAMPLE_STATS_SAMPLES) -> dict:
@@ -258,17 +273,16 @@ def sample_stats(dataset, processor, count: int = SAMPLE_STATS_SAMPLES) -> dict:
     }
 
 
-def _predicted_and_flops(model_dir, stage, batch_size, stats, checkpointing, step_s, env) -> dict:
+def _predicted_and_flops(target: Target, stage, batch_size, checkpointing, step_s, env) -> dict:
     """The planner's peak for this run, and the model FLOPs behind MFU."""
-    from src.bench.measure import FlopShape, step_flops
-    from src.planner import ModelShape, estimate_stage_memory
+    from src.bench.measure import step_flops
+    from src.planner import estimate_stage_memory
 
+    stats = target.stats
     patches = round(stats["patches"])
     text = round(stats["tokens"] - patches // 4)
-    estimate = estimate_stage_memory(
-        ModelShape.from_model_dir(model_dir), stage, batch_size, patches, text, checkpointing
-    )
-    flops = step_flops(FlopShape.from_model_dir(model_dir), stage, batch_size, patches, text, stats["labels"])
+    estimate = estimate_stage_memory(target.memory_shape, stage, batch_size, patches, text, checkpointing)
+    flops = step_flops(target.flop_shape, stage, batch_size, patches, text, stats["labels"])
     peak = env["bf16_peak_tflops"]
     return {
         "predicted_gib": round(estimate.gib, 2),
@@ -295,7 +309,7 @@ def environment(device: str, argv) -> dict:
     }
 
 
-def _profiler_callback(args, out: Path, name: str, shape: str):
+def _profiler_callback(args, name: str, shape: str):
     """Profile two steps after warm-up and keep the top of the table: where the time goes."""
     import torch
     from transformers import TrainerCallback

@@ -183,7 +183,7 @@ class FlopShape:
 
 def step_flops(shape: FlopShape, stage, batch_size: int, patches: int, text_tokens: int, label_tokens: int):
     """Model FLOPs of one optimizer step of `batch_size` one-image samples (module docstring)."""
-    from src.models.freeze import trained_parts
+    from src.models.freeze import vision_trains
 
     llm_tokens = text_tokens + patches // shape.merge**2
     llm_fwd = 2 * shape.llm_weights * llm_tokens
@@ -193,6 +193,6 @@ def step_flops(shape: FlopShape, stage, batch_size: int, patches: int, text_toke
     vision_attn = 4 * patches**2 * shape.vision_width * shape.vision_depth
     forward = llm_fwd + llm_attn + head + vision_fwd + vision_attn
     backward = llm_fwd + 2 * llm_attn + head
-    if trained_parts(stage) & {"vision", "merger"}:
+    if vision_trains(stage):
         backward += vision_fwd + 2 * vision_attn
     return float(batch_size * (forward + backward))

@@ -36,6 +36,11 @@ def trained_parts(recipe) -> set[str]:
     return {part for part, mode in modes.items() if mode != "frozen"}
 
 
+def vision_trains(recipe) -> bool:
+    """Whether anything in the vision tower (blocks or merger) trains, so gradients must reach it."""
+    return bool(trained_parts(recipe) & {"vision", "merger"})
+
+
 def apply_freeze_policy(model, recipe) -> Counter:
     """Freeze everything but the LoRA weights of the parts `recipe` trains.
 
@@ -66,7 +71,7 @@ def keep_frozen_vision_out_of_autograd(model, recipe) -> bool:
     """
     import torch
 
-    if trained_parts(recipe) & {"vision", "merger"}:
+    if vision_trains(recipe):
         return False
     tower = vision_tower(model)
     tower.forward = torch.no_grad()(tower.forward)

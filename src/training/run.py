@@ -144,6 +144,20 @@ class PreparedStage:
     reporter: ProgressCallback
 
 
+def load_wrapped_model(stage, model_id: str, device: str, family: str):
+    """The base model as the stage loads it, wrapped with its scoped LoRA and frozen around it.
+
+    Returns (model, trainable parameter counts per part). The benchmark's plain loop starts here too.
+    """
+    from peft import get_peft_model
+
+    from src.models.freeze import apply_freeze_policy
+    from src.models.lora import create_lora_config
+
+    model = get_peft_model(load_for_stage(stage, model_id, device), create_lora_config(stage, family))
+    return model, apply_freeze_policy(model, stage)
+
+
 def train_stage(
     recipe_name: str, stage, model_id: str, opts: RunOptions, stage_dir: Path, merge: bool = False
 ) -> StageResult:
@@ -177,15 +191,13 @@ def prepare_stage(
     recipe_name: str, stage, model_id: str, opts: RunOptions, stage_dir: Path, callbacks=()
 ) -> PreparedStage:
     """Load, wrap with scoped LoRA, freeze, and build the trainer (the benchmark times this same path)."""
-    from peft import get_peft_model
     from transformers import PrinterCallback, set_seed
     from trl import SFTTrainer
 
     from src.data.collators import AssistantOnlyCollator
     from src.data.dataset import build_dataset
-    from src.models.freeze import apply_freeze_policy, keep_frozen_vision_out_of_autograd
+    from src.models.freeze import keep_frozen_vision_out_of_autograd
     from src.models.loader import load_processor, model_family
-    from src.models.lora import create_lora_config
 
     set_seed(opts.seed)  # before LoRA init, so the same seed gives the same adapter
     processor = load_processor(model_id)
@@ -194,8 +206,7 @@ def prepare_stage(
     if skipped:
         log.warning("skipped %d bad record(s) of %s", skipped, opts.dataset)
 
-    model = get_peft_model(load_for_stage(stage, model_id, opts.device), create_lora_config(stage, family))
-    trainable = apply_freeze_policy(model, stage)
+    model, trainable = load_wrapped_model(stage, model_id, opts.device, family)
     log.info("[%s] trainable parameters by part: %s", stage.name, dict(trainable))
     if opts.frozen_vision_no_grad and keep_frozen_vision_out_of_autograd(model, stage):
         log.info("[%s] vision tower trains nothing: it runs without autograd", stage.name)
