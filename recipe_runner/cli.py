@@ -24,13 +24,22 @@ import shlex
 import subprocess
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from pathlib import Path
 
 from recipe_runner.execute import GpuPool, RunPolicy, run_jobs
 from recipe_runner.gpus import DEFAULT_MAX_USED_MIB, GpuInfo, NvmlUnavailable, probe_gpus
-from recipe_runner.leases import holder, lease_dir
+from recipe_runner.leases import lease_dir, reservations
 from recipe_runner.memory import AUTO_EFFECTIVE_BATCH
+from recipe_runner.placement import (
+    DEFAULT_MAX_JOBS_PER_GPU,
+    LaunchRequest,
+    Plan,
+    PlanError,
+    make_plan,
+    plan_recipes,
+    sharing,
+)
 from recipe_runner.plan import (
     WORKER_ENV,
     GpuSelection,
@@ -38,16 +47,14 @@ from recipe_runner.plan import (
     SweepPoint,
     TrainFlags,
     as_cpu_job,
-    first_wave,
+    bind_gpus,
     new_launch_id,
     parse_gpu_ids,
-    plan_jobs,
     resolve_recipes,
     resume_spec,
     select_gpus,
     split_threads,
     sweep_points,
-    with_flag,
     worker_command,
 )
 from recipe_runner.status import LiveReporter, PlainReporter
@@ -204,7 +211,31 @@ def _add_device_args(p: argparse.ArgumentParser) -> None:
         help="NVML indices as nvidia-smi shows them (0,1,2), or auto (default): every free GPU",
     )
     device.add_argument(
-        "--gpus-per-recipe", type=int, default=1, metavar="N", help="GPUs per worker (default 1)"
+        "--gpus-per-recipe",
+        type=int,
+        default=1,
+        metavar="N",
+        help="GPUs per recipe (default 1): N data-parallel processes when the model fits one GPU, "
+        "else one model sharded over N GPUs",
+    )
+    device.add_argument(
+        "--shard",
+        action="store_true",
+        help="with --gpus-per-recipe N: shard one model over the N GPUs instead of data parallel",
+    )
+    device.add_argument(
+        "--pack",
+        choices=["auto", "off"],
+        default="auto",
+        help="auto (default): several recipes share a GPU while their planned peaks fit its memory; "
+        "off: one recipe per GPU, the rest queue",
+    )
+    device.add_argument(
+        "--max-jobs-per-gpu",
+        type=int,
+        default=DEFAULT_MAX_JOBS_PER_GPU,
+        metavar="N",
+        help=f"with --pack auto: at most N recipes on one GPU (default {DEFAULT_MAX_JOBS_PER_GPU})",
     )
     device.add_argument(
         "--max-used-mib",
@@ -369,12 +400,12 @@ def validate_launch(args: argparse.Namespace) -> list[str]:
             problems.append(str(error))
     if args.cpu and args.gpus_per_recipe != 1:
         problems.append("--gpus-per-recipe does not apply to --cpu")
-    if getattr(args, "batch_size", None) == "auto" and (
-        args.cpu or args.backend == "ray" or args.gpus_per_recipe > 1
-    ):
+    if args.shard and args.gpus_per_recipe < 2:
+        problems.append("--shard needs --gpus-per-recipe 2 or more: it splits one model over several GPUs")
+    if getattr(args, "batch_size", None) == "auto" and (args.cpu or args.backend == "ray" or args.shard):
         problems.append(
             "--batch-size auto plans against one local GPU's memory: give --batch-size N with --cpu, "
-            "--backend ray or --gpus-per-recipe above 1"
+            "--backend ray or --shard"
         )
     problems += _backend_problems(args)
     problems += _sweep_problems(args)
@@ -443,6 +474,7 @@ def _backend_problems(args: argparse.Namespace) -> list[str]:
 def _range_problems(args: argparse.Namespace) -> list[str]:
     checks = [
         ("--gpus-per-recipe", args.gpus_per_recipe, lambda v: v >= 1, "at least 1"),
+        ("--max-jobs-per-gpu", args.max_jobs_per_gpu, lambda v: v >= 1, "at least 1"),
         ("--threads", args.threads, lambda v: v >= 1, "at least 1"),
         ("--max-used-mib", args.max_used_mib, lambda v: v >= 0, "0 or more"),
         ("--grace", args.grace, lambda v: v >= 0, "0 or more seconds"),
@@ -467,39 +499,54 @@ def cmd_launch(args: argparse.Namespace, probe: Callable[[], list[GpuInfo]] = pr
     problems = validate_launch(args)
     if problems:
         raise UsageError("\n  ".join(problems), f"see 'recipe-run {args.command} --help'")
-    recipes = resolve_recipes(args.recipes)
+    request = request_from_args(args)
     try:
         worker = worker_command()
     except ValueError as error:
         raise UsageError(str(error)) from None
-    launch_id = new_launch_id()
-    launch_dir = Path(args.output_dir).resolve() / launch_id
-    flags, sweep = _train_flags(args), _sweep(args)
-    if problems := preflight_problems(flags, sweep, Path(args.output_dir)):
+    if problems := preflight_problems(request.flags, request.sweep, request.output_dir):
         raise UsageError("\n  ".join(problems), "fix the input above; nothing was started or written")
-    jobs = len(recipes) * len(sweep)
-    if args.backend == "ray":
-        # Ray picks nodes and GPUs; --threads is per recipe there (a cluster has no one core count).
-        threads = (args.threads or 1) if args.cpu else None
-        specs, selection = plan_jobs(recipes, launch_dir, flags, worker, threads, sweep=sweep), None
-    elif args.cpu:
-        threads = split_threads(args.threads or os.cpu_count() or 1, jobs)
-        specs, selection = plan_jobs(recipes, launch_dir, flags, worker, threads, sweep=sweep), None
-    else:
-        selection = _select(args, probe)
-        at_once = max(1, min(jobs, len(selection.pool) // args.gpus_per_recipe))
-        threads = split_threads(args.threads or os.cpu_count() or 1, at_once)
-        specs = plan_jobs(recipes, launch_dir, flags, worker, gpu_job_threads=threads, sweep=sweep)
-    memory = _memory_plans(args, recipes, flags, sweep, selection)
-    specs = [_with_planned_batch(spec, memory.get(spec.recipe), args) for spec in specs]
+    launch_id = new_launch_id()
+    selection = None if request.cpu or request.backend == "ray" else _select(args, probe)
+    pool = _pool(args, selection, probe, launch_id) if selection else None
+    try:
+        plan = _make_plan(request, launch_id, worker, selection, pool)
+    except PlanError as error:
+        raise UsageError(str(error), error.hint) from None
     if args.command == "plan" or getattr(args, "dry_run", False):
-        print_plan(launch_dir, specs, selection, args.gpus_per_recipe, memory)
+        print_plan(plan, selection)
         return 0
-    for name, plan in memory.items():
-        print(f"recipe-run: {name}: {plan.describe()}")
+    for name, memory in plan.memory.items():
+        print(f"recipe-run: {name}: {memory.describe()}")
     if args.backend == "ray":
         _connect_ray(args.ray_address)
-    return _execute(args, launch_id, launch_dir, specs, selection, probe)
+    return _execute(args, launch_id, plan.launch_dir, list(plan.jobs), selection, probe)
+
+
+def request_from_args(args: argparse.Namespace) -> LaunchRequest:
+    """The launch as asked, read once from the parsed (and validated) flags."""
+    return LaunchRequest(
+        recipes=tuple(resolve_recipes(args.recipes)),
+        flags=_train_flags(args),
+        sweep=tuple(_sweep(args)),
+        output_dir=Path(args.output_dir),
+        cpu=args.cpu,
+        threads=args.threads,
+        backend=args.backend,
+        gpus_per_recipe=args.gpus_per_recipe,
+        shard=args.shard,
+        pack=args.pack,
+        max_jobs_per_gpu=args.max_jobs_per_gpu,
+    )
+
+
+def _make_plan(request, launch_id, worker, selection: GpuSelection | None, pool: GpuPool | None) -> Plan:
+    """Ask the GPUs (NVML, leases) and the memory planner, then place: the launch's one pure step."""
+    cores = os.cpu_count() or 1
+    if selection is None or pool is None:
+        return make_plan(request, launch_id, worker, None, {}, cores)
+    memory = plan_recipes(request, min(gpu.memory_total_mib for gpu in selection.pool))
+    return make_plan(request, launch_id, worker, pool.rooms(), memory, cores)
 
 
 def _connect_ray(address: str | None) -> None:
@@ -543,9 +590,16 @@ def _select(args: argparse.Namespace, probe: Callable[[], list[GpuInfo]]) -> Gpu
         ) from None
     asked = parse_gpu_ids(args.gpus) if args.gpus is not None else None
     leases = lease_dir()
-    selection = select_gpus(
-        gpus, asked, args.max_used_mib, lambda gpu: holder(leases, gpu.uuid), args.gpus_per_recipe
-    )
+
+    def held(gpu: GpuInfo) -> str | None:  # reservations that keep this launch off a GPU
+        live = reservations(leases, gpu.uuid)
+        blocking = live if args.pack == "off" else [r for r in live if r.exclusive]
+        return "; ".join(r.note for r in blocking) or None
+
+    def packable(gpu: GpuInfo) -> bool:  # its processes are other launchers' packed jobs
+        return args.pack == "auto" and bool(reservations(leases, gpu.uuid))
+
+    selection = select_gpus(gpus, asked, args.max_used_mib, held, args.gpus_per_recipe, packable)
     problems = selection.problems(args.wait)
     if problems:
         raise UsageError(
@@ -586,90 +640,39 @@ def _batch_size(text: str) -> int | str:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number or auto") from None
 
 
-def _memory_plans(args, recipes, flags: TrainFlags, sweep, selection: GpuSelection | None) -> dict:
-    """recipe -> MemoryPlan on the smallest GPU of the pool; empty where nothing can be planned.
-
-    Planned only for local GPUs, one per recipe (a sharded model is split by accelerate). With
-    --batch-size auto an unplannable launch is refused: the worker needs a number.
-    """
-    auto = flags.batch_size == "auto"
-    if selection is None or not selection.pool or args.gpus_per_recipe != 1 or os.environ.get(WORKER_ENV):
-        return {}
-    from recipe_runner.memory import model_dir_for, plan_memory, workload_for
-    from src.planner import ModelShape
-    from src.training.worker import DEFAULT_BATCH_SIZE, DEFAULT_DATASET, DEFAULT_GRAD_ACCUM, DEFAULT_MODEL
-
-    model_dir = model_dir_for(flags.model_id or DEFAULT_MODEL)
-    datasets = dict.fromkeys(point.dataset or flags.dataset or DEFAULT_DATASET for point in sweep)
-    workloads = [workload_for(d, model_dir) for d in datasets] if model_dir else []
-    if not workloads or None in workloads:
-        if auto:
-            raise UsageError(
-                "--batch-size auto: cannot plan memory without the model's config.json on this machine "
-                "and a local data set",
-                "give --batch-size N instead",
-            )
-        return {}
-    workload = max(workloads, key=lambda w: w.patches)
-    shape = ModelShape.from_model_dir(model_dir)
-    capacity = min(gpu.memory_total_mib for gpu in selection.pool)
-    batch = flags.batch_size or DEFAULT_BATCH_SIZE
-    accum = flags.grad_accum or DEFAULT_GRAD_ACCUM
-    plans = {}
-    for recipe in (RECIPES[name] for name in recipes):
-        plan = plan_memory(
-            recipe, shape, workload, capacity, batch, accum, flags.gradient_checkpointing or "auto"
-        )
-        if plan is None:
-            raise UsageError(
-                f"--batch-size auto: {recipe.name} does not fit a {capacity / 1024:.0f} GiB GPU even at "
-                "micro-batch 1 with gradient checkpointing",
-                "use a smaller model or --gpus-per-recipe 2",
-            )
-        plans[recipe.name] = plan
-    return plans
+def _pool(args: argparse.Namespace, selection: GpuSelection, probe, launch_id: str) -> GpuPool:
+    max_jobs = args.max_jobs_per_gpu if args.pack == "auto" else 1
+    return GpuPool(selection.pool, probe, lease_dir(), launch_id, max_jobs, args.max_used_mib)
 
 
-def _with_planned_batch(spec: JobSpec, plan, args) -> JobSpec:
-    """With --batch-size auto, the worker gets the planned micro-batch, accumulation and checkpointing."""
-    if plan is None or getattr(args, "batch_size", None) != "auto":
-        return spec
-    argv = with_flag(spec.argv, "--batch-size", str(plan.batch_size))
-    argv = with_flag(argv, "--grad-accum", str(plan.grad_accum))
-    argv = with_flag(argv, "--gradient-checkpointing", "on" if plan.checkpointing else "off")
-    return replace(spec, argv=argv)
-
-
-def print_plan(
-    launch_dir: Path,
-    specs: Sequence[JobSpec],
-    selection: GpuSelection | None,
-    per_job: int,
-    memory: dict | None = None,
-) -> None:
+def print_plan(plan: Plan, selection: GpuSelection | None) -> None:
     """What a launch would do, job by job; nothing is started and nothing written."""
-    print(f"launch directory: {launch_dir} (plan only: nothing started, nothing written)")
+    print(f"launch directory: {plan.launch_dir} (plan only: nothing started, nothing written)")
     print("env+ lists what each worker gets on top of this environment")
-    pool = selection.pool if selection else ()
-    bound = first_wave(specs, pool, per_job) if selection else list(specs)
-    names = ",".join(gpu.label for gpu in pool)
-    for spec, ready in zip(specs, bound, strict=True):
-        shown = ready or spec
-        if ready is None:
-            where = f"queued: starts on the first {per_job} of {names} to be free"
-        elif shown.gpus:
-            where = ", ".join(f"{gpu.label} ({gpu.uuid}, {gpu.name})" for gpu in shown.gpus)
+    names = ",".join(gpu.label for gpu in selection.pool) if selection else ""
+    together = sharing(plan.first_wave)
+    for index, job in enumerate(plan.jobs):
+        gpus = plan.first_wave[index] if plan.on_gpus else None
+        shown = bind_gpus(job, gpus) if gpus else job
+        if plan.on_gpus and gpus is None:
+            where = f"queued: starts when {job.gpu_count} of {names} have room"
+        elif gpus:
+            where = ", ".join(f"{gpu.label} ({gpu.uuid}, {gpu.name})" for gpu in gpus)
+            shared = max(together[gpu.uuid] for gpu in gpus)
+            where += f"; shares it with {shared - 1} other job(s)" if shared > 1 else ""
         else:
-            where = f"cpu, {shown.threads} thread(s)"
+            where = f"cpu, {shown.threads} thread(s)" if shown.threads else "the Ray cluster"
         env = dict(shown.env)
-        if ready is None:
+        if plan.on_gpus and gpus is None:
             env.update(CUDA_DEVICE_ORDER="PCI_BUS_ID", CUDA_VISIBLE_DEVICES="<UUID of the GPU it gets>")
-        print(f"\n{spec.key}: {where}")
+        print(f"\n{job.key}: {where}")
         print(f"  command: {shlex.join(shown.argv)}")
         print(f"  env+:    {' '.join(f'{k}={v}' for k, v in sorted(env.items()))}")
         print(f"  log:     {shown.log_path}")
-        if memory and spec.recipe in memory:
-            print(f"  memory:  {memory[spec.recipe].describe()}")
+        if job.recipe in plan.memory:
+            print(f"  memory:  {plan.memory[job.recipe].describe()}")
+        if plan.on_gpus:
+            print(f"  placed:  {plan.reason(job)}")
 
 
 def _execute(
@@ -685,7 +688,7 @@ def _execute(
     launch_dir.mkdir(parents=True, exist_ok=True)
     pool = None
     if selection is not None:
-        pool = GpuPool(selection.pool, probe, lease_dir(), launch_id, args.gpus_per_recipe, args.max_used_mib)
+        pool = _pool(args, selection, probe, launch_id)
     where = "the CPU" if pool is None else ", ".join(gpu.label for gpu in pool.gpus)
     if getattr(args, "backend", "local") == "ray":
         where = f"the Ray cluster at {args.ray_address or os.environ.get('RAY_ADDRESS') or 'a local Ray'}"
@@ -807,7 +810,7 @@ def cmd_gpus(args: argparse.Namespace, probe: Callable[[], list[GpuInfo]] = prob
         print(f"recipe-run: cannot list GPUs: {error}\n  no NVIDIA driver here? Recipes still run with --cpu")
         return 1
     leases = lease_dir()
-    verdicts = [_verdict(gpu, args.max_used_mib, holder(leases, gpu.uuid)) for gpu in gpus]
+    verdicts = [_verdict(gpu, args.max_used_mib, reservations(leases, gpu.uuid)) for gpu in gpus]
     if args.json:
         print(
             json.dumps(
@@ -830,9 +833,13 @@ def cmd_gpus(args: argparse.Namespace, probe: Callable[[], list[GpuInfo]] = prob
     return 0
 
 
-def _verdict(gpu: GpuInfo, max_used_mib: int, leased: str | None) -> str:
-    if leased:
-        return f"no: leased ({leased})"
+def _verdict(gpu: GpuInfo, max_used_mib: int, live: Sequence) -> str:
+    holders = "; ".join(r.note for r in live)
+    if any(r.exclusive for r in live):
+        return f"no: leased ({holders})"
+    if live:
+        reserved = sum(r.mib for r in live) / 1024
+        return f"shared: {len(live)} packed job(s), {reserved:.1f} GiB reserved ({holders})"
     busy = gpu.busy_reason(max_used_mib)
     return f"no: {busy}" if busy else "free"
 

@@ -35,8 +35,9 @@ from pathlib import Path
 from typing import IO, Any
 
 from recipe_runner.gpus import DEFAULT_MAX_USED_MIB, GpuInfo
-from recipe_runner.leases import Lease, holder, try_acquire
-from recipe_runner.plan import JobSpec, bind_gpus, flag_value, oom_retry
+from recipe_runner.leases import WHOLE_GPU, Lease, reservations, reserve
+from recipe_runner.placement import GpuRoom, choose_gpus, start_order
+from recipe_runner.plan import JobSpec, bind_gpus, flag_value, oom_retry, resumed
 from recipe_runner.status import PlainReporter, Progress, apply_event, clean_line, fmt_duration
 from recipe_runner.summary import TAIL_LINES, JobResult, build_result, job_status
 from src.training.progress import parse_line
@@ -64,10 +65,16 @@ class Job:
     attempts: list[dict[str, Any]] = field(default_factory=list)  # earlier tries (OOM retries)
     last_output: float = 0.0  # time.monotonic() of the last line: a silent job may be hung
     hung: bool = False
+    shared_gpu: bool = False  # ran beside another job on one of its GPUs (an OOM then retries it alone)
 
 
 class GpuPool:
-    """The launch's GPUs and the leases on them: hands out `per_job` free GPUs to the next job."""
+    """The launch's GPUs and the reservations on them: places each job by `placement.choose_gpus`.
+
+    A job reserves its planned memory on each GPU it gets (`spec.reserve_mib`), or the GPUs whole
+    (None). Reservations are files every launcher on the host reads (leases.py), so two launchers
+    pack onto one GPU only while their planned peaks fit.
+    """
 
     def __init__(
         self,
@@ -75,52 +82,57 @@ class GpuPool:
         probe: Callable[[], list[GpuInfo]],
         lease_dir: Path,
         launch_id: str,
-        per_job: int = 1,
+        max_jobs_per_gpu: int = 1,
         max_used_mib: int = DEFAULT_MAX_USED_MIB,
     ) -> None:
         self.gpus, self.probe, self.lease_dir = list(gpus), probe, lease_dir
-        self.launch_id, self.per_job, self.max_used_mib = launch_id, per_job, max_used_mib
-        self.in_use: set[str] = set()  # uuids our own running jobs hold
+        self.launch_id, self.max_jobs, self.max_used_mib = launch_id, max_jobs_per_gpu, max_used_mib
         self.waiting_for = ""  # why the last take() found nothing, for the user
         self._seen = {gpu.uuid: gpu for gpu in gpus}
         self._seen_at = time.monotonic()
+        # What reservations may fill: the memory that was not in use (by others) when the launch began.
+        self.capacity = {gpu.uuid: _capacity_mib(gpu, reservations(lease_dir, gpu.uuid)) for gpu in gpus}
 
-    def take(self, recipe: str) -> tuple[list[GpuInfo], list[Lease]] | None:
-        candidates = [gpu for gpu in self.gpus if gpu.uuid not in self.in_use]
-        if len(candidates) < self.per_job:
-            self.waiting_for = ""  # our own jobs hold them; nothing to explain
+    def take(self, spec: JobSpec) -> tuple[list[GpuInfo], list[Lease], bool] | None:
+        """GPUs and reservations for `spec`, and whether it shares a GPU; None when it must wait."""
+        rooms = self.rooms()
+        chosen = choose_gpus(rooms, spec.gpu_count, spec.reserve_mib, self.max_jobs)
+        if chosen is None:
+            self.waiting_for = "; ".join(f"{r.gpu.label} {r.blocked}" for r in rooms if r.blocked)
             return None
-        taken: list[GpuInfo] = []
-        leases: list[Lease] = []
-        why: list[str] = []
-        for gpu in candidates:
-            lease = self._lease_if_free(gpu, recipe, why)
-            if lease:
-                taken.append(gpu)
-                leases.append(lease)
-            if len(taken) == self.per_job:
-                self.in_use.update(g.uuid for g in taken)
-                self.waiting_for = ""
-                return taken, leases
-        for lease in leases:
-            lease.release()
-        self.waiting_for = "; ".join(why)
-        return None
+        note = f"recipe {spec.key} launch {self.launch_id}"
+        leases = []
+        for gpu in chosen:
+            mib = WHOLE_GPU if spec.reserve_mib is None else spec.reserve_mib
+            lease = reserve(self.lease_dir, gpu.uuid, note, mib, self.capacity[gpu.uuid])
+            if lease is None:  # another launcher got there between our look and our reservation
+                for held in leases:
+                    held.release()
+                self.waiting_for = f"{gpu.label} was just reserved by another launcher"
+                return None
+            leases.append(lease)
+        self.waiting_for = ""
+        shared = any(room.jobs for room in rooms if room.gpu in chosen)
+        return chosen, leases, shared
 
     def give_back(self, gpus: Sequence[GpuInfo], leases: Sequence[Lease]) -> None:
         for lease in leases:
             lease.release()
-        self.in_use.difference_update(gpu.uuid for gpu in gpus)
 
-    def _lease_if_free(self, gpu: GpuInfo, recipe: str, why: list[str]) -> Lease | None:
-        busy = self._current(gpu).busy_reason(self.max_used_mib)
-        if busy:
-            why.append(f"{gpu.label} busy: {busy}")
-            return None
-        lease = try_acquire(self.lease_dir, gpu.uuid, f"recipe {recipe} launch {self.launch_id}")
-        if lease is None:
-            why.append(f"{gpu.label} leased by another launcher ({holder(self.lease_dir, gpu.uuid) or '?'})")
-        return lease
+    def rooms(self) -> list[GpuRoom]:
+        """What each GPU of the pool can take now (`plan` places its first wave on these)."""
+        return [self._room(gpu) for gpu in self.gpus]
+
+    def _room(self, gpu: GpuInfo) -> GpuRoom:
+        live = reservations(self.lease_dir, gpu.uuid)
+        reserved = sum(r.mib for r in live if not r.exclusive)
+        blocked = next((f"held whole ({r.note})" for r in live if r.exclusive), None)
+        if not live:  # nothing planned is on it: a process there is someone else's
+            busy = self._current(gpu).busy_reason(self.max_used_mib)
+            blocked = f"busy: {busy}" if busy else None
+        elif self.max_jobs == 1:
+            blocked = blocked or f"in use ({'; '.join(r.note for r in live)})"
+        return GpuRoom(gpu, self.capacity[gpu.uuid], reserved, len(live), blocked)
 
     def _current(self, gpu: GpuInfo) -> GpuInfo:
         # Someone else may have started on a GPU since the launch began: look again, but
@@ -130,6 +142,12 @@ class GpuPool:
                 self._seen = {g.uuid: g for g in self.probe()}
             self._seen_at = time.monotonic()
         return self._seen.get(gpu.uuid, gpu)
+
+
+def _capacity_mib(gpu: GpuInfo, live: Sequence) -> int:
+    # With reservations live, what is in use there is theirs (already counted): only an idle GPU's
+    # used memory belongs to someone we cannot see.
+    return gpu.memory_total_mib - (0 if live else gpu.memory_used_mib)
 
 
 @dataclass(frozen=True)
@@ -323,17 +341,31 @@ class _Runner(JobLoop):
             _signal_group(job, signum)
 
     def _start_ready(self) -> None:
-        for job in self._queued():
+        queued = self._queued()
+        waiting = None
+        for index in start_order([job.spec.predicted_s for job in queued]):
+            job = queued[index]
             if self.pool is None:
                 self._spawn(job)
                 continue
-            taken = self.pool.take(job.spec.key)
+            taken = self.pool.take(job.spec)
             if taken is None:
-                self._note_waiting(job)
-                return  # first in, first out: the rest wait behind it
-            job.gpus, job.leases = taken
+                waiting = waiting or job
+                continue  # a smaller job behind it may still fit beside the running ones
+            job.gpus, job.leases, job.shared_gpu = taken
+            if job.shared_gpu:
+                self._mark_sharing(job)
             job.spec = bind_gpus(job.spec, job.gpus)
             self._spawn(job)
+        if waiting is not None:
+            self._note_waiting(waiting)
+
+    def _mark_sharing(self, job: Job) -> None:
+        """The jobs already on `job`'s GPUs now share them too."""
+        uuids = {gpu.uuid for gpu in job.gpus}
+        for other in self._running():
+            if uuids & {gpu.uuid for gpu in other.gpus}:
+                other.shared_gpu = True
 
     def _note_waiting(self, job: Job) -> None:
         why = self.pool.waiting_for if self.pool else ""
@@ -396,8 +428,14 @@ class _Runner(JobLoop):
         self._changed()
 
     def _retry_after_oom(self, job: Job) -> None:
-        """Queue the job again with half the micro-batch and twice the accumulation, if allowed."""
-        retry = oom_retry(job.spec) if len(job.attempts) < self.policy.oom_retries else None
+        """Queue the job again, if allowed: alone on a GPU when it shared one (its plan was right, its
+        neighbours took the memory), else with half the micro-batch and twice the accumulation."""
+        if len(job.attempts) >= self.policy.oom_retries:
+            return
+        if job.shared_gpu:
+            self._retry_alone(job)
+            return
+        retry = oom_retry(job.spec)
         if retry is None:
             return
         batch, accum = flag_value(retry.argv, "--batch-size"), flag_value(retry.argv, "--grad-accum")
@@ -414,8 +452,28 @@ class _Runner(JobLoop):
             f"{self.reporter.prefix(job)} out of GPU memory: retry {len(job.attempts)} of "
             f"{self.policy.oom_retries} with --batch-size {batch} --grad-accum {accum} (same effective batch)"
         )
-        job.spec = replace(retry, gpus=())
+        self._requeue(job, retry)
+
+    def _retry_alone(self, job: Job) -> None:
+        job.attempts.append(
+            {
+                "status": "oom",
+                "exit_code": job.exit_code,
+                "shared_gpu": True,
+                "retry": "alone on a GPU",
+                "duration_s": job.progress.elapsed(job.progress.ended or 0.0),
+            }
+        )
+        self.reporter.note(
+            f"{self.reporter.prefix(job)} out of GPU memory beside other jobs: retry {len(job.attempts)} of "
+            f"{self.policy.oom_retries} alone on a GPU, same settings"
+        )
+        self._requeue(job, resumed(replace(job.spec, reserve_mib=None)))
+
+    def _requeue(self, job: Job, spec: JobSpec) -> None:
+        job.spec = replace(spec, gpus=())
         job.progress, job.proc, job.exit_code, job.reader, job.gpus = Progress(), None, None, None, []
+        job.shared_gpu = False
 
     def _close_job(self, job: Job) -> None:
         if job.log is not None:

@@ -1,6 +1,7 @@
-"""Before anything starts: each recipe's predicted peak GPU memory on the GPUs it is given, and the
-micro-batch `--batch-size auto` picks. Pure planning over `src/planner.py` (no torch): the model's
-config.json, the data set's largest image, the batch, gradient checkpointing.
+"""Before anything starts: each recipe's predicted peak GPU memory and step time on the GPUs it is given,
+and the setting `--batch-size auto` picks (the fastest that fits, by the planner's cost model). Pure
+planning over `src/planner.py` (no torch): the model's config.json, the data set's largest image, the
+batch, gradient checkpointing.
 
 Measured against the benchmark on an H200 the prediction was within 6% for every recipe at the
 2B and 7B shapes (docs/benchmarks.md). Hub models are planned when their config.json is in the
@@ -17,8 +18,9 @@ from src.planner import (
     choose_checkpointing,
     estimate_recipe_memory,
     image_grid,
-    largest_fitting_batch,
+    predict_step_seconds,
     processor_pixel_limits,
+    rank_settings,
 )
 
 TEXT_TOKENS = 128  # prompt + answer of a detection sample; 88 in the synthetic data, more with many boxes
@@ -32,6 +34,7 @@ class Workload:
 
     patches: int
     text_tokens: int = TEXT_TOKENS
+    records: int = 0  # training samples, for the number of steps an epoch takes
 
 
 @dataclass(frozen=True)
@@ -42,6 +45,9 @@ class MemoryPlan:
     checkpointing: bool
     predicted_gib: float
     capacity_gib: float
+    predicted_step_s: float = 0.0  # one optimizer step, by the planner's cost model
+    train_s: float = 0.0  # every step of every stage (set by the launcher, which knows the steps)
+    why: str = ""  # how the setting was chosen, for `plan`
 
     @property
     def fits(self) -> bool:
@@ -52,7 +58,8 @@ class MemoryPlan:
         return (
             f"predicted peak {self.predicted_gib:.1f} GiB of {self.capacity_gib:.1f} GiB: {verdict} "
             f"(micro-batch {self.batch_size} x accumulation {self.grad_accum}, "
-            f"gradient checkpointing {'on' if self.checkpointing else 'off'})"
+            f"gradient checkpointing {'on' if self.checkpointing else 'off'}); "
+            f"about {self.predicted_step_s:.2f} s a step{self.why}"
         )
 
 
@@ -81,7 +88,7 @@ def workload_for(dataset: str, model_dir: Path) -> Workload | None:
         return None
     low, high = processor_pixel_limits(model_dir)
     patches = max((image_grid(r.width, r.height, low, high)[0] for r in records), default=0)
-    return Workload(patches) if patches else None
+    return Workload(patches, records=len(records)) if patches else None
 
 
 def plan_memory(
@@ -92,24 +99,36 @@ def plan_memory(
     batch_size: int | str,
     grad_accum: int,
     checkpointing: str,
+    samples_per_step: int = AUTO_EFFECTIVE_BATCH,
 ) -> MemoryPlan | None:
-    """The plan for one recipe on a GPU of `capacity_mib`; None when --batch-size auto finds no fit.
+    """The plan for one recipe (one rank of it) on a GPU of `capacity_mib`; None when --batch-size auto
+    finds no fit.
 
     `checkpointing` is the flag: "on", "off", or "auto" (off when the activations fit, as the
-    worker decides). `batch_size` "auto" picks the largest micro-batch that fits, keeping
-    AUTO_EFFECTIVE_BATCH samples per step through accumulation; it prefers no recomputation.
+    worker decides). `batch_size` "auto" picks, of every micro-batch x accumulation x recompute setting
+    of `samples_per_step`, the one the planner's cost model predicts fastest among those that fit.
     """
     capacity = capacity_mib * 2**20
     sizes = (shape, recipe)
     work = (workload.patches, workload.text_tokens)
     if batch_size == "auto":
-        for ckpt in {"on": [True], "off": [False]}.get(checkpointing, [False, True]):
-            found = largest_fitting_batch(*sizes, AUTO_EFFECTIVE_BATCH, capacity, *work, ckpt, AUTO_HEADROOM)
-            if found:
-                return _plan(
-                    recipe, shape, workload, capacity_mib, found, AUTO_EFFECTIVE_BATCH // found, ckpt
-                )
-        return None
+        choices = {"on": (True,), "off": (False,)}.get(checkpointing, (False, True))
+        ranked = rank_settings(
+            *sizes,
+            samples_per_step,
+            capacity,
+            *work,
+            headroom=AUTO_HEADROOM,
+            checkpointing_choices=choices,
+        )
+        best = ranked[0]
+        if not best.fits:
+            return None
+        others = [c for c in ranked[1:3] if c.fits]
+        why = "; fastest that fits, before " + ", ".join(c.describe() for c in others) if others else ""
+        return _plan(
+            recipe, shape, workload, capacity_mib, best.micro_batch, best.grad_accum, best.checkpointing, why
+        )
     if checkpointing == "auto":
         ckpt = choose_checkpointing(*sizes, batch_size, capacity, *work, AUTO_HEADROOM)
     else:
@@ -117,9 +136,12 @@ def plan_memory(
     return _plan(recipe, shape, workload, capacity_mib, batch_size, grad_accum, ckpt)
 
 
-def _plan(recipe, shape, workload, capacity_mib, batch_size, grad_accum, checkpointing) -> MemoryPlan:
+def _plan(recipe, shape, workload, capacity_mib, batch_size, grad_accum, checkpointing, why="") -> MemoryPlan:
     estimate = estimate_recipe_memory(
         shape, recipe, batch_size, workload.patches, workload.text_tokens, checkpointing
+    )
+    seconds = predict_step_seconds(
+        shape, recipe, batch_size, grad_accum, workload.patches, workload.text_tokens, checkpointing
     )
     return MemoryPlan(
         recipe.name,
@@ -128,4 +150,6 @@ def _plan(recipe, shape, workload, capacity_mib, batch_size, grad_accum, checkpo
         checkpointing,
         round(estimate.gib, 2),
         round(capacity_mib / 1024, 1),
+        round(seconds, 3),
+        why,
     )

@@ -11,6 +11,7 @@ replaces the worker command `[sys.executable, "-m", "src.training.worker"]`.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -89,6 +90,9 @@ class JobSpec:
     gpus: tuple[GpuInfo, ...] = ()  # empty until bound; always empty on CPU
     threads: int | None = None  # CPU threads, for --cpu jobs
     name: str | None = None  # the job's name when a sweep runs a recipe several times
+    gpu_count: int = 1  # GPUs it needs at once: data-parallel ranks, or a model sharded over several
+    reserve_mib: int | None = None  # GPU memory it reserves on each of them; None: the GPUs whole
+    predicted_s: float = 0.0  # predicted training seconds (0: unknown); the longest starts first
 
     @property
     def key(self) -> str:
@@ -255,13 +259,37 @@ def _plan_job(
     if cpu_threads is not None:
         argv += ["--cpu", "--threads", str(cpu_threads)]
         env.update(cpu_env(cpu_threads))
-    elif gpu_job_threads is not None:
-        # Each GPU worker still preprocesses images on the CPU; with every worker taking all cores
-        # (torch's default) four workers ran r3 1.7x slower than alone (docs/benchmarks.md).
-        argv += ["--threads", str(gpu_job_threads)]
-        env.update(thread_env(gpu_job_threads))
     log = launch_dir / "logs" / f"{name}.log"
-    return JobSpec(key, tuple(argv), env, output_dir, log, (), cpu_threads, name if tag else None)
+    job = JobSpec(key, tuple(argv), env, output_dir, log, (), cpu_threads, name if tag else None)
+    return job if gpu_job_threads is None else with_gpu_threads(job, gpu_job_threads)
+
+
+def with_gpu_threads(job: JobSpec, threads: int) -> JobSpec:
+    """A GPU job capped at `threads` CPU threads.
+
+    Each GPU worker still preprocesses images on the CPU; with every worker taking all cores (torch's
+    default) four workers ran r3 1.7x slower than alone (docs/benchmarks.md).
+    """
+    return replace(
+        job, argv=with_flag(job.argv, "--threads", str(threads)), env={**job.env, **thread_env(threads)}
+    )
+
+
+DISTRIBUTED_MODULE = "src.training.distributed"
+
+
+def as_data_parallel(job: JobSpec, ranks: int, worker: Sequence[str]) -> JobSpec:
+    """The job run as `ranks` data-parallel processes (one per GPU) by src.training.distributed.
+
+    The worker's own flags follow `--`; a replaced worker command (the testing hook) gets the same
+    prefix, so the fake can tell how many ranks it stands for.
+    """
+    head = list(worker)
+    if head[-2:] == ["-m", "src.training.worker"]:
+        head[-1] = DISTRIBUTED_MODULE
+    flags = job.argv[len(worker) :]
+    argv = (*head, "--nproc-per-node", str(ranks), "--", *flags)
+    return replace(job, argv=argv, gpu_count=ranks)
 
 
 def thread_env(threads: int) -> dict[str, str]:
@@ -280,9 +308,12 @@ def cpu_env(threads: int) -> dict[str, str]:
 
 def gpu_env(gpus: Sequence[GpuInfo]) -> dict[str, str]:
     # UUIDs, not indices: NVML's order need not match CUDA's, a UUID names one board everywhere.
+    # Expandable segments keep the caching allocator's unused blocks small, so that a process holds
+    # little more than the planner's predicted peak: what packing several jobs on one GPU relies on.
     return {
         "CUDA_DEVICE_ORDER": "PCI_BUS_ID",
         "CUDA_VISIBLE_DEVICES": ",".join(gpu.uuid for gpu in gpus),
+        "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True",
     }
 
 
@@ -326,6 +357,7 @@ def resume_spec(result) -> JobSpec:
         Path(result.output_dir),
         Path(result.log),
         name=result.name if result.name != result.recipe else None,
+        gpu_count=max(1, len(result.gpu_uuids)),  # its GPUs whole again: a resume does not pack
     )
     has_run = (job.output_dir / "status.json").is_file()
     return resumed(job) if has_run else job
@@ -373,12 +405,16 @@ def select_gpus(
     max_used_mib: int,
     leased_by: Callable[[GpuInfo], str | None],
     per_job: int = 1,
+    packable: Callable[[GpuInfo], bool] = lambda gpu: False,
 ) -> GpuSelection:
     """The pool for a launch: the asked-for GPUs, or with `asked=None` every free one (every
-    one, to wait on, when none is free). `leased_by` names another launcher holding a GPU."""
+    one, to wait on, when none is free). `leased_by` names another launcher's reservations that keep
+    a GPU from this launch (with packing, only a GPU held whole; its other GPUs' room is placement's).
+    `packable` GPUs carry other launchers' packed jobs: their processes do not make them busy."""
+    busy_of = functools.partial(_why_busy, max_used_mib=max_used_mib, leased_by=leased_by, packable=packable)
     by_index = {gpu.index: gpu for gpu in gpus}
     if asked is None:
-        return _select_auto(gpus, max_used_mib, leased_by, per_job)
+        return _select_auto(gpus, busy_of, per_job)
     missing = [i for i in asked if i not in by_index]
     if missing:
         have = ", ".join(str(i) for i in sorted(by_index)) or "none"
@@ -386,42 +422,36 @@ def select_gpus(
             (), (f"no GPU with index {', '.join(map(str, missing))} (this host has: {have})",)
         )
     pool = tuple(by_index[i] for i in asked)
-    busy = [
-        f"{gpu.label} ({gpu.uuid}) is busy: {why}"
-        for gpu in pool
-        if (why := _why_busy(gpu, max_used_mib, leased_by))
-    ]
+    busy = [f"{gpu.label} ({gpu.uuid}) is busy: {why}" for gpu in pool if (why := busy_of(gpu))]
     return GpuSelection(pool, _too_few(pool, per_job), tuple(busy))
 
 
 def _select_auto(
-    gpus: Sequence[GpuInfo], max_used_mib: int, leased_by: Callable[[GpuInfo], str | None], per_job: int
+    gpus: Sequence[GpuInfo], busy_of: Callable[[GpuInfo], str | None], per_job: int
 ) -> GpuSelection:
     if not gpus:
         return GpuSelection((), ("NVML sees no GPU on this host",))
-    free = tuple(gpu for gpu in gpus if not _why_busy(gpu, max_used_mib, leased_by))
+    free = tuple(gpu for gpu in gpus if not busy_of(gpu))
     if len(free) >= per_job:
         return GpuSelection(free)
-    busy = [f"{gpu.label} is busy: {why}" for gpu in gpus if (why := _why_busy(gpu, max_used_mib, leased_by))]
+    busy = [f"{gpu.label} is busy: {why}" for gpu in gpus if (why := busy_of(gpu))]
     short = f"--gpus auto found {len(free)} free GPU(s), a recipe needs {per_job}"
     return GpuSelection(tuple(gpus), _too_few(tuple(gpus), per_job), (short, *busy))
 
 
-def _why_busy(gpu: GpuInfo, max_used_mib: int, leased_by: Callable[[GpuInfo], str | None]) -> str | None:
+def _why_busy(
+    gpu: GpuInfo,
+    max_used_mib: int,
+    leased_by: Callable[[GpuInfo], str | None],
+    packable: Callable[[GpuInfo], bool],
+) -> str | None:
     holder = leased_by(gpu)
-    return f"leased by another launcher ({holder})" if holder else gpu.busy_reason(max_used_mib)
+    if holder:
+        return f"leased by another launcher ({holder})"
+    return None if packable(gpu) else gpu.busy_reason(max_used_mib)
 
 
 def _too_few(pool: tuple[GpuInfo, ...], per_job: int) -> tuple[str, ...]:
     if len(pool) >= per_job:
         return ()
     return (f"--gpus-per-recipe {per_job} needs at least {per_job} GPUs; --gpus gives {len(pool)}",)
-
-
-def first_wave(jobs: Sequence[JobSpec], pool: Sequence[GpuInfo], per_job: int) -> list[JobSpec | None]:
-    """What `plan` shows: the jobs that start at once, bound in pool order; None for queued ones."""
-    slots = len(pool) // per_job
-    return [
-        bind_gpus(job, pool[n * per_job : (n + 1) * per_job]) if n < slots else None
-        for n, job in enumerate(jobs)
-    ]

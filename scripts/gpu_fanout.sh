@@ -5,6 +5,12 @@
 # GPUs, and a real out-of-memory retry. Run from the repo root:
 #
 #   scripts/gpu_fanout.sh OUT_DIR PART...   PART: setup bench7b bench2b 2b 7b alone pair pairalone shard oom
+#                                                  queue1 pack1 pack2 ddp ddpalone
+#
+# The placement runs (issue "use every GPU"): r1-r4 queued one at a time on one GPU (queue1: --pack off),
+# packed on one GPU (pack1) and on two (pack2), all 7B, STEPS steps (60 for the issue's figures), batch 4,
+# no evaluation; r4 as two data-parallel processes on two GPUs (ddp) against one GPU (ddpalone), 16 samples
+# a step.
 #
 # RECIPE_RUN (default `python3 -m recipe_runner`), WORK (default /tmp/rr), STEPS (default 10) and
 # ALONE_SHAPE (the model of the `alone` run, default 2b) can be set in the environment. Each part writes OUT_DIR/<part>.log and copies the launch's small
@@ -63,6 +69,13 @@ for part in "$@"; do
     pairalone) launch pairalone --recipes r4 --gpus 0 --model-id "$work/7b" "${common[@]}" --skip-eval --plain ;;
     alone) launch alone --recipes r3 --gpus 0 --model-id "$work/${ALONE_SHAPE:-2b}" "${common[@]}" --plain ;;
     shard) launch shard --recipes r4 --gpus 0,1 --gpus-per-recipe 2 --model-id "$work/7b" "${common[@]}" --plain ;;
+    queue1) launch queue1 --recipes all --gpus 0 --pack off --wait --model-id "$work/7b" "${common[@]}" --skip-eval --plain ;;
+    pack1) launch pack1 --recipes all --gpus 0 --model-id "$work/7b" "${common[@]}" --skip-eval --plain ;;
+    pack2) launch pack2 --recipes all --gpus 0,1 --model-id "$work/7b" "${common[@]}" --skip-eval --plain ;;
+    ddp) launch ddp --recipes r4 --gpus 0,1 --gpus-per-recipe 2 --model-id "$work/7b" --dataset "$work/data" \
+      --max-steps "$steps" --batch-size 8 --grad-accum 2 --no-wandb --save-steps 0 --skip-eval --plain ;;
+    ddpalone) launch ddpalone --recipes r4 --gpus 0 --model-id "$work/7b" --dataset "$work/data" \
+      --max-steps "$steps" --batch-size 8 --grad-accum 2 --no-wandb --save-steps 0 --skip-eval --plain ;;
     oom) launch oom --recipes r2 --gpus 0 --model-id "$work/2b" --dataset "$work/data" --max-steps 2 \
       --batch-size 64 --gradient-checkpointing off --oom-retries 3 --no-wandb --plain ;;
     *) echo "unknown part $part" >&2; exit 2 ;;

@@ -9,6 +9,7 @@ object from recipe key (or "*" for every recipe) to behaviour:
     grandchild   start a sleeping grandchild (false)   ignore_term  ignore SIGTERM and SIGINT (false)
     noise        plain log lines per step, half on stderr (1)
     oom_above    exit 3 (CUDA OOM) while --batch-size is above this (none)
+    oom_first    exit 3 (CUDA OOM) unless run with --resume, i.e. on the first try only (false)
     silent_s     print nothing for this long before the first step (0): a hung worker
     say          one extra line to print at start (e.g. a secret, to test masking)
 
@@ -43,6 +44,7 @@ ENV_KEYS = (
     "MKL_NUM_THREADS",
     "RAYON_NUM_THREADS",
     "PYTHONUNBUFFERED",
+    "PYTORCH_CUDA_ALLOC_CONF",
 )
 
 
@@ -71,7 +73,11 @@ def main() -> int:
     parser.add_argument("--recipe", required=True)
     parser.add_argument("--output-dir", required=True)
     parser.add_argument("--batch-size", type=int, default=4)
-    args, _ = parser.parse_known_args()
+    argv = sys.argv[1:]
+    ranks = 1
+    if "--" in argv:  # as src.training.distributed: --nproc-per-node N -- WORKER FLAGS
+        ranks, argv = int(argv[argv.index("--nproc-per-node") + 1]), argv[argv.index("--") + 1 :]
+    args, _ = parser.parse_known_args(argv)
     recipe, out = RECIPES[args.recipe], Path(args.output_dir)
     plan = behaviour(recipe.name)
     if plan.get("ignore_term"):
@@ -82,7 +88,7 @@ def main() -> int:
         grandchild = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"]).pid
     records = os.environ.get("FAKE_WORKER_RECORDS")
     rec_path = Path(records) / f"{recipe.name}-{os.getpid()}.json" if records else None
-    rec = {"recipe": recipe.name, "pid": os.getpid(), "argv": sys.argv[1:], "grandchild": grandchild}
+    rec = {"recipe": recipe.name, "pid": os.getpid(), "argv": argv, "ranks": ranks, "grandchild": grandchild}
     rec |= {"env": {key: os.environ.get(key) for key in ENV_KEYS}, "start": time.time()}
     record(rec_path, rec)
 
@@ -90,7 +96,10 @@ def main() -> int:
     if plan.get("say"):
         print(plan["say"], flush=True)
     time.sleep(plan.get("silent_s", 0))
-    if plan.get("oom_above") is not None and args.batch_size > plan["oom_above"]:
+    first_try = "--resume" not in argv
+    if (plan.get("oom_above") is not None and args.batch_size > plan["oom_above"]) or (
+        plan.get("oom_first") and first_try
+    ):
         print(f"torch.OutOfMemoryError: CUDA out of memory at batch {args.batch_size}", flush=True)
         record(rec_path, rec | {"end": time.time(), "exit": 3})
         return 3

@@ -128,3 +128,22 @@ def wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> bool:
 def helpers():
     """The plain helper functions, for tests that need them without importing conftest."""
     return type("Helpers", (), {"alive": staticmethod(alive), "wait_until": staticmethod(wait_until)})
+
+
+@pytest.fixture(scope="session")
+def config_only_7b(tmp_path_factory):
+    """The published 7B shape as config.json alone (no weights: the planner never loads them),
+    with Qwen's pixel limits, and 644x476 images (391 image tokens each)."""
+    from src.data.synthetic import write_dataset
+    from src.models.shapes import MAX_PIXELS, MIN_PIXELS, shape_config
+    from src.models.tiny import build_tokenizer
+
+    root = tmp_path_factory.mktemp("plan7b")
+    model = root / "7b"
+    model.mkdir()
+    shape_config("7b", build_tokenizer()).to_json_file(model / "config.json")
+    (model / "preprocessor_config.json").write_text(
+        json.dumps({"min_pixels": MIN_PIXELS, "max_pixels": MAX_PIXELS})
+    )
+    data = write_dataset(root / "data", train=3, test=1, size=(644, 476))
+    return model, data

@@ -8,10 +8,10 @@ from types import SimpleNamespace
 import pytest
 
 from recipe_runner.gpus import GpuInfo, NvmlUnavailable, parse_fake_gpus, probe_gpus, probe_nvml
+from recipe_runner.placement import GpuRoom, first_wave
 from recipe_runner.plan import (
     TrainFlags,
     bind_gpus,
-    first_wave,
     flag_value,
     parse_gpu_ids,
     plan_jobs,
@@ -118,10 +118,16 @@ def test_r3_is_one_job() -> None:
 
 def test_three_recipes_on_two_gpus_queue_the_third() -> None:
     jobs = plan_jobs(resolve_recipes("r1,r2,r4"), LAUNCH, TrainFlags(), WORKER)
-    wave = first_wave(jobs, [gpu(0), gpu(1)], per_job=1)
-    assert [w.device if w else None for w in wave] == ["gpu0", "gpu1", None]
-    wave = first_wave(jobs, [gpu(0), gpu(1), gpu(2), gpu(3)], per_job=2)
-    assert [w.device if w else None for w in wave] == ["gpu0,1", "gpu2,3", None]
+    whole = [(1, None)] * len(jobs)  # no memory plan: each job takes its GPUs whole
+
+    def devices(wave) -> list:
+        return [",".join(g.label for g in gpus) if gpus else None for gpus in wave]
+
+    rooms = [GpuRoom(gpu(i), 81559) for i in range(2)]
+    assert devices(first_wave(whole, [0] * 3, rooms, max_jobs=4)) == ["gpu0", "gpu1", None]
+    rooms = [GpuRoom(gpu(i), 81559) for i in range(4)]
+    wave = first_wave([(2, None)] * 3, [0] * 3, rooms, max_jobs=4)
+    assert devices(wave) == ["gpu0,gpu1", "gpu2,gpu3", None]
 
 
 def test_select_asked_gpus_missing_busy_and_leased() -> None:

@@ -11,8 +11,11 @@ import time
 
 from recipe_runner.cli import main
 from recipe_runner.leases import holder
+from recipe_runner.placement import MAX_GPU_WORKER_THREADS
 from recipe_runner.plan import flag_value
 from src.training.progress import PREFIX
+
+THREADS = min(MAX_GPU_WORKER_THREADS, os.cpu_count() or 1)
 
 
 def launch(host, *args: str) -> int:
@@ -53,9 +56,10 @@ def test_children_get_their_gpu_by_uuid_and_the_multicast_switches(host, capsys)
         "NCCL_NVLS_ENABLE": "0",
         "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
         "NVSHMEM_DISABLE_NVLS": "1",
-        "OMP_NUM_THREADS": str(os.cpu_count()),  # one job at a time: every core
-        "MKL_NUM_THREADS": str(os.cpu_count()),
-        "RAYON_NUM_THREADS": str(os.cpu_count()),
+        "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True",
+        "OMP_NUM_THREADS": str(THREADS),  # one job at a time: every core, up to the cap
+        "MKL_NUM_THREADS": str(THREADS),
+        "RAYON_NUM_THREADS": str(THREADS),
         "PYTHONUNBUFFERED": "1",
     }
     (launch_dir,) = host.launch_dirs()

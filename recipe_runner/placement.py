@@ -1,0 +1,350 @@
+"""Placement: which jobs share a GPU, which span several, and in what order they start. Pure code.
+
+`make_plan(request, launch id, worker, rooms, memory plans, cores) -> Plan` is the whole decision: the
+launcher builds a `LaunchRequest` once from argv, asks NVML for the GPUs' rooms and the memory planner
+for each recipe's plan (recipe_runner/memory.py), and gets back every job with its command, environment,
+GPU count, memory reservation, predicted time and first placement. `recipe-run plan` prints it;
+`recipe-run launch` hands its jobs to the executor.
+
+One rule places jobs, in the plan (its first wave) and in the executor (each time a GPU frees up): a job
+goes to the emptiest GPUs that have room for its memory reservation, the longest predicted job first.
+
+  * A job's reservation is the memory planner's predicted peak plus a margin and a CUDA context
+    (`reservation_mib`). Without a plan (a hub model not cached here, Ray, a sharded model) or with
+    `--pack off`, a job reserves its GPUs whole, as before packing existed.
+  * A GPU takes jobs while their reservations fit its capacity (its memory less what others used when the
+    launch began) and it holds fewer than `--max-jobs-per-gpu` of them. Reservations of other launchers on
+    the host count too (recipe_runner/leases.py keeps them).
+  * A GPU with no reservation but a foreign process on it (NVML) is busy, as before: nobody planned that
+    process, so nothing is packed beside it.
+
+    from recipe_runner.placement import GpuRoom, choose_gpus
+    choose_gpus([GpuRoom(gpu, capacity_mib=143_000)], count=1, mib=45_000, max_jobs=4)
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from recipe_runner.gpus import GpuInfo
+from recipe_runner.memory import AUTO_EFFECTIVE_BATCH, MemoryPlan
+from recipe_runner.plan import (
+    JobSpec,
+    SweepPoint,
+    TrainFlags,
+    as_data_parallel,
+    flag_value,
+    plan_jobs,
+    split_threads,
+    with_flag,
+    with_gpu_threads,
+)
+from src.training.worker import DEFAULT_BATCH_SIZE, DEFAULT_GRAD_ACCUM  # torch-free at import
+
+# The planner predicts torch's peak allocation; the process holds more: the CUDA context with cuBLAS and
+# NCCL handles (about 0.6 GiB on an H200 with torch 2.11) and the caching allocator's unused blocks, which
+# expandable segments (set for every GPU child, plan.py) keep small.
+CUDA_CONTEXT_MIB = 1024
+# Of the predicted peak: fragmentation (small with expandable segments) and the planner's error, which was
+# -0.3% to +5.4% of the measured peak (docs/benchmarks.md). A job that still runs out is retried alone.
+PACK_MARGIN = 0.05
+DEFAULT_MAX_JOBS_PER_GPU = 4
+
+
+@dataclass(frozen=True)
+class GpuRoom:
+    """What one GPU can still take, as placement sees it."""
+
+    gpu: GpuInfo
+    capacity_mib: int  # what reservations may fill in all
+    reserved_mib: int = 0  # live reservations, ours and other launchers'
+    jobs: int = 0  # how many live reservations
+    blocked: str | None = None  # why nothing may start here (held whole, a foreign process)
+
+    def fits(self, mib: int | None, max_jobs: int) -> bool:
+        if self.blocked:
+            return False
+        if mib is None:  # a whole GPU: an empty one
+            return self.jobs == 0
+        return self.jobs < max_jobs and self.reserved_mib + mib <= self.capacity_mib
+
+    def with_job(self, mib: int | None) -> GpuRoom:
+        if mib is None:
+            return replace(self, jobs=self.jobs + 1, blocked="held whole by a job of this launch")
+        return replace(self, jobs=self.jobs + 1, reserved_mib=self.reserved_mib + mib)
+
+
+def choose_gpus(rooms: Sequence[GpuRoom], count: int, mib: int | None, max_jobs: int) -> list[GpuInfo] | None:
+    """`count` GPUs with room for `mib` each (None: whole, empty GPUs), the emptiest first; None if too few.
+
+    Emptiest first spreads jobs over idle GPUs before any two share one.
+    """
+    open_rooms = sorted(
+        (room for room in rooms if room.fits(mib, max_jobs)),
+        key=lambda room: (room.jobs, room.reserved_mib, room.gpu.index),
+    )
+    if len(open_rooms) < count:
+        return None
+    return [room.gpu for room in open_rooms[:count]]
+
+
+def reservation_mib(predicted_gib: float) -> int:
+    """The MiB a job with this predicted peak reserves on its GPU (each GPU, for a data-parallel job)."""
+    return math.ceil(predicted_gib * 1024 * (1 + PACK_MARGIN)) + CUDA_CONTEXT_MIB
+
+
+def start_order(priorities: Sequence[float]) -> list[int]:
+    """Indices of jobs in the order they should start: the longest predicted first, ties in plan order.
+
+    The longest job bounds the makespan, so it must not wait behind short ones (r3 runs two stages).
+    """
+    return sorted(range(len(priorities)), key=lambda index: (-priorities[index], index))
+
+
+def first_wave(
+    needs: Sequence[tuple[int, int | None]],
+    priorities: Sequence[float],
+    rooms: Sequence[GpuRoom],
+    max_jobs: int,
+) -> list[list[GpuInfo] | None]:
+    """Where each job (GPU count, MiB each) starts if all are asked at once; None for a queued job.
+
+    The executor applies the same rule as GPUs free up, so this is what `plan` shows.
+    """
+    rooms = list(rooms)
+    placed: list[list[GpuInfo] | None] = [None] * len(needs)
+    for index in start_order(priorities):
+        count, mib = needs[index]
+        chosen = choose_gpus(rooms, count, mib, max_jobs)
+        if chosen is None:
+            continue
+        placed[index] = chosen
+        uuids = {gpu.uuid for gpu in chosen}
+        rooms = [room.with_job(mib) if room.gpu.uuid in uuids else room for room in rooms]
+    return placed
+
+
+def sharing(placed: Sequence[list[GpuInfo] | None]) -> dict[str, int]:
+    """GPU uuid -> how many of the placed jobs start on it."""
+    counts: dict[str, int] = {}
+    for gpus in placed:
+        for gpu in gpus or []:
+            counts[gpu.uuid] = counts.get(gpu.uuid, 0) + 1
+    return counts
+
+
+# --- the launch as one pure step: request + GPUs + memory plans -> Plan ----------------------------------
+
+# A GPU worker's intra-op threads only run the CPU side of each step; more than a few compete with the
+# Python thread launching kernels (docs/benchmarks.md, four recipes on four GPUs).
+MAX_GPU_WORKER_THREADS = 4
+DEFAULT_EPOCHS = 3  # the worker's --epochs default, for predicted training times
+
+
+class PlanError(ValueError):
+    """A request that cannot be placed as asked; the message names the flag, `hint` the fix."""
+
+    def __init__(self, message: str, hint: str = "") -> None:
+        super().__init__(message)
+        self.hint = hint
+
+
+@dataclass(frozen=True)
+class LaunchRequest:
+    """What the user asked for, built once from the command line (cli.request_from_args)."""
+
+    recipes: tuple[str, ...]
+    flags: TrainFlags
+    sweep: tuple[SweepPoint, ...] = (SweepPoint(),)
+    output_dir: Path = Path("outputs")
+    cpu: bool = False
+    threads: int | None = None  # cores to split; None: all of this host's
+    backend: str = "local"
+    gpus_per_recipe: int = 1
+    shard: bool = False
+    pack: str = "auto"  # "auto" | "off"
+    max_jobs_per_gpu: int = DEFAULT_MAX_JOBS_PER_GPU
+
+    @property
+    def max_jobs(self) -> int:
+        """Jobs one GPU may hold at once."""
+        return self.max_jobs_per_gpu if self.pack == "auto" else 1
+
+    @property
+    def jobs(self) -> int:
+        return len(self.recipes) * len(self.sweep)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Everything a launch will do, decided before anything starts: `plan` prints it, `launch` runs it."""
+
+    launch_id: str
+    launch_dir: Path
+    jobs: tuple[JobSpec, ...]
+    first_wave: tuple[tuple[GpuInfo, ...] | None, ...] = ()  # where each job starts; None: it queues
+    memory: Mapping[str, MemoryPlan] = field(default_factory=dict)  # recipe -> one rank's plan
+    on_gpus: bool = False
+
+    def reason(self, job: JobSpec) -> str:
+        """Why the job is placed as it is, in one line."""
+        ranks = flag_value(job.argv, "--nproc-per-node")
+        how = f"{ranks} data-parallel processes, " if ranks else ""
+        how += f"one model sharded over {job.gpu_count} GPUs, " if job.gpu_count > 1 and not ranks else ""
+        if job.reserve_mib is None:
+            how += "its GPUs whole (no memory plan, --pack off, or sharded)"
+        else:
+            share = f"{job.reserve_mib / 1024:.1f} GiB a GPU"
+            how += f"reserves {share} (planned peak + {PACK_MARGIN:.0%} + CUDA context)"
+        if job.predicted_s:
+            how += f"; about {job.predicted_s:.0f} s of training predicted (the longest starts first)"
+        return how
+
+
+def make_plan(
+    request: LaunchRequest,
+    launch_id: str,
+    worker: Sequence[str],
+    rooms: Sequence[GpuRoom] | None,
+    memory: Mapping[str, MemoryPlan],
+    cores: int,
+) -> Plan:
+    """The launch's jobs, where each starts, and why. `rooms` is None off local GPUs (--cpu, Ray)."""
+    launch_dir = request.output_dir.resolve() / launch_id
+    flags = request.flags
+    if rooms is None:
+        # On Ray a cluster has no one core count: --threads is per recipe there.
+        threads = (
+            (request.threads or 1)
+            if request.backend == "ray"
+            else split_threads(request.threads or cores, request.jobs)
+        )
+        jobs = plan_jobs(
+            request.recipes, launch_dir, flags, worker, threads if request.cpu else None, sweep=request.sweep
+        )
+        return Plan(launch_id, launch_dir, tuple(jobs), memory=memory)
+    jobs = [
+        place_job(job, memory.get(job.recipe), request, worker)
+        for job in plan_jobs(request.recipes, launch_dir, flags, worker, sweep=request.sweep)
+    ]
+    wave = first_wave(
+        [(j.gpu_count, j.reserve_mib) for j in jobs], [j.predicted_s for j in jobs], rooms, request.max_jobs
+    )
+    at_once = max(1, sum(gpus is not None for gpus in wave))
+    threads = min(MAX_GPU_WORKER_THREADS, split_threads(request.threads or cores, at_once))
+    jobs = [with_gpu_threads(job, threads) for job in jobs]
+    placed = tuple(tuple(gpus) if gpus else None for gpus in wave)
+    return Plan(launch_id, launch_dir, tuple(jobs), placed, memory, on_gpus=True)
+
+
+def place_job(
+    job: JobSpec, plan: MemoryPlan | None, request: LaunchRequest, worker: Sequence[str]
+) -> JobSpec:
+    """One job as placement needs it: its batch flags, its GPUs (data parallel or sharded), its memory
+    reservation (packing) and its predicted time (longest first)."""
+    ranks = request.gpus_per_recipe
+    sharded = ranks > 1 and (request.shard or (plan is not None and not plan.fits))
+    if sharded:  # accelerate spreads one model over the GPUs; the batch is the one-GPU batch
+        return replace(job, gpu_count=ranks, predicted_s=plan.train_s if plan else 0.0)
+    argv = job.argv
+    if plan is not None:  # the worker runs what was planned, so that its reservation holds
+        if request.flags.batch_size == "auto" or ranks > 1:
+            argv = with_flag(argv, "--batch-size", str(plan.batch_size))
+            argv = with_flag(argv, "--grad-accum", str(plan.grad_accum))
+        argv = with_flag(argv, "--gradient-checkpointing", "on" if plan.checkpointing else "off")
+    elif ranks > 1:
+        batch, accum = rank_batch(request.flags, ranks)
+        argv = with_flag(with_flag(argv, "--batch-size", str(batch)), "--grad-accum", str(accum))
+    job = replace(job, argv=argv)
+    if ranks > 1:
+        job = as_data_parallel(job, ranks, worker)
+    packs = plan is not None and plan.fits and request.pack == "auto"
+    return replace(
+        job,
+        reserve_mib=reservation_mib(plan.predicted_gib) if packs else None,
+        predicted_s=plan.train_s if plan is not None else 0.0,
+    )
+
+
+def rank_batch(flags: TrainFlags, ranks: int) -> tuple[int | str, int]:
+    """Each data-parallel rank's micro-batch and accumulation, keeping the samples of one optimizer step.
+
+    The accumulation divides first (the micro-batch, and so the speed of each step, stays); "auto"
+    passes through: the planner splits AUTO_EFFECTIVE_BATCH itself.
+    """
+    batch, accum = flags.batch_size or DEFAULT_BATCH_SIZE, flags.grad_accum or DEFAULT_GRAD_ACCUM
+    if ranks == 1 or batch == "auto":
+        if batch == "auto" and AUTO_EFFECTIVE_BATCH % ranks:
+            raise PlanError(
+                f"--batch-size auto keeps {AUTO_EFFECTIVE_BATCH} samples a step: "
+                f"--gpus-per-recipe {ranks} does not divide it",
+                "use --gpus-per-recipe 2, 4, 8 or 16",
+            )
+        return batch, accum
+    if accum % ranks == 0:
+        return batch, accum // ranks
+    if batch % ranks == 0:
+        return batch // ranks, accum
+    raise PlanError(
+        f"--gpus-per-recipe {ranks}: the {batch} x {accum} samples of a step cannot be split evenly over "
+        f"{ranks} data-parallel processes",
+        f"choose --batch-size and --grad-accum whose product divides by {ranks}, or add --shard",
+    )
+
+
+def training_steps(flags: TrainFlags, records: int, samples_per_step: int) -> int:
+    """Optimizer steps of one stage: --max-steps, else the epochs over `records` samples."""
+    if flags.max_steps and flags.max_steps > 0:
+        return flags.max_steps
+    return math.ceil((flags.epochs or DEFAULT_EPOCHS) * max(records, 1) / samples_per_step)
+
+
+def plan_recipes(request: LaunchRequest, capacity_mib: int) -> dict[str, MemoryPlan]:
+    """recipe -> the memory planner's plan of one rank on a GPU of `capacity_mib` (the pool's smallest).
+
+    The only step here that reads files: the model's config.json and the data sets' image sizes. Empty
+    where nothing can be planned (no local config.json or data set, --shard); with --batch-size auto such
+    a launch is refused, since the worker needs a number.
+    """
+    from recipe_runner.memory import model_dir_for, plan_memory, workload_for
+    from src.planner import ModelShape
+    from src.recipes import RECIPES
+    from src.training.worker import DEFAULT_DATASET, DEFAULT_MODEL
+
+    flags, ranks = request.flags, request.gpus_per_recipe
+    auto = flags.batch_size == "auto"
+    if request.shard:
+        return {}
+    model_dir = model_dir_for(flags.model_id or DEFAULT_MODEL)
+    datasets = dict.fromkeys(point.dataset or flags.dataset or DEFAULT_DATASET for point in request.sweep)
+    workloads = [workload_for(d, model_dir) for d in datasets] if model_dir else []
+    if not workloads or None in workloads:
+        if auto:
+            raise PlanError(
+                "--batch-size auto: cannot plan memory without the model's config.json on this machine "
+                "and a local data set",
+                "give --batch-size N instead",
+            )
+        return {}
+    workload = max(workloads, key=lambda w: w.patches)
+    shape = ModelShape.from_model_dir(model_dir)
+    batch, accum = rank_batch(flags, ranks)
+    checkpointing = flags.gradient_checkpointing or "auto"
+    plans = {}
+    for recipe in (RECIPES[name] for name in request.recipes):
+        plan = plan_memory(
+            recipe, shape, workload, capacity_mib, batch, accum, checkpointing, AUTO_EFFECTIVE_BATCH // ranks
+        )
+        if plan is None:
+            raise PlanError(
+                f"--batch-size auto: {recipe.name} does not fit a {capacity_mib / 1024:.0f} GiB GPU even at "
+                "micro-batch 1 with gradient checkpointing",
+                "use a smaller model, or --gpus-per-recipe 2 --shard",
+            )
+        steps = training_steps(flags, workload.records, plan.batch_size * plan.grad_accum * ranks)
+        seconds = steps * plan.predicted_step_s * len(recipe.stages or (recipe,))
+        plans[recipe.name] = replace(plan, train_s=round(seconds, 1))
+    return plans
