@@ -213,10 +213,10 @@ def _add_device_args(p: argparse.ArgumentParser) -> None:
     device.add_argument(
         "--gpus-per-recipe",
         type=int,
-        default=1,
         metavar="N",
-        help="GPUs per recipe (default 1): N data-parallel processes when the model fits one GPU, "
-        "else one model sharded over N GPUs",
+        help="GPUs per recipe: N data-parallel processes when the model fits one GPU, else one model "
+        "sharded over N GPUs. Default: 1, and GPUs left over when they outnumber the recipes go to the "
+        "longest recipes as data parallel",
     )
     device.add_argument(
         "--shard",
@@ -398,9 +398,9 @@ def validate_launch(args: argparse.Namespace) -> list[str]:
             parse_gpu_ids(args.gpus)
         except ValueError as error:
             problems.append(str(error))
-    if args.cpu and args.gpus_per_recipe != 1:
+    if args.cpu and args.gpus_per_recipe not in (None, 1):
         problems.append("--gpus-per-recipe does not apply to --cpu")
-    if args.shard and args.gpus_per_recipe < 2:
+    if args.shard and (args.gpus_per_recipe or 1) < 2:
         problems.append("--shard needs --gpus-per-recipe 2 or more: it splits one model over several GPUs")
     if getattr(args, "batch_size", None) == "auto" and (args.cpu or args.backend == "ray" or args.shard):
         problems.append(
@@ -533,11 +533,16 @@ def request_from_args(args: argparse.Namespace) -> LaunchRequest:
         cpu=args.cpu,
         threads=args.threads,
         backend=args.backend,
-        gpus_per_recipe=args.gpus_per_recipe,
+        gpus_per_recipe=_per_recipe(args),
+        spread=args.gpus_per_recipe is None and not args.cpu and args.backend == "local",
         shard=args.shard,
         pack=args.pack,
         max_jobs_per_gpu=args.max_jobs_per_gpu,
     )
+
+
+def _per_recipe(args: argparse.Namespace) -> int:
+    return args.gpus_per_recipe or 1
 
 
 def _make_plan(request, launch_id, worker, selection: GpuSelection | None, pool: GpuPool | None) -> Plan:
@@ -599,7 +604,7 @@ def _select(args: argparse.Namespace, probe: Callable[[], list[GpuInfo]]) -> Gpu
     def packable(gpu: GpuInfo) -> bool:  # its processes are other launchers' packed jobs
         return args.pack == "auto" and bool(reservations(leases, gpu.uuid))
 
-    selection = select_gpus(gpus, asked, args.max_used_mib, held, args.gpus_per_recipe, packable)
+    selection = select_gpus(gpus, asked, args.max_used_mib, held, _per_recipe(args), packable)
     problems = selection.problems(args.wait)
     if problems:
         raise UsageError(
@@ -710,7 +715,7 @@ def _execute(
             specs,
             reporter,
             address=args.ray_address,
-            gpus_per_job=args.gpus_per_recipe,
+            gpus_per_job=_per_recipe(args),
             cpu=args.cpu,
             grace_s=args.grace,
             retries_on_node_loss=args.ray_retries,
@@ -870,7 +875,8 @@ def _demo_device(args: argparse.Namespace, probe: Callable[[], list[GpuInfo]]) -
     threads = ["--threads", str(args.threads)] if args.threads else []
     if args.cpu:
         return ["--cpu", *threads]
-    gpu_flags = ["--gpus-per-recipe", str(args.gpus_per_recipe), "--max-used-mib", str(args.max_used_mib)]
+    gpu_flags = ["--max-used-mib", str(args.max_used_mib)]
+    gpu_flags += ["--gpus-per-recipe", str(args.gpus_per_recipe)] if args.gpus_per_recipe else []
     gpu_flags += ["--wait"] if args.wait else []
     if args.gpus is not None:
         return ["--gpus", args.gpus, *gpu_flags]
@@ -878,7 +884,7 @@ def _demo_device(args: argparse.Namespace, probe: Callable[[], list[GpuInfo]]) -
         free = [gpu for gpu in probe() if gpu.is_free(args.max_used_mib)]
     except NvmlUnavailable:
         free = []
-    if len(free) >= args.gpus_per_recipe:
+    if len(free) >= _per_recipe(args):
         return ["--gpus", "auto", *gpu_flags]
     print("recipe-run demo: no free GPU here, running on the CPU", flush=True)
     return ["--cpu", *threads]

@@ -64,6 +64,11 @@ class GpuRoom:
     jobs: int = 0  # how many live reservations
     blocked: str | None = None  # why nothing may start here (held whole, a foreign process)
 
+    @property
+    def idle(self) -> bool:
+        """Nothing runs or is reserved here: a spare GPU when GPUs outnumber jobs."""
+        return not self.blocked and self.jobs == 0
+
     def fits(self, mib: int | None, max_jobs: int) -> bool:
         if self.blocked:
             return False
@@ -164,6 +169,7 @@ class LaunchRequest:
     threads: int | None = None  # cores to split; None: all of this host's
     backend: str = "local"
     gpus_per_recipe: int = 1
+    spread: bool = False  # --gpus-per-recipe not given: spare GPUs go to the longest jobs as data parallel
     shard: bool = False
     pack: str = "auto"  # "auto" | "off"
     max_jobs_per_gpu: int = DEFAULT_MAX_JOBS_PER_GPU
@@ -226,9 +232,12 @@ def make_plan(
             request.recipes, launch_dir, flags, worker, threads if request.cpu else None, sweep=request.sweep
         )
         return Plan(launch_id, launch_dir, tuple(jobs), memory=memory)
+    jobs = plan_jobs(request.recipes, launch_dir, flags, worker, sweep=request.sweep)
+    ranks = [request.gpus_per_recipe] * len(jobs)
+    if request.spread:
+        ranks = spread_spare_gpus(jobs, memory, sum(room.idle for room in rooms))
     jobs = [
-        place_job(job, memory.get(job.recipe), request, worker)
-        for job in plan_jobs(request.recipes, launch_dir, flags, worker, sweep=request.sweep)
+        place_job(job, memory.get(job.recipe), request, worker, n) for job, n in zip(jobs, ranks, strict=True)
     ]
     wave = first_wave(
         [(j.gpu_count, j.reserve_mib) for j in jobs], [j.predicted_s for j in jobs], rooms, request.max_jobs
@@ -240,20 +249,50 @@ def make_plan(
     return Plan(launch_id, launch_dir, tuple(jobs), placed, memory, on_gpus=True)
 
 
+def spread_spare_gpus(jobs: Sequence[JobSpec], memory: Mapping[str, MemoryPlan], idle_gpus: int) -> list[int]:
+    """Data-parallel ranks per job when idle GPUs outnumber the jobs: each spare GPU goes to the job with
+    the longest predicted time per rank, as long as its samples a step still split evenly.
+
+    Only jobs with a memory plan that fits one GPU are spread: data parallel needs the model on each.
+    """
+    ranks = [1] * len(jobs)
+    spare = idle_gpus - len(jobs)
+    while spare > 0:
+        candidates = [
+            index
+            for index, job in enumerate(jobs)
+            if (plan := memory.get(job.recipe)) is not None
+            and plan.fits
+            and plan.train_s > 0
+            and (plan.batch_size * plan.grad_accum) % (ranks[index] + 1) == 0
+        ]
+        if not candidates:
+            break
+        longest = max(candidates, key=lambda i: memory[jobs[i].recipe].train_s / ranks[i])
+        ranks[longest] += 1
+        spare -= 1
+    return ranks
+
+
 def place_job(
-    job: JobSpec, plan: MemoryPlan | None, request: LaunchRequest, worker: Sequence[str]
+    job: JobSpec, plan: MemoryPlan | None, request: LaunchRequest, worker: Sequence[str], ranks: int
 ) -> JobSpec:
-    """One job as placement needs it: its batch flags, its GPUs (data parallel or sharded), its memory
-    reservation (packing) and its predicted time (longest first)."""
-    ranks = request.gpus_per_recipe
+    """One job as placement needs it: its batch flags, its GPUs (`ranks` data-parallel processes, or one
+    model sharded over them), its memory reservation (packing) and its predicted time (longest first).
+
+    `plan` is one rank's plan for `request.gpus_per_recipe` ranks; a job given spare GPUs (`ranks` above
+    that) splits the plan's samples a step further.
+    """
     sharded = ranks > 1 and (request.shard or (plan is not None and not plan.fits))
     if sharded:  # accelerate spreads one model over the GPUs; the batch is the one-GPU batch
         return replace(job, gpu_count=ranks, predicted_s=plan.train_s if plan else 0.0)
     argv = job.argv
+    split = ranks // request.gpus_per_recipe
     if plan is not None:  # the worker runs what was planned, so that its reservation holds
+        planned = replace(request.flags, batch_size=plan.batch_size, grad_accum=plan.grad_accum)
+        batch, accum = rank_batch(planned, split)
         if request.flags.batch_size == "auto" or ranks > 1:
-            argv = with_flag(argv, "--batch-size", str(plan.batch_size))
-            argv = with_flag(argv, "--grad-accum", str(plan.grad_accum))
+            argv = with_flag(with_flag(argv, "--batch-size", str(batch)), "--grad-accum", str(accum))
         argv = with_flag(argv, "--gradient-checkpointing", "on" if plan.checkpointing else "off")
     elif ranks > 1:
         batch, accum = rank_batch(request.flags, ranks)
@@ -265,7 +304,7 @@ def place_job(
     return replace(
         job,
         reserve_mib=reservation_mib(plan.predicted_gib) if packs else None,
-        predicted_s=plan.train_s if plan is not None else 0.0,
+        predicted_s=plan.train_s / split if plan is not None else 0.0,
     )
 
 

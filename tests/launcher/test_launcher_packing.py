@@ -223,3 +223,20 @@ def test_make_plan_is_one_pure_step_from_request_to_placed_jobs() -> None:
     off = make_plan(LaunchRequest(request.recipes, TrainFlags(), pack="off"), "L2", ["w"], rooms, plans, 16)
     assert [bool(g) for g in off.first_wave] == [False, False, True, False]  # one at a time, r3 first
     assert all(job.reserve_mib is None for job in off.jobs)
+
+
+def test_spare_gpus_go_to_the_longest_recipe_as_data_parallel(host, monkeypatch, config_only_7b, capsys):
+    host.set_gpus(monkeypatch, json.dumps([{"memory_total_mib": H200_MIB}] * 4))
+    model, data = config_only_7b
+    flags = ["--model-id", str(model), "--dataset", str(data), "--output-dir", str(host.out)]
+    assert main(["plan", "--recipes", "r1,r3", "--batch-size", "4", "--grad-accum", "4", *flags]) == 0
+    out = capsys.readouterr().out
+    # r3 (two stages) is predicted longest: it gets the first spare GPU, r1 the next (16 splits by 2 and 4,
+    # and r3 at 3 ranks would not split 16 samples evenly)
+    blocks = {b.split(":")[0]: b for b in out.split("\n\n")[1:]}
+    assert "--nproc-per-node 2 --" in blocks["r3-two-stage"] and "--grad-accum 2" in blocks["r3-two-stage"]
+    assert "--nproc-per-node 2 --" in blocks["r1-llm-only"]
+    assert "queued" not in out
+    # an explicit --gpus-per-recipe 1 keeps one GPU each
+    assert main(["plan", "--recipes", "r1,r3", "--gpus-per-recipe", "1", "--batch-size", "4", *flags]) == 0
+    assert "--nproc-per-node" not in capsys.readouterr().out
