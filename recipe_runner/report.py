@@ -7,12 +7,20 @@ Reads what the launch left on disk: `summary.json`, and in each recipe's directo
 comes from `LAUNCH_DIR/base/metrics.json` (one per data set in a data-set sweep: `base-<data>/`) when
 it was evaluated. Writes `report.md`, `report.json`,
 `loss.png` (every recipe's training loss on one plot) and `predictions_<recipe>.png` (held-out images,
-ground truth in green, predictions in red). Torch-free; matplotlib is imported only to draw.
+ground truth in green, predictions in red). Torch-free; matplotlib is imported only to draw, numpy only
+to bootstrap.
+
+From each predictions.jsonl it adds (src/eval/bootstrap.py): a 95% interval of every headline metric by
+bootstrap over the test images; a verdict per data set, the winner's paired difference against the
+runner-up and against the zero-shot base on the same resampled images ("clear" when the interval of the
+F1 difference to the runner-up excludes 0); with --seeds, the image bootstrap of each recipe's seed mean
+beside the seed spread, the verdict then comparing seed means; and F1 by label and by COCO box size.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import statistics
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -31,6 +39,9 @@ METRICS = (
     ("parse_rate", "parsed"),
 )
 HEADLINE = "f1"
+RESAMPLES = 1000  # bootstrap resamples of the test images (fixed RNG seed: reports reproduce)
+MAX_LABEL_COLUMNS = 12  # the breakdown table shows the labels with most ground truth; report.json has all
+log = logging.getLogger(__name__)
 CELL_PX, GRID_COLUMNS, GRID_IMAGES = 224, 4, 8
 TRUTH_RGB, PREDICTION_RGB = (0, 170, 0), (220, 0, 0)
 
@@ -51,6 +62,10 @@ class RecipeRow:
     recipe_key: str = ""  # the recipe itself, shared by every seed of a sweep
     seed: int | None = None
     dataset: str | None = None
+    images: int | None = None  # test images in its predictions.jsonl
+    intervals: dict = field(default_factory=dict)  # {metric: {value, low, high}}, from predictions.jsonl
+    per_label: dict = field(default_factory=dict)  # {label: {precision, recall, f1, support}}
+    per_size: dict = field(default_factory=dict)  # {small|medium|large: {precision, recall, f1, support}}
 
 
 def _read_jsonl(path: Path) -> list[dict]:
@@ -113,15 +128,144 @@ def build_report(launch_dir: Path) -> dict:
         raise FileNotFoundError(f"{launch_dir}: no summary.json; pass the directory a launch created")
     bases = baselines(launch_dir)
     rows = [recipe_row(job, base_for(bases, job.get("dataset"))) for job in summary["jobs"]]
-    return {
+    groups = over_seeds(rows)
+    report = {
         "launch_id": summary.get("launch_id"),
         "launch_dir": str(launch_dir),
         "base": base_for(bases, None) if len(bases) == 1 else {},
         "bases": bases,
         "recipes": [asdict(r) for r in rows],
         "best": best_per_metric(rows),
-        "over_seeds": over_seeds(rows),
+        "over_seeds": groups,
+        "base_intervals": {},
+        "base_breakdown": {},
+        "verdicts": [],
     }
+    try:  # the intervals add to the report; a problem there must not cost the rest of it
+        add_statistics(report, launch_dir, rows, groups)
+    except Exception as error:  # noqa: BLE001 - reported in report.json and the log, never silent
+        log.exception("no intervals for %s", launch_dir)
+        report["statistics_error"] = f"{type(error).__name__}: {error}"
+    return report
+
+
+def _scores(predictions_path: Path):
+    """ImageScores of one predictions.jsonl, or None where there is none."""
+    from src.eval.bootstrap import ImageScores
+
+    rows = _read_jsonl(predictions_path)
+    return ImageScores.from_rows(rows) if rows else None
+
+
+def _breakdown(predictions_path: Path) -> tuple[dict, dict]:
+    """(per_label, per_size) P/R/F1 of one predictions.jsonl (src.eval.metrics, as metrics.json has)."""
+    from src.eval.bootstrap import samples_from_rows
+    from src.eval.metrics import detection_metrics
+
+    rows = _read_jsonl(predictions_path)
+    if not rows:
+        return {}, {}
+    metrics = detection_metrics(samples_from_rows(rows)[1])
+    return metrics["per_label"], metrics["per_size"]
+
+
+def base_dirs(launch_dir: Path) -> dict[str, Path]:
+    """The baseline directory of each data set, keyed as `baselines` keys them."""
+    found = {}
+    for path in sorted(launch_dir.glob(f"{BASELINE_DIR}*/metrics.json")):
+        dataset = ((read_json(path) or {}).get("eval") or {}).get("dataset") or path.parent.name
+        found[str(dataset)] = path.parent
+    return found
+
+
+def add_statistics(report: dict, launch_dir: Path, rows: list[RecipeRow], groups: list[dict]) -> None:
+    """Intervals, breakdowns and verdicts from every predictions.jsonl, into `report` (see the docstring)."""
+    from src.eval.bootstrap import intervals
+
+    scores = {}
+    for row, entry in zip(rows, report["recipes"], strict=True):
+        predictions = Path(row.output_dir) / "predictions.jsonl"
+        if row.status != "succeeded" or (found := _scores(predictions)) is None:
+            continue
+        scores[row.recipe] = found
+        entry["images"] = len(found.keys)
+        entry["intervals"] = intervals([found], RESAMPLES)
+        entry["per_label"], entry["per_size"] = _breakdown(predictions)
+    base_scores = {}
+    for dataset, directory in base_dirs(launch_dir).items():
+        if (found := _scores(directory / "predictions.jsonl")) is not None:
+            base_scores[dataset] = found
+            report["base_intervals"][dataset] = {"images": len(found.keys), **intervals([found], RESAMPLES)}
+            per_label, per_size = _breakdown(directory / "predictions.jsonl")
+            report["base_breakdown"][dataset] = {"per_label": per_label, "per_size": per_size}
+    for group in groups:
+        if members := _members(group, rows, scores):
+            group["intervals"] = intervals(members, RESAMPLES)
+    report["verdicts"] = verdicts(_entries(rows, groups, scores), base_scores, over_seeds=bool(groups))
+
+
+def _members(group: dict, rows: list[RecipeRow], scores: dict) -> list:
+    """The scores of a seed group's succeeded seeds."""
+    return [
+        scores[r.recipe]
+        for r in rows
+        if r.recipe_key == group["recipe"] and r.dataset == group["dataset"] and r.recipe in scores
+    ]
+
+
+def _entries(
+    rows: list[RecipeRow], groups: list[dict], scores: dict
+) -> dict[str | None, list[tuple[str, list]]]:
+    """What competes, per data set: (name, scores of its seeds): the recipes' seed groups in a seed
+    sweep (compared by their seed means), else each job alone."""
+    entries: dict[str | None, list[tuple[str, list]]] = {}
+    if groups:
+        for group in groups:
+            if members := _members(group, rows, scores):
+                entries.setdefault(group["dataset"], []).append((group["recipe"], members))
+    else:
+        for row in rows:
+            if row.recipe in scores:
+                entries.setdefault(row.dataset, []).append((row.recipe, [scores[row.recipe]]))
+    return entries
+
+
+def verdicts(entries: dict, base_scores: dict, over_seeds: bool = False) -> list[dict]:
+    """Per data set: the winner by F1 and its paired bootstrap difference against the runner-up and the
+    base; "clear" when the first of those differences is significantly above 0."""
+    import numpy as np
+
+    from src.eval.bootstrap import entry_values, paired_difference
+
+    def f1_of(members: list) -> float:
+        return float(entry_values(members, np.ones((1, len(members[0].keys))))[HEADLINE][0])
+
+    out = []
+    for dataset, candidates in entries.items():
+        ranked = sorted(candidates, key=lambda c: -f1_of(c[1]))  # stable: ties keep launch order
+        (winner, members), others = ranked[0], ranked[1:]
+        against = [("runner-up", others[0][0], others[0][1])] if others else []
+        if base := base_for(base_scores, dataset):
+            against.append(("base", "base (zero-shot)", [base]))
+        comparisons = [
+            {"against": role, "name": name, "difference": paired_difference(members, other, RESAMPLES)}
+            for role, name, other in against
+        ]
+        decisive = comparisons[0]["difference"].get(HEADLINE) if comparisons else None
+        out.append(
+            {
+                "dataset": dataset,
+                "metric": HEADLINE,
+                "winner": winner,
+                "winner_f1": f1_of(members),
+                "over_seeds": over_seeds,
+                "seeds": len(members),
+                "comparisons": comparisons,
+                "clear": bool(decisive and decisive["significant"] and decisive["difference"] > 0),
+                "resamples": RESAMPLES,
+            }
+        )
+    return out
 
 
 def baselines(launch_dir: Path) -> dict[str, dict]:
@@ -200,6 +344,8 @@ def render_markdown(report: dict, pictures: list[str]) -> str:
         )
     else:
         lines.append("No recipe produced metrics: see the status column and each recipe's train.log.")
+    for verdict in report.get("verdicts", []):
+        lines += ["", verdict_sentence(verdict, len(report["verdicts"]) > 1)]
     titles = [title for _, title in METRICS]
     head = [
         "recipe",
@@ -236,6 +382,10 @@ def render_markdown(report: dict, pictures: list[str]) -> str:
             _fmt(row["final_loss"], 4),
         ]
         lines.append("| " + " | ".join(cells) + " |")
+    lines += _intervals_table(report)
+    lines += _differences_table(report)
+    lines += _over_seeds_table(report["over_seeds"])
+    lines += _breakdown_tables(report)
     lines += [
         "",
         "Best per metric: " + ", ".join(f"{title} `{best[k]}`" for k, title in METRICS if k in best)
@@ -250,28 +400,166 @@ def render_markdown(report: dict, pictures: list[str]) -> str:
     return "\n".join(lines)
 
 
+def _signed(value: float) -> str:
+    return f"{value:+.3f}"
+
+
+def _band(item: dict | None, signed: bool = False) -> str:
+    """'0.952 [0.913, 0.984]' for {value, low, high}; '+0.046 [+0.012, +0.081]' for a difference."""
+    if not item:
+        return "-"
+    show = _signed if signed else (lambda v: f"{v:.3f}")
+    value = item["difference"] if "difference" in item else item["value"]
+    return f"{show(value)} [{show(item['low'])}, {show(item['high'])}]"
+
+
+def verdict_sentence(verdict: dict, name_dataset: bool) -> str:
+    """One sentence: is the winner clear? From the paired F1 difference to the runner-up (else the base)."""
+    where = f"On `{verdict['dataset']}`: " if name_dataset and verdict["dataset"] else ""
+    who = f"`{verdict['winner']}`" + (" (mean over seeds)" if verdict["over_seeds"] else "")
+    if not verdict["comparisons"]:
+        return f"{where}{who} is the only recipe with predictions; nothing to compare it with."
+    parts = []
+    for comparison in verdict["comparisons"]:
+        d = comparison["difference"].get(HEADLINE)
+        if not d:
+            continue
+        other = "the zero-shot base" if comparison["against"] == "base" else f"`{comparison['name']}`"
+        interval = f"95% CI [{_signed(d['low'])}, {_signed(d['high'])}]"
+        if d["significant"]:
+            verb = "beats" if d["difference"] > 0 else "trails"
+            parts.append(f"{verb} {other} by {_signed(d['difference'])} F1 ({interval})")
+        else:
+            change = _signed(d["difference"])
+            parts.append(f"shows no significant difference from {other} ({change} F1, {interval} includes 0)")
+    images = verdict["comparisons"][0]["difference"].get(HEADLINE, {}).get("images")
+    head = "**The winner is clear:**" if verdict["clear"] else "**The winner is not clear:**"
+    tail = f"; paired bootstrap over {images} test images, {verdict['resamples']} resamples."
+    return f"{where}{head} {who} " + " and ".join(parts) + tail
+
+
+def _intervals_table(report: dict) -> list[str]:
+    rows = [r for r in report["recipes"] if r.get("intervals")]
+    if not rows:
+        return []
+    titles = [title for _, title in METRICS]
+    lines = [
+        "",
+        f"95% intervals by bootstrap over the test images ({RESAMPLES} resamples; value [low, high]):",
+        "",
+        "| recipe | images | " + " | ".join(titles) + " |",
+        "|" + " --- |" * (2 + len(titles)),
+    ]
+    for dataset, intervals in report.get("base_intervals", {}).items():
+        name = "base (zero-shot)" + (f" {dataset}" if len(report["base_intervals"]) > 1 else "")
+        cells = " | ".join(_band(intervals.get(k)) for k, _ in METRICS)
+        lines.append(f"| {name} | {intervals.get('images', '-')} | {cells} |")
+    for row in rows:
+        images = row.get("images") or "-"
+        cells = " | ".join(_band(row["intervals"].get(k)) for k, _ in METRICS)
+        lines.append(f"| `{row['recipe']}` | {images} | {cells} |")
+    return lines
+
+
+def _differences_table(report: dict) -> list[str]:
+    verdicts = [v for v in report.get("verdicts", []) if v["comparisons"]]
+    if not verdicts:
+        return []
+    titles = [title for _, title in METRICS]
+    lines = [
+        "",
+        "The winner minus the others, on the same resampled images (* : the 95% interval excludes 0):",
+        "",
+        "| comparison | " + " | ".join(titles) + " |",
+        "|" + " --- |" * (1 + len(titles)),
+    ]
+    for verdict in verdicts:
+        for comparison in verdict["comparisons"]:
+            name = "base" if comparison["against"] == "base" else f"`{comparison['name']}`"
+            cells = []
+            for key, _ in METRICS:
+                d = comparison["difference"].get(key)
+                cells.append(_band(d, signed=True) + (" *" if d and d["significant"] else ""))
+            lines.append(f"| `{verdict['winner']}` − {name} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def _over_seeds_table(groups: list[dict]) -> list[str]:
     if not groups:
         return []
     titles = [title for _, title in METRICS]
     lines = [
         "",
-        "Over seeds (mean ± standard deviation of the seeds that succeeded):",
+        "Over seeds: mean ± standard deviation of the seeds that succeeded, then in brackets the 95%",
+        "interval of that mean by bootstrap over the test images (seed spread and image sampling, apart):",
         "",
         "| recipe | data set | seeds | " + " | ".join(titles) + " |",
         "|" + " --- |" * (3 + len(titles)),
     ]
     for group in groups:
-        cells = [
-            f"{group['metrics'][k]['mean']:.3f} ± {group['metrics'][k]['std']:.3f}"
-            if k in group["metrics"]
-            else "-"
-            for k, _ in METRICS
-        ]
+        cells = []
+        for k, _ in METRICS:
+            if k not in group["metrics"]:
+                cells.append("-")
+                continue
+            band = (group.get("intervals") or {}).get(k)
+            images = f" [{band['low']:.3f}, {band['high']:.3f}]" if band else ""
+            cells.append(f"{group['metrics'][k]['mean']:.3f} ± {group['metrics'][k]['std']:.3f}{images}")
         seeds = f"{group['succeeded']}/{len(group['seeds'])} ({','.join(map(str, group['seeds']))})"
         lines.append(
             f"| `{group['recipe']}` | {group['dataset'] or '-'} | {seeds} | " + " | ".join(cells) + " |"
         )
+    return lines
+
+
+def _breakdown_rows(report: dict) -> list[tuple[str, dict, dict]]:
+    """(name, per_label, per_size) of the base(s) and every recipe with predictions."""
+    out = []
+    for dataset, found in report.get("base_breakdown", {}).items():
+        name = "base (zero-shot)" + (f" {dataset}" if len(report["base_breakdown"]) > 1 else "")
+        out.append((name, found["per_label"], found["per_size"]))
+    out += [
+        (f"`{r['recipe']}`", r["per_label"], r["per_size"]) for r in report["recipes"] if r.get("per_size")
+    ]
+    return out
+
+
+def _breakdown_tables(report: dict) -> list[str]:
+    """F1@0.5 by label and by COCO box size, one row per model: where each recipe wins."""
+    rows = _breakdown_rows(report)
+    if not rows:
+        return []
+    support: dict[str, int] = {}
+    for _, per_label, _ in rows:
+        for label, item in per_label.items():
+            support[label] = max(support.get(label, 0), item["support"])
+    labels = sorted(support, key=lambda label: (-support[label], label))[:MAX_LABEL_COLUMNS]
+    sizes = ("small", "medium", "large")
+    size_support = {s: max(r[2].get(s, {}).get("support", 0) for r in rows) for s in sizes}
+
+    def cell(item: dict | None) -> str:
+        return f"{item['f1']:.3f}" if item and (item["support"] or item.get("predicted")) else "-"
+
+    more = (
+        f" (the {MAX_LABEL_COLUMNS} with most boxes; report.json has all)"
+        if len(support) > len(labels)
+        else ""
+    )
+    lines = [
+        "",
+        f"F1@0.5 by label{more}, and by box size as COCO counts it (area in pixels of the original image:",
+        "small < 32², medium < 96², large above); n is the number of ground-truth boxes:",
+        "",
+        "| model | "
+        + " | ".join(f"{label} (n={support[label]})" for label in labels)
+        + " | "
+        + " | ".join(f"{s} (n={size_support[s]})" for s in sizes)
+        + " |",
+        "|" + " --- |" * (1 + len(labels) + len(sizes)),
+    ]
+    for name, per_label, per_size in rows:
+        cells = [cell(per_label.get(label)) for label in labels] + [cell(per_size.get(s)) for s in sizes]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return lines
 
 

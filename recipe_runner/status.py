@@ -2,7 +2,9 @@
 
 Each child's lines are printed whole, prefixed with recipe and device (`[r1-llm-only gpu0] ...`).
 The table (recipe, device, state, stage, step/total, loss, elapsed, ETA, GPU memory) is built
-only from the worker's `RR_PROGRESS` lines (src/training/progress.py), never from free text.
+only from the worker's `RR_PROGRESS` lines (src/training/progress.py), never from free text. While a
+worker evaluates (stage "eval", or "baseline" for the zero-shot model), the step column counts test
+images done / total ("48/200 img") and the ETA follows their rate.
 On a terminal those lines update the table and are not echoed; otherwise (CI, nohup, a pipe)
 there is no table and they are printed compactly, one per event.
 """
@@ -32,6 +34,7 @@ class Progress:
     stage: str | None = None
     step: int | None = None
     total: int | None = None
+    unit: str = ""  # what step/total count: "" optimizer steps, " img" test images (eval events)
     loss: float | None = None
     gpu_mem_gib: float | None = None
     final_loss: float | None = None
@@ -58,12 +61,17 @@ def apply_event(progress: Progress, event: dict[str, Any], now: float) -> None:
     kind = event.get("event")
     if event.get("stage") and event["stage"] != progress.stage:
         progress.stage, progress.step, progress.total, progress.rate_base = event["stage"], None, None, None
+        progress.unit = ""
     if kind == "start":
         progress.device_name = event.get("device_name") or event.get("device")
     elif kind == "step":
         progress.step, progress.total = event.get("step"), event.get("total")
         progress.loss = _number(event.get("loss"), progress.loss)
         progress.gpu_mem_gib = _number(event.get("gpu_mem_gib"), progress.gpu_mem_gib)
+        if progress.rate_base is None and isinstance(progress.step, int):
+            progress.rate_base = (now, progress.step)
+    elif kind == "eval":  # images done / total while evaluating: the same columns and ETA as steps
+        progress.step, progress.total, progress.unit = event.get("done"), event.get("total"), " img"
         if progress.rate_base is None and isinstance(progress.step, int):
             progress.rate_base = (now, progress.step)
     elif kind == "stage_end":
@@ -100,6 +108,10 @@ def describe_event(event: dict[str, Any]) -> str:
     where = f" ({stage})" if stage and stage != "main" else ""
     if kind == "step":
         return f"step {event.get('step')}/{event.get('total')} loss {fmt_loss(event.get('loss'))}{where}"
+    if kind == "eval":
+        rate = event.get("images_per_s")
+        speed = f", {rate:.2f} images/s" if isinstance(rate, int | float) else ""
+        return f"{stage or 'eval'}: {event.get('done')}/{event.get('total')} test images{speed}"
     if kind == "start":
         return f"started{where} on {event.get('device')} {event.get('device_name') or ''}".rstrip()
     if kind == "stage_start":
@@ -146,7 +158,7 @@ def render_table(jobs: list[JobView], now: float) -> list[str]:
 
 def _row(job: JobView, now: float) -> tuple[str, ...]:
     p = job.progress
-    step = f"{p.step}/{p.total}" if p.step is not None else "-"
+    step = f"{p.step}/{p.total}{p.unit}" if p.step is not None else "-"
     eta = eta_seconds(p, now) if p.state == "running" else None
     more = "+" if eta is not None and _stages_left(job.spec.recipe, p.stage) else ""
     mem = f"{p.gpu_mem_gib:.1f} GiB" if p.gpu_mem_gib is not None else "-"

@@ -5,15 +5,17 @@
 # GPUs, and a real out-of-memory retry. Run from the repo root:
 #
 #   scripts/gpu_fanout.sh OUT_DIR PART...   PART: setup bench7b bench2b 2b 7b alone pair pairalone shard oom
-#                                                  queue1 pack1 pack2 ddp ddpalone
+#                                                  queue1 pack1 both1 pack2 ddp ddpalone
 #
 # The placement runs (issue "use every GPU"): r1-r4 queued one at a time on one GPU (queue1: --pack off),
 # packed on one GPU (pack1) and on two (pack2), all 7B, STEPS steps (60 for the issue's figures), batch 4,
-# no evaluation; r4 as two data-parallel processes on two GPUs (ddp) against one GPU (ddpalone), 16 samples
+# no evaluation; both1 runs queue1 on gpu0 and pack1 on gpu1 at the same time (two launchers, half the
+# device time); r4 as two data-parallel processes on two GPUs (ddp) against one GPU (ddpalone), 16 samples
 # a step.
 #
 # RECIPE_RUN (default `python3 -m recipe_runner`), WORK (default /tmp/rr), STEPS (default 10) and
-# ALONE_SHAPE (the model of the `alone` run, default 2b) can be set in the environment. Each part writes OUT_DIR/<part>.log and copies the launch's small
+# ALONE_SHAPE (the model of the `alone` run, default 2b) and SHAPES (the models `setup` builds, default
+# "2b 7b") can be set in the environment. Each part writes OUT_DIR/<part>.log and copies the launch's small
 # files (summary, report, logs, status files; no weights) to OUT_DIR/<part>/.
 set -euo pipefail
 out=${1:?usage: scripts/gpu_fanout.sh OUT_DIR PART...}
@@ -46,7 +48,7 @@ for part in "$@"; do
     setup)
       nvidia-smi -L | tee "$out/gpus.txt"
       python3 -c "from src.data.synthetic import write_dataset; write_dataset('$work/data', train=64, test=16, size=(644, 476))"
-      for shape in 2b 7b; do
+      for shape in ${SHAPES:-2b 7b}; do
         [ -f "$work/$shape/config.json" ] || python3 -m src.models.shapes --shape "$shape" --out "$work/$shape"
       done ;;
     2b)  # `make all-recipes` on a pseudo-terminal, so the live status table is drawn; `script` keeps it
@@ -69,8 +71,13 @@ for part in "$@"; do
     pairalone) launch pairalone --recipes r4 --gpus 0 --model-id "$work/7b" "${common[@]}" --skip-eval --plain ;;
     alone) launch alone --recipes r3 --gpus 0 --model-id "$work/${ALONE_SHAPE:-2b}" "${common[@]}" --plain ;;
     shard) launch shard --recipes r4 --gpus 0,1 --gpus-per-recipe 2 --model-id "$work/7b" "${common[@]}" --plain ;;
-    queue1) launch queue1 --recipes all --gpus 0 --pack off --wait --model-id "$work/7b" "${common[@]}" --skip-eval --plain ;;
-    pack1) launch pack1 --recipes all --gpus 0 --model-id "$work/7b" "${common[@]}" --skip-eval --plain ;;
+    queue1) launch queue1 --recipes all --gpus "${QUEUE_GPU:-0}" --pack off --model-id "$work/7b" "${common[@]}" \
+      --skip-eval --plain ;;
+    pack1) launch pack1 --recipes all --gpus "${PACK_GPU:-0}" --model-id "$work/7b" "${common[@]}" --skip-eval --plain ;;
+    both1)
+      QUEUE_GPU=0 "$0" "$out" queue1 > /dev/null &
+      PACK_GPU=1 "$0" "$out" pack1 > /dev/null &
+      wait ;;
     pack2) launch pack2 --recipes all --gpus 0,1 --model-id "$work/7b" "${common[@]}" --skip-eval --plain ;;
     ddp) launch ddp --recipes r4 --gpus 0,1 --gpus-per-recipe 2 --model-id "$work/7b" --dataset "$work/data" \
       --max-steps "$steps" --batch-size 8 --grad-accum 2 --no-wandb --save-steps 0 --skip-eval --plain ;;

@@ -7,12 +7,26 @@ import sys
 
 import pytest
 
-from src.bench.__main__ import LADDER, VARIANTS, build_parser, check_args, render_table, variants
+from src.bench.__main__ import (
+    LADDER,
+    VARIANTS,
+    build_parser,
+    check_args,
+    plain_search_order,
+    render_table,
+    split_phases,
+    variants,
+)
+from src.bench.measure import gpu_idle_share
+from src.training.progress import format_event
+
+NUMBER_COLUMNS = ("step_s", "tokens_s", "samples_s", "first_step_s", "predicted_gib", "step_flops", "wall_s")
 
 
 def test_tiny_shape_runs_the_core_and_the_plain_loop(tmp_path, tiny_fixtures):
     out = tmp_path / "out"
     argv = ["--cpu", "--recipes", "r1,r3", "--variants", "plain,fast", "--steps", "2", "--warmup", "1"]
+    argv += ["--samples-per-step", "4", "--profile", "fast"]
     model_dir, data_dir = tiny_fixtures
     argv += [
         "--model-id",
@@ -37,14 +51,21 @@ def test_tiny_shape_runs_the_core_and_the_plain_loop(tmp_path, tiny_fixtures):
     ]
     for row in rows:
         assert row["steps_measured"] == 2
-        assert row["step_s"] > 0 and row["tokens_s"] > 0
+        for column in NUMBER_COLUMNS:
+            assert isinstance(row[column], (int, float)) and row[column] > 0, (column, row)
+        assert row["micro_batch"] * row["grad_accum"] == row["samples_per_step"] == 4
         assert row["tokens_per_step"] > 4 * 10  # every sample has an image and a prompt
-        assert row["predicted_gib"] > 0 and row["step_flops"] > 0
+        assert row["samples_s"] == pytest.approx(4 / row["step_s"], rel=0.01)
+        assert row["compile"] is False and row["compile_s"] is None and row["recompiles"] is None
+    # On the CPU nothing runs out of memory: the bare loop's best setting is one micro-batch, no recompute.
+    plain = [r for r in rows if r["variant"] == "plain"]
+    assert all((r["micro_batch"], r["checkpointing"], r["tried"]) == (4, False, []) for r in plain)
+    assert (out / "profile-tiny-qwen2-vl-r1-llm-only-fast.txt").read_text().count("aten::") >= 10
     # r3's first stage trains the vision tower, so it must cost more FLOPs than its LLM-only second stage.
     flops = {r["recipe"]: r["step_flops"] for r in rows}
     assert flops["r3-two-stage/stage1-vision"] > flops["r3-two-stage/stage2-llm"]
     table = (out / "bench.md").read_text()
-    assert "| r1-llm-only | fast |" in table and "x plain" in table
+    assert "| r1-llm-only | fast | 4x1 |" in table and "x plain" in table and "samples/s" in table
 
 
 def test_the_ladder_switches_one_lever_on_at_a_time():
@@ -57,7 +78,8 @@ def test_the_ladder_switches_one_lever_on_at_a_time():
     changed = [{k for k in a if a[k] != b[k]} for a, b in zip(settings, settings[1:], strict=False)]
     assert all(len(keys) == 1 for keys in changed), changed
     assert settings[-1] == defaults  # the last rung is the worker's own default path
-    assert variants(build_parser().parse_args(["--shape", "tiny", "--ladder"])) == ["plain", *LADDER]
+    ladder = variants(build_parser().parse_args(["--shape", "tiny", "--ladder"]))
+    assert ladder == ["plain", "plain-recompute", *LADDER, "fast+compile"]
 
 
 @pytest.mark.parametrize(
@@ -67,6 +89,8 @@ def test_the_ladder_switches_one_lever_on_at_a_time():
         (["--shape", "tiny", "--variants", "plain,turbo"], "--variants: unknown ['turbo']"),
         (["--shape", "tiny", "--recipes", "r9"], "--recipes"),
         (["--shape", "tiny", "--steps", "0"], "--steps 0"),
+        (["--shape", "tiny", "--samples-per-step", "0"], "--samples-per-step 0"),
+        (["--shape", "tiny", "--profile", "turbo"], "--profile: unknown ['turbo']"),
     ],
 )
 def test_bad_flags_are_named(argv, wanted):
@@ -95,22 +119,108 @@ def test_recipe_run_bench_exits_2_on_bad_flags_before_loading_anything(tmp_path)
     assert not (tmp_path / "o").exists()
 
 
-def test_table_compares_with_the_plain_row_of_the_same_recipe():
+def _row(variant: str, tokens_s: float, step_s: float = 0.5, **extra) -> dict:
     row = {
         "shape": "7b",
         "recipe": "r4-joint",
-        "checkpointing": True,
-        "step_s": 0.5,
+        "variant": variant,
+        "micro_batch": 8,
+        "grad_accum": 2,
+        "checkpointing": False,
+        "compile": False,
+        "step_s": step_s,
+        "tokens_s": tokens_s,
+        "samples_s": 32.0,
         "peak_gib": 20.0,
         "predicted_gib": 19.0,
         "mfu_pct": 30.0,
         "gpu_util_pct": 99.0,
+        "compile_s": None,
+        "recompiles": None,
+        "predicted_step_s": None,
     }
-    report = {
-        "environment": {"device": {"name": "H200"}, "bf16_peak_tflops": 700, "date": "d", "versions": {}},
-        "rows": [
-            {**row, "variant": "plain", "tokens_s": 1000.0},
-            {**row, "variant": "fast", "tokens_s": 2500.0},
-        ],
+    return {**row, **extra}
+
+
+def _report(rows: list[dict], end_to_end=()) -> dict:
+    env = {"device": {"name": "H200"}, "bf16_peak_tflops": 700, "date": "d", "versions": {}}
+    return {"environment": env, "rows": rows, "end_to_end": list(end_to_end)}
+
+
+def test_table_compares_with_the_plain_row_of_the_same_recipe():
+    rows = [_row("plain", 1000.0), _row("fast+compile", 2500.0, compile=True, compile_s=40.1, recompiles=3)]
+    table = render_table(_report(rows))
+    assert "| 7b | r4-joint | fast+compile | 8x2 | off | on | 0.5 | 2500.0 | 32.0 | 2.50 |" in table
+    assert table.rstrip().endswith("| 40.1 | 3 |")
+
+
+def test_candidates_table_says_whether_the_planners_choice_is_within_5_percent_of_the_fastest():
+    rows = [
+        _row("cand1", 1000.0, step_s=0.53, predicted_step_s=0.5),
+        _row("cand2", 1100.0, step_s=0.50, predicted_step_s=0.6),
+        _row("cand3", 900.0, step_s=0.60, predicted_step_s=0.7),
+    ]
+    assert "6.0% slower than the fastest measured (cand2): NOT within 5%" in render_table(_report(rows))
+    rows[0]["step_s"] = 0.51
+    assert "2.0% slower than the fastest measured (cand2): within 5%" in render_table(_report(rows))
+
+
+def test_plain_search_tries_no_recompute_first_from_the_largest_micro_batch_down():
+    order = [(s.micro_batch, s.grad_accum, s.checkpointing) for s in plain_search_order(8, (False, True))]
+    assert order[:4] == [(8, 1, False), (4, 2, False), (2, 4, False), (1, 8, False)]
+    assert order[4:] == [(8, 1, True), (4, 2, True), (2, 4, True), (1, 8, True)]
+
+
+def test_plain_row_falls_back_to_a_smaller_micro_batch_on_cuda_oom(monkeypatch, tiny_fixtures, tmp_path):
+    import torch
+
+    from src.bench import __main__ as bench
+    from src.bench import plain
+
+    tried = []
+
+    def train_or_oom(model, batches, steps, lr, timer, device, grad_accum, checkpointing):
+        tried.append((len(batches[0]["input_ids"]), grad_accum, checkpointing))
+        if len(batches[0]["input_ids"]) > 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        timer.begin()
+        for _ in range(steps):
+            timer.step_done()
+
+    monkeypatch.setattr(plain, "train_plain", train_or_oom)
+    target = bench.Target.load("tiny", *tiny_fixtures)
+    args = build_parser().parse_args(["--shape", "tiny", "--samples-per-step", "8", "--steps", "2"])
+    args.out, args.warmup = str(tmp_path), 1
+    measured = bench._run_plain(target, bench.resolve_recipe("r2"), "plain", args, "cpu")
+    assert tried == [(8, 1, False), (4, 2, False), (2, 4, False)]
+    assert (measured.setting.micro_batch, measured.setting.grad_accum) == (2, 4)
+    assert measured.tried == ["8x1 recompute off", "4x2 recompute off"]
+    assert len(measured.timer.measured()) == 2
+
+
+def test_gpu_idle_share_counts_gaps_between_kernels_once():
+    assert gpu_idle_share([(0, 10), (5, 20), (30, 40)]) == 0.25  # 10 idle of a 40 window
+    assert gpu_idle_share([]) is None
+
+
+def test_end_to_end_phases_come_from_the_workers_events_and_log_lines():
+    lines = [
+        (0.5, "some import noise"),
+        (12.0, format_event("start", recipe="r4-joint")),
+        (15.0, format_event("stage_start", recipe="r4-joint", stage="r4-joint")),
+        (20.0, "12:00:00 INFO src.training.run: [r4-joint] trainable parameters by part: {}"),
+        (30.0, format_event("step", stage="r4-joint", step=1)),
+        (31.0, format_event("step", stage="r4-joint", step=2)),
+        (33.0, format_event("step", stage="r4-joint", step=3)),
+        (36.0, format_event("stage_end", stage="r4-joint")),
+        (37.0, format_event("end", status="succeeded")),
+    ]
+    phases = split_phases(lines, wall=38.0)
+    assert phases == {
+        "import_s": 15.0,
+        "load_s": 5.0,
+        "first_step_s": 10.0,
+        "train_s": 3.0,
+        "save_s": 3.0,
+        "exit_s": 2.0,
     }
-    assert "| 7b | r4-joint | fast | on | 0.5 | 2500.0 | 2.50 |" in render_table(report)

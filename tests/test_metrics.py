@@ -170,3 +170,15 @@ def test_detection_metrics_zero_division_is_zero():
         m = detection_metrics(samples)
         assert [m[key] for key in keys] == [0.0] * len(keys), samples
     assert detection_metrics([])["per_label"] == {}
+
+
+def test_detection_metrics_per_size_uses_coco_areas():
+    # SAMPLES' truths are 100x100 (large); the found cat counts as large, the stray bird (50x50) as medium.
+    sizes = detection_metrics(SAMPLES)["per_size"]
+    assert (sizes["large"]["support"], sizes["large"]["recall"]) == (3, exact(1 / 3))
+    assert (sizes["medium"]["support"], sizes["medium"]["predicted"], sizes["medium"]["precision"]) == (
+        0,
+        1,
+        0.0,
+    )
+    assert sizes["small"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 0, "predicted": 0}

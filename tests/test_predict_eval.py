@@ -18,10 +18,20 @@ from src.data.dataset import DetectionRecord, load_records
 from src.eval import evaluate as evaluate_module
 from src.eval import predict as predict_module
 from src.eval.evaluate import EvaluationError, evaluate_base, evaluate_output, final_model_of, main
-from src.eval.predict import load_for_eval, predict_records, resolve_model
+from src.eval.predict import (
+    GenerationStats,
+    answer_lengths,
+    batching_order,
+    eval_bytes_per_image,
+    load_for_eval,
+    plan_eval_batch,
+    predict_records,
+    resolve_model,
+)
 from tests.conftest import REPO
 
 METRIC_KEYS = {"precision", "recall", "f1", "map_50", "map_50_95", "mean_iou", "parse_rate", "tp", "fp", "fn"}
+SPEED_KEYS = {"images_per_s", "decoded_tokens_per_s", "decoded_tokens", "decoding_steps", "generate_seconds"}
 PREDICTION_KEYS = {"image", "width", "height", "truths", "predictions", "text", "parsed", "malformed"}
 
 
@@ -39,7 +49,7 @@ def _scripted(monkeypatch, answer_for):
     """Replace generation by answer_for(index) for the index-th image seen, across batches."""
     seen = []
 
-    def fake_generate(model, processor, images, device, prompt, max_new_tokens):
+    def fake_generate(model, processor, images, device, prompt, max_new_tokens, **_):
         start = len(seen)
         seen.extend(images)
         return [answer_for(start + i) for i in range(len(images))]
@@ -120,17 +130,119 @@ def test_wrong_labels_score_zero_but_class_agnostic_sees_the_boxes(
     assert metrics["precision"] == 0.0 and metrics["class_agnostic"]["precision"] == 1.0
 
 
-def test_cli_base_writes_metrics_and_predictions(tiny_model_dir, tiny_data_dir, tmp_path):
+def test_cli_base_writes_metrics_and_predictions(tiny_model_dir, tiny_data_dir, tmp_path, capsys):
     out = tmp_path / "base"
     code = main(
         [str(out), "--base", str(tiny_model_dir), "--dataset", str(tiny_data_dir), "--cpu"]
-        + ["--max-samples", "3", "--batch-size", "2", "--max-new-tokens", "8"]
+        + ["--eval-samples", "3", "--batch-size", "2", "--max-new-tokens", "8"]
     )
     assert code == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert METRIC_KEYS <= set(metrics) and metrics["num_images"] == 3
     assert metrics["eval"]["adapter"] is None and metrics["eval"]["split"] == "test"
     assert len((out / "predictions.jsonl").read_text().splitlines()) == 3
+    speed = metrics["eval"]
+    assert SPEED_KEYS <= set(speed) and speed["images"] == 3 and speed["batches"] == 2
+    assert 0 < speed["decoded_tokens"] <= 3 * 8 and speed["decoding_steps"] <= 2 * 8
+    assert speed["images_per_s"] > 0 and speed["decoded_tokens_per_s"] > 0
+    f1 = metrics["intervals"]["f1"]
+    assert f1["low"] <= f1["value"] <= f1["high"]
+    assert "RR_PROGRESS" not in capsys.readouterr().out  # the command line is for people
+
+
+def test_whole_split_by_default_with_progress_events(
+    monkeypatch, tiny_model_dir, tiny_data_dir, test_records, tmp_path, capsys
+):
+    from src.training.progress import parse_line
+
+    monkeypatch.setattr(evaluate_module, "PROGRESS_EVERY_S", 0.0)
+    _scripted(monkeypatch, lambda i: "none")
+    metrics = evaluate_base(str(tiny_model_dir), str(tiny_data_dir), tmp_path, batch_size=3)
+    assert metrics["num_images"] == len(test_records) == 8  # the whole split, not the first 32 or fewer
+    events = [e for e in map(parse_line, capsys.readouterr().out.splitlines()) if e]
+    assert [(e["event"], e["stage"], e["done"], e["total"]) for e in events] == [
+        ("eval", "baseline", done, 8) for done in (0, 3, 6, 8)
+    ]
+
+
+def test_eval_samples_caps_the_split_and_bad_flags_exit_2(tiny_model_dir, tiny_data_dir, tmp_path, capsys):
+    base = [str(tmp_path), "--base", str(tiny_model_dir), "--dataset", str(tiny_data_dir), "--cpu"]
+    assert main([*base, "--eval-samples", "-1"]) == 2
+    assert "--max-samples -1" in capsys.readouterr().err
+    assert main([*base, "--batch-size", "0"]) == 2
+    assert "--batch-size 0: use auto" in capsys.readouterr().err
+    assert main([*base, "--max-samples", "2", "--max-new-tokens", "4", "--decode", "static"]) == 0
+    assert json.loads((tmp_path / "metrics.json").read_text())["num_images"] == 2
+
+
+def test_batches_group_images_by_size_and_predictions_keep_record_order(monkeypatch, tiny_processor):
+    from PIL import Image
+
+    sizes = [(112, 112), (56, 56), (224, 168), (56, 56), (224, 168), (112, 112)]
+    records = [DetectionRecord(Image.new("RGB", size), *size, [], f"img{i}") for i, size in enumerate(sizes)]
+    batches = []
+
+    def fake_generate(model, processor, images, device, prompt, max_new_tokens, **_):
+        batches.append([image.size for image in images])
+        return [f"{w}x{h}" for w, h in (image.size for image in images)]
+
+    monkeypatch.setattr(predict_module, "generate_answers", fake_generate)
+    processor = tiny_processor
+    predictions = predict_records(None, processor, records, batch_size=2)
+    assert batches == [[(224, 168)] * 2, [(112, 112)] * 2, [(56, 56)] * 2]  # largest first, one size each
+    assert [p.text for p in predictions] == [f"{w}x{h}" for w, h in sizes]
+    assert [p.image for p in predictions] == [f"img{i}" for i in range(len(sizes))]
+    assert batching_order(processor, records[:2]) == [0, 1]
+
+
+def test_generation_stops_when_every_answer_has_ended(tiny_eval_model, test_records):
+    # The lm_head is pushed to <|im_end|> from the 2nd token on for the first image, the 4th for the
+    # second: generate() must stop after 4 steps, not run to max_new_tokens.
+    from PIL import Image
+
+    model, processor, _ = tiny_eval_model
+    end_id = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    calls, ends_at = [0], [2, 4]
+
+    def push_to_end(module, inputs, logits):
+        calls[0] += 1
+        for row, step in enumerate(ends_at):
+            if calls[0] >= step:
+                logits[row, -1, end_id] += 1e4
+        return logits
+
+    hook = model.lm_head.register_forward_hook(push_to_end)
+    try:
+        images = [Image.open(r.image).convert("RGB") for r in test_records[:2]]
+        stats = GenerationStats()
+        texts = predict_module.generate_answers(model, processor, images, max_new_tokens=12, stats=stats)
+    finally:
+        hook.remove()
+    assert (stats.decoding_steps, stats.decoded_tokens, stats.images) == (4, 2 + 4, 2)
+    assert all(text.endswith("<|im_end|>") for text in texts)
+
+
+def test_answer_lengths_count_up_to_the_first_end_token():
+    import torch
+
+    end, pad = 9, 0
+    new_tokens = torch.tensor([[5, 7, end, pad, pad], [5, 5, 5, 5, 5], [end, pad, pad, pad, pad]])
+    assert answer_lengths(new_tokens, [end, pad]) == [3, 5, 1]
+
+
+def test_eval_batch_is_sized_from_free_memory():
+    from src.models.shapes import SHAPES, VISION
+    from src.planner import ModelShape, weight_bytes
+
+    shape = ModelShape.from_config({**SHAPES["7b"], "vision_config": VISION, "model_type": "qwen2_vl"})
+    kv_per_token = 2 * 28 * 4 * 128 * 2  # layers x kv heads x head_dim, k and v, bf16
+    assert eval_bytes_per_image(shape, 420, 65) - eval_bytes_per_image(shape, 420, 64) == kv_per_token
+    per_image = eval_bytes_per_image(shape, 420, 64)
+    assert plan_eval_batch(10 * per_image, shape, 420, 64, headroom=1.0) == 10
+    assert plan_eval_batch(10 * per_image + weight_bytes(shape, False), shape, 420, 64, False, 1.0) == 10
+    assert plan_eval_batch(per_image // 2, shape, 420, 64) == 1  # never 0: one image is tried anyway
+    assert plan_eval_batch(10**15, shape, 420, 64, cap=256) == 256
+    assert plan_eval_batch(40 * 2**30, shape, 420, 64) > plan_eval_batch(40 * 2**30, shape, 900, 256)
 
 
 def test_cli_refuses_a_directory_without_a_finished_run(tiny_data_dir, tmp_path, capsys):

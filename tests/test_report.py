@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 from PIL import Image
 
 from recipe_runner.report import CELL_PX, GRID_COLUMNS, best_per_metric, build_report, write_report
@@ -120,3 +121,114 @@ def test_best_ignores_failed_recipes(tmp_path, tiny_data_dir):
     report = build_report(_launch(tmp_path, tiny_data_dir))
     assert set(report["best"].values()) == {"r4-joint"}
     assert best_per_metric([]) == {}
+
+
+CAT = {"label": "cat", "x1": 10, "y1": 10, "x2": 60, "y2": 60}  # 2,500 px²: medium
+DOG = {"label": "dog", "x1": 0, "y1": 0, "x2": 20, "y2": 20}  # 400 px²: small
+STRAY = {"label": "dog", "x1": 80, "y1": 80, "x2": 100, "y2": 100}
+
+
+def _predictions(out, image, images: int, dog_found_every: int | None):
+    """predictions.jsonl: a cat and a dog per image; the cat always found, the dog every Nth image."""
+    lines = []
+    for i in range(images):
+        found = dog_found_every is not None and i % dog_found_every == 0
+        predictions = [CAT, DOG if found else STRAY] if dog_found_every is not None else []
+        lines.append(
+            {"image": f"{image}#{i}", "truths": [CAT, DOG], "predictions": predictions, "parsed": True}
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "predictions.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+
+
+def _contest(tmp_path, r1_dog_every: int, images: int = 40, seeds: tuple = (None,)):
+    """A launch of r4 (finds everything) against r1 (misses dogs) and a base that answers nothing."""
+    launch = tmp_path / "launch"
+    jobs = []
+    for seed in seeds:
+        for recipe, every in (("r1-llm-only", r1_dog_every), ("r4-joint", 1)):
+            name = recipe if seed is None else f"{recipe}-seed{seed}"
+            _predictions(launch / name, "img.png", images, every)
+            _write(launch / name / "status.json", {"status": "succeeded"})
+            _write(launch / name / "metrics.json", {"f1": 1.0 if every == 1 else 0.75, "num_images": images})
+            jobs.append(
+                {
+                    "recipe": recipe,
+                    "name": name,
+                    "seed": seed,
+                    "status": "succeeded",
+                    "output_dir": str(launch / name),
+                }
+            )
+    _predictions(launch / "base", "img.png", images, None)
+    _write(launch / "base" / "metrics.json", {"f1": 0.0, "eval": {"dataset": "data"}})
+    _write(launch / "summary.json", {"launch_id": "x", "jobs": jobs})
+    return launch
+
+
+def _markdown(launch) -> str:
+    from recipe_runner.report import render_markdown
+
+    return render_markdown(build_report(launch), [])
+
+
+def test_a_clear_winner_is_named_with_its_paired_interval(tmp_path):
+    launch = _contest(tmp_path, r1_dog_every=4)
+    report = build_report(launch)
+    (verdict,) = report["verdicts"]
+    assert verdict["winner"] == "r4-joint" and verdict["clear"]
+    runner_up, base = (c["difference"]["f1"] for c in verdict["comparisons"])
+    # r1: tp 40 cats + 10 dogs of 80 truths and 80 predictions: F1 0.625; base: F1 0.
+    assert runner_up["difference"] == pytest.approx(0.375) and runner_up["low"] > 0
+    assert base["difference"] == pytest.approx(1.0) and base["significant"]
+    assert report["recipes"][1]["intervals"]["f1"] == {"value": 1.0, "low": 1.0, "high": 1.0}
+    markdown = _markdown(launch)
+    assert "**The winner is clear:** `r4-joint` beats `r1-llm-only` by +0.375 F1 (95% CI [+0." in markdown
+    assert "and beats the zero-shot base by +1.000 F1 (95% CI [+1.000, +1.000])" in markdown
+    assert "paired bootstrap over 40 test images, 1000 resamples." in markdown
+    assert "| `r4-joint` − `r1-llm-only` | " in markdown and "| `r4-joint` − base | " in markdown
+
+
+def test_identical_recipes_give_no_clear_winner(tmp_path):
+    launch = _contest(tmp_path, r1_dog_every=1)
+    (verdict,) = build_report(launch)["verdicts"]
+    assert not verdict["clear"] and verdict["winner"] == "r1-llm-only"  # a tie goes to launch order
+    d = verdict["comparisons"][0]["difference"]["f1"]
+    assert (d["difference"], d["low"], d["high"], d["significant"]) == (0.0, 0.0, 0.0, False)
+    markdown = _markdown(launch)
+    assert "**The winner is not clear:**" in markdown
+    assert (
+        "`r1-llm-only` shows no significant difference from `r4-joint` (+0.000 F1, 95% CI [+0.000, +0.000]"
+        " includes 0)" in markdown
+    )
+
+
+def test_breakdown_by_label_and_size_shows_where_a_recipe_wins(tmp_path):
+    launch = _contest(tmp_path, r1_dog_every=4)
+    report = build_report(launch)
+    r1 = report["recipes"][0]
+    assert r1["per_label"]["cat"]["f1"] == 1.0 and r1["per_label"]["dog"]["f1"] == pytest.approx(0.25)
+    assert r1["per_size"]["medium"]["f1"] == 1.0 and r1["per_size"]["small"]["recall"] == pytest.approx(0.25)
+    markdown = _markdown(launch)
+    assert "| model | cat (n=40) | dog (n=40) | small (n=40) | medium (n=40) | large (n=0) |" in markdown
+    assert "| `r1-llm-only` | 1.000 | 0.250 | 0.250 | 1.000 | - |" in markdown
+
+
+def test_seed_sweeps_show_the_seed_spread_beside_the_image_interval(tmp_path):
+    launch = _contest(tmp_path, r1_dog_every=4, seeds=(0, 1))
+    report = build_report(launch)
+    groups = {g["recipe"]: g for g in report["over_seeds"]}
+    assert groups["r1-llm-only"]["intervals"]["f1"]["value"] == pytest.approx(0.625)
+    (verdict,) = report["verdicts"]
+    assert verdict["over_seeds"] and verdict["winner"] == "r4-joint" and verdict["seeds"] == 2
+    markdown = _markdown(launch)
+    assert "| `r1-llm-only` | - | 2/2 (0,1) | " in markdown and "0.750 ± 0.000 [" in markdown
+    assert "`r4-joint` (mean over seeds)" in markdown
+
+
+def test_without_predictions_the_report_has_no_intervals_but_stands(tmp_path, tiny_data_dir):
+    launch = _launch(tmp_path, tiny_data_dir)
+    (launch / "r4-joint" / "predictions.jsonl").write_text("not json\n")
+    report = build_report(launch)
+    assert report["verdicts"] == [] and report["recipes"][0]["intervals"] == {}
+    assert "Winner by F1" in _markdown(launch)

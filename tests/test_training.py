@@ -165,3 +165,25 @@ def test_adapter_input_casts_are_skipped_on_gpus_only(tiny_model_dir, tiny_data_
     assert layers and {m.cast_input_dtype_enabled for m in layers} == {True}
     skip_adapter_input_casts(model)
     assert {m.cast_input_dtype_enabled for m in layers} == {False}
+
+
+@pytest.mark.parametrize("compile_flag, calls", [(None, 0), (True, 1)])
+def test_compile_on_compiles_the_wrapped_model_before_the_trainer_takes_it(
+    compile_flag, calls, monkeypatch, tiny_model_dir, tiny_data_dir, tmp_path
+):
+    """--compile on hands the LoRA-wrapped, frozen model to compile_regions; auto stays off on the CPU."""
+    import sys
+    import types
+
+    from src.training.run import prepare_stage
+
+    compiled = []
+    fake = types.ModuleType("src.training.compile")
+    fake.compile_regions = lambda model, dynamic=True: compiled.append(model) or 1
+    monkeypatch.setitem(sys.modules, "src.training.compile", fake)
+    recipe = RECIPES["r4-joint"]
+    opts = tiny_run_options(tiny_model_dir, tiny_data_dir, tmp_path, compile=compile_flag)
+    prepared = prepare_stage(recipe.name, recipe, str(tiny_model_dir), opts, tmp_path)
+    assert len(compiled) == calls
+    assert all(model is prepared.model for model in compiled)
+    assert any("lora_B" in name for name, _ in prepared.model.named_parameters())

@@ -120,3 +120,36 @@ def test_custom_run_name_cannot_escape_the_output_directory(tmp_path):
     done = subprocess.run(command, capture_output=True, text=True, timeout=60, cwd=tmp_path)
     assert done.returncode == 2 and "--name '../../evil'" in done.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("flag, expected", [("auto", None), ("on", True), ("off", False)])
+def test_compile_flag_reaches_the_run_options(flag, expected, tmp_path):
+    from src.training.worker import build_parser, run_options
+
+    args = build_parser().parse_args(["--recipe", "r4", "--compile", flag])
+    assert run_options(args, "cuda", tmp_path, wandb_on=False).compile is expected
+
+
+def test_compile_auto_is_off_on_the_cpu_and_on_gpus_only_when_the_env_asks(monkeypatch, tmp_path):
+    from src.training.run import COMPILE_AUTO_ENV, RunOptions, resolve_compile
+
+    def resolved(device: str, compile_flag=None) -> bool:
+        return resolve_compile(RunOptions("m", "d", tmp_path, device=device, compile=compile_flag))
+
+    monkeypatch.delenv(COMPILE_AUTO_ENV, raising=False)
+    assert (resolved("cpu"), resolved("cuda"), resolved("cpu", True), resolved("cuda", False)) == (
+        False,
+        False,
+        True,
+        False,
+    )
+    monkeypatch.setenv(COMPILE_AUTO_ENV, "1")
+    assert (resolved("cpu"), resolved("cuda")) == (False, True)
+
+
+def test_evaluation_covers_the_whole_test_split_by_default():
+    from src.training.worker import build_parser
+
+    args = build_parser().parse_args(["--recipe", "r4"])
+    assert args.eval_samples == 0  # evaluate_after_training passes `eval_samples or None`: every image
+    assert "whole test split" in build_parser().format_help()

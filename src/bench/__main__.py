@@ -1,16 +1,26 @@
-"""The benchmark: tokens/s, step time, peak GPU memory, MFU and GPU utilisation of every recipe,
-through the training core the worker runs, beside the plain hand-written loop.
+"""The benchmark: step time, tokens/s, samples/s, peak GPU memory, MFU, GPU busy share and compile
+cost of every recipe, through the training core the worker runs, beside a bare PyTorch loop at its
+own best setting, all at the same samples per optimizer step.
 
-    python -m src.bench --shape 7b --shape 2b --out bench-out        # on a GPU machine
-    python -m src.bench --shape tiny --cpu --steps 2 --warmup 1       # the CI smoke run
-    recipe-run bench ...                                              # the same, from the launcher
+    python -m src.bench --shape 7b --recipes r2,r4 --candidates --out bench-out   # on a GPU machine
+    python -m src.bench --shape tiny --cpu --steps 2 --warmup 1                   # the CI smoke run
+    recipe-run bench ...                                                          # the same, via the launcher
 
 Models of the published 2B/7B shapes get random weights (src/models/shapes.py; nothing is
 downloaded); `--model-id DIR --dataset DIR` benchmarks a model and data of your own instead.
-Variants per recipe (VARIANTS): `plain` (the reference loop, src/bench/plain.py), `lean`
-(checkpointing on: the memory targets), `fast` (everything on, checkpointing as the planner
-decides: what a worker does by default); `--ladder` adds the steps between, one lever at a time.
-Writes OUT/bench.json (rows and environment) and OUT/bench.md (the table).
+Every row runs `--samples-per-step` samples an optimizer step (micro-batch x accumulation).
+Variants per recipe:
+  plain            the bare loop (src/bench/plain.py) at ITS best setting that fits: recompute off
+                   where it fits, the largest micro-batch that fits (tried from the largest down,
+                   CUDA OOM caught), accumulation to the same samples a step
+  plain-recompute  the bare loop with recompute on, its largest fitting micro-batch
+  fast             the core at the planner's chosen setting (src.planner.rank_settings)
+  fast+compile     the same with regional torch.compile (src/training/compile.py)
+  lean             the core with recompute on, micro-batch --lean-micro-batch: the memory targets
+`--ladder` adds the core's levers one at a time; `--candidates` times the planner's top 3 settings
+(predicted against measured step time); `--end-to-end` times whole worker runs (import, load, first
+step, train, save); `--profile plain,fast` profiles 2 extra steps of those variants (top CUDA-time
+table and the GPU's idle share between kernels). Writes OUT/bench.json and OUT/bench.md.
 """
 
 from __future__ import annotations
@@ -19,6 +29,8 @@ import argparse
 import gc
 import json
 import logging
+import shlex
+import subprocess
 import sys
 import time
 from dataclasses import dataclass, replace
@@ -28,7 +40,7 @@ from src.recipes import resolve_recipe
 from src.utils.files import write_json_atomic, write_text_atomic
 
 log = logging.getLogger("bench")
-# RunOptions overrides per variant; the ladder switches the training core's levers on one by one.
+# RunOptions overrides per core variant; the ladder switches the training core's levers on one by one.
 OFF = {
     "frozen_vision_no_grad": False,
     "fused_optimizer": False,
@@ -43,10 +55,32 @@ VARIANTS = {
     "+no-input-cast": {"dataloader_workers": 0, "gradient_checkpointing": True},
     "lean": {"gradient_checkpointing": True},  # = +loader-workers: every lever but the last
     "fast": {},  # + no recompute when the planner says the activations fit
+    "fast+compile": {},  # + regional torch.compile (Setting.compile)
 }
 LADDER = ("before", "+vision-no-grad", "+fused-adamw", "+no-input-cast", "lean", "fast")
+PLAIN_VARIANTS = ("plain", "plain-recompute")
+DEFAULT_VARIANTS = "plain,plain-recompute,fast,fast+compile,lean"
+CANDIDATES = 3  # --candidates times the planner's top three settings
+WITHIN = 0.05  # the chosen setting should be within 5% of the fastest candidate measured
 IMAGE_SIZE = (644, 476)  # 391 image tokens a sample, as in the issue's reference figures
 SAMPLE_STATS_SAMPLES = 16
+PROFILED_STEPS = 2
+
+
+@dataclass(frozen=True)
+class Setting:
+    """How a row runs its samples per optimizer step, and what the planner predicted for it."""
+
+    micro_batch: int
+    grad_accum: int
+    checkpointing: bool
+    compile: bool = False
+    predicted_step_s: float | None = None
+
+    def label(self) -> str:
+        return f"{self.micro_batch}x{self.grad_accum} recompute {'on' if self.checkpointing else 'off'}" + (
+            " compiled" if self.compile else ""
+        )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -60,15 +94,43 @@ def build_parser() -> argparse.ArgumentParser:
     arg("--model-id", help="a local model directory to benchmark instead of a shape")
     arg("--dataset", help="with --model-id: its data set (default: synthetic 644x476 images)")
     arg("--recipes", default="r1,r2,r4", help="recipes (r3 = r2's stage then r1's; default %(default)s)")
-    arg("--variants", default="plain,lean,fast", help="comma list from plain," + ",".join(VARIANTS))
+    arg(
+        "--variants",
+        default=DEFAULT_VARIANTS,
+        help="comma list from " + ",".join([*PLAIN_VARIANTS, *VARIANTS]) + " (default %(default)s)",
+    )
     arg("--ladder", action="store_true", help="add the one-lever-at-a-time steps (before ... fast)")
-    arg("--batch-size", type=int, default=4, help="samples per optimizer step (default %(default)s)")
+    arg("--candidates", action="store_true", help="also time the planner's top 3 settings (cand1-3)")
+    arg(
+        "--samples-per-step",
+        "--batch-size",
+        dest="samples_per_step",
+        type=int,
+        default=16,
+        help="samples per optimizer step, every row (micro-batch x accumulation; default %(default)s)",
+    )
+    arg("--lean-micro-batch", type=int, default=4, help="lean's micro-batch (default %(default)s)")
     arg("--steps", type=int, default=8, help="measured steps after warm-up (default %(default)s)")
     arg("--warmup", type=int, default=3, help="warm-up steps, not measured (default %(default)s)")
     arg("--work", default=".bench-work", help="where models and data are built and cached")
     arg("--out", default="bench-out", help="where bench.json and bench.md go")
     arg("--cpu", action="store_true", help="run on the CPU (a smoke run: CPU timings are no speed claim)")
-    arg("--profile", action="store_true", help="also profile 2 steps of each recipe's `before` variant")
+    arg(
+        "--profile",
+        nargs="?",
+        const="plain,fast",
+        default="",
+        metavar="VARIANTS",
+        help="profile 2 extra steps of these variants (default when given bare: plain,fast)",
+    )
+    arg("--end-to-end", action="store_true", help="also time one whole worker run per recipe")
+    arg(
+        "--e2e-steps",
+        type=int,
+        default=10,
+        help="optimizer steps of each end-to-end run (default %(default)s)",
+    )
+    arg("--e2e-args", default="", help='extra worker flags for --end-to-end, e.g. "--compile on"')
     return parser
 
 
@@ -85,16 +147,19 @@ def main(argv: list[str] | None = None) -> int:
     device = "cpu" if args.cpu or not torch.cuda.is_available() else "cuda"
     out = Path(args.out)
     env = environment(device, argv)
-    report = {"environment": env, "rows": []}
+    report = {"environment": env, "rows": [], "end_to_end": []}
     for target in targets(args, device):
         for recipe_key in args.recipes.split(","):
             for label, stage in stages_of(recipe_key):
-                for variant in variants(args):
-                    row = bench_one(target, stage, variant, args, device, env)
+                for variant, setting in row_plan(target, stage, args, device):
+                    row = bench_one(target, stage, variant, setting, args, device, env)
                     row["recipe"] = label
                     report["rows"].append(row)
                     print(json.dumps(row), flush=True)
                     write_results(out, report)
+            if args.end_to_end:
+                report["end_to_end"].append(end_to_end(target, recipe_key, args, device))
+                write_results(out, report)
     print(render_table(report))
     return 0
 
@@ -103,24 +168,35 @@ def check_args(args) -> list[str]:
     problems = []
     if not args.shape and not args.model_id:
         problems.append("give --shape (tiny, 2b, 7b) or --model-id DIR")
-    unknown = [v for v in args.variants.split(",") if v != "plain" and v not in VARIANTS]
+    known = [*PLAIN_VARIANTS, *VARIANTS]
+    unknown = [v for v in args.variants.split(",") if v not in known]
     if unknown:
-        problems.append(f"--variants: unknown {unknown}; choose from plain,{','.join(VARIANTS)}")
+        problems.append(f"--variants: unknown {unknown}; choose from {','.join(known)}")
+    unknown = [v for v in filter(None, args.profile.split(",")) if v not in known]
+    if unknown:
+        problems.append(f"--profile: unknown {unknown}; choose from {','.join(known)}")
     for key in args.recipes.split(","):
         try:
             resolve_recipe(key)
         except (KeyError, ValueError) as error:
             problems.append(f"--recipes: {error}")
-    for flag, value, least in (("--batch-size", args.batch_size, 1), ("--steps", args.steps, 1)):
-        if value < least:
-            problems.append(f"{flag} {value}: must be at least {least}")
+    for flag, value in (
+        ("--samples-per-step", args.samples_per_step),
+        ("--steps", args.steps),
+        ("--lean-micro-batch", args.lean_micro_batch),
+        ("--e2e-steps", args.e2e_steps),
+    ):
+        if value < 1:
+            problems.append(f"{flag} {value}: must be at least 1")
     return problems
 
 
 def variants(args) -> list[str]:
     chosen = args.variants.split(",")
     if args.ladder:
-        chosen = ["plain", *LADDER] if "plain" in chosen else list(LADDER)
+        plain = [v for v in chosen if v in PLAIN_VARIANTS]
+        rest = [v for v in chosen if v not in PLAIN_VARIANTS and v not in LADDER]
+        chosen = [*plain, *LADDER, *rest]
     return chosen
 
 
@@ -144,6 +220,7 @@ class Target:
     stats: dict  # mean tokens, patches and labels a sample (sample_stats)
     memory_shape: object  # src.planner.ModelShape
     flop_shape: object  # src.bench.measure.FlopShape
+    largest: tuple[int, int]  # (image patches, text tokens) of the largest sample: what the worker plans for
 
     @classmethod
     def load(cls, label: str, model_dir: Path, data_dir: Path) -> Target:
@@ -151,12 +228,14 @@ class Target:
         from src.data.dataset import build_dataset
         from src.models.loader import load_processor, model_family
         from src.planner import ModelShape
+        from src.training.memory import largest_sample
 
         processor = load_processor(str(model_dir))
         dataset, _ = build_dataset(str(data_dir), "train", model_family(str(model_dir)), processor)
         stats = sample_stats(dataset, processor)
         shapes = ModelShape.from_model_dir(model_dir), FlopShape.from_model_dir(model_dir)
-        return cls(label, model_dir, data_dir, dataset, processor, stats, *shapes)
+        largest = largest_sample(dataset, processor)
+        return cls(label, model_dir, data_dir, dataset, processor, stats, *shapes, largest)
 
 
 def targets(args, device: str):
@@ -188,74 +267,231 @@ def _synthetic_data(work: Path) -> Path:
     return data
 
 
-def bench_one(target: Target, stage, variant: str, args, device, env) -> dict:
-    """One (model, stage, variant): steps timed after warm-up, peak memory, utilisation, MFU."""
-    from src.bench.measure import StepTimer, UtilisationSampler, median
+def row_plan(target: Target, stage, args, device: str) -> list[tuple[str, Setting | None]]:
+    """(variant, setting) of every row of one stage; the plain rows find their setting as they run."""
+    n = args.samples_per_step
+    micro = max(d for d in range(1, min(args.lean_micro_batch, n) + 1) if n % d == 0)
+    lean = Setting(micro, n // micro, True)
+    fast = planned_settings(target, stage, args, device)[0]
+    plan = []
+    for variant in variants(args):
+        if variant in PLAIN_VARIANTS:
+            plan.append((variant, None))
+        elif variant == "fast":
+            plan.append((variant, fast))
+        elif variant == "fast+compile":
+            plan.append((variant, replace(fast, compile=True, predicted_step_s=None)))
+        else:  # lean and the ladder's rungs below it
+            plan.append((variant, lean))
+    if args.candidates:
+        ranked = planned_settings(target, stage, args, device, compile_choices=(False, True))
+        plan += [(f"cand{i}", setting) for i, setting in enumerate(ranked[:CANDIDATES], 1)]
+    return plan
+
+
+def planned_settings(target: Target, stage, args, device: str, compile_choices=(False,)) -> list[Setting]:
+    """The planner's settings for this stage, best first (only those it predicts to fit)."""
+    import src.planner as planner
+
+    patches, text_tokens = target.largest
+    capacity = _capacity_bytes(device)
+    n = args.samples_per_step
+    if not hasattr(planner, "rank_settings"):  # an older planner: the largest fitting micro-batch
+        return _largest_fitting(target, stage, n, capacity)
+    ranked = planner.rank_settings(
+        target.memory_shape, stage, n, capacity, patches, text_tokens, compile_choices=compile_choices
+    )
+    fitting = [c for c in ranked if c.fits] or ranked[-1:]
+    return [
+        Setting(c.micro_batch, c.grad_accum, c.checkpointing, c.compile, c.predicted_step_s) for c in fitting
+    ]
+
+
+def _largest_fitting(target: Target, stage, n: int, capacity: int) -> list[Setting]:
+    from src.planner import largest_fitting_batch
+
+    settings = []
+    for checkpointing in (False, True):
+        micro = largest_fitting_batch(target.memory_shape, stage, n, capacity, *target.largest, checkpointing)
+        if micro:
+            settings.append(Setting(micro, n // micro, checkpointing))
+    return settings or [Setting(1, n, True)]
+
+
+def _capacity_bytes(device: str) -> int:
+    """What the planner may fill: the GPU's usable memory, or (CPU smoke runs) the free RAM."""
+    if device == "cuda":
+        from src.training.memory import available_gpu_bytes
+
+        return available_gpu_bytes()
+    import psutil
+
+    return psutil.virtual_memory().available
+
+
+def bench_one(target: Target, stage, variant: str, setting: Setting | None, args, device, env) -> dict:
+    """One (model, stage, variant): steps timed after warm-up, peak memory, utilisation, MFU, compile."""
+    from src.bench.measure import median
+    from src.training.compile import compile_report, reset_compile_state
 
     _release_gpu_memory()
-    sampler = UtilisationSampler()
-    timer = StepTimer(args.warmup, on_warm=sampler.start)
+    reset_compile_state()  # each row counts its own compilations
     started = time.monotonic()
-    if variant == "plain":
-        checkpointing = _run_plain(target, stage, args, device, timer)
-    else:
-        checkpointing = _run_core(target, stage, variant, args, device, timer)
-    utilisation = sampler.stop()
+    try:
+        if variant in PLAIN_VARIANTS:
+            measured = _run_plain(target, stage, variant, args, device)
+        else:
+            measured = _run_core(target, stage, variant, setting, args, device)
+    except SkipRow as skip:
+        log.warning("%s %s: skipped: %s", stage.name, variant, skip)
+        return {"shape": target.label, "recipe": stage.name, "variant": variant, "skipped": str(skip)}
+    setting, timer = measured.setting, measured.timer
     step_s = median(timer.measured())
-    tokens = target.stats["tokens"] * args.batch_size
+    first_s = timer.first_step_s()
+    n = args.samples_per_step
+    tokens = target.stats["tokens"] * n
+    compiled = compile_report() if setting.compile else {}
     row = {
         "shape": target.label,
         "recipe": stage.name,
         "variant": variant,
-        "batch_size": args.batch_size,
-        "checkpointing": checkpointing,
+        "samples_per_step": n,
+        "micro_batch": setting.micro_batch,
+        "grad_accum": setting.grad_accum,
+        "checkpointing": setting.checkpointing,
+        "compile": setting.compile,
         "steps_measured": len(timer.measured()),
         "step_s": _round(step_s, 4),
+        "predicted_step_s": setting.predicted_step_s,
+        "first_step_s": _round(first_s, 3),
+        "compile_s": _round(first_s - step_s, 2) if setting.compile and step_s and first_s else None,
+        "recompiles": compiled.get("recompiles"),
+        "graph_breaks": compiled.get("graph_breaks"),
         "tokens_per_step": round(tokens),
         "tokens_s": _round(tokens / step_s if step_s else None, 1),
+        "samples_s": _round(n / step_s if step_s else None, 2),
         "peak_gib": _peak_gib(),
-        "gpu_util_pct": utilisation,
+        "gpu_util_pct": measured.utilisation,
+        "gpu_idle_share": measured.idle_share,
+        "tried": measured.tried,
         "wall_s": round(time.monotonic() - started, 1),
-        **_predicted_and_flops(target, stage, args.batch_size, checkpointing, step_s, env),
+        **_predicted_and_flops(target, stage, setting, step_s, n, env),
     }
     _release_gpu_memory()
     return row
 
 
-def _run_core(target: Target, stage, variant, args, device, timer) -> bool:
-    """The worker's own path: prepare_stage (collator, trainer, freeze, LoRA, quantization)."""
+class SkipRow(Exception):
+    """A row that cannot run here (an option this checkout lacks, nothing fits): reported, not fatal."""
+
+
+@dataclass
+class Measured:
+    setting: Setting
+    timer: object  # measure.StepTimer
+    utilisation: float | None
+    idle_share: float | None = None
+    tried: list | None = None  # the plain search's settings that ran out of memory first
+
+
+def _timed(args, variant: str, stage, target: Target, train) -> tuple[object, float | None, float | None]:
+    """Run `train(timer, total_steps)` under a fresh StepTimer, NVML sampler and, if asked, profiler."""
+    from src.bench.measure import StepProfiler, StepTimer, UtilisationSampler
+
+    sampler = UtilisationSampler()
+    timer = StepTimer(args.warmup, on_warm=sampler.start, measured_steps=args.steps)
+    total = args.warmup + args.steps
+    profiler = None
+    if variant in args.profile.split(","):
+        prefix = Path(args.out) / f"profile-{target.label}-{stage.name}-{variant}"
+        profiler = StepProfiler(total, prefix, PROFILED_STEPS)
+        timer.hooks.append(profiler)
+        total += PROFILED_STEPS
+    try:
+        train(timer, total)
+    finally:
+        utilisation = sampler.stop()
+        if profiler:
+            profiler.abandon()
+    idle = profiler.summary["gpu_idle_share"] if profiler and profiler.summary else None
+    return timer, utilisation, idle
+
+
+def _run_core(target: Target, stage, variant: str, setting: Setting, args, device) -> Measured:
+    """The worker's own path: prepare_stage (collator, trainer, freeze, LoRA, quantization, compile)."""
     from src.training.run import RunOptions, prepare_stage
 
     out = Path(args.work) / "runs" / f"{stage.name}-{variant}"
     out.mkdir(parents=True, exist_ok=True)
     opts = RunOptions(
-        model_id=str(target.model_dir),
-        dataset=str(target.data_dir),
-        output_dir=out,
-        device=device,
-        max_steps=args.warmup + args.steps,
-        batch_size=args.batch_size,
-        save_steps=0,
+        model_id=str(target.model_dir), dataset=str(target.data_dir), output_dir=out, device=device
     )
-    opts = replace(opts, **VARIANTS[variant])
-    callbacks = [timer.as_trainer_callback()]
-    if args.profile and variant == "before":
-        callbacks.append(_profiler_callback(args, stage.name, shape=target.model_dir.name))
-    prepared = prepare_stage(stage.name, stage, opts.model_id, opts, out, callbacks=callbacks)
-    prepared.trainer.train()
-    return bool(prepared.trainer.args.gradient_checkpointing)
+    try:
+        opts = replace(
+            opts,
+            batch_size=setting.micro_batch,
+            grad_accum=setting.grad_accum,
+            gradient_checkpointing=setting.checkpointing,
+            save_steps=0,
+            compile=setting.compile,
+        )
+    except TypeError as error:  # a RunOptions without `compile` (the worker's option not merged yet)
+        raise SkipRow(f"RunOptions has no compile option here ({error})") from error
+    opts = replace(opts, **VARIANTS.get(variant, {}))
+
+    def train(timer, total_steps):
+        run_opts = replace(opts, max_steps=total_steps)
+        callbacks = [timer.as_trainer_callback()]
+        prepared = prepare_stage(stage.name, stage, run_opts.model_id, run_opts, out, callbacks=callbacks)
+        prepared.trainer.train()
+
+    timer, utilisation, idle = _timed(args, variant, stage, target, train)
+    return Measured(setting, timer, utilisation, idle)
 
 
-def _run_plain(target: Target, stage, args, device, timer) -> bool:
+def plain_search_order(samples_per_step: int, recompute: tuple[bool, ...]) -> list[Setting]:
+    """The bare loop's settings to try, best first: for each recompute choice in turn, micro-batches
+    dividing the samples a step from the largest down (the largest that fits is the fastest)."""
+    divisors = sorted((d for d in range(1, samples_per_step + 1) if samples_per_step % d == 0), reverse=True)
+    return [Setting(d, samples_per_step // d, ckpt) for ckpt in recompute for d in divisors]
+
+
+def _run_plain(target: Target, stage, variant: str, args, device) -> Measured:
+    """The bare loop at its best setting that fits: try settings best first, skipping CUDA OOM."""
+    import torch
+
     from src.bench.plain import prebuilt_batches, train_plain
     from src.models.loader import model_family
     from src.training.run import load_wrapped_model
 
-    family = model_family(str(target.model_dir))
-    model, _ = load_wrapped_model(stage, str(target.model_dir), device, family)
-    batches = prebuilt_batches(target.dataset, target.processor, args.batch_size, device)
-    train_plain(model, batches, args.warmup + args.steps, stage.learning_rate, timer, device)
-    return True  # the plain loop always recomputes: it is the issue's reference
+    model, _ = load_wrapped_model(stage, str(target.model_dir), device, model_family(str(target.model_dir)))
+    recompute = (False, True) if variant == "plain" else (True,)
+    tried = []
+    for setting in plain_search_order(args.samples_per_step, recompute):
+        try:
+            batches = prebuilt_batches(target.dataset, target.processor, setting.micro_batch, device)
+
+            def train(timer, total_steps, batches=batches, setting=setting):
+                train_plain(
+                    model,
+                    batches,
+                    total_steps,
+                    stage.learning_rate,
+                    timer,
+                    device,
+                    setting.grad_accum,
+                    setting.checkpointing,
+                )
+
+            timer, utilisation, idle = _timed(args, variant, stage, target, train)
+            return Measured(setting, timer, utilisation, idle, tried)
+        except torch.cuda.OutOfMemoryError:
+            log.info("%s %s: %s ran out of memory; trying the next", stage.name, variant, setting.label())
+            tried.append(setting.label())
+        batches = None  # the failed try's tensors go before the next one allocates
+        model.zero_grad(set_to_none=True)
+        _release_gpu_memory()
+    raise SkipRow(f"no setting of the bare loop fits (tried {', '.join(tried)})")
 
 
 def sample_stats(dataset, processor, count: int = SAMPLE_STATS_SAMPLES) -> dict:
@@ -273,22 +509,100 @@ def sample_stats(dataset, processor, count: int = SAMPLE_STATS_SAMPLES) -> dict:
     }
 
 
-def _predicted_and_flops(target: Target, stage, batch_size, checkpointing, step_s, env) -> dict:
-    """The planner's peak for this run, and the model FLOPs behind MFU."""
+def _predicted_and_flops(target: Target, stage, setting: Setting, step_s, samples_per_step: int, env) -> dict:
+    """The planner's peak for this row's micro-batch, and the model FLOPs of a step behind MFU."""
     from src.bench.measure import step_flops
     from src.planner import estimate_stage_memory
 
     stats = target.stats
     patches = round(stats["patches"])
     text = round(stats["tokens"] - patches // 4)
-    estimate = estimate_stage_memory(target.memory_shape, stage, batch_size, patches, text, checkpointing)
-    flops = step_flops(target.flop_shape, stage, batch_size, patches, text, stats["labels"])
+    estimate = estimate_stage_memory(
+        target.memory_shape, stage, setting.micro_batch, patches, text, setting.checkpointing
+    )
+    flops = step_flops(target.flop_shape, stage, samples_per_step, patches, text, stats["labels"])
     peak = env["bf16_peak_tflops"]
     return {
         "predicted_gib": round(estimate.gib, 2),
         "step_flops": round(flops),
         "mfu_pct": _round(100 * flops / step_s / (peak * 1e12), 1) if peak and step_s else None,
     }
+
+
+def end_to_end(target: Target, recipe_key: str, args, device: str) -> dict:
+    """One whole worker run (import, load, train `--e2e-steps`, save; no evaluation), timed by phase.
+
+    The worker runs at the planner's setting for the recipe's first stage; `--e2e-args` adds flags.
+    Phases come from the times its progress events and log lines arrive here (split_phases).
+    """
+    import shutil
+
+    recipe = resolve_recipe(recipe_key)
+    first_stage = (recipe.stages or (recipe,))[0]
+    setting = planned_settings(target, first_stage, args, device)[0]
+    out = Path(args.work) / "e2e" / f"{target.label}-{recipe.name}"
+    shutil.rmtree(out, ignore_errors=True)
+    argv = [
+        sys.executable, "-m", "src.training.worker", "--recipe", recipe.name,
+        "--model-id", str(target.model_dir), "--dataset", str(target.data_dir), "--output-dir", str(out),
+        "--max-steps", str(args.e2e_steps), "--batch-size", str(setting.micro_batch),
+        "--grad-accum", str(setting.grad_accum),
+        "--gradient-checkpointing", "on" if setting.checkpointing else "off",
+        "--skip-eval", "--no-wandb", "--save-steps", "0",
+        *(["--cpu"] if device == "cpu" else []), *shlex.split(args.e2e_args),
+    ]  # fmt: skip
+    _release_gpu_memory()  # the worker gets the card as a fresh process would
+    started = time.monotonic()
+    lines = []
+    with subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as worker:
+        for line in worker.stdout:
+            lines.append((time.monotonic() - started, line.rstrip("\n")))
+    wall = time.monotonic() - started
+    row = {"shape": target.label, "recipe": recipe.name, "setting": setting.label(), "steps": args.e2e_steps}
+    row.update(exit_code=worker.returncode, wall_s=round(wall, 2), **split_phases(lines, wall))
+    if worker.returncode:
+        row["log_tail"] = [text for _, text in lines[-20:]]
+    log.info("end to end %s: %s", recipe.name, {k: v for k, v in row.items() if k != "log_tail"})
+    return row
+
+
+LOADED_MARK = "trainable parameters by part"  # run.prepare_stage logs it once the model is wrapped
+
+
+def split_phases(lines: list[tuple[float, str]], wall: float) -> dict:
+    """Seconds of a worker run by phase, from (arrival time, line) pairs of its merged output.
+
+    import_s: to the first stage's start (Python, torch, the worker's checks); then per stage,
+    summed over stages: load_s to the wrapped model, first_step_s to the first step's progress
+    event (data set, trainer, compilation, the first step), train_s over the remaining steps,
+    save_s to the stage's end (the adapter or merged model written); exit_s to the process's end.
+    """
+    from src.training.progress import parse_line
+
+    phases = dict.fromkeys(("import_s", "load_s", "first_step_s", "train_s", "save_s"), 0.0)
+    stage_start = loaded = first_step = last_step = None
+    last_end = 0.0
+    for at, text in lines:
+        event = parse_line(text) or {}
+        kind = event.get("event")
+        if kind == "stage_start" and event.get("stage") not in ("eval", "baseline"):
+            stage_start, loaded, first_step, last_step = at, None, None, None
+            if not phases["import_s"]:
+                phases["import_s"] = at
+        elif LOADED_MARK in text and stage_start is not None and loaded is None:
+            loaded = at
+            phases["load_s"] += at - stage_start
+        elif kind == "step" and loaded is not None:
+            if first_step is None:
+                first_step = at
+                phases["first_step_s"] += at - loaded
+            last_step = at
+        elif kind == "stage_end" and last_step is not None:
+            phases["train_s"] += last_step - first_step
+            phases["save_s"] += at - last_step
+            last_end = at
+    phases["exit_s"] = wall - last_end if last_end else None
+    return {key: _round(value, 2) for key, value in phases.items()}
 
 
 def environment(device: str, argv) -> dict:
@@ -307,38 +621,6 @@ def environment(device: str, argv) -> dict:
         "bf16_peak_tflops": bf16_peak_tflops() if device == "cuda" else None,
         "versions": {m.__name__: m.__version__ for m in (torch, transformers, trl, peft)},
     }
-
-
-def _profiler_callback(args, name: str, shape: str):
-    """Profile two steps after warm-up and keep the top of the table: where the time goes."""
-    import torch
-    from transformers import TrainerCallback
-
-    table = Path(args.out) / f"profile-{shape}-{name}.txt"
-
-    class _Profile(TrainerCallback):
-        profiler = None
-
-        def on_step_begin(self, targs, state, control, **kwargs):
-            if state.global_step == args.warmup:
-                self.profiler = torch.profiler.profile(
-                    activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
-                )
-                self.profiler.start()
-
-        def on_step_end(self, targs, state, control, **kwargs):
-            if self.profiler and state.global_step == args.warmup + 2:
-                self.profiler.stop()
-                table.parent.mkdir(parents=True, exist_ok=True)
-                averages = self.profiler.key_averages()
-                text = averages.table(sort_by="self_cuda_time_total", row_limit=30, max_name_column_width=60)
-                text += "\n" + averages.table(
-                    sort_by="cpu_time_total", row_limit=20, max_name_column_width=60
-                )
-                table.write_text(text)
-                self.profiler = None
-
-    return _Profile()
 
 
 def _release_gpu_memory() -> None:
@@ -365,37 +647,108 @@ def write_results(out: Path, report: dict) -> None:
     write_text_atomic(out / "bench.md", render_table(report) + "\n")
 
 
+COLUMNS = (
+    ("shape", "shape"),
+    ("recipe", "recipe"),
+    ("variant", "variant"),
+    ("micro x accum", lambda r: f"{r['micro_batch']}x{r['grad_accum']}"),
+    ("ckpt", lambda r: "on" if r["checkpointing"] else "off"),
+    ("compile", lambda r: "on" if r["compile"] else "off"),
+    ("step s", "step_s"),
+    ("tokens/s", "tokens_s"),
+    ("samples/s", "samples_s"),
+    ("x plain", None),  # filled against the plain row of the same shape and recipe
+    ("peak GiB", "peak_gib"),
+    ("planned GiB", "predicted_gib"),
+    ("MFU %", "mfu_pct"),
+    ("GPU busy %", "gpu_util_pct"),
+    ("compile s", "compile_s"),
+    ("recompiles", "recompiles"),
+)
+
+
 def render_table(report: dict) -> str:
-    """The markdown table: each row against the plain row of its shape and recipe."""
+    """The markdown tables: every row against the plain row of its shape and recipe; the planner's
+    candidates, predicted against measured; the end-to-end runs."""
     env = report["environment"]
-    plain = {(r["shape"], r["recipe"]): r["tokens_s"] for r in report["rows"] if r["variant"] == "plain"}
+    rows = [r for r in report["rows"] if not r.get("skipped")]
+    plain = {(r["shape"], r["recipe"]): r["tokens_s"] for r in rows if r["variant"] == "plain"}
     lines = [
         f"{env['device']['name']} ({env['device'].get('uuid') or 'cpu'}), bf16 peak measured "
         f"{env['bf16_peak_tflops']} TFLOP/s, {env['date']}, "
         + ", ".join(f"{k} {v}" for k, v in env["versions"].items()),
         "",
-        "| shape | recipe | variant | ckpt | step s | tokens/s | x plain | peak GiB | planned GiB | MFU % "
-        "| GPU util % |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| " + " | ".join(name for name, _ in COLUMNS) + " |",
+        "|" + " --- |" * len(COLUMNS),
     ]
-    for r in report["rows"]:
+    for r in rows:
         base = plain.get((r["shape"], r["recipe"]))
         speedup = f"{r['tokens_s'] / base:.2f}" if base and r["tokens_s"] else "-"
-        cells = [
-            r["shape"],
-            r["recipe"],
-            r["variant"],
-            "on" if r["checkpointing"] else "off",
-            r["step_s"],
-            r["tokens_s"],
-            speedup,
-            r["peak_gib"],
-            r["predicted_gib"],
-            r["mfu_pct"],
-            r["gpu_util_pct"],
-        ]
+        cells = [speedup if key is None else (key(r) if callable(key) else r.get(key)) for _, key in COLUMNS]
         lines.append("| " + " | ".join("-" if c is None else str(c) for c in cells) + " |")
+    for r in report["rows"]:
+        if r.get("skipped"):
+            lines.append(f"\n{r['shape']} {r['recipe']} {r['variant']}: skipped ({r['skipped']})")
+    lines += candidates_table(rows) + end_to_end_table(report.get("end_to_end") or [])
     return "\n".join(lines)
+
+
+def candidates_table(rows: list[dict]) -> list[str]:
+    """Predicted against measured step time of the planner's candidates, and whether its first choice
+    was within WITHIN of the fastest one measured."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        if r["variant"].startswith("cand"):
+            groups.setdefault((r["shape"], r["recipe"]), []).append(r)
+    if not groups:
+        return []
+    lines = [
+        "",
+        "| shape | recipe | candidate | setting | predicted step s | measured step s | tokens/s | peak GiB |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    verdicts = []
+    for (shape, recipe), found in groups.items():
+        for r in found:
+            setting = f"{r['micro_batch']}x{r['grad_accum']} ckpt {'on' if r['checkpointing'] else 'off'}"
+            setting += " compiled" if r["compile"] else ""
+            cells = [shape, recipe, r["variant"], setting, r["predicted_step_s"], r["step_s"], r["tokens_s"]]
+            lines.append(
+                "| " + " | ".join("-" if c is None else str(c) for c in [*cells, r["peak_gib"]]) + " |"
+            )
+        verdicts.append(_verdict(shape, recipe, found))
+    return lines + [""] + verdicts
+
+
+def _verdict(shape: str, recipe: str, found: list[dict]) -> str:
+    timed = [r for r in found if r["step_s"]]
+    chosen = next((r for r in timed if r["variant"] == "cand1"), None)
+    if not chosen:
+        return f"{shape} {recipe}: the planner's choice did not run"
+    fastest = min(timed, key=lambda r: r["step_s"])
+    slower = chosen["step_s"] / fastest["step_s"] - 1
+    ok = "within" if slower <= WITHIN else "NOT within"
+    return (
+        f"{shape} {recipe}: the planner's choice (cand1) is {100 * slower:.1f}% slower than the fastest "
+        f"measured ({fastest['variant']}): {ok} {100 * WITHIN:.0f}%"
+    )
+
+
+def end_to_end_table(runs: list[dict]) -> list[str]:
+    if not runs:
+        return []
+    keys = ("wall_s", "import_s", "load_s", "first_step_s", "train_s", "save_s", "exit_s")
+    lines = [
+        "",
+        "| shape | recipe | setting | steps | exit | "
+        + " | ".join(k.removesuffix("_s") + " s" for k in keys)
+        + " |",
+        "|" + " --- |" * (5 + len(keys)),
+    ]
+    for r in runs:
+        cells = [r["shape"], r["recipe"], r["setting"], r["steps"], r["exit_code"], *(r.get(k) for k in keys)]
+        lines.append("| " + " | ".join("-" if c is None else str(c) for c in cells) + " |")
+    return lines
 
 
 if __name__ == "__main__":

@@ -21,12 +21,17 @@ from dataclasses import dataclass
 
 
 class StepTimer:
-    """Wall-clock time of each optimizer step, synchronised with the GPU at the step's end."""
+    """Wall-clock time of each optimizer step, synchronised with the GPU at the step's end.
 
-    def __init__(self, warmup: int, on_warm=None):
-        self.warmup, self.on_warm = warmup, on_warm
+    `hooks` are called with the number of steps done after each step (the profiler starts and
+    stops through them, so the plain loop and the trainer are profiled the same way).
+    """
+
+    def __init__(self, warmup: int, on_warm=None, measured_steps: int | None = None):
+        self.warmup, self.on_warm, self.measured_steps = warmup, on_warm, measured_steps
         self.ends: list[float] = []
         self.started: float | None = None
+        self.hooks: list = []
 
     def begin(self) -> None:
         self.started = time.perf_counter()
@@ -36,12 +41,20 @@ class StepTimer:
         self.ends.append(time.perf_counter())
         if len(self.ends) == self.warmup and self.on_warm:
             self.on_warm()
+        for hook in self.hooks:
+            hook(len(self.ends))
+
+    def first_step_s(self) -> float | None:
+        """The first step's duration: compilation, allocator growth and cold caches land here."""
+        return self.ends[0] - self.started if self.ends and self.started is not None else None
 
     def measured(self) -> list[float]:
-        """Durations of the steps after warm-up (each includes its data loading and logging)."""
+        """Durations of the steps after warm-up (each includes its data loading and logging), up to
+        `measured_steps` of them (steps after those, such as profiled ones, are not counted)."""
         edges = [self.started, *self.ends]
         durations = [b - a for a, b in zip(edges, edges[1:], strict=False)]
-        return durations[self.warmup :]
+        end = None if self.measured_steps is None else self.warmup + self.measured_steps
+        return durations[self.warmup : end]
 
     def as_trainer_callback(self):
         from transformers import TrainerCallback
@@ -68,6 +81,87 @@ def _synchronize() -> None:
 
 def median(values: list[float]) -> float | None:
     return statistics.median(values) if values else None
+
+
+def gpu_idle_share(intervals: list[tuple[float, float]]) -> float | None:
+    """Share of the window from the first kernel's start to the last kernel's end in which no
+    kernel ran (the gaps between kernels: launch overhead, host syncs, Python), from 0 to 1."""
+    if not intervals:
+        return None
+    ordered = sorted(intervals)
+    window = max(end for _, end in ordered) - ordered[0][0]
+    busy, reach = 0.0, ordered[0][0]
+    for start, end in ordered:  # the union of the intervals: overlapping kernels (streams) count once
+        if end > reach:
+            busy += end - max(start, reach)
+            reach = end
+    return round(1 - busy / window, 4) if window > 0 else None
+
+
+class StepProfiler:
+    """torch.profiler over `steps` steps once `start_after` steps are done, as a StepTimer hook;
+    writes `<prefix>.txt` (top-20 CUDA-time and CPU-time tables) and `<prefix>.json` (GPU idle share).
+    The bench profiles steps after the measured ones, so profiling never slows a measured step."""
+
+    def __init__(self, start_after: int, prefix, steps: int = 2):
+        self.warmup, self.prefix, self.steps = start_after, str(prefix), steps
+        self.profiler = None
+        self.summary: dict | None = None
+
+    def __call__(self, steps_done: int) -> None:
+        import torch
+
+        if steps_done == self.warmup and self.profiler is None:
+            activities = [torch.profiler.ProfilerActivity.CPU]
+            if torch.cuda.is_available():
+                activities.append(torch.profiler.ProfilerActivity.CUDA)
+            self.profiler = torch.profiler.profile(activities=activities)
+            self.profiler.start()
+        elif steps_done == self.warmup + self.steps and self.profiler is not None:
+            self.profiler.stop()
+            self._export()
+            self.profiler = None
+
+    def abandon(self) -> None:
+        """Stop a profiler left running by a run that ended early (out of memory)."""
+        if self.profiler is not None:
+            self.profiler.stop()
+            self.profiler = None
+
+    def _export(self) -> None:
+        import json
+        from pathlib import Path
+
+        averages = self.profiler.key_averages()
+        cuda_key = "self_cuda_time_total" if _has_cuda_events(averages) else "self_cpu_time_total"
+        text = averages.table(sort_by=cuda_key, row_limit=20, max_name_column_width=60)
+        text += "\n" + averages.table(sort_by="cpu_time_total", row_limit=20, max_name_column_width=60)
+        kernels = kernel_intervals(self.profiler)
+        self.summary = {
+            "steps": self.steps,
+            "kernels": len(kernels),
+            "gpu_idle_share": gpu_idle_share(kernels),
+            "gpu_busy_s": round(sum(end - start for start, end in kernels) / 1e6, 4),
+        }
+        Path(self.prefix).parent.mkdir(parents=True, exist_ok=True)
+        Path(self.prefix + ".txt").write_text(text)
+        Path(self.prefix + ".json").write_text(json.dumps(self.summary, indent=1) + "\n")
+
+
+def _has_cuda_events(averages) -> bool:
+    return any(
+        getattr(event, "device_type", None) is not None and "CUDA" in str(event.device_type)
+        for event in averages
+    )
+
+
+def kernel_intervals(profiler) -> list[tuple[float, float]]:
+    """(start, end) in microseconds of every GPU kernel and copy the profiler recorded."""
+    intervals = []
+    for event in profiler.events():
+        if "CUDA" in str(getattr(event, "device_type", "")):
+            intervals.append((event.time_range.start, event.time_range.end))
+    return intervals
 
 
 class UtilisationSampler:

@@ -1,8 +1,11 @@
-"""The plain path the benchmark compares against: what a user writes by hand.
+"""The plain path the benchmark compares against: what a careful user writes by hand.
 
-The same model (loaded as the recipe loads it), the same LoRA and freeze policy, gradient
-checkpointing on, bf16 autocast, and a bare forward/backward/AdamW loop over batches built once
-and kept on the GPU, so it never waits for data. Nothing of the training core's speed work.
+The same model (loaded as the recipe loads it), the same LoRA and freeze policy, bf16 autocast,
+fused AdamW on GPUs, and a bare forward/backward/step loop over micro-batches built once and kept on
+the device, so it never waits for data; gradient accumulation to the same samples per optimizer
+step as the core. Recompute (gradient checkpointing) is a parameter: the benchmark searches for the
+loop's own best setting that fits the card (src/bench/__main__.py, `_run_plain`). Nothing of the
+training core's speed work.
 """
 
 from __future__ import annotations
@@ -20,22 +23,48 @@ def prebuilt_batches(dataset, processor, batch_size: int, device: str, count: in
     return batches
 
 
-def train_plain(model, batches: list[dict], steps: int, learning_rate: float, timer, device: str) -> None:
-    """`steps` optimizer steps, cycling through `batches`; `timer` is a measure.StepTimer."""
+def set_recompute(model, checkpointing: bool) -> None:
+    """Gradient checkpointing on (non-reentrant, inputs marked as needing grad) or off."""
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    else:
+        model.gradient_checkpointing_disable()
+        if hasattr(model, "disable_input_require_grads"):
+            model.disable_input_require_grads()
+
+
+def train_plain(
+    model,
+    batches: list[dict],
+    steps: int,
+    learning_rate: float,
+    timer,
+    device: str,
+    grad_accum: int = 1,
+    checkpointing: bool = True,
+) -> None:
+    """`steps` optimizer steps of `grad_accum` micro-batches each, cycling through `batches`.
+
+    `timer` is a measure.StepTimer. The loss of each micro-batch is divided by `grad_accum`, so the
+    gradient is the mean over the optimizer step's samples, as the trainer computes it.
+    """
     import torch
 
     model.config.use_cache = False
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.enable_input_require_grads()
+    set_recompute(model, checkpointing)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=0.0, fused=device == "cuda")
     autocast = torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=device == "cuda")
     timer.begin()
-    for step in range(steps):
-        with autocast:
-            loss = model(**batches[step % len(batches)]).loss
-        loss.backward()
+    micro_step = 0
+    for _ in range(steps):
+        for _ in range(grad_accum):
+            with autocast:
+                loss = model(**batches[micro_step % len(batches)]).loss / grad_accum
+            loss.backward()
+            micro_step += 1
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         timer.step_done()

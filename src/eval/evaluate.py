@@ -1,5 +1,6 @@
 """Evaluate a trained recipe (or the untrained base) on a held-out split: metrics.json + predictions.jsonl.
 
+    python -m src.eval.evaluate outputs/r4-joint --dataset fixtures/data --cpu     # the whole test split
     python -m src.eval.evaluate outputs/r4-joint --dataset fixtures/data --max-samples 32 --cpu
     python -m src.eval.evaluate outputs/r1-llm-only outputs/r2-vision-only ...   # one process, in turn
     python -m src.eval.evaluate outputs/base --base fixtures/tiny-qwen2-vl --dataset fixtures/data
@@ -10,11 +11,18 @@ last (`--base MODEL_ID`) evaluates a model as it is, the zero-shot baseline, and
 OUTPUT_DIR. Each writes, atomically, into its output directory:
 
   * `metrics.json`: everything `src.eval.metrics.detection_metrics` returns (precision, recall, f1,
-    tp/fp/fn at IoU 0.5, map_50, map_50_95, mean_iou, parse_rate, per_label, num_images), plus
+    tp/fp/fn at IoU 0.5, map_50, map_50_95, mean_iou, parse_rate, per_label, per_size, num_images), plus
     `class_agnostic` ({precision, recall, f1, mean_iou}: boxes matched whatever their label, which
-    separates "found it" from "named it") and `eval` (model, adapter, dataset, split, device, seconds...);
+    separates "found it" from "named it"), `intervals` ({metric: {value, low, high}}: 95% bootstrap
+    intervals over the test images, src/eval/bootstrap.py) and `eval` (model, adapter, dataset, split,
+    device, batch size, seconds, and the decoding speed: images_per_s, decoded_tokens_per_s...);
   * `predictions.jsonl`: one line per image: image, width, height, truths, predictions (boxes in
     original-image pixels), text (the raw answer, special tokens kept), parsed, malformed.
+
+The whole split is evaluated unless --max-samples (alias --eval-samples) caps it. Batches are sized from
+free GPU memory (--batch-size auto; 8 on the CPU) with images of similar size together. Called from the
+worker, progress goes to stdout as RR_PROGRESS "eval" events (images done / total), which the launcher's
+live table shows with an ETA.
 
 Exit codes (the worst over all directories): 0 done, 2 bad input (no finished run there, missing
 dataset split), 1 evaluation failed. The same functions from Python: `evaluate_output(output_dir,
@@ -29,16 +37,26 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
 from src.data.boxes import Box
 from src.data.dataset import DEFAULT_PROMPT, DatasetError, load_records
-from src.eval.predict import DEFAULT_MAX_NEW_TOKENS, Prediction, load_for_eval, predict_records, resolve_model
+from src.eval.predict import (
+    DECODE_MODES,
+    DEFAULT_MAX_NEW_TOKENS,
+    GenerationStats,
+    Prediction,
+    load_for_eval,
+    predict_records,
+    resolve_model,
+)
 from src.utils.files import read_json, write_json_atomic
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 METRICS_FILE, PREDICTIONS_FILE = "metrics.json", "predictions.jsonl"
+PROGRESS_EVERY_S = 1.0  # at most one progress event a second (the first and last always go out)
 log = logging.getLogger("recipe-eval")
 
 
@@ -67,14 +85,37 @@ def final_model_of(output_dir: str | Path) -> Path:
 def evaluate_output(output_dir: str | Path, dataset: str, **options) -> dict:
     """Evaluate the final model of a worker output dir; writes OUT/metrics.json and OUT/predictions.jsonl.
 
-    `options` are evaluate_model's: split, max_samples, device, batch_size, max_new_tokens, prompt.
+    `options` are evaluate_model's: split, max_samples, device, batch_size, max_new_tokens, prompt,
+    sort_by_size, decode, progress_stage (default "eval": the worker's stage name).
     """
+    options.setdefault("progress_stage", "eval")
     return evaluate_model(final_model_of(output_dir), dataset, output_dir, **options)
 
 
 def evaluate_base(model_id: str, dataset: str, out_dir: str | Path, **options) -> dict:
     """The zero-shot baseline: `model_id` as it is, same files as evaluate_output, into out_dir."""
+    options.setdefault("progress_stage", "baseline")
     return evaluate_model(model_id, dataset, out_dir, **options)
+
+
+def progress_reporter(stage: str | None) -> Callable[[int, int], None] | None:
+    """on_progress for predict_records: RR_PROGRESS "eval" events (done, total, rate), at most one a
+    second; None (no events) when stage is None, as for the command line, which logs instead."""
+    if stage is None:
+        return None
+    from src.training import progress
+
+    started, last = time.monotonic(), [-PROGRESS_EVERY_S]
+
+    def report(done: int, total: int) -> None:
+        now = time.monotonic() - started
+        if 0 < done < total and now - last[0] < PROGRESS_EVERY_S:
+            return
+        last[0] = now
+        rate = round(done / now, 3) if done and now > 0 else None
+        progress.emit("eval", stage=stage, done=done, total=total, elapsed_s=round(now, 2), images_per_s=rate)
+
+    return report
 
 
 def evaluate_model(
@@ -82,13 +123,19 @@ def evaluate_model(
     dataset: str,
     out_dir: str | Path,
     split: str = "test",
-    max_samples: int | None = 32,
+    max_samples: int | None = None,
     device: str = "cpu",
-    batch_size: int = 8,
+    batch_size: int | str = "auto",
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
     prompt: str = DEFAULT_PROMPT,
+    sort_by_size: bool = True,
+    decode: str = "plain",
+    progress_stage: str | None = None,
 ) -> dict:
-    """Predict on the first `max_samples` records of `split`, score, and write both files into out_dir."""
+    """Predict on `split` (its first `max_samples` records; None or 0: all), score, write both files.
+
+    progress_stage names the RR_PROGRESS stage of the "eval" events sent while predicting (None: none).
+    """
     from src.eval.metrics import detection_metrics
 
     out_dir = Path(out_dir)
@@ -96,14 +143,29 @@ def evaluate_model(
     records = records[:max_samples] if max_samples else records
     started = time.time()
     model, processor, family = load_for_eval(model_path, device, search_root=out_dir)
+    loaded = time.time()
+    stats = GenerationStats()
     predictions = predict_records(
-        model, processor, records, family, device, batch_size, prompt=prompt, max_new_tokens=max_new_tokens
+        model,
+        processor,
+        records,
+        family,
+        device,
+        batch_size,
+        prompt=prompt,
+        max_new_tokens=max_new_tokens,
+        sort_by_size=sort_by_size,
+        decode=decode,
+        stats=stats,
+        on_progress=progress_reporter(progress_stage),
     )
+    predicted = time.time()
     samples = [(p.boxes, p.truths, p.parsed) for p in predictions]
     base, adapter = resolve_model(model_path, out_dir)
     metrics = {
         **detection_metrics(samples),
         "class_agnostic": class_agnostic_metrics(samples),
+        "intervals": image_intervals(predictions),
         "eval": {
             "model": str(model_path),
             "base_model": base,
@@ -113,14 +175,27 @@ def evaluate_model(
             "split": split,
             "num_samples": len(records),
             "device": device,
-            "batch_size": batch_size,
+            "batch_size_from_memory": batch_size == "auto" and str(device).startswith("cuda"),
+            "sort_by_size": sort_by_size,
+            "decode": decode,
             "max_new_tokens": max_new_tokens,
+            "load_seconds": round(loaded - started, 2),
+            "predict_seconds": round(predicted - loaded, 2),
             "seconds": round(time.time() - started, 2),
+            **stats.summary(),
         },
     }
     write_predictions(out_dir / PREDICTIONS_FILE, predictions)
     write_json_atomic(out_dir / METRICS_FILE, metrics)
     return metrics
+
+
+def image_intervals(predictions: list[Prediction]) -> dict:
+    """95% bootstrap intervals of every headline metric over these images (src/eval/bootstrap.py)."""
+    from src.eval.bootstrap import ImageScores, intervals
+
+    samples = [(p.boxes, p.truths, p.parsed) for p in predictions]
+    return intervals([ImageScores.from_samples(samples)]) if samples else {}
 
 
 def class_agnostic_metrics(samples: list, iou_threshold: float = 0.5) -> dict:
@@ -189,16 +264,31 @@ def build_parser() -> argparse.ArgumentParser:
     arg("--split", default="test", help="split to evaluate on (default: %(default)s)")
     arg(
         "--max-samples",
+        "--eval-samples",
+        dest="max_samples",
         type=int,
-        default=32,
-        help="evaluate the first N images; 0 for all (default: %(default)s)",
+        default=0,
+        help="evaluate the first N images; 0 for the whole split (default: %(default)s)",
     )
-    arg("--batch-size", type=int, default=8, help="images per generate() call (default: %(default)s)")
+    arg(
+        "--batch-size",
+        type=_batch_size,
+        default="auto",
+        help="images per generate() call, or auto: from free GPU memory, 8 on the CPU (default: %(default)s)",
+    )
     arg(
         "--max-new-tokens",
         type=int,
         default=DEFAULT_MAX_NEW_TOKENS,
         help="answer length cap (default: %(default)s)",
+    )
+    arg("--no-sort", action="store_true", help="batch images in file order, not grouped by size")
+    arg(
+        "--decode",
+        choices=DECODE_MODES,
+        default="plain",
+        help="plain: dynamic KV cache; static: static KV cache, decoding step compiled on a GPU "
+        "(default: %(default)s)",
     )
     arg("--cpu", action="store_true", help="evaluate on the CPU even if a GPU is visible")
     arg("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
@@ -206,12 +296,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _batch_size(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a number of images or auto") from None
+
+
 def _usage_problems(args) -> list[str]:
     problems = []
     if args.max_samples < 0:
-        problems.append(f"--max-samples {args.max_samples}: use 0 (all) or more")
-    if args.batch_size < 1 or args.max_new_tokens < 1:
-        problems.append("--batch-size and --max-new-tokens must be at least 1")
+        problems.append(f"--max-samples {args.max_samples}: use 0 (the whole split) or more")
+    if args.batch_size != "auto" and args.batch_size < 1:
+        problems.append(f"--batch-size {args.batch_size}: use auto or at least 1")
+    if args.max_new_tokens < 1:
+        problems.append(f"--max-new-tokens {args.max_new_tokens}: use at least 1")
     if args.base and len(args.output_dirs) > 1:
         problems.append("--base writes into one OUTPUT_DIR; got several")
     return problems
@@ -231,7 +332,11 @@ def evaluate_one(output_dir: str, base: str | None, options: dict) -> int:
         log.exception("evaluation of %s failed", output_dir)
         return EXIT_FAILED
     summary = {k: round(metrics[k], 3) for k in ("precision", "recall", "f1", "map_50", "parse_rate")}
-    print(f"{output_dir}: {json.dumps(summary)} -> {Path(output_dir) / METRICS_FILE}", flush=True)
+    f1 = metrics.get("intervals", {}).get("f1")
+    band = f" (F1 95% CI [{f1['low']:.3f}, {f1['high']:.3f}])" if f1 else ""
+    speed = metrics["eval"].get("images_per_s")
+    rate = f", {metrics['num_images']} images at {speed:.2f} images/s" if speed else ""
+    print(f"{output_dir}: {json.dumps(summary)}{band}{rate} -> {Path(output_dir) / METRICS_FILE}", flush=True)
     return EXIT_OK
 
 
@@ -255,6 +360,9 @@ def main(argv: list[str] | None = None) -> int:
         "device": resolve_device(args.cpu),
         "batch_size": args.batch_size,
         "max_new_tokens": args.max_new_tokens,
+        "sort_by_size": not args.no_sort,
+        "decode": args.decode,
+        "progress_stage": None,  # a person reads this output: log lines, not RR_PROGRESS events
     }
     codes = [evaluate_one(output_dir, args.base, options) for output_dir in args.output_dirs]
     return max(codes, key=lambda code: (code == EXIT_USAGE, code))

@@ -26,6 +26,8 @@ from dataclasses import dataclass
 from src.data.boxes import Box
 
 Sample = tuple[list[Box], list[Box], bool]  # (predictions, ground truth, answer parsed) for one image
+# COCO's object sizes by box area in pixels of the original image: small < 32^2 <= medium < 96^2 <= large.
+SIZES = (("small", 32**2), ("medium", 96**2), ("large", float("inf")))
 
 
 def iou(a: Box, b: Box) -> float:
@@ -83,6 +85,35 @@ def _ratio(numerator: float, denominator: float) -> float:
 def _prf(tp: int, n_preds: int, n_truths: int) -> tuple[float, float, float]:
     precision, recall = _ratio(tp, n_preds), _ratio(tp, n_truths)
     return precision, recall, _ratio(2 * precision * recall, precision + recall)
+
+
+def size_of(box: Box) -> str:
+    """COCO's size name of a box ("small", "medium", "large") by its area in pixels."""
+    area = max(0.0, box.x2 - box.x1) * max(0.0, box.y2 - box.y1)
+    return next(name for name, limit in SIZES if area < limit)
+
+
+def per_size_metrics(samples: list[Sample], iou_threshold: float = 0.5) -> dict:
+    """{size: {precision, recall, f1, support}} for COCO's small / medium / large boxes.
+
+    As COCO does, a match counts in its ground-truth box's size and an unmatched prediction in its own;
+    support is the number of ground-truth boxes of that size. Labels must match, as in the headline P/R/F1.
+    """
+    tp: Counter[str] = Counter()
+    preds: Counter[str] = Counter()
+    truths: Counter[str] = Counter()
+    for predicted, true, _ in samples:
+        matching = match_boxes(predicted, true, iou_threshold)
+        for _, t, _ in matching.pairs:
+            tp[size_of(true[t])] += 1
+            preds[size_of(true[t])] += 1
+        preds.update(size_of(predicted[p]) for p in matching.unmatched_preds)
+        truths.update(size_of(b) for b in true)
+    out = {}
+    for name, _ in SIZES:
+        p, r, f = _prf(tp[name], preds[name], truths[name])
+        out[name] = {"precision": p, "recall": r, "f1": f, "support": truths[name], "predicted": preds[name]}
+    return out
 
 
 def coco_map(samples: list[Sample]) -> tuple[float, float]:
@@ -143,8 +174,9 @@ def detection_metrics(samples: list[Sample], iou_threshold: float = 0.5) -> dict
     """Metrics over a list of (preds, truths, parsed) per image; counts are micro-averaged over images.
 
     Keys: num_images, parse_rate, mean_iou (of matched pairs), precision, recall, f1, tp, fp, fn
-    (all at ``iou_threshold``), map_50, map_50_95 (COCO), and per_label: {label: {precision, recall,
-    f1, support}} where support is the label's number of ground-truth boxes.
+    (all at ``iou_threshold``), map_50, map_50_95 (COCO), per_label: {label: {precision, recall,
+    f1, support}} where support is the label's number of ground-truth boxes, and per_size (see
+    :func:`per_size_metrics`).
     """
     matched_ious: list[float] = []
     tp_by_label: Counter[str] = Counter()
@@ -176,4 +208,5 @@ def detection_metrics(samples: list[Sample], iou_threshold: float = 0.5) -> dict
         "map_50": map_50,
         "map_50_95": map_50_95,
         "per_label": per_label,
+        "per_size": per_size_metrics(samples, iou_threshold),
     }

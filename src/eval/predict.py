@@ -8,9 +8,10 @@ Works on any model the worker can start from or write:
 
     from src.eval.predict import load_for_eval, predict_records
     model, processor, family = load_for_eval("outputs/r4-joint/adapter", device="cpu")
-    predictions = predict_records(model, processor, records, family, device="cpu", batch_size=8)
+    predictions = predict_records(model, processor, records, family, device="cpu", batch_size="auto")
 
-Generation is batched with left padding and greedy; answers are decoded with
+Generation is batched with left padding and greedy, images of similar size together (largest first) and
+as many per batch as free GPU memory holds (`plan_eval_batch`); answers are decoded with
 skip_special_tokens=False (the box tokens are special tokens) and read by
 `src.data.boxes.parse_answer`, which never raises: a garbled or cut-off answer is kept as an
 unparsed prediction, never an error. `python -m src.eval.evaluate` is the command-line entry point.
@@ -20,6 +21,8 @@ from __future__ import annotations
 
 import json
 import logging
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +32,13 @@ from src.data.dataset import DEFAULT_PROMPT, DetectionRecord, processor_pixel_li
 log = logging.getLogger(__name__)
 ADAPTER_CONFIG = "adapter_config.json"
 DEFAULT_MAX_NEW_TOKENS = 256  # about eight objects in Qwen2-VL's format
+CPU_EVAL_BATCH = 8  # images per generate() call on the CPU, and where GPU memory cannot be read
+MAX_EVAL_BATCH = 256  # past this a decoding step is no longer bound by reading the weights once
+EVAL_MEMORY_HEADROOM = 0.8  # of the free GPU memory: the allocator's fragmentation and estimate error
+# plain: transformers' dynamic KV cache, eager decoding steps (the default). static: a static KV cache,
+# with which transformers compiles the decoding step on a GPU (torch.compile; the first batch of each
+# shape pays the compile). Measure with `python -m src.eval.bench` before making it a default.
+DECODE_MODES = ("plain", "static")
 
 
 @dataclass
@@ -116,11 +126,135 @@ def _resized(processor, record: DetectionRecord, family: str) -> tuple[int, int]
     return smart_resize(record.height, record.width, min_pixels=low, max_pixels=high)
 
 
+def image_tokens(processor, width: int, height: int) -> int:
+    """LLM tokens an image of width x height becomes: (H/28) x (W/28) after Qwen's smart resize."""
+    sub = processor.image_processor
+    factor = getattr(sub, "patch_size", 14) * getattr(sub, "merge_size", 2)
+    low, high = processor_pixel_limits(processor)
+    h, w = smart_resize(height, width, factor=factor, min_pixels=low, max_pixels=high)
+    return (h // factor) * (w // factor)
+
+
+def batching_order(processor, records: list[DetectionRecord]) -> list[int]:
+    """Record indices, largest image first, so that a batch holds images of one size and pads little.
+
+    Largest first also meets an out-of-memory batch at once rather than at the end of a long run.
+    """
+    tokens = [image_tokens(processor, r.width, r.height) for r in records]
+    return sorted(range(len(records)), key=lambda i: -tokens[i])
+
+
+def eval_bytes_per_image(shape, prompt_tokens: int, max_new_tokens: int) -> int:
+    """GPU bytes one more image in a generate() batch needs, for a src.planner.ModelShape in bf16.
+
+    The KV cache of prompt + answer (2 x layers x kv_heads x head_dim x 2 bytes a token), the prefill's
+    largest transient per prompt token (one decoder layer's MLP and hidden states, every image at once),
+    the vision tower's per prompt token (4 patches a token) and the last position's fp32 logits.
+    """
+    from src.planner import BF16, FP32
+
+    kv_per_token = 2 * shape.layers * shape.kv_heads * shape.head_dim * BF16
+    prefill_per_token = BF16 * (3 * shape.intermediate + 6 * shape.hidden)
+    vision_per_token = shape.merge_size**2 * BF16 * (4 * shape.vision_embed + 2 * shape.vision_intermediate)
+    return (
+        (prompt_tokens + max_new_tokens) * kv_per_token
+        + prompt_tokens * (prefill_per_token + vision_per_token)
+        + FP32 * shape.vocab
+    )
+
+
+def plan_eval_batch(
+    free_bytes: int,
+    shape,
+    prompt_tokens: int,
+    max_new_tokens: int,
+    weights_loaded: bool = True,
+    headroom: float = EVAL_MEMORY_HEADROOM,
+    cap: int = MAX_EVAL_BATCH,
+) -> int:
+    """Images per generate() call that fit in `free_bytes` of GPU memory (at least 1, at most `cap`).
+
+    `shape` is the model's src.planner.ModelShape; `prompt_tokens` the longest prompt (text and image
+    tokens); see eval_bytes_per_image. `weights_loaded=False` (free memory read before loading the
+    model) subtracts the bf16 weights first (src.planner.weight_bytes).
+    """
+    from src.planner import weight_bytes
+
+    if not weights_loaded:
+        free_bytes -= weight_bytes(shape, quantized=False)
+    per_image = eval_bytes_per_image(shape, prompt_tokens, max_new_tokens)
+    return max(1, min(cap, int(free_bytes * headroom // per_image)))
+
+
+def auto_batch_size(
+    model, processor, records: list[DetectionRecord], device: str, prompt: str, max_new_tokens: int
+) -> int:
+    """plan_eval_batch for the loaded model on this GPU; CPU_EVAL_BATCH on the CPU."""
+    if not str(device).startswith("cuda") or not records:
+        return CPU_EVAL_BATCH
+    import torch
+
+    from src.planner import ModelShape
+
+    shape = ModelShape.from_config(model.config.to_dict())
+    free, _ = torch.cuda.mem_get_info()
+    text = _prompt_texts(processor, 1, prompt)[0]
+    text_tokens = len(processor.tokenizer(text)["input_ids"])
+    longest = text_tokens + max(image_tokens(processor, r.width, r.height) for r in records)
+    return plan_eval_batch(free, shape, longest, max_new_tokens)
+
+
 def _clean(text: str, pad_token: str | None) -> str:
     """The answer without trailing padding (parse_answer ignores it anyway; reports read better)."""
     if pad_token:
         text = text.replace(pad_token, "")
     return text.strip()
+
+
+@dataclass
+class GenerationStats:
+    """What decoding cost: summed over generate() calls; tokens are those up to each answer's end."""
+
+    images: int = 0
+    decoded_tokens: int = 0  # answer tokens, the end token included, padding after it not
+    decoding_steps: int = 0  # per batch, its longest answer: what generate() actually ran
+    generate_seconds: float = 0.0
+    batches: int = 0
+    batch_size: int = 0  # images per generate() call asked for (the last batch can hold fewer)
+
+    def add(self, images: int, decoded: int, steps: int, seconds: float) -> None:
+        self.images += images
+        self.decoded_tokens += decoded
+        self.decoding_steps += steps
+        self.generate_seconds += seconds
+        self.batches += 1
+
+    def summary(self) -> dict:
+        seconds = self.generate_seconds
+        return {
+            "batch_size": self.batch_size,
+            "images": self.images,
+            "batches": self.batches,
+            "decoded_tokens": self.decoded_tokens,
+            "decoding_steps": self.decoding_steps,
+            "generate_seconds": round(seconds, 3),
+            "images_per_s": round(self.images / seconds, 3) if seconds else None,
+            "decoded_tokens_per_s": round(self.decoded_tokens / seconds, 1) if seconds else None,
+        }
+
+
+def _end_ids(tokenizer) -> list[int]:
+    ids = tokenizer.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"])
+    return [i for i in ids if i is not None and i != tokenizer.unk_token_id]
+
+
+def answer_lengths(new_tokens, end_ids: list[int]) -> list[int]:
+    """Tokens each row decoded, up to and including its first end token (all of them if none)."""
+    lengths = []
+    for row in new_tokens.tolist():
+        ends = [i for i, token in enumerate(row) if token in end_ids]
+        lengths.append(ends[0] + 1 if ends else len(row))
+    return lengths
 
 
 def generate_answers(
@@ -130,8 +264,15 @@ def generate_answers(
     device: str = "cpu",
     prompt: str = DEFAULT_PROMPT,
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+    stats: GenerationStats | None = None,
+    decode: str = "plain",
 ) -> list[str]:
-    """Greedy answers (special tokens kept) for one batch of PIL images."""
+    """Greedy answers (special tokens kept) for one batch of PIL images.
+
+    generate() stops at the step where every row has produced an end token (<|im_end|> or
+    <|endoftext|>); rows that ended earlier are padded. decode="static" asks for a static KV cache,
+    with which transformers compiles the decoding step on a GPU (see DECODE_MODES).
+    """
     import torch
 
     tokenizer = processor.tokenizer
@@ -146,18 +287,39 @@ def generate_answers(
     finally:
         tokenizer.padding_side = previous_side
     batch = batch.to(device)
-    end_ids = [i for i in tokenizer.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"]) if i is not None]
+    end_ids = _end_ids(tokenizer)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else end_ids[-1]
+    extra = {"cache_implementation": "static"} if decode == "static" else {}
+    started = time.perf_counter()
     with torch.inference_mode():
         output = model.generate(
             **batch,
             max_new_tokens=max_new_tokens,
             do_sample=False,
             eos_token_id=end_ids,
-            pad_token_id=tokenizer.pad_token_id,
+            pad_token_id=pad_id,
+            **extra,
         )
-    new_tokens = output[:, batch["input_ids"].shape[1] :]
+    new_tokens = output[:, batch["input_ids"].shape[1] :].cpu()  # the copy waits for the GPU
+    if stats is not None:
+        lengths = answer_lengths(new_tokens, end_ids + [pad_id])
+        stats.add(len(images), sum(lengths), new_tokens.shape[1], time.perf_counter() - started)
     texts = tokenizer.batch_decode(new_tokens, skip_special_tokens=False)
     return [_clean(text, tokenizer.pad_token) for text in texts]
+
+
+def _prediction(record: DetectionRecord, text: str, processor, family: str) -> Prediction:
+    answer = parse_answer(text, record.width, record.height, family, _resized(processor, record, family))
+    return Prediction(
+        image=str(record.image) if isinstance(record.image, (str, Path)) else record.where,
+        width=record.width,
+        height=record.height,
+        truths=list(record.boxes),
+        boxes=answer.boxes,
+        text=text,
+        parsed=answer.parsed,
+        malformed=answer.malformed,
+    )
 
 
 def predict_records(
@@ -166,33 +328,44 @@ def predict_records(
     records: list[DetectionRecord],
     family: str = "qwen2_vl",
     device: str = "cpu",
-    batch_size: int = 8,
+    batch_size: int | str = CPU_EVAL_BATCH,
     prompt: str = DEFAULT_PROMPT,
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+    sort_by_size: bool = True,
+    decode: str = "plain",
+    stats: GenerationStats | None = None,
+    on_progress: Callable[[int, int], None] | None = None,
 ) -> list[Prediction]:
-    """One Prediction per record, in order; answers nothing can be read from count as unparsed."""
+    """One Prediction per record, in the records' order; answers nothing can be read from count as unparsed.
+
+    batch_size "auto" sizes batches from free GPU memory (plan_eval_batch; CPU_EVAL_BATCH on the CPU).
+    sort_by_size batches images of similar token counts together (batching_order). on_progress(done,
+    total) is called before the first batch and after each one.
+    """
     from src.data.collators import load_image
 
-    predictions: list[Prediction] = []
-    for start in range(0, len(records), batch_size):
-        chunk = records[start : start + batch_size]
-        images = [load_image(str(r.image) if isinstance(r.image, Path) else r.image) for r in chunk]
-        texts = generate_answers(model, processor, images, device, prompt, max_new_tokens)
-        for record, text in zip(chunk, texts, strict=True):
-            answer = parse_answer(
-                text, record.width, record.height, family, _resized(processor, record, family)
-            )
-            predictions.append(
-                Prediction(
-                    image=str(record.image) if isinstance(record.image, (str, Path)) else record.where,
-                    width=record.width,
-                    height=record.height,
-                    truths=list(record.boxes),
-                    boxes=answer.boxes,
-                    text=text,
-                    parsed=answer.parsed,
-                    malformed=answer.malformed,
-                )
-            )
-        log.info("predicted %d/%d", len(predictions), len(records))
-    return predictions
+    if batch_size == "auto":
+        batch_size = auto_batch_size(model, processor, records, device, prompt, max_new_tokens)
+        log.info("batch size %d (from free memory)", batch_size)
+    if stats is not None:
+        stats.batch_size = batch_size
+    order = batching_order(processor, records) if sort_by_size and processor is not None else None
+    order = order or list(range(len(records)))
+    texts: dict[int, str] = {}
+    if on_progress:
+        on_progress(0, len(records))
+    for start in range(0, len(order), batch_size):
+        chunk = order[start : start + batch_size]
+        images = [_load(records[i], load_image) for i in chunk]
+        answers = generate_answers(
+            model, processor, images, device, prompt, max_new_tokens, stats=stats, decode=decode
+        )
+        texts.update(zip(chunk, answers, strict=True))
+        log.info("predicted %d/%d", len(texts), len(records))
+        if on_progress:
+            on_progress(len(texts), len(records))
+    return [_prediction(record, texts[i], processor, family) for i, record in enumerate(records)]
+
+
+def _load(record: DetectionRecord, load_image):
+    return load_image(str(record.image) if isinstance(record.image, Path) else record.image)

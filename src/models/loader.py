@@ -51,16 +51,22 @@ def compute_dtype(device: str):
 
 
 def device_map_for(device: str, model_id: str | None = None):
-    """Where each module goes: one device, or (several visible GPUs) a balanced split.
+    """Where each module goes: one device, or (several visible GPUs, one process) a balanced split.
 
-    Sharded over several GPUs, `lm_head` is pinned to GPU 0 beside the embeddings: the trainer
-    puts inputs and label counts there, and TRL's loss divides one by the other (seen failing on
-    4x H200 with lm_head on GPU 1: "found at least two devices, cuda:1 and cuda:0").
+    Under data parallelism every rank sees all N GPUs but holds a whole model on its own one
+    (`resolve_device` made it the current device). Sharded over several GPUs, `lm_head` is pinned to
+    GPU 0 beside the embeddings: the trainer puts inputs and label counts there, and TRL's loss
+    divides one by the other (seen failing on 4x H200 with lm_head on GPU 1: "found at least two
+    devices, cuda:1 and cuda:0").
     """
     if device != "cuda":
         return {"": "cpu"}
     import torch
 
+    from src.utils.gpu import world_size
+
+    if world_size() > 1:
+        return {"": torch.cuda.current_device()}
     if torch.cuda.device_count() < 2 or model_id is None:
         return {"": 0}
     return _balanced_map_with_head_on_first_gpu(model_id)

@@ -10,11 +10,27 @@ Choices that differ from TRL's defaults, and why:
   * no tqdm bars: the worker prints one progress line per logging step instead.
   * on a GPU: fused AdamW, and batches collated ahead in worker processes, so the processor's
     image work never starves the GPU (docs/benchmarks.md gives what each bought).
+  * data parallelism (several ranks, `src/training/distributed.py`): the trainer reads the ranks from
+    the environment; every LoRA tensor gets a gradient, so DDP need not search for unused ones; the
+    CPU uses gloo; and a collective gives up after `ddp_timeout_seconds()` instead of the default
+    30 minutes, so a rank that died never leaves the others waiting long (the worker sets up the
+    process group with that timeout itself: accelerate passes none on the CPU).
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+
+DDP_TIMEOUT_ENV = "RECIPE_RUNNER_DDP_TIMEOUT"
+# Long enough for rank 0 to merge and save a 7B stage-1 model while the others wait at a barrier.
+DEFAULT_DDP_TIMEOUT_SECONDS = 300
+
+
+def ddp_timeout_seconds() -> int:
+    """How long a rank waits in a collective (or barrier) before failing; env overrides."""
+    value = os.environ.get(DDP_TIMEOUT_ENV, "")
+    return int(value) if value.isdigit() and int(value) > 0 else DEFAULT_DDP_TIMEOUT_SECONDS
 
 
 @dataclass(frozen=True)
@@ -46,6 +62,8 @@ def create_training_config(settings: StageSettings):
     """An SFTConfig for one stage."""
     import torch
     from trl import SFTConfig
+
+    from src.utils.gpu import world_size
 
     on_gpu = settings.device == "cuda"
     checkpointing = on_gpu if settings.gradient_checkpointing is None else settings.gradient_checkpointing
@@ -87,4 +105,8 @@ def create_training_config(settings: StageSettings):
         dataloader_persistent_workers=workers > 0,
         dataloader_prefetch_factor=2 if workers > 0 else None,
         dataloader_pin_memory=on_gpu,
+        # A backend makes accelerate set up a process group even for one process: only under DDP.
+        ddp_backend="gloo" if not on_gpu and world_size() > 1 else None,  # None on GPUs: NCCL
+        ddp_find_unused_parameters=False,
+        ddp_timeout=ddp_timeout_seconds(),
     )

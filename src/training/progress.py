@@ -5,9 +5,10 @@ Torch-free. A worker prints one line per event on stdout:
     RR_PROGRESS {"event": "step", "recipe": "r1-llm-only", "stage": "main", "step": 3, ...}
 
 beside its ordinary human log lines. The launcher's status table reads only these lines,
-never free text. Events and their keys:
+never free text. Under data parallelism only rank 0 prints (the worker turns `ENABLED` off on the
+others), so the launcher sees one run. Events and their keys:
 
-  start     recipe, stage, device ("cuda:0" | "cpu"), device_name, device_uuid, pid
+  start     recipe, stage, device ("cuda" | "cpu"), device_name, device_uuid, pid, world_size
   step      recipe, stage, step, total, loss, lr, epoch, gpu_mem_gib (None on CPU)
   stage_end recipe, stage, final_loss, output
   end       recipe, status ("succeeded" | "failed"), final_loss, exit_code, error
@@ -20,6 +21,7 @@ import sys
 from typing import Any
 
 PREFIX = "RR_PROGRESS "
+ENABLED = True  # False on data-parallel ranks other than 0: one process speaks for the run
 
 
 def format_event(event: str, **fields: Any) -> str:
@@ -28,6 +30,8 @@ def format_event(event: str, **fields: Any) -> str:
 
 def emit(event: str, **fields: Any) -> None:
     """Print one progress line and flush, so a piped parent sees it at once."""
+    if not ENABLED:
+        return
     print(format_event(event, **fields), file=sys.stdout, flush=True)
 
 

@@ -5,6 +5,10 @@ Called by the worker (`src/training/worker.py`); usable from Python:
     from src.recipes import resolve_recipe
     from src.training.run import RunOptions, run_recipe
     run_recipe(resolve_recipe("r1"), RunOptions(model_id=..., dataset=..., output_dir=..., device="cpu"))
+
+Under data parallelism (`python -m src.training.distributed`) every rank runs this same code: the
+trainer splits each batch over the ranks; only rank 0 writes loss_history.jsonl and the outputs, and
+the others wait at a barrier until it has (r3's stage 2 loads what stage 1 saved).
 """
 
 from __future__ import annotations
@@ -21,12 +25,17 @@ from pathlib import Path
 from src.training import progress
 from src.training.config import StageSettings, create_training_config
 from src.utils.files import atomic_dir
+from src.utils.gpu import is_main_process, rank, world_size
 
 log = logging.getLogger(__name__)
 STAGE_MARKER = "recipe_stage.json"  # written beside a merged stage-1 model, checked by --checkpoint
 # Testing hook for the reliability tests: "STAGE:STEP" raises after that step is logged,
-# "STAGE:STEP:kill" SIGKILLs the worker there (a hard crash: no status update, no cleanup).
+# "STAGE:STEP:kill" SIGKILLs the worker there (a hard crash: no status update, no cleanup),
+# "STAGE:STEP:oom" raises CUDA's out-of-memory error (exit 3). FAULT_RANK_ENV=N limits it to rank N.
 FAULT_ENV = "RECIPE_RUNNER_FAULT_AT"
+FAULT_RANK_ENV = "RECIPE_RUNNER_FAULT_RANK"
+# Set to 1 to compile on GPUs under --compile auto (see resolve_compile).
+COMPILE_AUTO_ENV = "RECIPE_RUNNER_COMPILE_AUTO"
 
 
 @dataclass(frozen=True)
@@ -54,6 +63,7 @@ class RunOptions:
     fused_optimizer: bool = True  # fused AdamW kernel on GPUs
     frozen_vision_no_grad: bool = True  # run a vision tower with nothing to train outside autograd
     adapter_input_casts: bool = False  # on GPUs: PEFT's fp32 copy of every LoRA input (autocast undoes it)
+    compile: bool | None = None  # torch.compile the model's repeated regions; None: resolve_compile decides
 
 
 @dataclass
@@ -66,6 +76,7 @@ class StageResult:
     skipped_records: int = 0
     peak_gpu_mem_gib: float | None = None
     train_seconds: float | None = None
+    samples_per_step: int | None = None  # per optimizer step, over all data-parallel ranks
 
 
 class ProgressCallback:
@@ -82,8 +93,11 @@ class ProgressCallback:
 
         class _Callback(TrainerCallback):
             def on_log(self, args, state, control, logs=None, **kwargs):
-                if logs and "loss" in logs:
+                if not logs or "loss" not in logs:
+                    return
+                if state.is_world_process_zero:  # the loss is already averaged over the ranks
                     outer.record(state.global_step, state.max_steps, logs)
+                inject_fault(outer.stage, state.global_step)
 
         return _Callback()
 
@@ -102,27 +116,53 @@ class ProgressCallback:
             handle.write(json.dumps(row) + "\n")
         progress.emit("step", recipe=self.recipe, total=total, gpu_mem_gib=_gpu_memory_gib(), **row)
         log.info("[%s] step %d/%d loss %.4f", self.stage, step, total, loss)
-        inject_fault(self.stage, step)
 
 
 def inject_fault(stage: str, step: int) -> None:
-    """Fail here if the FAULT_ENV testing hook names this stage and step."""
+    """Fail here if the FAULT_ENV testing hook names this stage and step (and FAULT_RANK_ENV this rank)."""
     wanted = os.environ.get(FAULT_ENV, "").split(":")
     if wanted[:2] != [stage, str(step)]:
         return
+    if os.environ.get(FAULT_RANK_ENV, str(rank())) != str(rank()):
+        return
     if wanted[2:] == ["kill"]:
         os.kill(os.getpid(), signal.SIGKILL)
+    if wanted[2:] == ["oom"]:
+        import torch
+
+        raise torch.cuda.OutOfMemoryError(
+            f"CUDA out of memory (injected at {stage} step {step}, {FAULT_ENV})"
+        )
     raise RuntimeError(f"injected fault at {stage} step {step} ({FAULT_ENV})")
 
 
 def _gpu_memory_gib() -> float | None:
-    """Peak memory allocated on the fullest visible GPU (a sharded model spreads over several)."""
+    """Peak memory allocated on the fullest GPU this process uses (a sharded model spreads over several).
+
+    A data-parallel rank asks about its own GPU only: asking about the others would open a CUDA
+    context on each of them.
+    """
     import torch
 
-    if not torch.cuda.is_available():
+    if not torch.cuda.is_available() or not torch.cuda.is_initialized():
         return None
-    peak = max(torch.cuda.max_memory_allocated(i) for i in range(torch.cuda.device_count()))
+    devices = [torch.cuda.current_device()] if world_size() > 1 else range(torch.cuda.device_count())
+    peak = max(torch.cuda.max_memory_allocated(i) for i in devices)
     return round(peak / 2**30, 2)
+
+
+def wait_for_every_rank() -> None:
+    """Block until every data-parallel rank gets here; a no-op in a single-process run."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    if dist.get_backend() == "nccl":
+        import torch
+
+        dist.barrier(device_ids=[torch.cuda.current_device()])
+    else:
+        dist.barrier()
 
 
 def load_for_stage(stage, model_id: str, device: str):
@@ -169,7 +209,10 @@ def train_stage(
         log.info("[%s] resuming from %s", stage.name, checkpoint)
     prepared.trainer.train(resume_from_checkpoint=checkpoint)
 
-    output = save_stage(prepared.model, prepared.processor, stage_dir, merge, recipe_name, stage.name)
+    output = stage_output_dir(stage_dir, merge)
+    if is_main_process():
+        save_stage(prepared.model, prepared.processor, stage_dir, merge, recipe_name, stage.name)
+    wait_for_every_rank()  # the next stage (or the caller) may read what rank 0 just wrote
     final_loss = prepared.reporter.final_loss
     final_loss = final_loss if final_loss is None or math.isfinite(final_loss) else None
     progress.emit(
@@ -184,7 +227,13 @@ def train_stage(
         prepared.skipped_records,
         peak_gpu_mem_gib=_gpu_memory_gib(),
         train_seconds=round(time.monotonic() - started, 3),
+        samples_per_step=samples_per_step(prepared.trainer.args),
     )
+
+
+def samples_per_step(args) -> int:
+    """Samples in one optimizer step: micro-batch x accumulation x data-parallel ranks."""
+    return args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
 
 
 def prepare_stage(
@@ -212,6 +261,11 @@ def prepare_stage(
         log.info("[%s] vision tower trains nothing: it runs without autograd", stage.name)
     if not opts.adapter_input_casts and opts.device == "cuda":  # the CPU trains without autocast
         skip_adapter_input_casts(model)
+    if compile_on := resolve_compile(opts):
+        from src.training.compile import compile_regions
+
+        compile_regions(model)
+    log.info("[%s] torch.compile %s", stage.name, "on" if compile_on else "off")
 
     settings = StageSettings(
         output_dir=str(stage_dir / "trainer"),
@@ -240,6 +294,15 @@ def prepare_stage(
     )
     # Our progress lines replace the trainer's printed log dicts.
     trainer.remove_callback(PrinterCallback)
+    args = trainer.args
+    log.info(
+        "[%s] %d samples per optimizer step (micro-batch %d x accumulation %d x %d rank(s))",
+        stage.name,
+        samples_per_step(args),
+        args.per_device_train_batch_size,
+        args.gradient_accumulation_steps,
+        args.world_size,
+    )
     return PreparedStage(trainer, model, processor, dict(trainable), skipped, reporter)
 
 
@@ -258,17 +321,30 @@ def skip_adapter_input_casts(model) -> None:
             module.cast_input_dtype_enabled = False
 
 
+def resolve_compile(opts: RunOptions) -> bool:
+    """Whether to torch.compile the model's repeated regions: as asked, or the rule for "auto".
+
+    The "auto" rule is provisional until GPU measurements decide it: off on the CPU (compiling costs
+    more than a short CPU run saves), and off on GPUs too unless COMPILE_AUTO_ENV=1.
+    """
+    if opts.compile is not None:
+        return opts.compile
+    return opts.device == "cuda" and os.environ.get(COMPILE_AUTO_ENV) == "1"
+
+
 def resolve_checkpointing(stage, model_id: str, opts: RunOptions, dataset, processor) -> bool | None:
     """Gradient checkpointing as asked; for "auto" on one GPU, off when the planner says it fits.
 
     Recomputing activations costs about a third of a step; it is only worth it when the
-    activations would not fit. None leaves the CPU rule to the config (off).
+    activations would not fit. None leaves the CPU rule to the config (off). A data-parallel rank
+    holds a whole model on one GPU, so the planner decides for it as for a single GPU; each rank
+    asks about its own GPU.
     """
     if opts.gradient_checkpointing is not None or opts.device != "cuda":
         return opts.gradient_checkpointing
     import torch
 
-    if torch.cuda.device_count() > 1:  # a sharded model: stay lean, the split is already tight
+    if world_size() == 1 and torch.cuda.device_count() > 1:  # sharded: stay lean, the split is tight
         return True
     from src.planner import ModelShape, choose_checkpointing
     from src.training.memory import available_gpu_bytes, largest_sample
@@ -295,7 +371,7 @@ def save_stage(model, processor, stage_dir: Path, merge: bool, recipe_name: str,
 
     Written to a temporary directory and renamed, so a killed run never leaves half an output.
     """
-    out = stage_dir / ("merged" if merge else "adapter")
+    out = stage_output_dir(stage_dir, merge)
     with atomic_dir(out) as tmp:
         if merge:
             model.merge_and_unload().save_pretrained(tmp)
@@ -304,6 +380,11 @@ def save_stage(model, processor, stage_dir: Path, merge: bool, recipe_name: str,
             model.save_pretrained(tmp)
         processor.save_pretrained(tmp)
     return out
+
+
+def stage_output_dir(stage_dir: Path, merge: bool) -> Path:
+    """Where a stage's output goes: `merged/` for a stage another starts from, else `adapter/`."""
+    return stage_dir / ("merged" if merge else "adapter")
 
 
 def last_checkpoint(trainer_dir: Path) -> str | None:

@@ -9,6 +9,12 @@ Run directly or through the plan's entry point:
 Flags, exit codes and the files written are documented in docs/architecture.md ("The worker
 contract"). Everything that can be checked without torch is checked first: bad input exits 2
 before a model loads and before anything is written.
+
+Data parallel: `python -m src.training.distributed --nproc-per-node N -- FLAGS` runs this worker as
+N ranks (env RANK, WORLD_SIZE). It checks the flags once before starting them, so the ranks do not
+(rank 0 may already be writing into --output-dir). Rank 0 alone writes status.json, train.log,
+loss_history.jsonl and the outputs, prints progress lines and evaluates; the other ranks train and
+log only warnings, to stderr with a "[rank N]" prefix.
 """
 
 from __future__ import annotations
@@ -26,13 +32,16 @@ from pathlib import Path
 from src.recipes import ALIASES, RECIPES, resolve_recipe
 from src.training import progress
 from src.utils.files import read_json, write_json_atomic
-from src.utils.gpu import setup_gpus
+from src.utils.gpu import is_main_process, rank, setup_gpus, world_size
 from src.utils.secrets import RedactingFilter, secret_values
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_OOM, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 DEFAULT_MODEL = "Qwen/Qwen2-VL-7B-Instruct"
 DEFAULT_DATASET = "fixtures/data"
-DEFAULT_BATCH_SIZE, DEFAULT_GRAD_ACCUM, DEFAULT_SAVE_STEPS, DEFAULT_EVAL_SAMPLES = 4, 1, 200, 32
+DEFAULT_BATCH_SIZE, DEFAULT_GRAD_ACCUM, DEFAULT_SAVE_STEPS = 4, 1, 200
+DEFAULT_EVAL_SAMPLES = 0  # the whole test split
+ON_OFF_AUTO = {"auto": None, "on": True, "off": False}  # None: the run resolves "auto"
+FLAGS_CHECKED_ENV = "RECIPE_RUNNER_FLAGS_CHECKED"  # set by src.training.distributed for its ranks
 log = logging.getLogger("recipe-worker")
 
 
@@ -59,7 +68,12 @@ def build_parser(recipe_required: bool = True, prog: str = "train_recipe.py") ->
         "default: inherit CUDA_VISIBLE_DEVICES",
     )
     arg("--cpu", action="store_true", help="train on the CPU even if a GPU is visible")
-    arg("--threads", type=int, default=None, help="CPU threads for this worker (default: torch's choice)")
+    arg(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads for this worker process, each rank's under data parallelism (default: torch's)",
+    )
     arg("--model-id", default=DEFAULT_MODEL, help="hub id or local model directory (default: %(default)s)")
     arg(
         "--dataset",
@@ -83,7 +97,7 @@ def build_parser(recipe_required: bool = True, prog: str = "train_recipe.py") ->
         "--batch-size",
         type=int,
         default=DEFAULT_BATCH_SIZE,
-        help="per-device micro-batch (default: %(default)s)",
+        help="per-device micro-batch, per rank under data parallelism (default: %(default)s)",
     )
     arg(
         "--grad-accum",
@@ -105,6 +119,13 @@ def build_parser(recipe_required: bool = True, prog: str = "train_recipe.py") ->
         help="recompute activations to save memory (auto: on for GPUs, off on the CPU)",
     )
     arg(
+        "--compile",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="torch.compile the model's repeated regions (auto: off for now; "
+        "RECIPE_RUNNER_COMPILE_AUTO=1 turns it on for GPUs)",
+    )
+    arg(
         "--save-steps",
         type=int,
         default=DEFAULT_SAVE_STEPS,
@@ -122,7 +143,7 @@ def build_parser(recipe_required: bool = True, prog: str = "train_recipe.py") ->
         "--eval-samples",
         type=int,
         default=DEFAULT_EVAL_SAMPLES,
-        help="test images to evaluate after training; 0 for all (default: %(default)s)",
+        help="test images to evaluate after training (default: 0, the whole test split)",
     )
     arg(
         "--baseline-dir",
@@ -179,31 +200,47 @@ def _checkpoint_problems(args, recipe) -> list[str]:
 
 
 def configure_logging(log_file: Path) -> None:
-    fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S")
-    handlers = [logging.StreamHandler(sys.stderr), logging.FileHandler(log_file)]
+    """Rank 0 (or a lone worker): INFO to stderr and train.log. Other ranks: warnings to stderr only."""
+    main_process = is_main_process()
+    prefix = "" if main_process else f"[rank {rank()}] "
+    fmt = logging.Formatter(prefix + "%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S")
+    handlers = [logging.StreamHandler(sys.stderr)]
+    if main_process:
+        handlers.append(logging.FileHandler(log_file))
     secrets = RedactingFilter(secret_values())
     for handler in handlers:
         handler.setFormatter(fmt)
         handler.addFilter(secrets)
-    logging.basicConfig(level=logging.INFO, handlers=handlers, force=True)
+    logging.basicConfig(
+        level=logging.INFO if main_process else logging.WARNING, handlers=handlers, force=True
+    )
     for noisy in ("httpx", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 def main(argv: list[str] | None = None, recipe=None, prog: str = "train_recipe.py") -> int:
     """Train `--recipe`, or the given recipe object (scripts/train.py builds one from flags)."""
-    args = build_parser(recipe_required=recipe is None, prog=prog).parse_args(argv)
-    recipe = recipe or resolve_recipe(args.recipe)
-    args.output_dir = args.output_dir or f"outputs/{recipe.name}"
-    if problems := check_args(args, recipe):
-        print("error: " + "\nerror: ".join(problems), file=sys.stderr)
-        return EXIT_USAGE
-    setup_gpus(args.gpu)  # before torch loads: CUDA reads it once
+    args, recipe = parse_worker_args(argv, recipe, prog)
+    # A rank of src.training.distributed: the flags were checked and --gpu applied there, once.
+    if os.environ.get(FLAGS_CHECKED_ENV) != "1":
+        if problems := check_args(args, recipe):
+            print("error: " + "\nerror: ".join(problems), file=sys.stderr)
+            return EXIT_USAGE
+        setup_gpus(args.gpu)  # before torch loads: CUDA reads it once
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # bars are noise in a piped log
+    progress.ENABLED = is_main_process()
     output = Path(args.output_dir)
     output.mkdir(parents=True, exist_ok=True)
     configure_logging(output / "train.log")
     return run_worker(args, recipe, output)
+
+
+def parse_worker_args(argv: list[str] | None, recipe=None, prog: str = "train_recipe.py"):
+    """(args, recipe) from the worker's flags, with --output-dir's default filled in."""
+    args = build_parser(recipe_required=recipe is None, prog=prog).parse_args(argv)
+    recipe = recipe or resolve_recipe(args.recipe)
+    args.output_dir = args.output_dir or f"outputs/{recipe.name}"
+    return args, recipe
 
 
 def initial_status(args, recipe, output: Path, device_info: dict) -> tuple[dict, dict]:
@@ -213,6 +250,7 @@ def initial_status(args, recipe, output: Path, device_info: dict) -> tuple[dict,
         "status": "running",
         "exit_code": None,
         "device": device_info,
+        "world_size": world_size(),
         "started": time.time(),
         "ended": None,
         "final_loss": None,
@@ -243,6 +281,11 @@ class Interrupted(Exception):
 
 
 def _raise_interrupted(signum, frame):
+    if world_size() > 1:
+        # A rank gets each signal twice (sent to the process group, then forwarded by the elastic
+        # agent): ignore the second, so it cannot cut the first one's status update short.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
     raise Interrupted(f"signal {signum}")
 
 
@@ -257,12 +300,24 @@ def run_worker(args, recipe, output: Path) -> int:
 
     hf_logging.disable_progress_bar()  # weight loading/saving bars: noise in a log file
     signal.signal(signal.SIGTERM, _raise_interrupted)
+    if world_size() > 1:
+        signal.signal(signal.SIGINT, _raise_interrupted)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.cpu)
+    if world_size() > 1:
+        from src.training.distributed import join_process_group
+
+        join_process_group(device)
     device_info = describe_device(device)
+    main_process = is_main_process()
     status, done_stages = initial_status(args, recipe, output, device_info)
-    write_json_atomic(output / "status.json", status)
+
+    def write_status() -> None:
+        if main_process:  # one status.json per run, whatever the number of ranks
+            write_json_atomic(output / "status.json", status)
+
+    write_status()
     progress.emit(
         "start",
         recipe=recipe.name,
@@ -271,9 +326,17 @@ def run_worker(args, recipe, output: Path) -> int:
         device_name=device_info["name"],
         device_uuid=device_info["uuid"],
         pid=os.getpid(),
+        world_size=world_size(),
     )
-    log.info("recipe %s on %s (%s %s)", recipe.name, device, device_info["name"], device_info["uuid"] or "")
-    wandb_on = not args.no_wandb and _start_tracking(recipe, args, output)
+    log.info(
+        "recipe %s on %s (%s %s), %d data-parallel process(es)",
+        recipe.name,
+        device,
+        device_info["name"],
+        device_info["uuid"] or "",
+        world_size(),
+    )
+    wandb_on = main_process and not args.no_wandb and _start_tracking(recipe, args, output)
     opts = run_options(args, device, output, wandb_on)
 
     def stage_done(result) -> None:
@@ -284,7 +347,7 @@ def run_worker(args, recipe, output: Path) -> int:
             output=str(result.output),
             peak_gpu_mem_gib=max(peaks) if peaks else None,
         )
-        write_json_atomic(output / "status.json", status)
+        write_status()
 
     code, error = EXIT_OK, None
     try:
@@ -306,13 +369,15 @@ def run_worker(args, recipe, output: Path) -> int:
         ended=time.time(),
         error=error,
     )
-    write_json_atomic(output / "status.json", status)
+    write_status()
+    if not main_process:  # training is over for this rank; rank 0 evaluates alone, no collectives
+        return code
     if code == EXIT_OK:  # evaluation reads the finished run's status.json to find its model
         status["eval"] = evaluate_after_training(args, output, device)
-        write_json_atomic(output / "status.json", status)
+        write_status()
     if code == EXIT_OK and args.baseline_dir and not args.skip_eval:
         status["baseline"] = evaluate_baseline(args, device)
-        write_json_atomic(output / "status.json", status)
+        write_status()
     progress.emit(
         "end",
         recipe=recipe.name,
@@ -396,7 +461,8 @@ def run_options(args, device: str, output: Path, wandb_on: bool):
         skip_bad_records=args.skip_bad_records,
         save_steps=args.save_steps,
         resume=args.resume,
-        gradient_checkpointing={"auto": None, "on": True, "off": False}[args.gradient_checkpointing],
+        gradient_checkpointing=ON_OFF_AUTO[args.gradient_checkpointing],
+        compile=ON_OFF_AUTO[args.compile],
     )
 
 
@@ -412,6 +478,7 @@ def stage_record(result) -> dict:
         "skipped_records": result.skipped_records,
         "peak_gpu_mem_gib": result.peak_gpu_mem_gib,
         "train_seconds": result.train_seconds,
+        "samples_per_step": result.samples_per_step,
     }
 
 

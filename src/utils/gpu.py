@@ -2,6 +2,11 @@
 
 `setup_gpus("0,1")` must run before `import torch` anywhere in the process: CUDA reads the
 variable once, when it initialises. `resolve_device()` then names the one device the run uses.
+
+Under data parallelism (`python -m src.training.distributed`) each process is one rank of
+`world_size()`: every rank sees all N GPUs in CUDA_VISIBLE_DEVICES but uses only GPU
+`local_rank()`, holding a whole copy of the model. With one process and several GPUs visible,
+the model is instead sharded over them (`src/models/loader.py`).
 """
 
 from __future__ import annotations
@@ -24,27 +29,57 @@ def setup_gpus(gpu: str | None) -> list[str]:
     return [part.strip() for part in visible.split(",") if part.strip()]
 
 
+def rank() -> int:
+    """This process's rank among the data-parallel processes (0 when it runs alone)."""
+    return int(os.environ.get("RANK", "0"))
+
+
+def local_rank() -> int:
+    """This process's rank on this machine: the index of its GPU among the visible ones."""
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def world_size() -> int:
+    """How many data-parallel processes train together (1: a plain single-process run)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def is_main_process() -> bool:
+    """Rank 0: the one process that writes files, prints progress and evaluates."""
+    return rank() == 0
+
+
 def resolve_device(cpu: bool) -> str:
-    """'cuda' when a GPU is visible and not refused, else 'cpu'. Resolved once per run."""
+    """'cuda' when a GPU is visible and not refused, else 'cpu'. Resolved once per run.
+
+    Under data parallelism the current CUDA device becomes GPU `local_rank()`, so that every
+    later "cuda" (the loader's device map, memory queries, NCCL) means this rank's own GPU.
+    """
     if cpu:
         return "cpu"
     import torch
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    if not torch.cuda.is_available():
+        return "cpu"
+    if world_size() > 1:
+        torch.cuda.set_device(local_rank())
+    return "cuda"
 
 
 def describe_device(device: str) -> dict:
     """Name and UUID of the device this process sees, for logs and status files."""
     if device != "cuda":
-        return {"device": "cpu", "name": "cpu", "uuid": None, "count": 0}
+        return {"device": "cpu", "name": "cpu", "uuid": None, "count": 0, "world_size": world_size()}
     import torch
 
-    props = torch.cuda.get_device_properties(0)
+    index = torch.cuda.current_device()  # this rank's GPU under data parallelism, else 0
+    props = torch.cuda.get_device_properties(index)
     uuid = getattr(props, "uuid", None)
     return {
-        "device": "cuda:0",
+        "device": f"cuda:{index}",
         "name": props.name,
         "uuid": f"GPU-{uuid}" if uuid is not None else None,
         "count": torch.cuda.device_count(),
         "visible": os.environ.get("CUDA_VISIBLE_DEVICES"),
+        "world_size": world_size(),
     }
