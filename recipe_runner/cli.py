@@ -186,7 +186,14 @@ def _add_launch_args(p: argparse.ArgumentParser) -> None:
     sweep.add_argument("--seeds", metavar="S[,S...]", help="e.g. 0,1,2; the report gives mean and spread")
     sweep.add_argument("--datasets", metavar="D[,D...]", help="several data sets, compared side by side")
     train.add_argument(
-        "--gradient-checkpointing", choices=["auto", "on", "off"], help="auto: on for GPUs, off on the CPU"
+        "--gradient-checkpointing",
+        choices=["auto", "on", "off"],
+        help="recompute activations (auto: only where the planner says they would not fit)",
+    )
+    train.add_argument(
+        "--compile",
+        choices=["auto", "on", "off"],
+        help="torch.compile each decoder layer and vision block (auto: for stages of 1000+ steps on a GPU)",
     )
     train.add_argument(
         "--skip-bad-records", action="store_true", help="drop invalid records instead of failing"
@@ -628,6 +635,7 @@ def _train_flags(args: argparse.Namespace) -> TrainFlags:
         learning_rate=args.learning_rate,
         seed=args.seed,
         gradient_checkpointing=args.gradient_checkpointing,
+        compile=args.compile,
         save_steps=args.save_steps,
         eval_samples=args.eval_samples,
         skip_bad_records=args.skip_bad_records,

@@ -42,6 +42,7 @@ from recipe_runner.plan import (
     with_flag,
     with_gpu_threads,
 )
+from src.training.memory import BUDGET_ENV  # torch-free at import
 from src.training.worker import DEFAULT_BATCH_SIZE, DEFAULT_GRAD_ACCUM  # torch-free at import
 
 # The planner predicts torch's peak allocation; the process holds more: the CUDA context with cuBLAS and
@@ -146,6 +147,7 @@ def sharing(placed: Sequence[list[GpuInfo] | None]) -> dict[str, int]:
 # A GPU worker's intra-op threads only run the CPU side of each step; more than a few compete with the
 # Python thread launching kernels (docs/benchmarks.md, four recipes on four GPUs).
 MAX_GPU_WORKER_THREADS = 4
+DATA_PARALLEL_STARTUP_S = 30.0
 DEFAULT_EPOCHS = 3  # the worker's --epochs default, for predicted training times
 
 
@@ -231,6 +233,9 @@ def make_plan(
         jobs = plan_jobs(
             request.recipes, launch_dir, flags, worker, threads if request.cpu else None, sweep=request.sweep
         )
+        if request.backend == "ray" and not request.cpu and request.gpus_per_recipe > 1:
+            # One Ray actor holds the N GPUs on one node; the job runs there as N data-parallel ranks.
+            jobs = [place_job(job, None, request, worker, request.gpus_per_recipe) for job in jobs]
         return Plan(launch_id, launch_dir, tuple(jobs), memory=memory)
     jobs = plan_jobs(request.recipes, launch_dir, flags, worker, sweep=request.sweep)
     ranks = [request.gpus_per_recipe] * len(jobs)
@@ -268,10 +273,17 @@ def spread_spare_gpus(jobs: Sequence[JobSpec], memory: Mapping[str, MemoryPlan],
         ]
         if not candidates:
             break
-        longest = max(candidates, key=lambda i: memory[jobs[i].recipe].train_s / ranks[i])
+        longest = max(candidates, key=lambda i: _rank_time(memory[jobs[i].recipe], ranks[i]))
+        plan, now = memory[jobs[longest].recipe], ranks[longest]
+        if _rank_time(plan, now + 1) >= _rank_time(plan, now):
+            break  # the extra processes' start-up would cost more than they save
         ranks[longest] += 1
         spare -= 1
     return ranks
+
+
+def _rank_time(plan: MemoryPlan, ranks: int) -> float:
+    return plan.train_s / ranks + _startup_s(ranks)
 
 
 def place_job(
@@ -301,11 +313,21 @@ def place_job(
     if ranks > 1:
         job = as_data_parallel(job, ranks, worker)
     packs = plan is not None and plan.fits and request.pack == "auto"
+    if not packs:
+        return replace(job, predicted_s=plan.train_s / split + _startup_s(ranks) if plan else 0.0)
+    reserve = reservation_mib(plan.predicted_gib)
     return replace(
         job,
-        reserve_mib=reservation_mib(plan.predicted_gib) if packs else None,
-        predicted_s=plan.train_s / split if plan is not None else 0.0,
+        env={**job.env, BUDGET_ENV: str(reserve - CUDA_CONTEXT_MIB)},  # the worker stays inside it
+        reserve_mib=reserve,
+        predicted_s=plan.train_s / split + _startup_s(ranks),
     )
+
+
+def _startup_s(ranks: int) -> float:
+    # Data-parallel ranks each load the model and join a process group: measured about 27 s more than
+    # one process for 7B r4 on 2x H200 (docs/benchmarks.md), paid once per job.
+    return DATA_PARALLEL_STARTUP_S if ranks > 1 else 0.0
 
 
 def rank_batch(flags: TrainFlags, ranks: int) -> tuple[int | str, int]:

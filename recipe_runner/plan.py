@@ -53,6 +53,7 @@ class TrainFlags:
     learning_rate: float | None = None
     seed: int | None = None
     gradient_checkpointing: str | None = None  # "auto" | "on" | "off"
+    compile: str | None = None  # "auto" | "on" | "off"
     save_steps: int | None = None
     eval_samples: int | None = None
     skip_bad_records: bool = False

@@ -8,7 +8,8 @@ export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 WORK=${WORK:-$PWD/.bench-wor
 res=/tmp/fan
 mkdir -p "$res"
 nvidia-smi --query-gpu=name,uuid,memory.total,memory.used --format=csv | tee "$res/gpus.csv"
-scripts/gpu_fanout.sh "$res" "$@"
+timeout "${LIMIT:-560}" scripts/gpu_fanout.sh "$res" "$@"  # leave time to pack what came out
+nvidia-smi --query-compute-apps=pid,used_memory --format=csv | tee "$res/left-processes.csv"
 for launch in "$WORK"/runs-*/*/; do
   part=$(basename "$(dirname "$launch")")
   [ -f "$launch/summary.json" ] && { echo "== $part"; python3 scripts/step_times.py "$launch" | tee -a "$res/$part.steps.txt"; }

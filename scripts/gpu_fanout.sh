@@ -5,7 +5,7 @@
 # GPUs, and a real out-of-memory retry. Run from the repo root:
 #
 #   scripts/gpu_fanout.sh OUT_DIR PART...   PART: setup bench7b bench2b 2b 7b alone pair pairalone shard oom
-#                                                  queue1 pack1 both1 pack2 ddp ddpalone
+#                                                  queue1 pack1 both1 pack2 ddp ddpalone pack1mps
 #
 # The placement runs (issue "use every GPU"): r1-r4 queued one at a time on one GPU (queue1: --pack off),
 # packed on one GPU (pack1) and on two (pack2), all 7B, STEPS steps (60 for the issue's figures), batch 4,
@@ -68,7 +68,16 @@ for part in "$@"; do
     bench2b)
       python3 -m src.bench --shape 2b --recipes r1,r2,r4 --work "$work" --out "$out/bench2b" 2>&1 | tee "$out/bench2b.log" ;;
     pair) launch pair --recipes r2,r4 --gpus 0,1 --model-id "$work/7b" "${common[@]}" --skip-eval --plain ;;
-    pairalone) launch pairalone --recipes r4 --gpus 0 --model-id "$work/7b" "${common[@]}" --skip-eval --plain ;;
+    pairalone) launch "pairalone${ALONE_GPU:-0}" --recipes r4 --gpus "${ALONE_GPU:-0}" --model-id "$work/7b" "${common[@]}" \
+      --skip-eval --plain ;;
+    pack1mps)  # pack1 under the MPS daemon, when the image has it (never required)
+      command -v nvidia-cuda-mps-control > /dev/null || { echo "no MPS control binary" | tee "$out/pack1mps.log"; continue; }
+      export CUDA_MPS_PIPE_DIRECTORY=/tmp/mps-pipe CUDA_MPS_LOG_DIRECTORY=/tmp/mps-log
+      mkdir -p "$CUDA_MPS_PIPE_DIRECTORY" "$CUDA_MPS_LOG_DIRECTORY"
+      nvidia-cuda-mps-control -d
+      launch pack1mps --recipes all --gpus "${PACK_GPU:-0}" --model-id "$work/7b" "${common[@]}" --skip-eval --plain
+      echo quit | nvidia-cuda-mps-control
+      unset CUDA_MPS_PIPE_DIRECTORY CUDA_MPS_LOG_DIRECTORY ;;
     alone) launch alone --recipes r3 --gpus 0 --model-id "$work/${ALONE_SHAPE:-2b}" "${common[@]}" --plain ;;
     shard) launch shard --recipes r4 --gpus 0,1 --gpus-per-recipe 2 --model-id "$work/7b" "${common[@]}" --plain ;;
     queue1) launch queue1 --recipes all --gpus "${QUEUE_GPU:-0}" --pack off --model-id "$work/7b" "${common[@]}" \

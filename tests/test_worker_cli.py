@@ -130,21 +130,19 @@ def test_compile_flag_reaches_the_run_options(flag, expected, tmp_path):
     assert run_options(args, "cuda", tmp_path, wandb_on=False).compile is expected
 
 
-def test_compile_auto_is_off_on_the_cpu_and_on_gpus_only_when_the_env_asks(monkeypatch, tmp_path):
-    from src.training.run import COMPILE_AUTO_ENV, RunOptions, resolve_compile
+def test_compile_auto_is_on_only_for_long_gpu_runs(tmp_path):
+    from src.training.run import COMPILE_AUTO_MIN_STEPS, RunOptions, resolve_compile
 
-    def resolved(device: str, compile_flag=None) -> bool:
-        return resolve_compile(RunOptions("m", "d", tmp_path, device=device, compile=compile_flag))
+    def resolved(device: str, compile_flag=None, max_steps=-1, records=0) -> bool:
+        opts = RunOptions("m", "d", tmp_path, device=device, compile=compile_flag, max_steps=max_steps)
+        return resolve_compile(opts, records)
 
-    monkeypatch.delenv(COMPILE_AUTO_ENV, raising=False)
-    assert (resolved("cpu"), resolved("cuda"), resolved("cpu", True), resolved("cuda", False)) == (
-        False,
-        False,
-        True,
-        False,
-    )
-    monkeypatch.setenv(COMPILE_AUTO_ENV, "1")
-    assert (resolved("cpu"), resolved("cuda")) == (False, True)
+    long_run = COMPILE_AUTO_MIN_STEPS
+    assert resolved("cuda", max_steps=long_run) and not resolved("cuda", max_steps=long_run - 1)
+    assert not resolved("cpu", max_steps=10 * long_run)  # never on the CPU
+    assert resolved("cpu", True) and not resolved("cuda", False, max_steps=long_run)  # as asked
+    # from the epochs: 3 epochs of 4 samples a step over (long_run * 4 / 3) records is long_run steps
+    assert resolved("cuda", records=long_run * 4 // 3) and not resolved("cuda", records=long_run // 3)
 
 
 def test_evaluation_covers_the_whole_test_split_by_default():

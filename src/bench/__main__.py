@@ -291,31 +291,23 @@ def row_plan(target: Target, stage, args, device: str) -> list[tuple[str, Settin
 
 def planned_settings(target: Target, stage, args, device: str, compile_choices=(False,)) -> list[Setting]:
     """The planner's settings for this stage, best first (only those it predicts to fit)."""
-    import src.planner as planner
+    from src.planner import rank_settings
 
     patches, text_tokens = target.largest
     capacity = _capacity_bytes(device)
-    n = args.samples_per_step
-    if not hasattr(planner, "rank_settings"):  # an older planner: the largest fitting micro-batch
-        return _largest_fitting(target, stage, n, capacity)
-    ranked = planner.rank_settings(
-        target.memory_shape, stage, n, capacity, patches, text_tokens, compile_choices=compile_choices
+    ranked = rank_settings(
+        target.memory_shape,
+        stage,
+        args.samples_per_step,
+        capacity,
+        patches,
+        text_tokens,
+        compile_choices=compile_choices,
     )
     fitting = [c for c in ranked if c.fits] or ranked[-1:]
     return [
         Setting(c.micro_batch, c.grad_accum, c.checkpointing, c.compile, c.predicted_step_s) for c in fitting
     ]
-
-
-def _largest_fitting(target: Target, stage, n: int, capacity: int) -> list[Setting]:
-    from src.planner import largest_fitting_batch
-
-    settings = []
-    for checkpointing in (False, True):
-        micro = largest_fitting_batch(target.memory_shape, stage, n, capacity, *target.largest, checkpointing)
-        if micro:
-            settings.append(Setting(micro, n // micro, checkpointing))
-    return settings or [Setting(1, n, True)]
 
 
 def _capacity_bytes(device: str) -> int:

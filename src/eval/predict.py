@@ -192,12 +192,13 @@ def auto_batch_size(
     """plan_eval_batch for the loaded model on this GPU; CPU_EVAL_BATCH on the CPU."""
     if not str(device).startswith("cuda") or not records:
         return CPU_EVAL_BATCH
-    import torch
 
     from src.planner import ModelShape
 
     shape = ModelShape.from_config(model.config.to_dict())
-    free, _ = torch.cuda.mem_get_info()
+    from src.training.memory import unallocated_gpu_bytes
+
+    free = unallocated_gpu_bytes()  # within the launcher's reservation when the GPU is shared
     text = _prompt_texts(processor, 1, prompt)[0]
     text_tokens = len(processor.tokenizer(text)["input_ids"])
     longest = text_tokens + max(image_tokens(processor, r.width, r.height) for r in records)

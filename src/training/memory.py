@@ -36,9 +36,26 @@ def _image_size(image) -> tuple[int, int]:
     return image.size
 
 
+# Set by the launcher for a job packed beside others on one GPU: the MiB it reserved there (less the CUDA
+# context). The worker stays inside it, so that its evaluation, say, never takes a neighbour's memory.
+BUDGET_ENV = "RECIPE_RUNNER_GPU_BUDGET_MIB"
+
+
 def available_gpu_bytes() -> int:
-    """GPU memory this process may fill: what is free plus what its own allocator already holds."""
+    """GPU memory this process may fill: what is free plus what its own allocator already holds, and no
+    more than the launcher's reservation for it (BUDGET_ENV) when it shares the GPU."""
+    import os
+
     import torch
 
     free, _total = torch.cuda.mem_get_info()
-    return free + torch.cuda.memory_reserved()
+    usable = free + torch.cuda.memory_reserved()
+    budget = os.environ.get(BUDGET_ENV)
+    return min(usable, int(budget) * 2**20) if budget else usable
+
+
+def unallocated_gpu_bytes() -> int:
+    """What this process may still allocate: available_gpu_bytes less what its tensors hold now."""
+    import torch
+
+    return max(0, available_gpu_bytes() - torch.cuda.memory_allocated())

@@ -34,8 +34,10 @@ STAGE_MARKER = "recipe_stage.json"  # written beside a merged stage-1 model, che
 # "STAGE:STEP:oom" raises CUDA's out-of-memory error (exit 3). FAULT_RANK_ENV=N limits it to rank N.
 FAULT_ENV = "RECIPE_RUNNER_FAULT_AT"
 FAULT_RANK_ENV = "RECIPE_RUNNER_FAULT_RANK"
-# Set to 1 to compile on GPUs under --compile auto (see resolve_compile).
-COMPILE_AUTO_ENV = "RECIPE_RUNNER_COMPILE_AUTO"
+# --compile auto compiles on a GPU only for runs at least this long (optimizer steps of a stage). Measured on
+# an H200, 7B r4, 16 samples a step (docs/benchmarks.md): compiling saved 0.04-0.19 s a step and cost 126 s
+# on the first step (39 s with a warm inductor cache), so it pays after roughly a thousand steps.
+COMPILE_AUTO_MIN_STEPS = 1000
 
 
 @dataclass(frozen=True)
@@ -261,7 +263,7 @@ def prepare_stage(
         log.info("[%s] vision tower trains nothing: it runs without autograd", stage.name)
     if not opts.adapter_input_casts and opts.device == "cuda":  # the CPU trains without autocast
         skip_adapter_input_casts(model)
-    if compile_on := resolve_compile(opts):
+    if compile_on := resolve_compile(opts, len(dataset)):
         from src.training.compile import compile_regions
 
         compile_regions(model)
@@ -321,15 +323,23 @@ def skip_adapter_input_casts(model) -> None:
             module.cast_input_dtype_enabled = False
 
 
-def resolve_compile(opts: RunOptions) -> bool:
+def resolve_compile(opts: RunOptions, dataset_size: int = 0) -> bool:
     """Whether to torch.compile the model's repeated regions: as asked, or the rule for "auto".
 
-    The "auto" rule is provisional until GPU measurements decide it: off on the CPU (compiling costs
-    more than a short CPU run saves), and off on GPUs too unless COMPILE_AUTO_ENV=1.
+    "auto" compiles on a GPU when the stage runs at least COMPILE_AUTO_MIN_STEPS optimizer steps, the
+    length after which the measured saving repays the compilation; never on the CPU.
     """
     if opts.compile is not None:
         return opts.compile
-    return opts.device == "cuda" and os.environ.get(COMPILE_AUTO_ENV) == "1"
+    return opts.device == "cuda" and planned_steps(opts, dataset_size) >= COMPILE_AUTO_MIN_STEPS
+
+
+def planned_steps(opts: RunOptions, dataset_size: int) -> int:
+    """Optimizer steps of one stage: --max-steps, else the epochs over the data set (all ranks together)."""
+    if opts.max_steps > 0:
+        return opts.max_steps
+    samples = opts.batch_size * opts.grad_accum * world_size()
+    return math.ceil(opts.epochs * dataset_size / samples)
 
 
 def resolve_checkpointing(stage, model_id: str, opts: RunOptions, dataset, processor) -> bool | None:

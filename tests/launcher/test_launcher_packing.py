@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 import textwrap
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -141,6 +142,8 @@ def test_four_recipes_pack_onto_one_gpu_and_the_longest_starts_first(host, monke
     for record in records.values():
         assert flag_value(record["argv"], "--gradient-checkpointing") in ("on", "off")
         assert record["env"]["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
+        budget = int(record["env"]["RECIPE_RUNNER_GPU_BUDGET_MIB"])  # the worker keeps inside its share
+        assert 20_000 < budget < H200_MIB // 2
     assert host.summary()["succeeded"] == 4
 
 
@@ -229,7 +232,8 @@ def test_spare_gpus_go_to_the_longest_recipe_as_data_parallel(host, monkeypatch,
     host.set_gpus(monkeypatch, json.dumps([{"memory_total_mib": H200_MIB}] * 4))
     model, data = config_only_7b
     flags = ["--model-id", str(model), "--dataset", str(data), "--output-dir", str(host.out)]
-    assert main(["plan", "--recipes", "r1,r3", "--batch-size", "4", "--grad-accum", "4", *flags]) == 0
+    long_run = ["--batch-size", "4", "--grad-accum", "4", "--max-steps", "500"]
+    assert main(["plan", "--recipes", "r1,r3", *long_run, *flags]) == 0
     out = capsys.readouterr().out
     # r3 (two stages) is predicted longest: it gets the first spare GPU, r1 the next (16 splits by 2 and 4,
     # and r3 at 3 ranks would not split 16 samples evenly)
@@ -238,5 +242,20 @@ def test_spare_gpus_go_to_the_longest_recipe_as_data_parallel(host, monkeypatch,
     assert "--nproc-per-node 2 --" in blocks["r1-llm-only"]
     assert "queued" not in out
     # an explicit --gpus-per-recipe 1 keeps one GPU each
-    assert main(["plan", "--recipes", "r1,r3", "--gpus-per-recipe", "1", "--batch-size", "4", *flags]) == 0
+    assert main(["plan", "--recipes", "r1,r3", "--gpus-per-recipe", "1", *long_run, *flags]) == 0
     assert "--nproc-per-node" not in capsys.readouterr().out
+    # a short run stays on one GPU each: the ranks' start-up would cost more than they save
+    assert main(["plan", "--recipes", "r1,r3", "--batch-size", "4", "--max-steps", "5", *flags]) == 0
+    assert "--nproc-per-node" not in capsys.readouterr().out
+
+
+def test_on_ray_a_recipe_with_several_gpus_runs_data_parallel_in_its_one_actor() -> None:
+    from recipe_runner.placement import LaunchRequest, make_plan
+    from recipe_runner.plan import TrainFlags
+
+    request = LaunchRequest(("r4-joint",), TrainFlags(grad_accum=4), backend="ray", gpus_per_recipe=2)
+    (job,) = make_plan(request, "L", ["python", "-m", "src.training.worker"], None, {}, cores=8).jobs
+    assert job.argv[:6] == ("python", "-m", "src.training.distributed", "--nproc-per-node", "2", "--")
+    assert flag_value(job.argv, "--grad-accum") == "2" and job.gpu_count == 2
+    sharded = make_plan(replace(request, shard=True), "L", ["w"], None, {}, cores=8).jobs[0]
+    assert "--nproc-per-node" not in sharded.argv

@@ -57,6 +57,7 @@ def test_children_get_their_gpu_by_uuid_and_the_multicast_switches(host, capsys)
         "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
         "NVSHMEM_DISABLE_NVLS": "1",
         "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True",
+        "RECIPE_RUNNER_GPU_BUDGET_MIB": None,  # not packed: no memory plan for the fake model
         "OMP_NUM_THREADS": str(THREADS),  # one job at a time: every core, up to the cap
         "MKL_NUM_THREADS": str(THREADS),
         "RAYON_NUM_THREADS": str(THREADS),
