@@ -46,7 +46,8 @@ demo: $(STAMP)
 all-recipes: $(if $(filter $(VENV)/bin/recipe-run,$(RECIPE_RUN)),$(STAMP))
 	$(RECIPE_RUN) --recipes $(RECIPES) --gpus $(GPUS) --model-id $(MODEL) --dataset $(DATASET) $(ARGS)
 
-# On a GPU machine; BENCH=--shape tiny --cpu is the CI smoke run. Add --ladder/--profile for the why.
+# On a GPU machine; BENCH=--shape tiny --cpu is the CI smoke run. Add --candidates (the planner's top 3),
+# --end-to-end (a whole worker run) or --profile plain,fast for the why; 16 samples a step by default.
 BENCH ?= --shape 2b --shape 7b
 bench: $(if $(filter $(VENV)/bin/recipe-run,$(RECIPE_RUN)),$(STAMP))
 	$(RECIPE_RUN) bench $(BENCH) --out bench-out

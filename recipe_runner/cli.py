@@ -66,6 +66,7 @@ from recipe_runner.summary import (
     write_summary,
 )
 from src.recipes import RECIPES
+from src.utils.args import int_or_auto
 
 COMMANDS = ("launch", "plan", "list", "gpus", "demo", "report", "resume", "eval", "bench")
 # The demo fine-tunes the pretrained tiny detector on the shifted target domain: 250 steps of batch 8
@@ -174,7 +175,7 @@ def _add_launch_args(p: argparse.ArgumentParser) -> None:
     train.add_argument("--max-steps", type=int, metavar="N", help="stop after N optimizer steps per stage")
     train.add_argument(
         "--batch-size",
-        type=_batch_size,
+        type=int_or_auto,
         metavar="N|auto",
         help=f"per-device micro-batch; auto: the largest that the memory planner fits on the GPU, with "
         f"accumulation keeping {AUTO_EFFECTIVE_BATCH} samples a step",
@@ -202,7 +203,10 @@ def _add_launch_args(p: argparse.ArgumentParser) -> None:
         "--save-steps", type=int, metavar="N", help="checkpoint every N steps, for `recipe-run resume`"
     )
     train.add_argument(
-        "--eval-samples", type=int, metavar="N", help="test images each worker evaluates (0: all)"
+        "--eval-samples",
+        type=int,
+        metavar="N",
+        help="cap the test images each worker evaluates (default: all)",
     )
     train.add_argument(
         "--skip-eval", action="store_true", help="no evaluation after training (and no zero-shot baseline)"
@@ -642,15 +646,6 @@ def _train_flags(args: argparse.Namespace) -> TrainFlags:
         skip_eval=args.skip_eval,
         no_wandb=args.no_wandb,
     )
-
-
-def _batch_size(text: str) -> int | str:
-    if text == "auto":
-        return text
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number or auto") from None
 
 
 def _pool(args: argparse.Namespace, selection: GpuSelection, probe, launch_id: str) -> GpuPool:

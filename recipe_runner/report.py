@@ -533,7 +533,10 @@ def _breakdown_tables(report: dict) -> list[str]:
     for _, per_label, _ in rows:
         for label, item in per_label.items():
             support[label] = max(support.get(label, 0), item["support"])
-    labels = sorted(support, key=lambda label: (-support[label], label))[:MAX_LABEL_COLUMNS]
+    # Labels with no true box in the test split (only mistaken predictions) have no F1 worth a column.
+    labels = sorted((lb for lb in support if support[lb]), key=lambda lb: (-support[lb], lb))[
+        :MAX_LABEL_COLUMNS
+    ]
     sizes = ("small", "medium", "large")
     size_support = {s: max(r[2].get(s, {}).get("support", 0) for r in rows) for s in sizes}
 

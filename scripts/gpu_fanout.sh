@@ -79,7 +79,7 @@ for part in "$@"; do
       echo quit | nvidia-cuda-mps-control
       unset CUDA_MPS_PIPE_DIRECTORY CUDA_MPS_LOG_DIRECTORY ;;
     alone) launch alone --recipes r3 --gpus 0 --model-id "$work/${ALONE_SHAPE:-2b}" "${common[@]}" --plain ;;
-    shard) launch shard --recipes r4 --gpus 0,1 --gpus-per-recipe 2 --model-id "$work/7b" "${common[@]}" --plain ;;
+    shard) launch shard --recipes r4 --gpus 0,1 --gpus-per-recipe 2 --shard --model-id "$work/7b" "${common[@]}" --plain ;;
     queue1) launch queue1 --recipes all --gpus "${QUEUE_GPU:-0}" --pack off --model-id "$work/7b" "${common[@]}" \
       --skip-eval --plain ;;
     pack1) launch pack1 --recipes all --gpus "${PACK_GPU:-0}" --model-id "$work/7b" "${common[@]}" --skip-eval --plain ;;

@@ -52,6 +52,7 @@ from src.eval.predict import (
     predict_records,
     resolve_model,
 )
+from src.utils.args import int_or_auto
 from src.utils.files import read_json, write_json_atomic
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -272,7 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     arg(
         "--batch-size",
-        type=_batch_size,
+        type=int_or_auto,
         default="auto",
         help="images per generate() call, or auto: from free GPU memory, 8 on the CPU (default: %(default)s)",
     )
@@ -294,15 +295,6 @@ def build_parser() -> argparse.ArgumentParser:
     arg("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
     arg("--base", metavar="MODEL_ID", default=None, help="evaluate this model as it is (zero-shot baseline)")
     return parser
-
-
-def _batch_size(text: str) -> int | str:
-    if text == "auto":
-        return text
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: give a number of images or auto") from None
 
 
 def _usage_problems(args) -> list[str]:
