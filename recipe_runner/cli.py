@@ -24,7 +24,7 @@ import shlex
 import subprocess
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from recipe_runner.execute import GpuPool, RunPolicy, run_jobs
@@ -37,7 +37,9 @@ from recipe_runner.placement import (
     Plan,
     PlanError,
     make_plan,
+    plan_recipe,
     plan_recipes,
+    planner_inputs,
     sharing,
 )
 from recipe_runner.plan import (
@@ -73,6 +75,11 @@ COMMANDS = ("launch", "plan", "list", "gpus", "demo", "report", "resume", "eval"
 # at a rate that suits a 1M-parameter model (the recipes' own rates are for 2B-7B models). Measured
 # on 2 CPU cores: about 4 minutes for the four recipes at once; see the README's example report.
 DEMO_MAX_STEPS, DEMO_LEARNING_RATE, DEMO_BATCH_SIZE = 250, 3e-3, 8
+LORA_RANGES = {  # what each LoRA size may be, and how the message says it
+    "rank": (lambda v: v >= 1, "at least 1"),
+    "alpha": (lambda v: v >= 1, "at least 1"),
+    "dropout": (lambda v: 0 <= v < 1, "in [0, 1)"),
+}
 
 EXAMPLES = """\
 examples:
@@ -148,6 +155,14 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     }
     for name in ("launch", "plan"):
         _add_launch_args(subs[name])
+    subs["plan"].add_argument(
+        "--gpu-memory",
+        type=float,
+        action="append",
+        metavar="GIB",
+        help="plan for a GPU of this many GiB instead of this host's (repeat for several; no GPU or NVML "
+        "needed): each recipe's predicted peak, whether it fits, and what --batch-size auto would run",
+    )
     subs["launch"].add_argument("--dry-run", action="store_true", help="same as the plan subcommand")
     _add_gpus_args(subs["gpus"])
     _add_demo_args(subs["demo"])
@@ -212,6 +227,25 @@ def _add_launch_args(p: argparse.ArgumentParser) -> None:
         "--skip-eval", action="store_true", help="no evaluation after training (and no zero-shot baseline)"
     )
     train.add_argument("--no-wandb", action="store_true", help="turn W&B logging off")
+    train.add_argument(
+        "--max-pixels",
+        type=int,
+        metavar="N",
+        help="resize images to at most N pixels (default: the processor's own, capped at 1,003,520 = 1280 "
+        "image tokens; the hub's Qwen2-VL would allow 16,384 tokens an image)",
+    )
+    train.add_argument("--min-pixels", type=int, metavar="N", help="resize images to at least N pixels")
+    lora = p.add_argument_group("LoRA size (default: each recipe's rank 16, alpha 32, dropout 0.05)")
+    lora.add_argument("--lora-rank", type=int, metavar="R", help="rank for every recipe")
+    lora.add_argument("--lora-alpha", type=int, metavar="A", help="alpha for every recipe")
+    lora.add_argument("--lora-dropout", type=float, metavar="P", help="dropout for every recipe")
+    lora.add_argument(
+        "--lora",
+        action="append",
+        metavar="[RECIPE:]KEY=V[,KEY=V]",
+        help="LoRA sizes for one recipe, e.g. r4:rank=64,alpha=128 (keys: rank, alpha, dropout); repeat "
+        "for several; without RECIPE: for every recipe",
+    )
 
 
 def _add_device_args(p: argparse.ArgumentParser) -> None:
@@ -418,9 +452,64 @@ def validate_launch(args: argparse.Namespace) -> list[str]:
             "--batch-size auto plans against one local GPU's memory: give --batch-size N with --cpu, "
             "--backend ray or --shard"
         )
+    sizes = getattr(args, "gpu_memory", None) or []
+    problems += [
+        f"--gpu-memory {gib:g}: give a size in GiB above 0, like 24 or 80" for gib in sizes if gib <= 0
+    ]
     problems += _backend_problems(args)
     problems += _sweep_problems(args)
+    if args.recipes and not any("--recipes" in p for p in problems):
+        problems += _lora_problems(args)
     problems += _range_problems(args)
+    return problems
+
+
+def lora_sizes_from_args(args: argparse.Namespace) -> dict[str, dict[str, float]]:
+    """recipe key -> its LoRA sizes as asked: --lora-rank/-alpha/-dropout for all, then --lora specs."""
+    flags = {"rank": args.lora_rank, "alpha": args.lora_alpha, "dropout": args.lora_dropout}
+    every = {key: value for key, value in flags.items() if value is not None}
+    sizes = {key: dict(every) for key in resolve_recipes(args.recipes)}
+    for text in args.lora or []:
+        target, values = parse_lora_spec(text)
+        for key in sizes if target is None else [target]:
+            if key in sizes:
+                sizes[key].update(values)
+    return {key: found for key, found in sizes.items() if found}
+
+
+def parse_lora_spec(text: str) -> tuple[str | None, dict[str, float]]:
+    """("r4-joint", {"rank": 64}) from "r4:rank=64"; (None, ...) for a spec without a recipe."""
+    from src.recipes import LORA_FIELDS, resolve_recipe
+
+    target, _, body = text.rpartition(":")
+    try:
+        recipe = resolve_recipe(target).name if target else None
+    except KeyError as error:
+        raise ValueError(f"--lora {text!r}: {error.args[0]}") from None
+    values: dict[str, float] = {}
+    for part in filter(None, (p.strip() for p in body.split(","))):
+        key, _, value = part.partition("=")
+        if key not in LORA_FIELDS:
+            raise ValueError(f"--lora {text!r}: unknown key {key!r}; use rank, alpha or dropout")
+        try:
+            values[key] = float(value) if key == "dropout" else int(value)
+        except ValueError:
+            raise ValueError(f"--lora {text!r}: {key}={value!r} is not a number") from None
+        if not LORA_RANGES[key][0](values[key]):
+            raise ValueError(f"--lora {text!r}: {key} must be {LORA_RANGES[key][1]}")
+    if not values:
+        raise ValueError(f"--lora {text!r}: give KEY=VALUE pairs, e.g. r4:rank=64,alpha=128")
+    return recipe, values
+
+
+def _lora_problems(args: argparse.Namespace) -> list[str]:
+    """Bad --lora specs, each naming itself (the plain --lora-* flags are range-checked with the rest)."""
+    problems = []
+    for text in args.lora or []:
+        try:
+            parse_lora_spec(text)
+        except ValueError as error:
+            problems.append(str(error))
     return problems
 
 
@@ -486,6 +575,11 @@ def _range_problems(args: argparse.Namespace) -> list[str]:
     checks = [
         ("--gpus-per-recipe", args.gpus_per_recipe, lambda v: v >= 1, "at least 1"),
         ("--max-jobs-per-gpu", args.max_jobs_per_gpu, lambda v: v >= 1, "at least 1"),
+        ("--min-pixels", getattr(args, "min_pixels", None), lambda v: v >= 784, "at least 784 (one token)"),
+        ("--max-pixels", getattr(args, "max_pixels", None), lambda v: v >= 784, "at least 784 (one token)"),
+        ("--lora-rank", getattr(args, "lora_rank", None), *LORA_RANGES["rank"]),
+        ("--lora-alpha", getattr(args, "lora_alpha", None), *LORA_RANGES["alpha"]),
+        ("--lora-dropout", getattr(args, "lora_dropout", None), *LORA_RANGES["dropout"]),
         ("--threads", args.threads, lambda v: v >= 1, "at least 1"),
         ("--max-used-mib", args.max_used_mib, lambda v: v >= 0, "0 or more"),
         ("--grace", args.grace, lambda v: v >= 0, "0 or more seconds"),
@@ -517,6 +611,8 @@ def cmd_launch(args: argparse.Namespace, probe: Callable[[], list[GpuInfo]] = pr
         raise UsageError(str(error)) from None
     if problems := preflight_problems(request.flags, request.sweep, request.output_dir):
         raise UsageError("\n  ".join(problems), "fix the input above; nothing was started or written")
+    if getattr(args, "gpu_memory", None):
+        return _plan_for_sizes(request, args.gpu_memory)
     launch_id = new_launch_id()
     selection = None if request.cpu or request.backend == "ray" else _select(args, probe)
     pool = _pool(args, selection, probe, launch_id) if selection else None
@@ -549,7 +645,51 @@ def request_from_args(args: argparse.Namespace) -> LaunchRequest:
         shard=args.shard,
         pack=args.pack,
         max_jobs_per_gpu=args.max_jobs_per_gpu,
+        lora=lora_sizes_from_args(args),
     )
+
+
+def _plan_for_sizes(request: LaunchRequest, sizes_gib: Sequence[float]) -> int:
+    """`plan --gpu-memory`: every recipe on GPUs of the given sizes, from config.json and the data alone."""
+    from src.training.worker import DEFAULT_BATCH_SIZE
+
+    inputs = planner_inputs(request, fetch=True)
+    if inputs is None:
+        raise UsageError(
+            "cannot plan: the model's config.json (a local directory, or a hub id whose config.json is "
+            "cached or can be downloaded) and a local data set are needed",
+            "give --model-id DIR (or a hub id while online) and --dataset DIR",
+        )
+    shape, workload = inputs
+    batch = request.flags.batch_size or DEFAULT_BATCH_SIZE
+    print(
+        f"model {request.flags.model_id}: {shape.layers} layers, hidden {shape.hidden}; largest sample "
+        f"{workload.patches} image patches + {workload.text_tokens} text tokens. Nothing was started."
+    )
+    rows = [("recipe", "GPU", f"at --batch-size {batch}", "verdict", "--batch-size auto would run")]
+    for recipe in (request.recipe(name) for name in request.recipes):
+        rows += [_size_row(request, recipe, inputs, batch, gib) for gib in sizes_gib]
+    _print_rows(rows)
+    return 0
+
+
+def _size_row(request: LaunchRequest, recipe, inputs, batch: int | str, gib: float) -> tuple[str, ...]:
+    """One recipe on one GPU size: the peak at the asked batch, the verdict, and auto's choice."""
+    mib = int(gib * 1024)
+    asked = replace(request, flags=replace(request.flags, batch_size=batch))
+    auto = replace(request, flags=replace(request.flags, batch_size="auto"))
+    plan = plan_recipe(asked, recipe, inputs, mib) if batch != "auto" else None
+    best = plan_recipe(auto, recipe, inputs, mib)
+    peak, fits = "-", best is not None
+    if plan is not None:
+        peak = f"{plan.predicted_gib:.1f} GiB (recompute {'on' if plan.checkpointing else 'off'})"
+        fits = plan.fits
+    choice = "nothing fits, even micro-batch 1 with recompute"
+    if best is not None:
+        recompute = "on" if best.checkpointing else "off"
+        choice = f"{best.batch_size} x {best.grad_accum}, recompute {recompute}, {best.predicted_gib:.1f} GiB"
+        choice += f", ~{best.predicted_step_s:.2f} s a step"
+    return (recipe.name, f"{gib:g} GiB", peak, "fits" if fits else "does not fit", choice)
 
 
 def _per_recipe(args: argparse.Namespace) -> int:
@@ -640,6 +780,8 @@ def _train_flags(args: argparse.Namespace) -> TrainFlags:
         seed=args.seed,
         gradient_checkpointing=args.gradient_checkpointing,
         compile=args.compile,
+        min_pixels=args.min_pixels,
+        max_pixels=args.max_pixels,
         save_steps=args.save_steps,
         eval_samples=args.eval_samples,
         skip_bad_records=args.skip_bad_records,

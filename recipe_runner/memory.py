@@ -10,6 +10,7 @@ local Hugging Face cache; hub data sets are not read here (their image sizes nee
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from src.planner import (
     choose_checkpointing,
     estimate_recipe_memory,
     image_grid,
+    pixel_limits,
     predict_step_seconds,
     processor_pixel_limits,
     rank_settings,
@@ -63,21 +65,39 @@ class MemoryPlan:
         )
 
 
-def model_dir_for(model_id: str) -> Path | None:
-    """A directory holding the model's config.json: the local path, or the hub cache's snapshot."""
+PLANNER_FILES = ("config.json", "preprocessor_config.json")  # all the planner reads of a model
+
+
+def model_dir_for(model_id: str, fetch: bool = False) -> Path | None:
+    """A directory holding the model's config.json: the local path, or the hub cache's snapshot; with
+    `fetch`, a hub model's PLANNER_FILES are downloaded into that cache when missing (never the weights).
+    """
     path = Path(model_id)
     if (path / "config.json").is_file():
         return path
     try:
-        from huggingface_hub import try_to_load_from_cache
+        from huggingface_hub import hf_hub_download, try_to_load_from_cache
     except ImportError:
         return None
     cached = try_to_load_from_cache(model_id, "config.json")
-    return Path(cached).parent if isinstance(cached, str) else None
+    if isinstance(cached, str):
+        return Path(cached).parent
+    if not fetch or path.exists() or model_id.startswith((".", "/")):
+        return None
+    try:
+        found = [hf_hub_download(model_id, name) for name in PLANNER_FILES[:1]]
+        with contextlib.suppress(Exception):  # a model without a processor config plans with Qwen's limits
+            hf_hub_download(model_id, PLANNER_FILES[1])
+    except Exception:  # offline, unknown id, gated: the caller says what to do
+        return None
+    return Path(found[0]).parent
 
 
-def workload_for(dataset: str, model_dir: Path) -> Workload | None:
-    """The largest image of a local data set, in patches at the model's processor limits."""
+def workload_for(
+    dataset: str, model_dir: Path, min_pixels: int | None = None, max_pixels: int | None = None
+) -> Workload | None:
+    """The largest image of a local data set, in patches, resized as the run will (src.planner.pixel_limits:
+    the flags, else the model processor's limits with training's cap)."""
     from src.data.dataset import DatasetError, load_records
 
     if not Path(dataset).exists():
@@ -86,7 +106,7 @@ def workload_for(dataset: str, model_dir: Path) -> Workload | None:
         records, _ = load_records(dataset, "train", skip_bad=True)
     except DatasetError:
         return None
-    low, high = processor_pixel_limits(model_dir)
+    low, high = pixel_limits(processor_pixel_limits(model_dir), min_pixels, max_pixels)
     patches = max((image_grid(r.width, r.height, low, high)[0] for r in records), default=0)
     return Workload(patches, records=len(records)) if patches else None
 

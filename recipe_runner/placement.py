@@ -175,6 +175,13 @@ class LaunchRequest:
     shard: bool = False
     pack: str = "auto"  # "auto" | "off"
     max_jobs_per_gpu: int = DEFAULT_MAX_JOBS_PER_GPU
+    lora: Mapping[str, Mapping[str, float]] = field(default_factory=dict)  # recipe -> {"rank": 64, ...}
+
+    def recipe(self, key: str):
+        """The recipe `key` as this launch trains it (its LoRA sizes as asked)."""
+        from src.recipes import RECIPES, with_lora
+
+        return with_lora(RECIPES[key], **self.lora.get(key, {}))
 
     @property
     def max_jobs(self) -> int:
@@ -230,14 +237,15 @@ def make_plan(
             if request.backend == "ray"
             else split_threads(request.threads or cores, request.jobs)
         )
+        cpu_threads = threads if request.cpu else None
         jobs = plan_jobs(
-            request.recipes, launch_dir, flags, worker, threads if request.cpu else None, sweep=request.sweep
+            request.recipes, launch_dir, flags, worker, cpu_threads, sweep=request.sweep, lora=request.lora
         )
         if request.backend == "ray" and not request.cpu and request.gpus_per_recipe > 1:
             # One Ray actor holds the N GPUs on one node; the job runs there as N data-parallel ranks.
             jobs = [place_job(job, None, request, worker, request.gpus_per_recipe) for job in jobs]
         return Plan(launch_id, launch_dir, tuple(jobs), memory=memory)
-    jobs = plan_jobs(request.recipes, launch_dir, flags, worker, sweep=request.sweep)
+    jobs = plan_jobs(request.recipes, launch_dir, flags, worker, sweep=request.sweep, lora=request.lora)
     ranks = [request.gpus_per_recipe] * len(jobs)
     if request.spread:
         ranks = spread_spare_gpus(jobs, memory, sum(room.idle for room in rooms))
@@ -363,26 +371,55 @@ def training_steps(flags: TrainFlags, records: int, samples_per_step: int) -> in
     return math.ceil((flags.epochs or DEFAULT_EPOCHS) * max(records, 1) / samples_per_step)
 
 
+def planner_inputs(request: LaunchRequest, fetch: bool = False):
+    """(model shape, the largest sample's workload) for the memory planner, or None where they cannot be
+    read: the only step of placement that reads files (the model's config.json, the data sets' images).
+
+    `fetch` allows downloading a hub model's config.json and preprocessor_config.json (nothing else).
+    """
+    from recipe_runner.memory import model_dir_for, workload_for
+    from src.planner import ModelShape
+    from src.training.worker import DEFAULT_DATASET, DEFAULT_MODEL
+
+    model_dir = model_dir_for(request.flags.model_id or DEFAULT_MODEL, fetch=fetch)
+    datasets = dict.fromkeys(
+        point.dataset or request.flags.dataset or DEFAULT_DATASET for point in request.sweep
+    )
+    pixels = (request.flags.min_pixels, request.flags.max_pixels)
+    workloads = [workload_for(d, model_dir, *pixels) for d in datasets] if model_dir else []
+    if not workloads or None in workloads:
+        return None
+    return ModelShape.from_model_dir(model_dir), max(workloads, key=lambda w: w.patches)
+
+
+def plan_recipe(request: LaunchRequest, recipe, inputs, capacity_mib: int) -> MemoryPlan | None:
+    """One rank's plan of `recipe` on a GPU of `capacity_mib`, with its predicted training seconds;
+    None when --batch-size auto finds no setting that fits."""
+    from recipe_runner.memory import plan_memory
+
+    shape, workload = inputs
+    flags, ranks = request.flags, request.gpus_per_recipe
+    batch, accum = rank_batch(flags, ranks)
+    checkpointing = flags.gradient_checkpointing or "auto"
+    plan = plan_memory(
+        recipe, shape, workload, capacity_mib, batch, accum, checkpointing, AUTO_EFFECTIVE_BATCH // ranks
+    )
+    if plan is None:
+        return None
+    steps = training_steps(flags, workload.records, plan.batch_size * plan.grad_accum * ranks)
+    seconds = steps * plan.predicted_step_s * len(recipe.stages or (recipe,))
+    return replace(plan, train_s=round(seconds, 1))
+
+
 def plan_recipes(request: LaunchRequest, capacity_mib: int) -> dict[str, MemoryPlan]:
     """recipe -> the memory planner's plan of one rank on a GPU of `capacity_mib` (the pool's smallest).
 
-    The only step here that reads files: the model's config.json and the data sets' image sizes. Empty
-    where nothing can be planned (no local config.json or data set, --shard); with --batch-size auto such
-    a launch is refused, since the worker needs a number.
+    Empty where nothing can be planned (no local config.json or data set, --shard); with --batch-size
+    auto such a launch is refused, since the worker needs a number.
     """
-    from recipe_runner.memory import model_dir_for, plan_memory, workload_for
-    from src.planner import ModelShape
-    from src.recipes import RECIPES
-    from src.training.worker import DEFAULT_DATASET, DEFAULT_MODEL
-
-    flags, ranks = request.flags, request.gpus_per_recipe
-    auto = flags.batch_size == "auto"
-    if request.shard:
-        return {}
-    model_dir = model_dir_for(flags.model_id or DEFAULT_MODEL)
-    datasets = dict.fromkeys(point.dataset or flags.dataset or DEFAULT_DATASET for point in request.sweep)
-    workloads = [workload_for(d, model_dir) for d in datasets] if model_dir else []
-    if not workloads or None in workloads:
+    auto = request.flags.batch_size == "auto"
+    inputs = None if request.shard else planner_inputs(request)
+    if inputs is None:
         if auto:
             raise PlanError(
                 "--batch-size auto: cannot plan memory without the model's config.json on this machine "
@@ -390,22 +427,14 @@ def plan_recipes(request: LaunchRequest, capacity_mib: int) -> dict[str, MemoryP
                 "give --batch-size N instead",
             )
         return {}
-    workload = max(workloads, key=lambda w: w.patches)
-    shape = ModelShape.from_model_dir(model_dir)
-    batch, accum = rank_batch(flags, ranks)
-    checkpointing = flags.gradient_checkpointing or "auto"
     plans = {}
-    for recipe in (RECIPES[name] for name in request.recipes):
-        plan = plan_memory(
-            recipe, shape, workload, capacity_mib, batch, accum, checkpointing, AUTO_EFFECTIVE_BATCH // ranks
-        )
+    for recipe in (request.recipe(name) for name in request.recipes):
+        plan = plan_recipe(request, recipe, inputs, capacity_mib)
         if plan is None:
             raise PlanError(
                 f"--batch-size auto: {recipe.name} does not fit a {capacity_mib / 1024:.0f} GiB GPU even at "
                 "micro-batch 1 with gradient checkpointing",
                 "use a smaller model, or --gpus-per-recipe 2 --shard",
             )
-        steps = training_steps(flags, workload.records, plan.batch_size * plan.grad_accum * ranks)
-        seconds = steps * plan.predicted_step_s * len(recipe.stages or (recipe,))
-        plans[recipe.name] = replace(plan, train_s=round(seconds, 1))
+        plans[recipe.name] = plan
     return plans

@@ -54,6 +54,8 @@ class TrainFlags:
     seed: int | None = None
     gradient_checkpointing: str | None = None  # "auto" | "on" | "off"
     compile: str | None = None  # "auto" | "on" | "off"
+    min_pixels: int | None = None  # image resize limits
+    max_pixels: int | None = None
     save_steps: int | None = None
     eval_samples: int | None = None
     skip_bad_records: bool = False
@@ -207,10 +209,11 @@ def plan_jobs(
     cpu_threads: int | None = None,
     gpu_job_threads: int | None = None,
     sweep: Sequence[SweepPoint] = (SweepPoint(),),
+    lora: Mapping[str, Mapping[str, float]] | None = None,
 ) -> list[JobSpec]:
     """One spec per recipe and sweep point. With `cpu_threads` the jobs are complete CPU jobs;
     otherwise each still needs `bind_gpus` before it can start, and `gpu_job_threads` caps its
-    CPU threads."""
+    CPU threads. `lora` gives a recipe key its LoRA sizes ({"rank": 64, ...}) as worker flags."""
     jobs = []
     for point in sweep:
         point_flags = replace(
@@ -219,9 +222,8 @@ def plan_jobs(
             dataset=flags.dataset if point.dataset is None else point.dataset,
         )
         for key in recipes:
-            jobs.append(
-                _plan_job(key, point.tag, launch_dir, point_flags, worker, cpu_threads, gpu_job_threads)
-            )
+            job = _plan_job(key, point.tag, launch_dir, point_flags, worker, cpu_threads, gpu_job_threads)
+            jobs.append(with_lora_flags(job, (lora or {}).get(key, {})))
     return with_baselines(jobs, sweep, launch_dir, flags)
 
 
@@ -291,6 +293,14 @@ def as_data_parallel(job: JobSpec, ranks: int, worker: Sequence[str]) -> JobSpec
     flags = job.argv[len(worker) :]
     argv = (*head, "--nproc-per-node", str(ranks), "--", *flags)
     return replace(job, argv=argv, gpu_count=ranks)
+
+
+def with_lora_flags(job: JobSpec, sizes: Mapping[str, float]) -> JobSpec:
+    """The job with --lora-rank / --lora-alpha / --lora-dropout for each size given."""
+    argv = job.argv
+    for key, value in sorted(sizes.items()):
+        argv = with_flag(argv, f"--lora-{key}", _flag_text(value))
+    return replace(job, argv=argv)
 
 
 def thread_env(threads: int) -> dict[str, str]:

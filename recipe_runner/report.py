@@ -53,6 +53,7 @@ class RecipeRow:
     metrics: dict = field(default_factory=dict)
     gain: dict = field(default_factory=dict)  # metric minus the base's, where both exist
     trainable_params: int | None = None
+    lora: dict = field(default_factory=dict)  # {"rank", "alpha", "dropout"} it trained with (status.json)
     wall_s: float | None = None
     gpu_hours: float | None = None
     peak_gpu_mem_gib: float | None = None
@@ -103,6 +104,7 @@ def recipe_row(job: dict, base: dict) -> RecipeRow:
         metrics=metrics,
         gain={k: round(v - base[k], 4) for k, v in metrics.items() if k in base},
         trainable_params=trainable,
+        lora=status.get("lora") or {},
         wall_s=wall,
         gpu_hours=round(wall * gpus / 3600, 4) if wall and gpus else None,
         peak_gpu_mem_gib=status.get("peak_gpu_mem_gib"),
@@ -110,6 +112,10 @@ def recipe_row(job: dict, base: dict) -> RecipeRow:
         output_dir=str(out),
         error=job.get("error") or status.get("error"),
     )
+
+
+def _lora_cell(lora: dict) -> str:
+    return f"{lora['rank']} / {lora['alpha']}" if "rank" in lora and "alpha" in lora else "-"
 
 
 def best_per_metric(rows: list[RecipeRow]) -> dict[str, str]:
@@ -352,6 +358,7 @@ def render_markdown(report: dict, pictures: list[str]) -> str:
         "status",
         *titles,
         "trainable params",
+        "LoRA r / alpha",
         "wall time",
         "GPU-hours",
         "peak GPU GiB",
@@ -368,7 +375,7 @@ def render_markdown(report: dict, pictures: list[str]) -> str:
         lines.append(
             "| base (zero-shot) | - | "
             + " | ".join(_fmt(base.get(k)) for k, _ in METRICS)
-            + " | 0 | - | - | - | - |"
+            + " | 0 | - | - | - | - | - |"
         )
     for row in rows:
         cells = [
@@ -376,6 +383,7 @@ def render_markdown(report: dict, pictures: list[str]) -> str:
             row["status"],
             *(_metric_cell(row, k) for k, _ in METRICS),
             _fmt(row["trainable_params"]),
+            _lora_cell(row.get("lora") or {}),
             _fmt(row["wall_s"], 1) + (" s" if row["wall_s"] else ""),
             _fmt(row["gpu_hours"], 4),
             _fmt(row["peak_gpu_mem_gib"], 2),

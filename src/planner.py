@@ -219,6 +219,20 @@ def image_grid(
     return patches, patches // merge**2
 
 
+# Training's default cap on an image's pixels: 1280 image tokens (1280 x 28 x 28), as fine-tuning guides use.
+# The hub's Qwen2-VL processors allow 12,845,056 (16,384 tokens): a 1920x1080 photo would be ~2,700 tokens.
+TRAIN_MAX_PIXELS = 28 * 28 * 1280
+
+
+def pixel_limits(
+    model_limits: tuple[int, int], min_pixels: int | None = None, max_pixels: int | None = None
+) -> tuple[int, int]:
+    """(min, max) pixels a run resizes images to: the flags where given, else the model processor's
+    own, its maximum capped at TRAIN_MAX_PIXELS (a processor made for small images keeps its smaller one)."""
+    low, high = model_limits
+    return min_pixels or low, max_pixels or min(high, TRAIN_MAX_PIXELS)
+
+
 def processor_pixel_limits(model_dir) -> tuple[int, int]:
     """(min_pixels, max_pixels) from preprocessor_config.json; explicit min/max_pixels win over `size`."""
     path = Path(model_dir) / "preprocessor_config.json"

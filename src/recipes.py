@@ -147,6 +147,27 @@ def resolve_recipe(name: str) -> TrainingRecipe:
     return RECIPES[key]
 
 
+LORA_FIELDS = {"rank": "lora_rank", "alpha": "lora_alpha", "dropout": "lora_dropout"}
+
+
+def with_lora(recipe: TrainingRecipe, **sizes: float | None) -> TrainingRecipe:
+    """The recipe (and each of its stages) with LoRA `rank`, `alpha` or `dropout` replaced where given.
+
+    `with_lora(r4, rank=64)` is r4 at rank 64 and its own alpha; check the result with `.problems()`.
+    """
+    changes = {LORA_FIELDS[key]: value for key, value in sizes.items() if value is not None}
+    if not changes:
+        return recipe
+    stages = tuple(replace(stage, **changes) for stage in recipe.stages)
+    return replace(recipe, **changes, stages=stages)
+
+
+def lora_sizes(recipe: TrainingRecipe) -> dict[str, float]:
+    """{"rank", "alpha", "dropout"} of a recipe (of its first stage for a chain), for logs and reports."""
+    first = (recipe.stages or (recipe,))[0]
+    return {key: getattr(first, field) for key, field in LORA_FIELDS.items()}
+
+
 def main() -> None:
     for key, recipe in RECIPES.items():
         alias = key.split("-", 1)[0]

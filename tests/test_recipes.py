@@ -59,3 +59,13 @@ def test_readme_explains_every_recipe():
     readme = (REPO / "README.md").read_text()
     for key in RECIPES:
         assert f"`{key}`" in readme
+
+
+def test_with_lora_resizes_a_recipe_and_every_stage():
+    from src.recipes import lora_sizes, with_lora
+
+    r3 = with_lora(RECIPES["r3-two-stage"], rank=64, alpha=None, dropout=0.1)
+    assert [(s.lora_rank, s.lora_alpha, s.lora_dropout) for s in r3.stages] == [(64, 32, 0.1)] * 2
+    assert lora_sizes(r3) == {"rank": 64, "alpha": 32, "dropout": 0.1} and r3.problems() == []
+    assert with_lora(RECIPES["r4-joint"]) is RECIPES["r4-joint"]  # nothing asked, nothing changed
+    assert with_lora(RECIPES["r4-joint"], rank=0).problems()  # a recipe checks its own sizes

@@ -151,3 +151,30 @@ def test_evaluation_covers_the_whole_test_split_by_default():
     args = build_parser().parse_args(["--recipe", "r4"])
     assert args.eval_samples == 0  # evaluate_after_training passes `eval_samples or None`: every image
     assert "whole test split" in build_parser().format_help()
+
+
+@pytest.mark.slow
+def test_lora_size_flags_set_the_adapter_and_are_recorded(tiny_model_dir, tiny_data_dir, tmp_path):
+    out = tmp_path / "r3-rank4"
+    flags = ["--lora-rank", 4, "--lora-alpha", 8, "--lora-dropout", 0.0, "--skip-eval", "--no-wandb"]
+    done = _worker("--recipe", "r3", *flags, *_common(tiny_model_dir, tiny_data_dir, out))
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads((out / "status.json").read_text())["lora"] == {"rank": 4, "alpha": 8, "dropout": 0.0}
+    adapter = json.loads((out / "stage2-llm" / "adapter" / "adapter_config.json").read_text())
+    assert (adapter["r"], adapter["lora_alpha"], adapter["lora_dropout"]) == (4, 8, 0.0)  # both stages
+
+
+def test_bad_lora_sizes_are_refused_naming_the_flag(tiny_model_dir, tiny_data_dir, tmp_path):
+    out = tmp_path / "bad"
+    done = _worker(
+        "--recipe",
+        "r4",
+        "--lora-rank",
+        0,
+        "--lora-dropout",
+        1.5,
+        *_common(tiny_model_dir, tiny_data_dir, out),
+    )
+    assert done.returncode == 2
+    assert "--lora-rank 0: must be at least 1" in done.stderr and "--lora-dropout 1.5" in done.stderr
+    assert not out.exists()

@@ -89,10 +89,19 @@ def _balanced_map_with_head_on_first_gpu(model_id: str) -> dict:
     return device_map
 
 
-def load_processor(model_id: str):
+def load_processor(model_id: str, min_pixels: int | None = None, max_pixels: int | None = None):
+    """The model's processor, resizing images to `src.planner.pixel_limits` (the run's --min-pixels and
+    --max-pixels, else the processor's own with its maximum capped at 1280 image tokens)."""
     from transformers import AutoProcessor
 
+    from src.data.dataset import processor_pixel_limits
+    from src.planner import pixel_limits
+
     processor = AutoProcessor.from_pretrained(model_id)
+    own = processor_pixel_limits(processor)
+    wanted = pixel_limits(own, min_pixels, max_pixels)
+    if wanted != own:  # the processor's own keyword arguments: its size dict follows them
+        processor = AutoProcessor.from_pretrained(model_id, min_pixels=wanted[0], max_pixels=wanted[1])
     processor.tokenizer.padding_side = "right"  # training pads right; generation switches to left
     return processor
 

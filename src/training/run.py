@@ -65,6 +65,8 @@ class RunOptions:
     fused_optimizer: bool = True  # fused AdamW kernel on GPUs
     frozen_vision_no_grad: bool = True  # run a vision tower with nothing to train outside autograd
     adapter_input_casts: bool = False  # on GPUs: PEFT's fp32 copy of every LoRA input (autocast undoes it)
+    min_pixels: int | None = None  # image resize limits (None: src.planner.pixel_limits' defaults)
+    max_pixels: int | None = None
     compile: bool | None = None  # torch.compile the model's repeated regions; None: resolve_compile decides
 
 
@@ -251,7 +253,7 @@ def prepare_stage(
     from src.models.loader import load_processor, model_family
 
     set_seed(opts.seed)  # before LoRA init, so the same seed gives the same adapter
-    processor = load_processor(model_id)
+    processor = load_processor(model_id, opts.min_pixels, opts.max_pixels)
     family = model_family(model_id)
     dataset, skipped = build_dataset(opts.dataset, "train", family, processor, opts.skip_bad_records)
     if skipped:

@@ -29,7 +29,7 @@ import time
 import traceback
 from pathlib import Path
 
-from src.recipes import ALIASES, RECIPES, resolve_recipe
+from src.recipes import ALIASES, RECIPES, lora_sizes, resolve_recipe, with_lora
 from src.training import progress
 from src.utils.files import read_json, write_json_atomic
 from src.utils.gpu import is_main_process, rank, setup_gpus, world_size
@@ -151,6 +151,17 @@ def build_parser(recipe_required: bool = True, prog: str = "train_recipe.py") ->
         default=None,
         help="also evaluate the untrained --model-id (the zero-shot baseline) into this directory",
     )
+    arg(
+        "--max-pixels",
+        type=int,
+        default=None,
+        help="resize images to at most this many pixels (default: the processor's own, capped at "
+        "1,003,520 = 1280 image tokens; the hub's Qwen2-VL allows 16,384 tokens an image)",
+    )
+    arg("--min-pixels", type=int, default=None, help="resize images to at least this many pixels")
+    arg("--lora-rank", type=int, default=None, help="LoRA rank for every stage (default: the recipe's, 16)")
+    arg("--lora-alpha", type=int, default=None, help="LoRA alpha (default: the recipe's, 32)")
+    arg("--lora-dropout", type=float, default=None, help="LoRA dropout (default: the recipe's, 0.05)")
     arg("--no-wandb", action="store_true", help="do not log to Weights & Biases")
     return parser
 
@@ -159,7 +170,7 @@ def check_args(args, recipe) -> list[str]:
     """Every problem with the flags that can be found without loading a model."""
     from src.training.checks import model_and_data_problems, output_dir_problems
 
-    problems = recipe.problems()
+    problems = _pixel_problems(args) + (_lora_problems(args) or recipe.problems())
     for flag, value, low in (
         ("--epochs", args.epochs, 0),
         ("--batch-size", args.batch_size, 1),
@@ -182,6 +193,28 @@ def check_args(args, recipe) -> list[str]:
     problems += _checkpoint_problems(args, recipe)
     problems += output_dir_problems(Path(args.output_dir), args.resume)
     problems += model_and_data_problems(args.checkpoint or args.model_id, args.dataset, args.skip_bad_records)
+    return problems
+
+
+def _pixel_problems(args) -> list[str]:
+    problems = [
+        f"{flag} {value}: must be at least 784 (one 28x28 image token)"
+        for flag, value in (("--min-pixels", args.min_pixels), ("--max-pixels", args.max_pixels))
+        if value is not None and value < 28 * 28
+    ]
+    if args.min_pixels and args.max_pixels and args.min_pixels > args.max_pixels:
+        problems.append(f"--min-pixels {args.min_pixels} is above --max-pixels {args.max_pixels}")
+    return problems
+
+
+def _lora_problems(args) -> list[str]:
+    problems = [
+        f"{flag} {value}: must be at least 1"
+        for flag, value in (("--lora-rank", args.lora_rank), ("--lora-alpha", args.lora_alpha))
+        if value is not None and value < 1
+    ]
+    if args.lora_dropout is not None and not 0 <= args.lora_dropout < 1:
+        problems.append(f"--lora-dropout {args.lora_dropout}: must be in [0, 1)")
     return problems
 
 
@@ -240,6 +273,7 @@ def parse_worker_args(argv: list[str] | None, recipe=None, prog: str = "train_re
     """(args, recipe) from the worker's flags, with --output-dir's default filled in."""
     args = build_parser(recipe_required=recipe is None, prog=prog).parse_args(argv)
     recipe = recipe or resolve_recipe(args.recipe)
+    recipe = with_lora(recipe, rank=args.lora_rank, alpha=args.lora_alpha, dropout=args.lora_dropout)
     args.output_dir = args.output_dir or f"outputs/{recipe.name}"
     return args, recipe
 
@@ -252,6 +286,7 @@ def initial_status(args, recipe, output: Path, device_info: dict) -> tuple[dict,
         "exit_code": None,
         "device": device_info,
         "world_size": world_size(),
+        "lora": lora_sizes(recipe),
         "started": time.time(),
         "ended": None,
         "final_loss": None,
@@ -464,6 +499,8 @@ def run_options(args, device: str, output: Path, wandb_on: bool):
         resume=args.resume,
         gradient_checkpointing=ON_OFF_AUTO[args.gradient_checkpointing],
         compile=ON_OFF_AUTO[args.compile],
+        min_pixels=args.min_pixels,
+        max_pixels=args.max_pixels,
     )
 
 

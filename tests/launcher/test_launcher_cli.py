@@ -9,6 +9,7 @@ import pytest
 
 from recipe_runner.cli import COMMANDS, main
 from recipe_runner.leases import try_acquire
+from recipe_runner.plan import flag_value
 
 
 def assert_nothing_happened(host) -> None:
@@ -147,3 +148,15 @@ def test_gpus_table_and_json(host, monkeypatch, capsys) -> None:
     assert main(["gpus", "--json"]) == 0
     records = json.loads(capsys.readouterr().out)
     assert [r["free"] for r in records] == [True, False] and records[1]["processes"] == [77]
+
+
+def test_lora_sizes_go_to_each_recipes_worker(monkeypatch, capsys):
+    monkeypatch.setenv("RECIPE_RUNNER_FAKE_GPUS", "2")
+    argv = ["plan", "--recipes", "r1,r4", "--lora-rank", "8", "--lora", "r4:rank=64,alpha=128"]
+    assert main(argv) == 0
+    commands = [line for line in capsys.readouterr().out.splitlines() if "command:" in line]
+    r1, r4 = (line.split() for line in commands)
+    assert flag_value(r1, "--lora-rank") == "8" and flag_value(r1, "--lora-alpha") is None
+    assert flag_value(r4, "--lora-rank") == "64" and flag_value(r4, "--lora-alpha") == "128"
+    assert main(["plan", "--recipes", "r1", "--lora", "r4:width=3"]) == 2
+    assert "unknown key 'width'" in capsys.readouterr().err

@@ -53,3 +53,37 @@ def test_batch_size_auto_gives_each_worker_a_number_keeping_the_effective_batch(
 def test_batch_size_auto_is_refused_where_no_gpu_memory_is_known(monkeypatch, capsys):
     code = cli.main(["plan", "--recipes", "r1", "--cpu", "--batch-size", "auto"])
     assert code == 2 and "--batch-size auto plans against one local GPU" in capsys.readouterr().err
+
+
+def test_plan_for_gpus_this_machine_does_not_have(config_only_7b, monkeypatch, capsys):
+    monkeypatch.setenv("RECIPE_RUNNER_FAKE_GPUS", "none")  # no driver, no NVML: it must not be asked
+    model, data = config_only_7b
+    argv = ["plan", "--recipes", "all", "--model-id", str(model), "--dataset", str(data)]
+    assert cli.main([*argv, "--gpu-memory", "24", "--gpu-memory", "80"]) == 0
+    rows = [
+        line.split() for line in capsys.readouterr().out.splitlines() if line[:2] in ("r1", "r2", "r3", "r4")
+    ]
+    assert [(row[0], row[1]) for row in rows] == [
+        (recipe, gib)
+        for recipe in ("r1-llm-only", "r2-vision-only", "r3-two-stage", "r4-joint")
+        for gib in ("24", "80")
+    ]
+    assert all("fits" in " ".join(row) for row in rows)
+    r4_80 = " ".join(rows[-1])
+    assert "(recompute off)" in r4_80 and "x" in r4_80.split("fits")[1]  # auto's micro-batch x accumulation
+    assert cli.main([*argv, "--gpu-memory", "6"]) == 0
+    assert "does not fit" in capsys.readouterr().out
+    assert cli.main([*argv, "--gpu-memory", "0"]) == 2
+    assert "--gpu-memory 0: give a size in GiB above 0" in capsys.readouterr().err
+
+
+def test_max_pixels_reaches_the_workers_and_the_planner(config_only_7b, monkeypatch, capsys):
+    code, out = _plan(monkeypatch, capsys, 81559, *config_only_7b, "--batch-size", "4")
+    full = [float(line.split("peak ")[1].split()[0]) for line in out.splitlines() if "memory:" in line]
+    code, out = _plan(
+        monkeypatch, capsys, 81559, *config_only_7b, "--batch-size", "4", "--max-pixels", "200704"
+    )
+    small = [float(line.split("peak ")[1].split()[0]) for line in out.splitlines() if "memory:" in line]
+    assert code == 0 and all(s < f for s, f in zip(small, full, strict=True))  # 256 tokens, not 391
+    commands = [line.split() for line in out.splitlines() if "command: " in line]
+    assert all(flag_value(argv, "--max-pixels") == "200704" for argv in commands)
