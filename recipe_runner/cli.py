@@ -611,6 +611,8 @@ def cmd_launch(args: argparse.Namespace, probe: Callable[[], list[GpuInfo]] = pr
         raise UsageError(str(error)) from None
     if problems := preflight_problems(request.flags, request.sweep, request.output_dir):
         raise UsageError("\n  ".join(problems), "fix the input above; nothing was started or written")
+    if args.command == "launch" and not getattr(args, "dry_run", False):
+        request = _with_local_model(request)
     if getattr(args, "gpu_memory", None):
         return _plan_for_sizes(request, args.gpu_memory)
     launch_id = new_launch_id()
@@ -628,6 +630,27 @@ def cmd_launch(args: argparse.Namespace, probe: Callable[[], list[GpuInfo]] = pr
     if args.backend == "ray":
         _connect_ray(args.ray_address)
     return _execute(args, launch_id, plan.launch_dir, list(plan.jobs), selection, probe)
+
+
+def _with_local_model(request: LaunchRequest) -> LaunchRequest:
+    """The request with a hub model id replaced by its local snapshot, downloaded once before any worker
+    starts (the workers then never download); exit 2 when it is neither cached nor downloadable."""
+    from recipe_runner.memory import ModelUnavailable, local_model
+    from src.training.worker import DEFAULT_MODEL
+
+    model_id = request.flags.model_id or DEFAULT_MODEL
+    if os.environ.get(WORKER_ENV) or Path(model_id).is_dir():
+        return request
+    print(f"recipe-run: fetching {model_id} once for every worker (the hub's cache is reused)", flush=True)
+    try:
+        local = local_model(model_id)
+    except ModelUnavailable as error:
+        raise UsageError(
+            f"--model-id {model_id}: not in the local Hugging Face cache and not downloadable now ({error})",
+            "go online (or log in: huggingface-cli login) and run again, or pass --model-id DIR of a local "
+            "copy; nothing was started or written",
+        ) from None
+    return replace(request, flags=replace(request.flags, model_id=local))
 
 
 def request_from_args(args: argparse.Namespace) -> LaunchRequest:

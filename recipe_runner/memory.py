@@ -93,6 +93,33 @@ def model_dir_for(model_id: str, fetch: bool = False) -> Path | None:
     return Path(found[0]).parent
 
 
+# What a worker loads of a hub model: weights, configs, tokenizer and chat template (no duplicate .bin).
+MODEL_FILES = ["*.json", "*.safetensors", "*.txt", "*.jinja", "*.model", "*.tiktoken"]
+
+
+class ModelUnavailable(RuntimeError):
+    """A hub model that is neither in the local cache nor downloadable now."""
+
+
+def local_model(model_id: str) -> str:
+    """A local directory for `model_id`: the path itself, or the hub snapshot, downloaded once here (with
+    the hub's own progress) so that every worker loads the same files and none downloads its own.
+
+    Offline (HF_HUB_OFFLINE=1, or no network) a cached snapshot is used; ModelUnavailable otherwise.
+    """
+    if Path(model_id).is_dir() or model_id.startswith((".", "/")):
+        return model_id
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(model_id, allow_patterns=MODEL_FILES)
+    except Exception as online_error:  # offline, unknown id, gated, no space: try the cache alone
+        try:
+            return snapshot_download(model_id, allow_patterns=MODEL_FILES, local_files_only=True)
+        except Exception:
+            raise ModelUnavailable(f"{type(online_error).__name__}: {online_error}") from None
+
+
 def workload_for(
     dataset: str, model_dir: Path, min_pixels: int | None = None, max_pixels: int | None = None
 ) -> Workload | None:
