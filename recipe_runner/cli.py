@@ -4,7 +4,7 @@
     python -m recipe_runner plan --recipes all        # what would run where; starts nothing
 
 Subcommands (a literal list, `COMMANDS`): launch (the default), plan, list, gpus, demo, report,
-resume, eval, bench (eval and bench run their torch modules in a child process).
+resume, eval, bench, export (eval, bench and export run their torch modules in a child process).
 `recipe-run --help` explains with examples. Exit codes: 0 every recipe succeeded, 1 any did not,
 2 bad usage or unusable GPUs (nothing started, nothing written), 130 Ctrl-C, 143 SIGTERM.
 
@@ -36,6 +36,7 @@ from recipe_runner.placement import (
     LaunchRequest,
     Plan,
     PlanError,
+    jobs_per_gpu,
     make_plan,
     plan_recipe,
     plan_recipes,
@@ -70,7 +71,7 @@ from recipe_runner.summary import (
 from src.recipes import RECIPES
 from src.utils.args import int_or_auto
 
-COMMANDS = ("launch", "plan", "list", "gpus", "demo", "report", "resume", "eval", "bench")
+COMMANDS = ("launch", "plan", "list", "gpus", "demo", "report", "resume", "eval", "bench", "export")
 # The demo fine-tunes the pretrained tiny detector on the shifted target domain: 250 steps of batch 8
 # at a rate that suits a 1M-parameter model (the recipes' own rates are for 2B-7B models). Measured
 # on 2 CPU cores: about 4 minutes for the four recipes at once; see the README's example report.
@@ -94,6 +95,7 @@ examples:
   recipe-run demo                                     tiny offline model and data, all four recipes
   recipe-run report outputs/20261126-041500-ab12      the side-by-side report of a launch again
   recipe-run bench --shape 7b --shape 2b              tokens/s, memory, MFU per recipe vs the plain loop
+  recipe-run export outputs/20261126-041500-ab12 --out winner/   the winner as a standalone model
 
 Recipes: r1 (r1-llm-only), r2 (r2-vision-only), r3 (r3-two-stage), r4 (r4-joint), or all.
 Each run writes <output-dir>/<launch-id>/: one directory per recipe (the worker's output),
@@ -142,6 +144,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
         "`recipe-run eval --help` lists its flags)",
         "bench": "tokens/s, step time, peak memory, MFU of every recipe beside the plain loop, on 2B/7B "
         "random-weight models (runs python -m src.bench; `recipe-run bench --help` lists its flags)",
+        "export": "the chosen recipe (default: the report's winner by F1@0.5) as a standalone bf16 model "
+        "folder, adapter merged (runs python -m src.export; `recipe-run export --help` lists its flags)",
     }
     subs = {
         name: sub.add_parser(
@@ -379,6 +383,8 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_eval(argv[1:])
     if argv[:1] == ["bench"]:
         return cmd_bench(argv[1:])
+    if argv[:1] == ["export"]:
+        return cmd_export(argv[1:])
     try:
         args = _parse(argv)
         return _COMMANDS[args.command](args)
@@ -814,7 +820,7 @@ def _train_flags(args: argparse.Namespace) -> TrainFlags:
 
 
 def _pool(args: argparse.Namespace, selection: GpuSelection, probe, launch_id: str) -> GpuPool:
-    max_jobs = args.max_jobs_per_gpu if args.pack == "auto" else 1
+    max_jobs = jobs_per_gpu(args.pack, args.max_jobs_per_gpu)
     return GpuPool(selection.pool, probe, lease_dir(), launch_id, max_jobs, args.max_used_mib)
 
 
@@ -914,6 +920,11 @@ def cmd_eval(rest: list[str]) -> int:
 def cmd_bench(rest: list[str]) -> int:
     """The benchmark in its own process, like eval: it needs torch and a GPU, the launcher neither."""
     return subprocess.call([sys.executable, "-m", "src.bench", *rest])
+
+
+def cmd_export(rest: list[str]) -> int:
+    """The export in its own process, like eval: it loads torch, transformers and peft; the launcher none."""
+    return subprocess.call([sys.executable, "-m", "src.export", *rest])
 
 
 def cmd_resume(args: argparse.Namespace, probe: Callable[[], list[GpuInfo]] = probe_gpus) -> int:

@@ -151,6 +151,11 @@ DATA_PARALLEL_STARTUP_S = 30.0
 DEFAULT_EPOCHS = 3  # the worker's --epochs default, for predicted training times
 
 
+def jobs_per_gpu(pack: str, max_jobs_per_gpu: int) -> int:
+    """Jobs one GPU may hold at once: --max-jobs-per-gpu when packing, one with --pack off."""
+    return max_jobs_per_gpu if pack == "auto" else 1
+
+
 class PlanError(ValueError):
     """A request that cannot be placed as asked; the message names the flag, `hint` the fix."""
 
@@ -185,8 +190,7 @@ class LaunchRequest:
 
     @property
     def max_jobs(self) -> int:
-        """Jobs one GPU may hold at once."""
-        return self.max_jobs_per_gpu if self.pack == "auto" else 1
+        return jobs_per_gpu(self.pack, self.max_jobs_per_gpu)
 
     @property
     def jobs(self) -> int:
