@@ -239,6 +239,11 @@ def _add_launch_args(p: argparse.ArgumentParser) -> None:
         "image tokens; the hub's Qwen2-VL would allow 16,384 tokens an image)",
     )
     train.add_argument("--min-pixels", type=int, metavar="N", help="resize images to at least N pixels")
+    train.add_argument(
+        "--image-root",
+        metavar="DIR",
+        help="where the images are, when not beside the annotation file, in images/ or (COCO) in <split>/",
+    )
     lora = p.add_argument_group("LoRA size (default: each recipe's rank 16, alpha 32, dropout 0.05)")
     lora.add_argument("--lora-rank", type=int, metavar="R", help="rank for every recipe")
     lora.add_argument("--lora-alpha", type=int, metavar="A", help="alpha for every recipe")
@@ -761,7 +766,11 @@ def preflight_problems(flags: TrainFlags, sweep: Sequence[SweepPoint], output_di
     for dataset in dict.fromkeys(point.dataset or flags.dataset or DEFAULT_DATASET for point in sweep):
         if Path(dataset).exists() or dataset.startswith((".", "/")) or dataset == DEFAULT_DATASET:
             problems += model_and_data_problems(
-                flags.model_id or DEFAULT_MODEL, dataset, flags.skip_bad_records
+                flags.model_id or DEFAULT_MODEL,
+                dataset,
+                flags.skip_bad_records,
+                image_root=flags.image_root,
+                evaluate=not flags.skip_eval,
             )
     return list(dict.fromkeys(problems))
 
@@ -811,6 +820,7 @@ def _train_flags(args: argparse.Namespace) -> TrainFlags:
         compile=args.compile,
         min_pixels=args.min_pixels,
         max_pixels=args.max_pixels,
+        image_root=args.image_root,
         save_steps=args.save_steps,
         eval_samples=args.eval_samples,
         skip_bad_records=args.skip_bad_records,

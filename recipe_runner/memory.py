@@ -121,7 +121,11 @@ def local_model(model_id: str) -> str:
 
 
 def workload_for(
-    dataset: str, model_dir: Path, min_pixels: int | None = None, max_pixels: int | None = None
+    dataset: str,
+    model_dir: Path,
+    min_pixels: int | None = None,
+    max_pixels: int | None = None,
+    image_root: str | None = None,
 ) -> Workload | None:
     """The largest image of a local data set, in patches, resized as the run will (src.planner.pixel_limits:
     the flags, else the model processor's limits with training's cap)."""
@@ -130,7 +134,7 @@ def workload_for(
     if not Path(dataset).exists():
         return None
     try:
-        records, _ = load_records(dataset, "train", skip_bad=True)
+        records, _ = load_records(dataset, "train", skip_bad=True, image_root=image_root)
     except DatasetError:
         return None
     low, high = pixel_limits(processor_pixel_limits(model_dir), min_pixels, max_pixels)

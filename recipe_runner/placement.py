@@ -389,8 +389,9 @@ def planner_inputs(request: LaunchRequest, fetch: bool = False):
     datasets = dict.fromkeys(
         point.dataset or request.flags.dataset or DEFAULT_DATASET for point in request.sweep
     )
-    pixels = (request.flags.min_pixels, request.flags.max_pixels)
-    workloads = [workload_for(d, model_dir, *pixels) for d in datasets] if model_dir else []
+    flags = request.flags
+    sizes = (flags.min_pixels, flags.max_pixels, flags.image_root)
+    workloads = [workload_for(d, model_dir, *sizes) for d in datasets] if model_dir else []
     if not workloads or None in workloads:
         return None
     return ModelShape.from_model_dir(model_dir), max(workloads, key=lambda w: w.patches)

@@ -15,15 +15,21 @@ from src.data.dataset import (
 )
 
 
-def _folder(tmp_path, objects_per_image, size=(100, 80)):
-    split = tmp_path / "ds" / "train"
-    split.mkdir(parents=True)
-    lines = []
-    for index, (bboxes, labels) in enumerate(objects_per_image):
-        name = f"{index}.png"
-        Image.new("RGB", size, "white").save(split / name)
-        lines.append(json.dumps({"file_name": name, "objects": {"bbox": bboxes, "label": labels}}))
-    (split / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+def _folder(tmp_path, objects_per_image, size=(100, 80), test_split=True):
+    """An imagefolder with these train images, and (unless test_split=False) a one-image test split."""
+    splits = {"train": objects_per_image, "test": [([[1, 1, 9, 9]], ["ok"])] if test_split else None}
+    for name, objects in splits.items():
+        if objects is None:
+            continue
+        split = tmp_path / "ds" / name
+        split.mkdir(parents=True)
+        lines = []
+        for index, (bboxes, labels) in enumerate(objects):
+            Image.new("RGB", size, "white").save(split / f"{index}.png")
+            lines.append(
+                json.dumps({"file_name": f"{index}.png", "objects": {"bbox": bboxes, "label": labels}})
+            )
+        (split / "metadata.jsonl").write_text("\n".join(lines) + "\n")
     return tmp_path / "ds"
 
 

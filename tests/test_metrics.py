@@ -182,3 +182,64 @@ def test_detection_metrics_per_size_uses_coco_areas():
         0.0,
     )
     assert sizes["small"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 0, "predicted": 0}
+
+
+# ---------------------------------------------------------------- crowd regions (COCO iscrowd)
+
+CAR = Box("car", 0, 0, 100, 100)
+CROWD = Box("car", 200, 0, 452, 84)  # the 252x84 crowd region of the issue
+
+
+def test_a_prediction_on_a_crowd_region_is_neither_tp_nor_fp_and_the_region_is_no_miss():
+    on_crowd = Box("car", 210, 10, 260, 60)  # wholly inside: crowd overlap 1.0, IoU with the region ~0.1
+    samples = [([CAR, on_crowd], [CAR], True, [CROWD])]
+    metrics = detection_metrics(samples)
+    assert (metrics["tp"], metrics["fp"], metrics["fn"], metrics["ignored"]) == (1, 0, 0, 1)
+    assert metrics["precision"] == metrics["recall"] == 1.0
+    assert metrics["map_50"] == exact(1.0)  # pycocotools got the region as iscrowd
+    # Without the region the same prediction is a false positive.
+    assert detection_metrics([([CAR, on_crowd], [CAR], True)])["fp"] == 1
+
+
+def test_crowd_needs_the_same_label_and_enough_of_the_prediction_inside():
+    half_out = Box("car", 400, 0, 504, 84)  # 52 of 104 px wide inside: overlap 0.5, inclusive
+    mostly_out = Box("car", 420, 0, 524, 84)
+    other_label = Box("person", 210, 10, 260, 60)
+    matching = match_boxes([half_out, mostly_out, other_label], [], crowd=[CROWD])
+    assert matching.ignored_preds == [0] and matching.unmatched_preds == [1, 2]
+    agnostic = match_boxes([other_label], [], class_agnostic=True, crowd=[CROWD])
+    assert agnostic.ignored_preds == [0]
+
+
+def test_real_boxes_are_matched_before_crowd_regions():
+    truth = Box("car", 200, 0, 300, 84)  # a real car inside the crowd region
+    matching = match_boxes([Box("car", 200, 0, 300, 84)], [truth], crowd=[CROWD])
+    assert matching.pairs == [(0, 0, 1.0)] and matching.ignored_preds == []
+
+
+def test_bootstrap_counts_and_map_ignore_crowd_like_pycocotools():
+    import random
+
+    import numpy as np
+
+    from src.eval.bootstrap import METRIC_KEYS, ImageScores, metric_values
+
+    rng = random.Random(3)
+    changed = 0
+    for _ in range(30):
+        samples = []
+        for _ in range(rng.randint(1, 4)):
+            crowd = [Box(rng.choice("ab"), 0, 0, rng.randint(40, 90), rng.randint(40, 90))]
+            truths = [Box(rng.choice("ab"), 50, 50, 50 + rng.randint(5, 40), 50 + rng.randint(5, 40))]
+            preds = [
+                Box(rng.choice("ab"), x, y, x + rng.randint(5, 50), y + rng.randint(5, 50), rng.random())
+                for x, y in ((rng.randint(0, 80), rng.randint(0, 80)) for _ in range(rng.randint(0, 5)))
+            ]
+            preds += [Box(t.label, t.x1 + rng.randint(-3, 3), t.y1, t.x2, t.y2, rng.random()) for t in truths]
+            samples.append((preds, truths, True, crowd))
+        ours = metric_values(ImageScores.from_samples(samples), np.ones((1, len(samples))))
+        reference = detection_metrics(samples)
+        for key in METRIC_KEYS:
+            assert ours[key][0] == pytest.approx(reference[key], abs=1e-12), key
+        changed += reference["map_50_95"] != detection_metrics([s[:3] for s in samples])["map_50_95"]
+    assert changed >= 5  # the cases did test crowd handling in the ranking

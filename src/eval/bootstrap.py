@@ -13,8 +13,10 @@ difference) and recomputes each metric from per-image counts, as `src.eval.metri
 does on the whole set: precision, recall and F1 from the summed TP/FP/FN, mean IoU over the matched pairs,
 parse rate over images. mAP@0.5 and mAP@[.5:.95] are COCO's (101-point interpolated AP, mean over labels
 with ground truth), recomputed per resample here in numpy from each detection's COCO match, because
-pycocotools takes ~50 ms a call: on the whole set this equals `coco_map`. The interval is the percentile
-one (2.5th and 97.5th of the resampled values); a difference is significant when its interval excludes 0.
+pycocotools takes ~50 ms a call: on the whole set this equals `coco_map`. Crowd regions (a row's
+"crowd", a sample's fourth element) are ignored as there: predictions on them are neither TP nor FP.
+The interval is the percentile one (2.5th and 97.5th of the resampled values); a difference is
+significant when its interval excludes 0.
 
 An "entry" is a list of ImageScores: one model, or the seeds of one recipe, whose metric is then the mean
 over seeds of each seed's metric on the same resampled images (the image bootstrap of a seed mean; the
@@ -30,7 +32,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from src.data.boxes import Box
-from src.eval.metrics import iou, match_boxes
+from src.eval.metrics import crowd_overlap, iou, match_boxes, sample_parts
 
 RESAMPLES, SEED, LEVEL = 1000, 0, 0.95
 METRIC_KEYS = ("precision", "recall", "f1", "map_50", "map_50_95", "mean_iou", "parse_rate")
@@ -53,7 +55,9 @@ def box_from_json(item: dict) -> Box:
     )
 
 
-def samples_from_rows(rows: list[dict]) -> tuple[list[str], list[tuple[list[Box], list[Box], bool]]]:
+def samples_from_rows(
+    rows: list[dict],
+) -> tuple[list[str], list[tuple[list[Box], list[Box], bool, list[Box]]]]:
     """(image keys, samples) from predictions.jsonl rows; a repeated image gets '#2', '#3'... keys."""
     keys, samples, seen = [], [], {}
     for index, row in enumerate(rows):
@@ -62,25 +66,34 @@ def samples_from_rows(rows: list[dict]) -> tuple[list[str], list[tuple[list[Box]
         keys.append(name if seen[name] == 1 else f"{name}#{seen[name]}")
         preds = [box_from_json(b) for b in row.get("predictions") or []]
         truths = [box_from_json(b) for b in row.get("truths") or []]
-        samples.append((preds, truths, bool(row.get("parsed"))))
+        crowd = [box_from_json(b) for b in row.get("crowd") or []]
+        samples.append((preds, truths, bool(row.get("parsed")), crowd))
     return keys, samples
 
 
-def coco_detections(preds: list[Box], truths: list[Box]) -> list[tuple[str, float, np.ndarray]]:
-    """(label, score, matched at each COCO IoU threshold) per kept detection, in COCO's order.
+def coco_detections(
+    preds: list[Box], truths: list[Box], crowd: list[Box] = ()
+) -> list[tuple[str, float, np.ndarray, np.ndarray]]:
+    """(label, score, matched, ignored) per kept detection, in COCO's order; the last two hold one flag
+    per COCO IoU threshold.
 
     Mirrors COCOeval.evaluateImg for one image: per label, detections by descending score (stable, at
-    most 100), each taking the still-free truth of highest IoU >= the threshold (a later truth wins a tie).
+    most 100), each taking the still-free truth of highest IoU >= the threshold (a later truth wins a tie);
+    failing that, the crowd region it overlaps most (crowd_overlap >= the threshold; a crowd region takes
+    any number), which makes it ignored.
     """
     out = []
     for label in dict.fromkeys(b.label for b in preds):
         mine = [b for b in preds if b.label == label]
         order = sorted(range(len(mine)), key=lambda i: -_score(mine[i]))[:COCO_MAX_DETS]
         gts = [t for t in truths if t.label == label]
+        regions = [r for r in crowd if r.label == label]
         taken = np.zeros((len(COCO_IOUS), len(gts)), dtype=bool)
         for d in order:
             overlaps = [iou(mine[d], g) for g in gts]
+            on_crowd = max((crowd_overlap(mine[d], r) for r in regions), default=0.0)
             hits = np.zeros(len(COCO_IOUS), dtype=bool)
+            ignored = np.zeros(len(COCO_IOUS), dtype=bool)
             for t, threshold in enumerate(COCO_IOUS):
                 best, match = min(threshold, 1 - 1e-10), -1
                 for g, overlap in enumerate(overlaps):
@@ -89,7 +102,9 @@ def coco_detections(preds: list[Box], truths: list[Box]) -> list[tuple[str, floa
                     best, match = overlap, g
                 if match >= 0:
                     taken[t, match], hits[t] = True, True
-            out.append((label, _score(mine[d]), hits))
+                else:
+                    ignored[t] = on_crowd >= min(threshold, 1 - 1e-10)
+            out.append((label, _score(mine[d]), hits, ignored))
     return out
 
 
@@ -103,7 +118,7 @@ class ImageScores:
 
     keys: tuple[str, ...]
     tp: np.ndarray  # per image: matches at IoU 0.5 with equal labels (src.eval.metrics.match_boxes)
-    n_pred: np.ndarray
+    n_pred: np.ndarray  # predictions not on a crowd region
     n_truth: np.ndarray
     iou_sum: np.ndarray  # summed IoU of those matches
     parsed: np.ndarray
@@ -113,6 +128,7 @@ class ImageScores:
     det_label: np.ndarray
     det_score: np.ndarray
     det_hits: np.ndarray  # detections x COCO IoU thresholds
+    det_ignored: np.ndarray  # detections x COCO IoU thresholds: on a crowd region, neither TP nor FP
 
     @classmethod
     def from_rows(cls, rows: list[dict]) -> ImageScores:
@@ -122,21 +138,24 @@ class ImageScores:
     @classmethod
     def from_samples(cls, samples: list, keys: Sequence[str] | None = None) -> ImageScores:
         keys = tuple(keys) if keys is not None else tuple(str(i) for i in range(len(samples)))
-        labels = tuple(sorted({b.label for preds, truths, _ in samples for b in (*preds, *truths)}))
+        samples = [sample_parts(sample) for sample in samples]
+        labels = tuple(sorted({b.label for preds, truths, *_ in samples for b in (*preds, *truths)}))
         column = {label: i for i, label in enumerate(labels)}
         counts = np.zeros((len(samples), 5))
         truths_per_label = np.zeros((len(samples), len(labels)))
-        det_image, det_label, det_score, det_hits = [], [], [], []
-        for image, (preds, truths, parsed) in enumerate(samples):
-            pairs = match_boxes(preds, truths).pairs
-            counts[image] = (len(pairs), len(preds), len(truths), sum(o for *_, o in pairs), bool(parsed))
+        det_image, det_label, det_score, det_hits, det_ignored = [], [], [], [], []
+        for image, (preds, truths, parsed, crowd) in enumerate(samples):
+            matching = match_boxes(preds, truths, crowd=crowd)
+            pairs, counted = matching.pairs, matching.counted_preds(len(preds))
+            counts[image] = (len(pairs), counted, len(truths), sum(o for *_, o in pairs), bool(parsed))
             for truth in truths:
                 truths_per_label[image, column[truth.label]] += 1
-            for label, score, hits in coco_detections(preds, truths):
+            for label, score, hits, ignored in coco_detections(preds, truths, crowd):
                 det_image.append(image)
                 det_label.append(column[label])
                 det_score.append(score)
                 det_hits.append(hits)
+                det_ignored.append(ignored)
         return cls(
             keys,
             *counts.T,
@@ -146,6 +165,7 @@ class ImageScores:
             np.asarray(det_label, dtype=np.int64),
             np.asarray(det_score, dtype=float),
             np.asarray(det_hits, dtype=float).reshape(-1, len(COCO_IOUS)),
+            np.asarray(det_ignored, dtype=float).reshape(-1, len(COCO_IOUS)),
         )
 
     def subset(self, keys: Sequence[str]) -> ImageScores:
@@ -169,6 +189,7 @@ class ImageScores:
             self.det_label[kept][order],
             self.det_score[kept][order],
             self.det_hits[kept][order],
+            self.det_ignored[kept][order],
         )
 
 
@@ -203,7 +224,9 @@ def coco_map_values(scores: ImageScores, weights: np.ndarray) -> tuple[np.ndarra
         truths = weights @ scores.truths_per_label[:, label]
         mine = np.flatnonzero(scores.det_label == label)
         mine = mine[np.argsort(-scores.det_score[mine], kind="stable")]
-        per_label[:, label] = _label_ap(weights[:, scores.det_image[mine]], scores.det_hits[mine], truths)
+        per_label[:, label] = _label_ap(
+            weights[:, scores.det_image[mine]], scores.det_hits[mine], truths, scores.det_ignored[mine]
+        )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # a resample with no truth at all
         mean_50 = np.nan_to_num(np.nanmean(per_label[:, :, 0], axis=1), nan=0.0)
@@ -213,8 +236,14 @@ def coco_map_values(scores: ImageScores, weights: np.ndarray) -> tuple[np.ndarra
     return np.where(no_predictions, 0.0, mean_50), np.where(no_predictions, 0.0, mean_all)
 
 
-def _label_ap(weights: np.ndarray, hits: np.ndarray, truths: np.ndarray) -> np.ndarray:
-    """AP per (resample, IoU threshold) of one label; NaN where the resample has no truth of it."""
+def _label_ap(
+    weights: np.ndarray, hits: np.ndarray, truths: np.ndarray, ignored: np.ndarray | None = None
+) -> np.ndarray:
+    """AP per (resample, IoU threshold) of one label; NaN where the resample has no truth of it.
+
+    Ignored detections (on crowd regions) keep their place in the ranking but add to neither TP nor FP,
+    as in COCOeval.accumulate.
+    """
     rows, count = weights.shape
     thresholds = len(COCO_IOUS)
     ap = np.full((rows, thresholds), np.nan)
@@ -223,7 +252,8 @@ def _label_ap(weights: np.ndarray, hits: np.ndarray, truths: np.ndarray) -> np.n
         ap[has_truth] = 0.0
         return ap
     true_pos = np.cumsum(weights[:, :, None] * hits[None], axis=1)  # rows x detections x thresholds
-    false_pos = np.cumsum(weights[:, :, None] * (1 - hits[None]), axis=1)
+    counted = 1 - hits - (ignored if ignored is not None else 0)
+    false_pos = np.cumsum(weights[:, :, None] * counted[None], axis=1)
     recall = true_pos / np.maximum(truths, 1)[:, None, None]  # no truth: no hit either, so 0
     precision = true_pos / (true_pos + false_pos + np.spacing(1))
     envelope = np.maximum.accumulate(precision[:, ::-1], axis=1)[:, ::-1]

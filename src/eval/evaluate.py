@@ -14,10 +14,17 @@ OUTPUT_DIR. Each writes, atomically, into its output directory:
     tp/fp/fn at IoU 0.5, map_50, map_50_95, mean_iou, parse_rate, per_label, per_size, num_images), plus
     `class_agnostic` ({precision, recall, f1, mean_iou}: boxes matched whatever their label, which
     separates "found it" from "named it"), `intervals` ({metric: {value, low, high}}: 95% bootstrap
-    intervals over the test images, src/eval/bootstrap.py) and `eval` (model, adapter, dataset, split,
-    device, batch size, seconds, and the decoding speed: images_per_s, decoded_tokens_per_s...);
-  * `predictions.jsonl`: one line per image: image, width, height, truths, predictions (boxes in
-    original-image pixels), text (the raw answer, special tokens kept), parsed, malformed.
+    intervals over the test images, src/eval/bootstrap.py), `truncated` (answers cut off by
+    max_new_tokens: each also counts as unparsed or short of boxes, never silently) and `eval` (model,
+    adapter, dataset, split, device, batch size, max_new_tokens and the longest answer it was sized
+    from, seconds, and the decoding speed: images_per_s, decoded_tokens_per_s...);
+  * `predictions.jsonl`: one line per image: image, width, height, truths, crowd (regions ignored, as
+    pycocotools ignores iscrowd; only on images that have them), predictions (boxes in original-image
+    pixels), text (the raw answer, special tokens kept), parsed, malformed.
+
+--max-new-tokens auto (the default) sizes the answer budget from the longest answer in the data set's
+train split and in the evaluated images (src.data.dataset.answer_budget: every coordinate at its
+longest, plus a quarter and 16 tokens): a dense image of 20 boxes gets room for all of them.
 
 The whole split is evaluated unless --max-samples (alias --eval-samples) caps it. Batches are sized from
 free GPU memory (--batch-size auto; 8 on the CPU) with images of similar size together. Called from the
@@ -45,7 +52,6 @@ from src.data.boxes import Box
 from src.data.dataset import DEFAULT_PROMPT, DatasetError, load_records
 from src.eval.predict import (
     DECODE_MODES,
-    DEFAULT_MAX_NEW_TOKENS,
     GenerationStats,
     Prediction,
     load_for_eval,
@@ -87,7 +93,7 @@ def evaluate_output(output_dir: str | Path, dataset: str, **options) -> dict:
     """Evaluate the final model of a worker output dir; writes OUT/metrics.json and OUT/predictions.jsonl.
 
     `options` are evaluate_model's: split, max_samples, device, batch_size, max_new_tokens, prompt,
-    sort_by_size, decode, progress_stage (default "eval": the worker's stage name).
+    sort_by_size, decode, progress_stage (default "eval": the worker's stage name), image_root.
     """
     options.setdefault("progress_stage", "eval")
     return evaluate_model(final_model_of(output_dir), dataset, output_dir, **options)
@@ -127,23 +133,30 @@ def evaluate_model(
     max_samples: int | None = None,
     device: str = "cpu",
     batch_size: int | str = "auto",
-    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+    max_new_tokens: int | str = "auto",
     prompt: str = DEFAULT_PROMPT,
     sort_by_size: bool = True,
     decode: str = "plain",
     progress_stage: str | None = None,
+    image_root: str | Path | None = None,
+    pixels: tuple[int | None, int | None] = (None, None),
 ) -> dict:
     """Predict on `split` (its first `max_samples` records; None or 0: all), score, write both files.
 
     progress_stage names the RR_PROGRESS stage of the "eval" events sent while predicting (None: none).
+    max_new_tokens "auto" sizes the answer budget from the data (answer_budget_for).
     """
     from src.eval.metrics import detection_metrics
 
     out_dir = Path(out_dir)
-    records, _ = load_records(dataset, split)  # raises DatasetError naming what is wrong
+    records, _ = load_records(dataset, split, image_root=image_root)  # raises DatasetError naming the fix
     records = records[:max_samples] if max_samples else records
     started = time.time()
-    model, processor, family = load_for_eval(model_path, device, search_root=out_dir)
+    model, processor, family = load_for_eval(model_path, device, search_root=out_dir, pixels=pixels)
+    longest = None
+    if max_new_tokens == "auto":
+        max_new_tokens, longest = answer_budget_for(dataset, records, processor, family, image_root)
+        log.info("max_new_tokens %d: the longest answer is at most %d tokens", max_new_tokens, longest)
     loaded = time.time()
     stats = GenerationStats()
     predictions = predict_records(
@@ -161,10 +174,19 @@ def evaluate_model(
         on_progress=progress_reporter(progress_stage),
     )
     predicted = time.time()
-    samples = [(p.boxes, p.truths, p.parsed) for p in predictions]
+    samples = [(p.boxes, p.truths, p.parsed, p.crowd) for p in predictions]
     base, adapter = resolve_model(model_path, out_dir)
+    truncated = sum(p.truncated for p in predictions)
+    if truncated:
+        log.warning(
+            "%d of %d answers were cut off at max_new_tokens=%d; pass a larger --max-new-tokens",
+            truncated,
+            len(predictions),
+            max_new_tokens,
+        )
     metrics = {
         **detection_metrics(samples),
+        "truncated": truncated,
         "class_agnostic": class_agnostic_metrics(samples),
         "intervals": image_intervals(predictions),
         "eval": {
@@ -180,6 +202,7 @@ def evaluate_model(
             "sort_by_size": sort_by_size,
             "decode": decode,
             "max_new_tokens": max_new_tokens,
+            "longest_answer_tokens": longest,  # None: max_new_tokens was given, not sized
             "load_seconds": round(loaded - started, 2),
             "predict_seconds": round(predicted - loaded, 2),
             "seconds": round(time.time() - started, 2),
@@ -191,25 +214,45 @@ def evaluate_model(
     return metrics
 
 
+def answer_budget_for(
+    dataset: str, records: list, processor, family: str, image_root: str | Path | None = None
+) -> tuple[int, int]:
+    """(max_new_tokens, longest answer in tokens) from the train split's answers and these records'.
+
+    The train split is read without opening its images (labels and box counts are all it takes); a
+    source without one is sized from the evaluated records alone.
+    """
+    from src.data.dataset import answer_budget, answer_labels, longest_answer_tokens
+
+    labels = [[box.label for box in record.boxes] for record in records]
+    try:
+        labels += answer_labels(dataset, "train", image_root)
+    except DatasetError:
+        pass  # no train split to read: the evaluated images' own answers size the budget
+    longest = longest_answer_tokens(labels, processor.tokenizer, family)
+    return answer_budget(longest), longest
+
+
 def image_intervals(predictions: list[Prediction]) -> dict:
     """95% bootstrap intervals of every headline metric over these images (src/eval/bootstrap.py)."""
     from src.eval.bootstrap import ImageScores, intervals
 
-    samples = [(p.boxes, p.truths, p.parsed) for p in predictions]
+    samples = [(p.boxes, p.truths, p.parsed, p.crowd) for p in predictions]
     return intervals([ImageScores.from_samples(samples)]) if samples else {}
 
 
 def class_agnostic_metrics(samples: list, iou_threshold: float = 0.5) -> dict:
     """Precision, recall, F1 and mean IoU with boxes matched whatever their labels."""
-    from src.eval.metrics import match_boxes
+    from src.eval.metrics import match_boxes, sample_parts
 
     tp = n_preds = n_truths = 0
     ious: list[float] = []
-    for preds, truths, _ in samples:
-        matching = match_boxes(preds, truths, iou_threshold, class_agnostic=True)
+    for sample in samples:
+        preds, truths, _, crowd = sample_parts(sample)
+        matching = match_boxes(preds, truths, iou_threshold, class_agnostic=True, crowd=crowd)
         tp += len(matching.pairs)
         ious += [overlap for _, _, overlap in matching.pairs]
-        n_preds, n_truths = n_preds + len(preds), n_truths + len(truths)
+        n_preds, n_truths = n_preds + matching.counted_preds(len(preds)), n_truths + len(truths)
     precision = tp / n_preds if n_preds else 0.0
     recall = tp / n_truths if n_truths else 0.0
     f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
@@ -233,6 +276,7 @@ def write_predictions(path: Path, predictions: list[Prediction]) -> Path:
             "width": p.width,
             "height": p.height,
             "truths": [_box_json(b) for b in p.truths],
+            **({"crowd": [_box_json(b) for b in p.crowd]} if p.crowd else {}),
             "predictions": [_box_json(b) for b in p.boxes],
             "text": p.text,
             "parsed": p.parsed,
@@ -279,10 +323,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     arg(
         "--max-new-tokens",
-        type=int,
-        default=DEFAULT_MAX_NEW_TOKENS,
-        help="answer length cap (default: %(default)s)",
+        type=int_or_auto,
+        default="auto",
+        help="answer length cap, or auto: the data's longest answer plus a margin (default: %(default)s)",
     )
+    arg("--image-root", default=None, help="folder holding the data set's images, if not found beside it")
     arg("--no-sort", action="store_true", help="batch images in file order, not grouped by size")
     arg(
         "--decode",
@@ -303,7 +348,7 @@ def _usage_problems(args) -> list[str]:
         problems.append(f"--max-samples {args.max_samples}: use 0 (the whole split) or more")
     if args.batch_size != "auto" and args.batch_size < 1:
         problems.append(f"--batch-size {args.batch_size}: use auto or at least 1")
-    if args.max_new_tokens < 1:
+    if args.max_new_tokens != "auto" and args.max_new_tokens < 1:
         problems.append(f"--max-new-tokens {args.max_new_tokens}: use at least 1")
     if args.base and len(args.output_dirs) > 1:
         problems.append("--base writes into one OUTPUT_DIR; got several")
@@ -328,6 +373,9 @@ def evaluate_one(output_dir: str, base: str | None, options: dict) -> int:
     band = f" (F1 95% CI [{f1['low']:.3f}, {f1['high']:.3f}])" if f1 else ""
     speed = metrics["eval"].get("images_per_s")
     rate = f", {metrics['num_images']} images at {speed:.2f} images/s" if speed else ""
+    if metrics.get("truncated"):
+        budget = metrics["eval"]["max_new_tokens"]
+        rate += f", {metrics['truncated']} answer(s) cut off at max_new_tokens {budget}"
     print(f"{output_dir}: {json.dumps(summary)}{band}{rate} -> {Path(output_dir) / METRICS_FILE}", flush=True)
     return EXIT_OK
 
@@ -352,6 +400,7 @@ def main(argv: list[str] | None = None) -> int:
         "device": resolve_device(args.cpu),
         "batch_size": args.batch_size,
         "max_new_tokens": args.max_new_tokens,
+        "image_root": args.image_root,
         "sort_by_size": not args.no_sort,
         "decode": args.decode,
         "progress_stage": None,  # a person reads this output: log lines, not RR_PROGRESS events

@@ -14,6 +14,11 @@ Conventions, chosen once here so every report agrees:
   predicted has no AP and so does not lower mAP; precision and ``per_label`` still count those false
   positives. With no predictions at all mAP is 0.0; with no ground truth at all mAP is undefined for COCO
   and reported as 0.0. Predictions without a score rank with a constant score of 1.0.
+* Crowd regions (COCO ``iscrowd``, VOC ``difficult``; a sample's optional fourth element) are ignored as
+  pycocotools ignores them: a prediction left unmatched by the real boxes that lies on a crowd region of
+  its label (intersection over the *prediction's* area >= the threshold, COCO's crowd overlap) is neither
+  a true nor a false positive, and a crowd region is never a miss. mAP hands them to pycocotools as
+  ``iscrowd: 1``.
 """
 
 from __future__ import annotations
@@ -21,11 +26,12 @@ from __future__ import annotations
 import contextlib
 import io
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from src.data.boxes import Box
 
-Sample = tuple[list[Box], list[Box], bool]  # (predictions, ground truth, answer parsed) for one image
+# (predictions, ground truth, answer parsed[, crowd regions]) for one image
+Sample = tuple[list[Box], list[Box], bool] | tuple[list[Box], list[Box], bool, list[Box]]
 # COCO's object sizes by box area in pixels of the original image: small < 32^2 <= medium < 96^2 <= large.
 SIZES = (("small", 32**2), ("medium", 96**2), ("large", float("inf")))
 
@@ -39,22 +45,47 @@ def iou(a: Box, b: Box) -> float:
     return inter / union if union > 0 else 0.0
 
 
+def crowd_overlap(pred: Box, region: Box) -> float:
+    """How much of `pred` lies inside a crowd region: pycocotools' IoU against an iscrowd box."""
+    inter_w = max(0.0, min(pred.x2, region.x2) - max(pred.x1, region.x1))
+    inter_h = max(0.0, min(pred.y2, region.y2) - max(pred.y1, region.y1))
+    area = (pred.x2 - pred.x1) * (pred.y2 - pred.y1)
+    return inter_w * inter_h / area if area > 0 else 0.0
+
+
+def sample_parts(sample: Sample) -> tuple[list[Box], list[Box], bool, list[Box]]:
+    """(predictions, truths, parsed, crowd regions) of a sample with or without its crowd regions."""
+    preds, truths, parsed, *crowd = sample
+    return preds, truths, parsed, (crowd[0] if crowd else [])
+
+
 @dataclass(frozen=True)
 class Matching:
     """Result of :func:`match_boxes`; every entry is an index into the lists passed in."""
 
     pairs: list[tuple[int, int, float]]  # (prediction, truth, IoU), in the order they were matched
-    unmatched_preds: list[int]
+    unmatched_preds: list[int]  # false positives: not matched, and not on a crowd region
     unmatched_truths: list[int]
+    ignored_preds: list[int] = field(default_factory=list)  # unmatched, but on a crowd region
+
+    def counted_preds(self, total: int) -> int:
+        """Predictions that count in precision: all of them but those on crowd regions."""
+        return total - len(self.ignored_preds)
 
 
 def match_boxes(
-    preds: list[Box], truths: list[Box], iou_threshold: float = 0.5, class_agnostic: bool = False
+    preds: list[Box],
+    truths: list[Box],
+    iou_threshold: float = 0.5,
+    class_agnostic: bool = False,
+    crowd: list[Box] = (),
 ) -> Matching:
     """Greedy one-to-one matching: repeatedly take the highest-IoU pair whose boxes are both still free.
 
     Greedy by IoU rather than by score, because parsed answers often carry no score; ties go to the
-    lower prediction index, then the lower truth index, so results are deterministic.
+    lower prediction index, then the lower truth index, so results are deterministic. Predictions left
+    over that lie on a `crowd` region (see the module docstring) are `ignored_preds`, as COCO matches
+    real boxes first and crowd regions only after.
     """
     candidates = [
         (overlap, p, t)
@@ -71,10 +102,21 @@ def match_boxes(
             pairs.append((p, t, overlap))
             used_preds.add(p)
             used_truths.add(t)
+    leftover = [p for p in range(len(preds)) if p not in used_preds]
+    ignored = [
+        p
+        for p in leftover
+        if any(
+            (class_agnostic or preds[p].label == region.label)
+            and crowd_overlap(preds[p], region) >= iou_threshold
+            for region in crowd
+        )
+    ]
     return Matching(
         pairs,
-        [p for p in range(len(preds)) if p not in used_preds],
+        [p for p in leftover if p not in ignored],
         [t for t in range(len(truths)) if t not in used_truths],
+        ignored,
     )
 
 
@@ -102,8 +144,9 @@ def per_size_metrics(samples: list[Sample], iou_threshold: float = 0.5) -> dict:
     tp: Counter[str] = Counter()
     preds: Counter[str] = Counter()
     truths: Counter[str] = Counter()
-    for predicted, true, _ in samples:
-        matching = match_boxes(predicted, true, iou_threshold)
+    for sample in samples:
+        predicted, true, _, crowd = sample_parts(sample)
+        matching = match_boxes(predicted, true, iou_threshold, crowd=crowd)
         for _, t, _ in matching.pairs:
             tp[size_of(true[t])] += 1
             preds[size_of(true[t])] += 1
@@ -118,20 +161,26 @@ def per_size_metrics(samples: list[Sample], iou_threshold: float = 0.5) -> dict:
 
 def coco_map(samples: list[Sample]) -> tuple[float, float]:
     """COCO box mAP as (mAP@0.5, mAP@[0.5:0.95]); 0.0 for both with no predictions or no ground truth."""
-    has_preds = any(preds for preds, _, _ in samples)
-    has_truths = any(truths for _, truths, _ in samples)
+    samples = [sample_parts(sample) for sample in samples]
+    has_preds = any(preds for preds, *_ in samples)
+    has_truths = any(truths for _, truths, *_ in samples)
     if not (has_preds and has_truths):  # pycocotools fails on no results and returns -1 on no ground truth
         return 0.0, 0.0
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
 
-    labels = sorted({b.label for preds, truths, _ in samples for b in (*preds, *truths)})
+    labels = sorted({b.label for preds, truths, _, crowd in samples for b in (*preds, *truths, *crowd)})
     category = {label: i for i, label in enumerate(labels, start=1)}
 
     def xywh(b: Box) -> list[float]:
         return [b.x1, b.y1, b.x2 - b.x1, b.y2 - b.y1]
 
-    truths = [(image, b) for image, (_, ts, _) in enumerate(samples, start=1) for b in ts]
+    truths = [
+        (image, b, crowd)
+        for image, (_, ts, _, regions) in enumerate(samples, start=1)
+        for crowd, boxes in ((0, ts), (1, regions))
+        for b in boxes
+    ]
     dataset = {
         "images": [{"id": image} for image in range(1, len(samples) + 1)],
         "categories": [{"id": i, "name": label} for label, i in category.items()],
@@ -143,9 +192,9 @@ def coco_map(samples: list[Sample]) -> tuple[float, float]:
                 "category_id": category[b.label],
                 "bbox": xywh(b),
                 "area": (b.x2 - b.x1) * (b.y2 - b.y1),
-                "iscrowd": 0,
+                "iscrowd": crowd,
             }
-            for i, (image, b) in enumerate(truths, start=1)
+            for i, (image, b, crowd) in enumerate(truths, start=1)
         ],
     }
     detections = [
@@ -155,7 +204,7 @@ def coco_map(samples: list[Sample]) -> tuple[float, float]:
             "bbox": xywh(b),
             "score": 1.0 if b.score is None else b.score,
         }
-        for image, (ps, _, _) in enumerate(samples, start=1)
+        for image, (ps, *_) in enumerate(samples, start=1)
         for b in ps
     ]
     with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress and the summary table
@@ -171,22 +220,25 @@ def coco_map(samples: list[Sample]) -> tuple[float, float]:
 
 
 def detection_metrics(samples: list[Sample], iou_threshold: float = 0.5) -> dict:
-    """Metrics over a list of (preds, truths, parsed) per image; counts are micro-averaged over images.
+    """Metrics over a list of (preds, truths, parsed[, crowd]) per image; counts are micro-averaged.
 
     Keys: num_images, parse_rate, mean_iou (of matched pairs), precision, recall, f1, tp, fp, fn
-    (all at ``iou_threshold``), map_50, map_50_95 (COCO), per_label: {label: {precision, recall,
-    f1, support}} where support is the label's number of ground-truth boxes, and per_size (see
-    :func:`per_size_metrics`).
+    (all at ``iou_threshold``), ignored (predictions on crowd regions, in neither tp nor fp), map_50,
+    map_50_95 (COCO), per_label: {label: {precision, recall, f1, support}} where support is the label's
+    number of ground-truth boxes, and per_size (see :func:`per_size_metrics`).
     """
     matched_ious: list[float] = []
     tp_by_label: Counter[str] = Counter()
     preds_by_label: Counter[str] = Counter()
     truths_by_label: Counter[str] = Counter()
-    for preds, truths, _ in samples:
-        matching = match_boxes(preds, truths, iou_threshold)
+    ignored = 0
+    for sample in samples:
+        preds, truths, _, crowd = sample_parts(sample)
+        matching = match_boxes(preds, truths, iou_threshold, crowd=crowd)
         matched_ious += [overlap for _, _, overlap in matching.pairs]
         tp_by_label.update(truths[t].label for _, t, _ in matching.pairs)
-        preds_by_label.update(b.label for b in preds)
+        ignored += len(matching.ignored_preds)
+        preds_by_label.update(b.label for p, b in enumerate(preds) if p not in matching.ignored_preds)
         truths_by_label.update(b.label for b in truths)
     tp, n_preds, n_truths = len(matched_ious), preds_by_label.total(), truths_by_label.total()
     precision, recall, f1 = _prf(tp, n_preds, n_truths)
@@ -197,7 +249,7 @@ def detection_metrics(samples: list[Sample], iou_threshold: float = 0.5) -> dict
         per_label[label] = {"precision": p, "recall": r, "f1": f, "support": truths_by_label[label]}
     return {
         "num_images": len(samples),
-        "parse_rate": _ratio(sum(parsed for _, _, parsed in samples), len(samples)),
+        "parse_rate": _ratio(sum(sample_parts(sample)[2] for sample in samples), len(samples)),
         "mean_iou": _ratio(sum(matched_ious), len(matched_ious)),
         "precision": precision,
         "recall": recall,
@@ -205,6 +257,7 @@ def detection_metrics(samples: list[Sample], iou_threshold: float = 0.5) -> dict
         "tp": tp,
         "fp": n_preds - tp,
         "fn": n_truths - tp,
+        "ignored": ignored,
         "map_50": map_50,
         "map_50_95": map_50_95,
         "per_label": per_label,

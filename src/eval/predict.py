@@ -14,7 +14,10 @@ Generation is batched with left padding and greedy, images of similar size toget
 as many per batch as free GPU memory holds (`plan_eval_batch`); answers are decoded with
 skip_special_tokens=False (the box tokens are special tokens) and read by
 `src.data.boxes.parse_answer`, which never raises: a garbled or cut-off answer is kept as an
-unparsed prediction, never an error. `python -m src.eval.evaluate` is the command-line entry point.
+unparsed prediction, never an error. An answer that reaches max_new_tokens without its end token is
+marked `truncated` (and counted in GenerationStats): never silent. `python -m src.eval.evaluate` is the
+command-line entry point; it sizes max_new_tokens from the data's longest answer
+(`src.data.dataset.answer_budget`).
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import json
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from src.data.boxes import Box, parse_answer, smart_resize
@@ -31,7 +34,7 @@ from src.data.dataset import DEFAULT_PROMPT, DetectionRecord, processor_pixel_li
 
 log = logging.getLogger(__name__)
 ADAPTER_CONFIG = "adapter_config.json"
-DEFAULT_MAX_NEW_TOKENS = 256  # about eight objects in Qwen2-VL's format
+DEFAULT_MAX_NEW_TOKENS = 256  # about eight objects in Qwen2-VL's format; evaluation sizes its own
 CPU_EVAL_BATCH = 8  # images per generate() call on the CPU, and where GPU memory cannot be read
 MAX_EVAL_BATCH = 256  # past this a decoding step is no longer bound by reading the weights once
 EVAL_MEMORY_HEADROOM = 0.8  # of the free GPU memory: the allocator's fragmentation and estimate error
@@ -53,6 +56,8 @@ class Prediction:
     text: str
     parsed: bool
     malformed: int = 0
+    crowd: list[Box] = field(default_factory=list)  # regions evaluation ignores (COCO iscrowd)
+    truncated: bool = False  # the answer ran into max_new_tokens before its end token
 
 
 def resolve_model(model_path: str | Path, search_root: str | Path | None = None) -> tuple[str, str | None]:
@@ -89,14 +94,21 @@ def locate(name: str, search_root: str | Path | None = None) -> str:
     return name
 
 
-def load_for_eval(model_path: str | Path, device: str = "cpu", search_root: str | Path | None = None):
+def load_for_eval(
+    model_path: str | Path,
+    device: str = "cpu",
+    search_root: str | Path | None = None,
+    pixels: tuple[int | None, int | None] = (None, None),
+):
     """(model in eval mode, processor, family) for a model dir, an adapter dir or a hub id.
 
     An adapter is applied to its base loaded in full precision (bf16 on GPUs, fp32 on the CPU), even
     when it was trained on a 4-bit base (r1, r3 stage 2): evaluating a QLoRA adapter on the
     unquantized weights is standard and avoids bitsandbytes at eval time; the scores can differ
     slightly from the 4-bit model's (the demo's tiny r1: precision 0.22 here, 0.25 on its 4-bit base).
-    The adapter is merged in, so generation pays no LoRA overhead.
+    The adapter is merged in, so generation pays no LoRA overhead. Images are resized as training
+    resized them: by the processor saved beside an adapter, else by `pixels` (--min-pixels, --max-pixels)
+    with training's default cap.
     """
     from src.models.loader import load_model, load_processor, model_family
 
@@ -107,8 +119,10 @@ def load_for_eval(model_path: str | Path, device: str = "cpu", search_root: str 
 
         model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
     # The worker saves the processor beside the adapter; an adapter saved without one uses the base's.
-    processor_dir = adapter if adapter and Path(adapter, "tokenizer_config.json").is_file() else base
-    processor = load_processor(processor_dir)
+    if adapter and Path(adapter, "tokenizer_config.json").is_file():
+        processor = load_processor(adapter, cap=False)
+    else:
+        processor = load_processor(base, *pixels)
     model.eval()
     return model, processor, model_family(base)
 
@@ -222,6 +236,7 @@ class GenerationStats:
     generate_seconds: float = 0.0
     batches: int = 0
     batch_size: int = 0  # images per generate() call asked for (the last batch can hold fewer)
+    cut: list[bool] = field(default_factory=list)  # per image, in generation order: hit max_new_tokens
 
     def add(self, images: int, decoded: int, steps: int, seconds: float) -> None:
         self.images += images
@@ -241,6 +256,7 @@ class GenerationStats:
             "generate_seconds": round(seconds, 3),
             "images_per_s": round(self.images / seconds, 3) if seconds else None,
             "decoded_tokens_per_s": round(self.decoded_tokens / seconds, 1) if seconds else None,
+            "truncated": sum(self.cut),
         }
 
 
@@ -256,6 +272,11 @@ def answer_lengths(new_tokens, end_ids: list[int]) -> list[int]:
         ends = [i for i, token in enumerate(row) if token in end_ids]
         lengths.append(ends[0] + 1 if ends else len(row))
     return lengths
+
+
+def answers_cut(new_tokens, end_ids: list[int]) -> list[bool]:
+    """Per row: True when it holds no end token, i.e. max_new_tokens cut the answer off."""
+    return [not any(token in end_ids for token in row) for row in new_tokens.tolist()]
 
 
 def generate_answers(
@@ -305,11 +326,14 @@ def generate_answers(
     if stats is not None:
         lengths = answer_lengths(new_tokens, end_ids + [pad_id])
         stats.add(len(images), sum(lengths), new_tokens.shape[1], time.perf_counter() - started)
+        stats.cut += answers_cut(new_tokens, end_ids + [pad_id])
     texts = tokenizer.batch_decode(new_tokens, skip_special_tokens=False)
     return [_clean(text, tokenizer.pad_token) for text in texts]
 
 
-def _prediction(record: DetectionRecord, text: str, processor, family: str) -> Prediction:
+def _prediction(
+    record: DetectionRecord, text: str, processor, family: str, truncated: bool = False
+) -> Prediction:
     answer = parse_answer(text, record.width, record.height, family, _resized(processor, record, family))
     return Prediction(
         image=str(record.image) if isinstance(record.image, (str, Path)) else record.where,
@@ -320,6 +344,8 @@ def _prediction(record: DetectionRecord, text: str, processor, family: str) -> P
         text=text,
         parsed=answer.parsed,
         malformed=answer.malformed,
+        crowd=list(record.crowd_boxes),
+        truncated=truncated,
     )
 
 
@@ -348,24 +374,28 @@ def predict_records(
     if batch_size == "auto":
         batch_size = auto_batch_size(model, processor, records, device, prompt, max_new_tokens)
         log.info("batch size %d (from free memory)", batch_size)
-    if stats is not None:
-        stats.batch_size = batch_size
+    stats = stats if stats is not None else GenerationStats()  # it also carries which answers were cut
+    stats.batch_size = batch_size
     order = batching_order(processor, records) if sort_by_size and processor is not None else None
     order = order or list(range(len(records)))
     texts: dict[int, str] = {}
+    cut: dict[int, bool] = {}
     if on_progress:
         on_progress(0, len(records))
     for start in range(0, len(order), batch_size):
         chunk = order[start : start + batch_size]
         images = [_load(records[i], load_image) for i in chunk]
+        before = len(stats.cut)
         answers = generate_answers(
             model, processor, images, device, prompt, max_new_tokens, stats=stats, decode=decode
         )
         texts.update(zip(chunk, answers, strict=True))
+        flags = stats.cut[before:]
+        cut.update(zip(chunk, flags if len(flags) == len(chunk) else [False] * len(chunk), strict=True))
         log.info("predicted %d/%d", len(texts), len(records))
         if on_progress:
             on_progress(len(texts), len(records))
-    return [_prediction(record, texts[i], processor, family) for i, record in enumerate(records)]
+    return [_prediction(record, texts[i], processor, family, cut[i]) for i, record in enumerate(records)]
 
 
 def _load(record: DetectionRecord, load_image):

@@ -89,9 +89,12 @@ def _balanced_map_with_head_on_first_gpu(model_id: str) -> dict:
     return device_map
 
 
-def load_processor(model_id: str, min_pixels: int | None = None, max_pixels: int | None = None):
+def load_processor(
+    model_id: str, min_pixels: int | None = None, max_pixels: int | None = None, cap: bool = True
+):
     """The model's processor, resizing images to `src.planner.pixel_limits` (the run's --min-pixels and
-    --max-pixels, else the processor's own with its maximum capped at 1280 image tokens)."""
+    --max-pixels, else the processor's own with its maximum capped at 1280 image tokens). `cap=False`
+    keeps a processor's own limits: one saved beside an adapter already holds what training used."""
     from transformers import AutoProcessor
 
     from src.data.dataset import processor_pixel_limits
@@ -99,7 +102,9 @@ def load_processor(model_id: str, min_pixels: int | None = None, max_pixels: int
 
     processor = AutoProcessor.from_pretrained(model_id)
     own = processor_pixel_limits(processor)
-    wanted = pixel_limits(own, min_pixels, max_pixels)
+    wanted = (
+        pixel_limits(own, min_pixels, max_pixels) if cap else (min_pixels or own[0], max_pixels or own[1])
+    )
     if wanted != own:  # the processor's own keyword arguments: its size dict follows them
         processor = AutoProcessor.from_pretrained(model_id, min_pixels=wanted[0], max_pixels=wanted[1])
     processor.tokenizer.padding_side = "right"  # training pads right; generation switches to left

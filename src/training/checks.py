@@ -10,8 +10,19 @@ import os
 from pathlib import Path
 
 
-def model_and_data_problems(model_id: str, dataset: str, skip_bad_records: bool = False) -> list[str]:
-    """A local model that is not Qwen2-VL/2.5-VL, a data set that is missing, empty or has bad records."""
+def model_and_data_problems(
+    model_id: str,
+    dataset: str,
+    skip_bad_records: bool = False,
+    image_root: str | None = None,
+    evaluate: bool = True,
+) -> list[str]:
+    """A local model that is not Qwen2-VL/2.5-VL; a data set that is missing, empty or has bad records.
+
+    With `evaluate` (the default: a run evaluates after training unless --skip-eval) the test split is
+    checked too, so that a data set with nothing to test on (one image and no test split) or a bad test
+    record stops the run before any model loads, not after every recipe has trained.
+    """
     from src.data.dataset import DatasetError, load_records
     from src.models.loader import local_model_problem
     from src.training.worker import DEFAULT_DATASET
@@ -25,10 +36,13 @@ def model_and_data_problems(model_id: str, dataset: str, skip_bad_records: bool 
             f"--dataset not given, and the default {DEFAULT_DATASET} does not exist: build it "
             "with `python -m src.fixtures` (or `make fixtures`), or pass --dataset DIR|FILE.json|HUB_NAME",
         ]
-    try:
-        load_records(dataset, "train", skip_bad_records)
-    except DatasetError as error:
-        problems.append(str(error))
+    for split in ("train", "test") if evaluate else ("train",):
+        try:
+            load_records(dataset, split, skip_bad_records, image_root)
+        except DatasetError as error:
+            problems.append(str(error))
+            if "bad record" not in str(error):
+                break  # the source itself is unusable: its test split would say the same again
     return problems
 
 

@@ -65,6 +65,7 @@ class RunOptions:
     fused_optimizer: bool = True  # fused AdamW kernel on GPUs
     frozen_vision_no_grad: bool = True  # run a vision tower with nothing to train outside autograd
     adapter_input_casts: bool = False  # on GPUs: PEFT's fp32 copy of every LoRA input (autocast undoes it)
+    image_root: str | None = None  # where the data set's images are, when not where load_records looks
     min_pixels: int | None = None  # image resize limits (None: src.planner.pixel_limits' defaults)
     max_pixels: int | None = None
     compile: bool | None = None  # torch.compile the model's repeated regions; None: resolve_compile decides
@@ -255,7 +256,9 @@ def prepare_stage(
     set_seed(opts.seed)  # before LoRA init, so the same seed gives the same adapter
     processor = load_processor(model_id, opts.min_pixels, opts.max_pixels)
     family = model_family(model_id)
-    dataset, skipped = build_dataset(opts.dataset, "train", family, processor, opts.skip_bad_records)
+    dataset, skipped = build_dataset(
+        opts.dataset, "train", family, processor, opts.skip_bad_records, image_root=opts.image_root
+    )
     if skipped:
         log.warning("skipped %d bad record(s) of %s", skipped, opts.dataset)
 

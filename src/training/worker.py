@@ -159,6 +159,12 @@ def build_parser(recipe_required: bool = True, prog: str = "train_recipe.py") ->
         "1,003,520 = 1280 image tokens; the hub's Qwen2-VL allows 16,384 tokens an image)",
     )
     arg("--min-pixels", type=int, default=None, help="resize images to at least this many pixels")
+    arg(
+        "--image-root",
+        default=None,
+        help="where the data set's images are, when they are not beside its annotation file, in "
+        "images/, or (COCO) in <split>/ beside annotations/",
+    )
     arg("--lora-rank", type=int, default=None, help="LoRA rank for every stage (default: the recipe's, 16)")
     arg("--lora-alpha", type=int, default=None, help="LoRA alpha (default: the recipe's, 32)")
     arg("--lora-dropout", type=float, default=None, help="LoRA dropout (default: the recipe's, 0.05)")
@@ -192,7 +198,13 @@ def check_args(args, recipe) -> list[str]:
         problems.append("--cpu and --gpu conflict: pass one of them")
     problems += _checkpoint_problems(args, recipe)
     problems += output_dir_problems(Path(args.output_dir), args.resume)
-    problems += model_and_data_problems(args.checkpoint or args.model_id, args.dataset, args.skip_bad_records)
+    problems += model_and_data_problems(
+        args.checkpoint or args.model_id,
+        args.dataset,
+        args.skip_bad_records,
+        image_root=args.image_root,
+        evaluate=not args.skip_eval,
+    )
     return problems
 
 
@@ -437,7 +449,13 @@ def evaluate_after_training(args, output: Path, device: str) -> dict:
 
     progress.emit("stage_start", recipe=args.recipe, stage="eval", model=str(output))
     try:
-        metrics = evaluate_output(output, args.dataset, max_samples=args.eval_samples or None, device=device)
+        metrics = evaluate_output(
+            output,
+            args.dataset,
+            max_samples=args.eval_samples or None,
+            device=device,
+            image_root=args.image_root,
+        )
     except Exception as failure:  # reported in status.json and the log, never silent
         log.error("evaluation failed:\n%s", traceback.format_exc())
         return {"status": "failed", "error": f"{type(failure).__name__}: {failure}"}
@@ -458,6 +476,8 @@ def evaluate_baseline(args, device: str) -> dict:
             args.baseline_dir,
             max_samples=args.eval_samples or None,
             device=device,
+            image_root=args.image_root,
+            pixels=(args.min_pixels, args.max_pixels),  # the resolution the recipes trained at
         )
     except Exception as failure:  # the recipe's own results stand; the report shows no baseline
         log.error("baseline evaluation failed:\n%s", traceback.format_exc())
@@ -501,6 +521,7 @@ def run_options(args, device: str, output: Path, wandb_on: bool):
         compile=ON_OFF_AUTO[args.compile],
         min_pixels=args.min_pixels,
         max_pixels=args.max_pixels,
+        image_root=args.image_root,
     )
 
 
