@@ -22,10 +22,15 @@ def cached_snapshot(cache, repo: str = "someorg/tiny-vl"):
 
 @pytest.fixture
 def offline_cache(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
     cache = tmp_path / "hub"
     cache.mkdir()
-    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    # huggingface_hub reads its environment once, at import: set both, for this process and children.
+    for name, value in (("HF_HUB_CACHE", str(cache)), ("HF_HUB_OFFLINE", "1")):
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     return cache
 
 
