@@ -38,10 +38,7 @@ from recipe_runner.placement import (
     PlanError,
     jobs_per_gpu,
     make_plan,
-    plan_recipe,
     plan_recipes,
-    planner_inputs,
-    sharing,
 )
 from recipe_runner.plan import (
     WORKER_ENV,
@@ -50,7 +47,6 @@ from recipe_runner.plan import (
     SweepPoint,
     TrainFlags,
     as_cpu_job,
-    bind_gpus,
     new_launch_id,
     parse_gpu_ids,
     resolve_recipes,
@@ -60,6 +56,7 @@ from recipe_runner.plan import (
     sweep_points,
     worker_command,
 )
+from recipe_runner.plan_view import plan_for_sizes, print_plan, print_rows
 from recipe_runner.status import LiveReporter, PlainReporter
 from recipe_runner.summary import (
     JobResult,
@@ -625,7 +622,10 @@ def cmd_launch(args: argparse.Namespace, probe: Callable[[], list[GpuInfo]] = pr
     if args.command == "launch" and not getattr(args, "dry_run", False):
         request = _with_local_model(request)
     if getattr(args, "gpu_memory", None):
-        return _plan_for_sizes(request, args.gpu_memory)
+        try:
+            return plan_for_sizes(request, args.gpu_memory)
+        except PlanError as error:
+            raise UsageError(str(error), error.hint) from None
     launch_id = new_launch_id()
     selection = None if request.cpu or request.backend == "ray" else _select(args, probe)
     pool = _pool(args, selection, probe, launch_id) if selection else None
@@ -681,49 +681,6 @@ def request_from_args(args: argparse.Namespace) -> LaunchRequest:
         max_jobs_per_gpu=args.max_jobs_per_gpu,
         lora=lora_sizes_from_args(args),
     )
-
-
-def _plan_for_sizes(request: LaunchRequest, sizes_gib: Sequence[float]) -> int:
-    """`plan --gpu-memory`: every recipe on GPUs of the given sizes, from config.json and the data alone."""
-    from src.training.worker import DEFAULT_BATCH_SIZE
-
-    inputs = planner_inputs(request, fetch=True)
-    if inputs is None:
-        raise UsageError(
-            "cannot plan: the model's config.json (a local directory, or a hub id whose config.json is "
-            "cached or can be downloaded) and a local data set are needed",
-            "give --model-id DIR (or a hub id while online) and --dataset DIR",
-        )
-    shape, workload = inputs
-    batch = request.flags.batch_size or DEFAULT_BATCH_SIZE
-    print(
-        f"model {request.flags.model_id}: {shape.layers} layers, hidden {shape.hidden}; largest sample "
-        f"{workload.patches} image patches + {workload.text_tokens} text tokens. Nothing was started."
-    )
-    rows = [("recipe", "GPU", f"at --batch-size {batch}", "verdict", "--batch-size auto would run")]
-    for recipe in (request.recipe(name) for name in request.recipes):
-        rows += [_size_row(request, recipe, inputs, batch, gib) for gib in sizes_gib]
-    _print_rows(rows)
-    return 0
-
-
-def _size_row(request: LaunchRequest, recipe, inputs, batch: int | str, gib: float) -> tuple[str, ...]:
-    """One recipe on one GPU size: the peak at the asked batch, the verdict, and auto's choice."""
-    mib = int(gib * 1024)
-    asked = replace(request, flags=replace(request.flags, batch_size=batch))
-    auto = replace(request, flags=replace(request.flags, batch_size="auto"))
-    plan = plan_recipe(asked, recipe, inputs, mib) if batch != "auto" else None
-    best = plan_recipe(auto, recipe, inputs, mib)
-    peak, fits = "-", best is not None
-    if plan is not None:
-        peak = f"{plan.predicted_gib:.1f} GiB (recompute {'on' if plan.checkpointing else 'off'})"
-        fits = plan.fits
-    choice = "nothing fits, even micro-batch 1 with recompute"
-    if best is not None:
-        recompute = "on" if best.checkpointing else "off"
-        choice = f"{best.batch_size} x {best.grad_accum}, recompute {recompute}, {best.predicted_gib:.1f} GiB"
-        choice += f", ~{best.predicted_step_s:.2f} s a step"
-    return (recipe.name, f"{gib:g} GiB", peak, "fits" if fits else "does not fit", choice)
 
 
 def _per_recipe(args: argparse.Namespace) -> int:
@@ -832,36 +789,6 @@ def _train_flags(args: argparse.Namespace) -> TrainFlags:
 def _pool(args: argparse.Namespace, selection: GpuSelection, probe, launch_id: str) -> GpuPool:
     max_jobs = jobs_per_gpu(args.pack, args.max_jobs_per_gpu)
     return GpuPool(selection.pool, probe, lease_dir(), launch_id, max_jobs, args.max_used_mib)
-
-
-def print_plan(plan: Plan, selection: GpuSelection | None) -> None:
-    """What a launch would do, job by job; nothing is started and nothing written."""
-    print(f"launch directory: {plan.launch_dir} (plan only: nothing started, nothing written)")
-    print("env+ lists what each worker gets on top of this environment")
-    names = ",".join(gpu.label for gpu in selection.pool) if selection else ""
-    together = sharing(plan.first_wave)
-    for index, job in enumerate(plan.jobs):
-        gpus = plan.first_wave[index] if plan.on_gpus else None
-        shown = bind_gpus(job, gpus) if gpus else job
-        if plan.on_gpus and gpus is None:
-            where = f"queued: starts when {job.gpu_count} of {names} have room"
-        elif gpus:
-            where = ", ".join(f"{gpu.label} ({gpu.uuid}, {gpu.name})" for gpu in gpus)
-            shared = max(together[gpu.uuid] for gpu in gpus)
-            where += f"; shares it with {shared - 1} other job(s)" if shared > 1 else ""
-        else:
-            where = f"cpu, {shown.threads} thread(s)" if shown.threads else "the Ray cluster"
-        env = dict(shown.env)
-        if plan.on_gpus and gpus is None:
-            env.update(CUDA_DEVICE_ORDER="PCI_BUS_ID", CUDA_VISIBLE_DEVICES="<UUID of the GPU it gets>")
-        print(f"\n{job.key}: {where}")
-        print(f"  command: {shlex.join(shown.argv)}")
-        print(f"  env+:    {' '.join(f'{k}={v}' for k, v in sorted(env.items()))}")
-        print(f"  log:     {shown.log_path}")
-        if job.recipe in plan.memory:
-            print(f"  memory:  {plan.memory[job.recipe].describe()}")
-        if plan.on_gpus:
-            print(f"  placed:  {plan.reason(job)}")
 
 
 def _execute(
@@ -993,7 +920,7 @@ def cmd_list(args: argparse.Namespace) -> int:
     for key, recipe in RECIPES.items():
         stages = " -> ".join(stage.name for stage in recipe.stages) or "-"
         rows.append((key.split("-", 1)[0], key, "+".join(recipe.trains()), stages, recipe.description))
-    _print_rows(rows)
+    print_rows(rows)
     return 0
 
 
@@ -1021,7 +948,7 @@ def cmd_gpus(args: argparse.Namespace, probe: Callable[[], list[GpuInfo]] = prob
         procs = ",".join(map(str, gpu.processes)) or "-"
         memory = f"{gpu.memory_used_mib}/{gpu.memory_total_mib} MiB"
         rows.append((str(gpu.index), gpu.name, gpu.uuid, memory, util, procs, verdict))
-    _print_rows(rows)
+    print_rows(rows)
     if not gpus:
         print("(NVML sees no GPU)")
     return 0
@@ -1077,12 +1004,6 @@ def _demo_device(args: argparse.Namespace, probe: Callable[[], list[GpuInfo]]) -
         return ["--gpus", "auto", *gpu_flags]
     print("recipe-run demo: no free GPU here, running on the CPU", flush=True)
     return ["--cpu", *threads]
-
-
-def _print_rows(rows: Sequence[Sequence[str]]) -> None:
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    for row in rows:
-        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
 
 
 _COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
