@@ -150,9 +150,10 @@ def test_gpus_table_and_json(host, monkeypatch, capsys) -> None:
     assert [r["free"] for r in records] == [True, False] and records[1]["processes"] == [77]
 
 
-def test_lora_sizes_go_to_each_recipes_worker(monkeypatch, capsys):
+def test_lora_sizes_go_to_each_recipes_worker(monkeypatch, capsys, tiny_data_dir):
     monkeypatch.setenv("RECIPE_RUNNER_FAKE_GPUS", "2")
-    argv = ["plan", "--recipes", "r1,r4", "--lora-rank", "8", "--lora", "r4:rank=64,alpha=128"]
+    argv = ["plan", "--recipes", "r1,r4", "--dataset", str(tiny_data_dir), "--lora-rank", "8"]
+    argv += ["--lora", "r4:rank=64,alpha=128"]
     assert main(argv) == 0
     commands = [line for line in capsys.readouterr().out.splitlines() if "command:" in line]
     r1, r4 = (line.split() for line in commands)
