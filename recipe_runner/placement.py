@@ -43,7 +43,11 @@ from recipe_runner.plan import (
     with_gpu_threads,
 )
 from src.training.memory import BUDGET_ENV  # torch-free at import
-from src.training.worker import DEFAULT_BATCH_SIZE, DEFAULT_GRAD_ACCUM  # torch-free at import
+from src.training.worker import (  # torch-free at import
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_EPOCHS,
+    DEFAULT_GRAD_ACCUM,
+)
 
 # The planner predicts torch's peak allocation; the process holds more: the CUDA context with cuBLAS and
 # NCCL handles (about 0.6 GiB on an H200 with torch 2.11) and the caching allocator's unused blocks, which
@@ -148,7 +152,6 @@ def sharing(placed: Sequence[list[GpuInfo] | None]) -> dict[str, int]:
 # Python thread launching kernels (docs/benchmarks.md, four recipes on four GPUs).
 MAX_GPU_WORKER_THREADS = 4
 DATA_PARALLEL_STARTUP_S = 30.0
-DEFAULT_EPOCHS = 3  # the worker's --epochs default, for predicted training times
 
 
 def jobs_per_gpu(pack: str, max_jobs_per_gpu: int) -> int:

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from recipe_runner.gpus import GpuInfo
 from src.recipes import RECIPES, resolve_recipe
+from src.training.distributed import NO_MULTICAST_ENV  # torch-free at import
 from src.training.worker import DEFAULT_BATCH_SIZE, DEFAULT_GRAD_ACCUM  # torch-free at import
 
 WORKER_ENV = "RECIPE_RUNNER_WORKER"
@@ -32,12 +33,7 @@ BASELINE_DIR = "base"  # <launch>/base: the untrained model's metrics on the tes
 
 # Every child gets these: whole lines as they are printed, and no NVLink multicast, which
 # hangs or fails on the lent multi-GPU machines (see docs/facts.md, NVML section).
-BASE_ENV = {
-    "PYTHONUNBUFFERED": "1",
-    "NCCL_NVLS_ENABLE": "0",
-    "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
-    "NVSHMEM_DISABLE_NVLS": "1",
-}
+BASE_ENV = {"PYTHONUNBUFFERED": "1", **NO_MULTICAST_ENV}
 
 
 @dataclass(frozen=True)

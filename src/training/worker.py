@@ -38,7 +38,7 @@ from src.utils.secrets import RedactingFilter, secret_values
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_OOM, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 DEFAULT_MODEL = "Qwen/Qwen2-VL-7B-Instruct"
 DEFAULT_DATASET = "fixtures/data"
-DEFAULT_BATCH_SIZE, DEFAULT_GRAD_ACCUM, DEFAULT_SAVE_STEPS = 4, 1, 200
+DEFAULT_BATCH_SIZE, DEFAULT_GRAD_ACCUM, DEFAULT_SAVE_STEPS, DEFAULT_EPOCHS = 4, 1, 200, 3
 DEFAULT_EVAL_SAMPLES = 0  # the whole test split
 ON_OFF_AUTO = {"auto": None, "on": True, "off": False}  # None: the run resolves "auto"
 FLAGS_CHECKED_ENV = "RECIPE_RUNNER_FLAGS_CHECKED"  # set by src.training.distributed for its ranks
@@ -86,7 +86,12 @@ def build_parser(recipe_required: bool = True, prog: str = "train_recipe.py") ->
         help="drop invalid records (counted in the log) instead of failing",
     )
     arg("--output-dir", default=None, help="where to write (default: outputs/<recipe>)")
-    arg("--epochs", type=float, default=3, help="training epochs per stage (default: %(default)s)")
+    arg(
+        "--epochs",
+        type=float,
+        default=DEFAULT_EPOCHS,
+        help="training epochs per stage (default: %(default)s)",
+    )
     arg(
         "--max-steps",
         type=int,
