@@ -15,8 +15,12 @@ Variants per recipe:
                    CUDA OOM caught), accumulation to the same samples a step
   plain-recompute  the bare loop with recompute on, its largest fitting micro-batch
   fast             the core at the planner's chosen setting (src.planner.rank_settings)
+  fast-cudnn       the same without cuDNN's attention kernels (what the core's choice of them buys)
+  fast+host-positions  the same with positions worked out on the host, not read back from the GPU
+                   (src/training/host_positions.py)
   fast+compile     the same with regional torch.compile (src/training/compile.py)
   lean             the core with recompute on, micro-batch --lean-micro-batch: the memory targets
+  lean+compile     the same, compiled
 `--ladder` adds the core's levers one at a time; `--candidates` times the planner's top 3 settings
 (predicted against measured step time); `--end-to-end` times whole worker runs (import, load, first
 step, train, save); `--profile plain,fast` profiles 2 extra steps of those variants (top CUDA-time
@@ -29,6 +33,7 @@ import argparse
 import gc
 import json
 import logging
+import re
 import shlex
 import subprocess
 import sys
@@ -55,7 +60,10 @@ VARIANTS = {
     "+no-input-cast": {"dataloader_workers": 0, "gradient_checkpointing": True},
     "lean": {"gradient_checkpointing": True},  # = +loader-workers: every lever but the last
     "fast": {},  # + no recompute when the planner says the activations fit
+    "fast-cudnn": {"cudnn_attention": False},  # fast without cuDNN's attention kernels
+    "fast+host-positions": {"host_positions": True},  # fast, positions worked out on the host
     "fast+compile": {},  # + regional torch.compile (Setting.compile)
+    "lean+compile": {"gradient_checkpointing": True},  # the memory targets, compiled
 }
 LADDER = ("before", "+vision-no-grad", "+fused-adamw", "+no-input-cast", "lean", "fast")
 PLAIN_VARIANTS = ("plain", "plain-recompute")
@@ -277,10 +285,12 @@ def row_plan(target: Target, stage, args, device: str) -> list[tuple[str, Settin
     for variant in variants(args):
         if variant in PLAIN_VARIANTS:
             plan.append((variant, None))
-        elif variant == "fast":
+        elif variant in ("fast", "fast-cudnn", "fast+host-positions"):
             plan.append((variant, fast))
         elif variant == "fast+compile":
             plan.append((variant, replace(fast, compile=True, predicted_step_s=None)))
+        elif variant == "lean+compile":
+            plan.append((variant, replace(lean, compile=True)))
         else:  # lean and the ladder's rungs below it
             plan.append((variant, lean))
     if args.candidates:
@@ -393,9 +403,11 @@ def _timed(args, variant: str, stage, target: Target, train) -> tuple[object, fl
     sampler = UtilisationSampler()
     timer = StepTimer(args.warmup, on_warm=sampler.start, measured_steps=args.steps)
     total = args.warmup + args.steps
+    timer.hooks.append(lambda done: done == total and sampler.stop())  # profiled steps are not sampled
     profiler = None
     if variant in args.profile.split(","):
-        prefix = Path(args.out) / f"profile-{target.label}-{stage.name}-{variant}"
+        name = re.sub(r"[^A-Za-z0-9._-]", "_", f"profile-{target.label}-{stage.name}-{variant}")
+        prefix = Path(args.out) / name
         profiler = StepProfiler(total, prefix, PROFILED_STEPS)
         timer.hooks.append(profiler)
         total += PROFILED_STEPS
@@ -454,10 +466,12 @@ def _run_plain(target: Target, stage, variant: str, args, device) -> Measured:
 
     from src.bench.plain import prebuilt_batches, train_plain
     from src.models.loader import model_family
-    from src.training.run import load_wrapped_model
+    from src.training.run import load_wrapped_model, use_cudnn_attention
 
     model, _ = load_wrapped_model(stage, str(target.model_dir), device, model_family(str(target.model_dir)))
-    recompute = (False, True) if variant == "plain" else (True,)
+    if device == "cuda":
+        use_cudnn_attention(True)  # torch's default, whatever a core row before this one chose
+    recompute = (True,) if variant == "plain-recompute" else (False, True)
     tried = []
     for setting in plain_search_order(args.samples_per_step, recompute):
         try:

@@ -106,6 +106,7 @@ class StepProfiler:
     def __init__(self, start_after: int, prefix, steps: int = 2):
         self.warmup, self.prefix, self.steps = start_after, str(prefix), steps
         self.profiler = None
+        self.syncs = SyncSites()
         self.summary: dict | None = None
 
     def __call__(self, steps_done: int) -> None:
@@ -116,9 +117,12 @@ class StepProfiler:
             if torch.cuda.is_available():
                 activities.append(torch.profiler.ProfilerActivity.CUDA)
             self.profiler = torch.profiler.profile(activities=activities)
+            self.syncs = SyncSites()
+            self.syncs.start()
             self.profiler.start()
         elif steps_done == self.warmup + self.steps and self.profiler is not None:
             self.profiler.stop()
+            self.syncs.stop()
             self._export()
             self.profiler = None
 
@@ -126,6 +130,7 @@ class StepProfiler:
         """Stop a profiler left running by a run that ended early (out of memory)."""
         if self.profiler is not None:
             self.profiler.stop()
+            self.syncs.stop()
             self.profiler = None
 
     def _export(self) -> None:
@@ -134,7 +139,7 @@ class StepProfiler:
 
         averages = self.profiler.key_averages()
         cuda_key = "self_cuda_time_total" if _has_cuda_events(averages) else "self_cpu_time_total"
-        text = averages.table(sort_by=cuda_key, row_limit=20, max_name_column_width=60)
+        text = averages.table(sort_by=cuda_key, row_limit=40, max_name_column_width=90)
         text += "\n" + averages.table(sort_by="cpu_time_total", row_limit=20, max_name_column_width=60)
         kernels = kernel_intervals(self.profiler)
         self.summary = {
@@ -142,6 +147,9 @@ class StepProfiler:
             "kernels": len(kernels),
             "gpu_idle_share": gpu_idle_share(kernels),
             "gpu_busy_s": round(sum(end - start for start, end in kernels) / 1e6, 4),
+            "gpu_ms_by_kind": gpu_time_by_kind(self.profiler),
+            "host_syncs": self.syncs.total,
+            "sync_sites": self.syncs.top(),
         }
         Path(self.prefix).parent.mkdir(parents=True, exist_ok=True)
         Path(self.prefix + ".txt").write_text(text)
@@ -153,6 +161,78 @@ def _has_cuda_events(averages) -> bool:
         getattr(event, "device_type", None) is not None and "CUDA" in str(event.device_type)
         for event in averages
     )
+
+
+# Kernel name fragments -> kind, first match wins: where the GPU's time goes, in a few words.
+KERNEL_KINDS = (
+    ("attention", ("flash", "fmha", "attention", "attn")),
+    ("optimizer", ("multi_tensor", "adam")),
+    ("gemm", ("gemm", "xmma", "cutlass", "nvjet", "cublas", "splitk")),
+    ("copy/cast", ("copy", "memcpy", "memset", "cast", "catarray", "cat_")),
+    ("reduce/norm", ("reduce", "norm", "softmax", "cross_entropy")),
+    ("triton (compiled)", ("triton",)),
+    ("elementwise", ("elementwise", "vectorized", "unrolled")),
+)
+
+
+def kernel_kind(name: str) -> str:
+    lowered = name.lower()
+    for kind, fragments in KERNEL_KINDS:
+        if any(fragment in lowered for fragment in fragments):
+            return kind
+    return "other"
+
+
+def gpu_time_by_kind(profiler) -> dict[str, float]:
+    """Milliseconds of GPU kernel time per kind (KERNEL_KINDS), largest first."""
+    totals: dict[str, float] = {}
+    for event in profiler.events():
+        if "CUDA" in str(getattr(event, "device_type", "")):
+            kind = kernel_kind(event.name)
+            totals[kind] = totals.get(kind, 0.0) + (event.time_range.end - event.time_range.start) / 1e3
+    return {kind: round(ms, 1) for kind, ms in sorted(totals.items(), key=lambda item: -item[1])}
+
+
+class SyncSites:
+    """Where the host waited for the GPU during the profiled steps: torch's sync debug mode warns at
+    each synchronising call (`.item()`, `.tolist()`, a blocking copy); the warnings are tallied by the
+    Python line that made them. A host sync empties the GPU's queue, so each one exposes launch latency."""
+
+    def __init__(self):
+        self.sites: dict[str, int] = {}
+        self._catcher = None
+
+    def start(self) -> None:
+        import warnings
+
+        import torch
+
+        if not torch.cuda.is_available():
+            return
+        self._catcher = warnings.catch_warnings(record=True)
+        self._records = self._catcher.__enter__()
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+
+    def stop(self) -> None:
+        import torch
+
+        if self._catcher is None:
+            return
+        torch.cuda.set_sync_debug_mode("default")
+        for record in self._records:
+            if "synchroniz" in str(record.message):
+                site = f"{record.filename}:{record.lineno}"
+                self.sites[site] = self.sites.get(site, 0) + 1
+        self._catcher.__exit__(None, None, None)
+        self._catcher = None
+
+    @property
+    def total(self) -> int:
+        return sum(self.sites.values())
+
+    def top(self, count: int = 15) -> list[tuple[str, int]]:
+        return sorted(self.sites.items(), key=lambda item: -item[1])[:count]
 
 
 def kernel_intervals(profiler) -> list[tuple[float, float]]:

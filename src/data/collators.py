@@ -28,8 +28,11 @@ def load_image(image):
 class AllTokensCollator:
     """Loss on every real text token of the conversation."""
 
-    def __init__(self, processor):
+    def __init__(self, processor, positions=None):
         self.processor = processor
+        # Optional function that adds the model's `position_ids` to a CPU batch (training on a GPU:
+        # src/training/host_positions.py), so the model does not work them out with GPU reads.
+        self.positions = positions
         tokenizer = processor.tokenizer
         self.pad_id = tokenizer.pad_token_id
         self.vision_ids = [i for i in tokenizer.convert_tokens_to_ids(list(VISION_TOKENS)) if i is not None]
@@ -39,6 +42,8 @@ class AllTokensCollator:
         images = [load_image(image) for ex in examples for image in ex.get("images") or []]
         batch = self.processor(text=texts, images=images or None, padding=True, return_tensors="pt")
         batch["labels"] = self.labels_for(batch["input_ids"], batch["attention_mask"])
+        if self.positions is not None:
+            self.positions(batch)
         return batch
 
     def labels_for(self, input_ids, attention_mask):
@@ -53,8 +58,8 @@ class AllTokensCollator:
 class AssistantOnlyCollator(AllTokensCollator):
     """Loss on the assistant's answer tokens and their end-of-turn token only."""
 
-    def __init__(self, processor):
-        super().__init__(processor)
+    def __init__(self, processor, positions=None):
+        super().__init__(processor, positions)
         tokenizer = processor.tokenizer
         self.header_ids = tokenizer(ASSISTANT_HEADER, add_special_tokens=False)["input_ids"]
         self.end_id = tokenizer.convert_tokens_to_ids(END_OF_TURN)

@@ -65,6 +65,10 @@ class RunOptions:
     fused_optimizer: bool = True  # fused AdamW kernel on GPUs
     frozen_vision_no_grad: bool = True  # run a vision tower with nothing to train outside autograd
     adapter_input_casts: bool = False  # on GPUs: PEFT's fp32 copy of every LoRA input (autocast undoes it)
+    cudnn_attention: bool = True  # SDPA may pick cuDNN's kernels (torch's default; see use_cudnn_attention)
+    # Positions worked out on the host, not by GPU reads (host_positions.py): 792 -> 117 host syncs in
+    # two 7B r4 steps, but no step-time gain measured yet (docs/benchmarks.md), so off by default.
+    host_positions: bool = False
     image_root: str | None = None  # where the data set's images are, when not where load_records looks
     min_pixels: int | None = None  # image resize limits (None: src.planner.pixel_limits' defaults)
     max_pixels: int | None = None
@@ -252,6 +256,7 @@ def prepare_stage(
     from src.data.dataset import build_dataset
     from src.models.freeze import keep_frozen_vision_out_of_autograd
     from src.models.loader import load_processor, model_family
+    from src.training.host_positions import RopePositions, language_backbone, vision_lengths_on_host
 
     set_seed(opts.seed)  # before LoRA init, so the same seed gives the same adapter
     processor = load_processor(model_id, opts.min_pixels, opts.max_pixels)
@@ -268,6 +273,12 @@ def prepare_stage(
         log.info("[%s] vision tower trains nothing: it runs without autograd", stage.name)
     if not opts.adapter_input_casts and opts.device == "cuda":  # the CPU trains without autocast
         skip_adapter_input_casts(model)
+    if opts.device == "cuda":
+        use_cudnn_attention(opts.cudnn_attention)
+    positions = None
+    if opts.host_positions and (backbone := language_backbone(model)) is not None:
+        positions = RopePositions.of(backbone)  # in the collator: the loader's workers compute them
+        vision_lengths_on_host(model)
     if compile_on := resolve_compile(opts, len(dataset)):
         from src.training.compile import compile_regions
 
@@ -296,7 +307,7 @@ def prepare_stage(
         args=create_training_config(settings),
         train_dataset=dataset,
         processing_class=processor,
-        data_collator=AssistantOnlyCollator(processor),
+        data_collator=AssistantOnlyCollator(processor, positions),
         callbacks=[reporter.as_trainer_callback(), *callbacks],
     )
     # Our progress lines replace the trainer's printed log dicts.
@@ -311,6 +322,19 @@ def prepare_stage(
         args.world_size,
     )
     return PreparedStage(trainer, model, processor, dict(trainable), skipped, reporter)
+
+
+def use_cudnn_attention(enabled: bool) -> None:
+    """Allow or forbid cuDNN's attention kernels behind `scaled_dot_product_attention` (process-wide).
+
+    On H100/H200 torch prefers cuDNN's SDPA. In some profiles of a 7B r4 step it cost 0.7-1.2 ms of
+    host time a call (0.09 ms in others), but its kernels took half the GPU time of the flash and
+    memory-efficient ones, and no run was clearly faster without it (docs/benchmarks.md): so it stays
+    on, torch's default; the switch is for the bench.
+    """
+    import torch
+
+    torch.backends.cuda.enable_cudnn_sdp(enabled)
 
 
 def skip_adapter_input_casts(model) -> None:
