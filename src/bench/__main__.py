@@ -18,6 +18,7 @@ Variants per recipe:
   fast-cudnn       the same without cuDNN's attention kernels (what the core's choice of them buys)
   fast+host-positions  the same with positions worked out on the host, not read back from the GPU
                    (src/training/host_positions.py)
+  fast+loader4     the same with 4 data loader processes instead of 2 (the profile's loader wait)
   fast+compile     the same with regional torch.compile (src/training/compile.py)
   lean             the core with recompute on, micro-batch --lean-micro-batch: the memory targets
   lean+compile     the same, compiled
@@ -62,10 +63,13 @@ VARIANTS = {
     "fast": {},  # + no recompute when the planner says the activations fit
     "fast-cudnn": {"cudnn_attention": False},  # fast without cuDNN's attention kernels
     "fast+host-positions": {"host_positions": True},  # fast, positions worked out on the host
+    "fast+loader4": {"dataloader_workers": 4},  # fast with 4 loader processes instead of 2
     "fast+compile": {},  # + regional torch.compile (Setting.compile)
     "lean+compile": {"gradient_checkpointing": True},  # the memory targets, compiled
 }
 LADDER = ("before", "+vision-no-grad", "+fused-adamw", "+no-input-cast", "lean", "fast")
+# Rows at the planner's setting that switch one lever of the core (the others run at lean's setting).
+AT_FAST_SETTING = ("fast", "fast-cudnn", "fast+host-positions", "fast+loader4")
 PLAIN_VARIANTS = ("plain", "plain-recompute")
 DEFAULT_VARIANTS = "plain,plain-recompute,fast,fast+compile,lean"
 CANDIDATES = 3  # --candidates times the planner's top three settings
@@ -285,7 +289,7 @@ def row_plan(target: Target, stage, args, device: str) -> list[tuple[str, Settin
     for variant in variants(args):
         if variant in PLAIN_VARIANTS:
             plan.append((variant, None))
-        elif variant in ("fast", "fast-cudnn", "fast+host-positions"):
+        elif variant in AT_FAST_SETTING:
             plan.append((variant, fast))
         elif variant == "fast+compile":
             plan.append((variant, replace(fast, compile=True, predicted_step_s=None)))

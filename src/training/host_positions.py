@@ -4,7 +4,7 @@ Qwen2-VL's forward derives positions from the batch with device-to-host reads (`
 its vision attention splits every block's queries by image with `lengths.tolist()` of a GPU tensor, and
 its M-RoPE index loops over the rows of GPU tensors. Each read stops the host until the GPU has drained
 its queue, so the GPU then idles while the host launches the next kernels: 792 such syncs in two 7B r4
-steps (docs/benchmarks.md, "Where the step's time goes"). Both are computed here from the batch's CPU
+steps (docs/benchmarks.md, "where the core's step time goes"). Both are computed here from the batch's CPU
 tensors by the model's own functions, and handed to the model, which then skips computing them:
 
 * `add_rope_positions(model, batch)` puts the model's own `get_rope_index` result in `position_ids`;
