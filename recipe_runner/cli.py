@@ -48,6 +48,7 @@ from recipe_runner.plan import (
     SweepPoint,
     TrainFlags,
     as_cpu_job,
+    flag_value,
     new_launch_id,
     parse_gpu_ids,
     resolve_recipes,
@@ -66,7 +67,7 @@ from recipe_runner.summary import (
     render_summary,
     write_summary,
 )
-from src.recipes import RECIPES
+from src.recipes import RECIPE_SOURCES, RECIPES, RecipeFileError, alias_of, use_recipes_file
 from src.utils.args import int_or_auto
 
 COMMANDS = ("launch", "plan", "list", "gpus", "demo", "report", "resume", "eval", "bench", "export")
@@ -85,12 +86,14 @@ examples:
   recipe-run plan --recipes all                       which recipe goes where, commands, env
   recipe-run gpus                                     what NVML sees, which GPUs are free
   recipe-run list                                     the recipes and what each trains
+  recipe-run --recipes-file my.toml --recipes r4,r5   recipes of your own beside the built-in ones
   recipe-run demo                                     tiny offline model and data, all four recipes
   recipe-run report outputs/20261126-041500-ab12      the side-by-side report of a launch again
   recipe-run bench --shape 7b --shape 2b              tokens/s, memory, MFU per recipe vs the plain loop
   recipe-run export outputs/20261126-041500-ab12 --out winner/   the winner as a standalone model
 
-Recipes: r1 (r1-llm-only), r2 (r2-vision-only), r3 (r3-two-stage), r4 (r4-joint), or all.
+Recipes: r1 (r1-llm-only), r2 (r2-vision-only), r3 (r3-two-stage), r4 (r4-joint), or all; more
+from --recipes-file FILE (TOML, the schema of src/recipes.toml; README.md, 'Your own recipes').
 Each run writes <output-dir>/<launch-id>/: one directory per recipe (the worker's output),
 logs/<recipe>.log, and summary.json. Exit: 0 all succeeded, 1 some failed, 2 bad usage,
 130 interrupted. GPU leases live in $RECIPE_RUNNER_LEASE_DIR (default /tmp/recipe-runner-leases).
@@ -152,6 +155,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     }
     for name in ("launch", "plan"):
         _add_launch_args(subs[name])
+    _add_recipes_file_arg(subs["list"])
     subs["plan"].add_argument(
         "--gpu-memory",
         type=float,
@@ -177,6 +181,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
 
 def _add_launch_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--recipes", metavar="R[,R...]", help="recipes by key or alias (r1..r4), or all; required")
+    _add_recipes_file_arg(p)
     _add_device_args(p)
     _add_backend_args(p)
     _add_run_args(p)
@@ -248,6 +253,29 @@ def _add_launch_args(p: argparse.ArgumentParser) -> None:
         help="LoRA sizes for one recipe, e.g. r4:rank=64,alpha=128 (keys: rank, alpha, dropout); repeat "
         "for several; without RECIPE: for every recipe",
     )
+
+
+def _add_recipes_file_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--recipes-file",
+        metavar="FILE",
+        help="a TOML file of recipes of your own, added to the built-in ones (the schema of "
+        "src/recipes.toml; see README.md, 'Your own recipes'); checked before anything starts",
+    )
+
+
+def use_recipes_file_arg(args: argparse.Namespace) -> None:
+    """Add --recipes-file's recipes to the registry; UsageError (exit 2, nothing written) on a bad one."""
+    path = getattr(args, "recipes_file", None)
+    if path is None:
+        return
+    try:
+        use_recipes_file(path)
+    except RecipeFileError as error:
+        raise UsageError(
+            f"--recipes-file {path}:\n  " + "\n  ".join(error.problems),
+            "fix the file (the schema: src/recipes.toml); nothing was started or written",
+        ) from None
 
 
 def _add_device_args(p: argparse.ArgumentParser) -> None:
@@ -556,6 +584,7 @@ def _range_problems(args: argparse.Namespace) -> list[str]:
 
 
 def cmd_launch(args: argparse.Namespace, probe: Callable[[], list[GpuInfo]] = probe_gpus) -> int:
+    use_recipes_file_arg(args)
     problems = validate_launch(args)
     if problems:
         raise UsageError("\n  ".join(problems), f"see 'recipe-run {args.command} --help'")
@@ -727,6 +756,7 @@ def _train_flags(args: argparse.Namespace) -> TrainFlags:
         image_root=args.image_root,
         save_steps=args.save_steps,
         eval_samples=args.eval_samples,
+        recipes_file=str(Path(args.recipes_file).resolve()) if args.recipes_file else None,
         skip_bad_records=args.skip_bad_records,
         skip_eval=args.skip_eval,
         no_wandb=args.no_wandb,
@@ -823,6 +853,9 @@ def cmd_resume(args: argparse.Namespace, probe: Callable[[], list[GpuInfo]] = pr
         print(f"recipe-run: every recipe of {launch_dir.name} succeeded already; nothing to resume")
         return 0
     specs = [resume_spec(r) for r in todo]
+    for path in dict.fromkeys(flag_value(spec.argv, "--recipes-file") for spec in specs):
+        args.recipes_file = path  # the launch's own recipes, so that their stages show as before
+        use_recipes_file_arg(args)
     cpu = args.cpu or all(r.threads is not None for r in todo)
     args.plain = getattr(args, "plain", False)
     if cpu:
@@ -863,10 +896,12 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    rows = [("alias", "recipe", "trains", "stages", "description")]
+    use_recipes_file_arg(args)
+    rows = [("alias", "recipe", "trains (how)", "stages", "from", "description")]
     for key, recipe in RECIPES.items():
         stages = " -> ".join(stage.name for stage in recipe.stages) or "-"
-        rows.append((key.split("-", 1)[0], key, "+".join(recipe.trains()), stages, recipe.description))
+        source = RECIPE_SOURCES[key].name if key in RECIPE_SOURCES else "built-in"
+        rows.append((alias_of(key) or "-", key, recipe.how(), stages, source, recipe.description))
     print_rows(rows)
     return 0
 

@@ -17,7 +17,9 @@ The peak is weights + trainable state + activations + workspace + overhead:
     double quantization (0.5 B + 1/64 B of 8-bit absmax + fp32 second-level absmax per 256 blocks).
   * trainable state: LoRA parameters fp32 (PEFT upcasts adapters of a bf16 model), their fp32 gradients and
     AdamW's two fp32 moments: 16 B per parameter. On a 4-bit model TRL casts the adapters to bf16, and the
-    grads and moments follow: 8 B per parameter.
+    grads and moments follow: 8 B per parameter. A part trained "full" (PEFT modules_to_save) adds a bf16
+    trainable copy of its weights, a bf16 gradient and two bf16 moments: 8 B per parameter (the frozen
+    original it keeps is already in the weights).
   * activations: what autograd keeps for backward, summed per part at the end of the forward pass. Per token
     of a Qwen2 decoder layer (h hidden, I intermediate, bf16 = 2 B, fp32 = 4 B):
       two RMSNorms (python, fp32 upcast): fp32 copy of the input + rsqrt     2 * (4h + 4)
@@ -70,6 +72,9 @@ NF4_BYTES_PER_PARAM = 0.5 + 1 / NF4_BLOCK + FP32 / (NF4_BLOCK * NF4_BLOCKS_PER_A
 # torch AdamW keeps exp_avg and exp_avg_sq in it too. TRL 1.16 casts the adapters of a 4-bit model to bf16
 # (sft_trainer.py, "When using QLoRA, the PEFT adapter weights are converted to bf16").
 ADAM_MOMENTS = 2
+# PEFT 0.21's modules_to_save deep-copies the module in the model's dtype (its fp32 upcast covers adapters
+# only): on the tiny model loaded in bf16 the copy, its gradient and AdamW's exp_avg/exp_avg_sq were all bf16.
+FULL_COPY_BYTES = BF16
 
 # --- activations ---------------------------------------------------------------------------------------
 NORM_FP32_STATS = FP32  # RMSNorm keeps rsqrt(variance) per row in fp32
@@ -283,17 +288,32 @@ def _matrix_params(linears: dict[str, tuple[int, int]]) -> int:
     return sum(d_in * d_out for d_in, d_out in linears.values())
 
 
+def _vision_block_params(shape: ModelShape) -> int:
+    e = shape.vision_embed
+    block_biases = sum(d_out for _, d_out in vision_linears(shape).values())
+    block_norms = 2 * e if shape.vision_gated else 4 * e  # RMSNorm weight, or LayerNorm weight and bias
+    return _matrix_params(vision_linears(shape)) + block_biases + block_norms
+
+
+def _merger_params(shape: ModelShape) -> int:
+    e = shape.vision_embed  # linears, their biases, and the norm in front (ln_q)
+    return (
+        _matrix_params(merger_linears(shape))
+        + shape.merger_hidden
+        + shape.hidden
+        + (e if shape.vision_gated else 2 * e)
+    )
+
+
 def parameter_counts(shape: ModelShape) -> dict[str, int]:
     """Parameters per part; "llm_linear" is what a 4-bit load quantizes (decoder-layer weight matrices)."""
-    h, e, d = shape.hidden, shape.vision_embed, shape.merger_hidden
+    h, e = shape.hidden, shape.vision_embed
     llm_linear = shape.layers * _matrix_params(llm_linears(shape))
     llm_rest = shape.layers * (h + 2 * shape.kv_dim + 2 * h) + h  # q/k/v biases, two norms; final norm
     embeddings = shape.vocab * h * (1 if shape.tied_embeddings else 2)
-    block_biases = sum(d_out for _, d_out in vision_linears(shape).values())
-    block_norms = 2 * e if shape.vision_gated else 4 * e  # RMSNorm weight, or LayerNorm weight and bias
-    vision = shape.vision_depth * (_matrix_params(vision_linears(shape)) + block_biases + block_norms)
+    vision = shape.vision_depth * _vision_block_params(shape)
     patch_embed = e * shape.in_channels * shape.temporal_patch_size * shape.patch_size**2
-    merger = _matrix_params(merger_linears(shape)) + d + h + (e if shape.vision_gated else 2 * e)
+    merger = _merger_params(shape)
     return {
         "llm_linear": llm_linear,
         "llm_other": llm_rest + embeddings,
@@ -311,7 +331,7 @@ def lora_targets(shape: ModelShape, stage: TrainingRecipe) -> dict[str, dict[str
     modes = {"vision": stage.train_vision, "merger": stage.train_merger, "llm": stage.train_llm}
     wrapped = {}
     for part, mode in modes.items():
-        if mode == "frozen":
+        if mode != "lora":
             continue
         names = stage.lora_target_modules or defaults[part]
         wrapped[part] = {n: dims for n, dims in PART_LINEARS[part](shape).items() if n in names}
@@ -339,9 +359,20 @@ def adapter_bytes(stage: TrainingRecipe) -> int:
     return BF16 if stage.quantized else FP32
 
 
+def full_parameters(shape: ModelShape, stage: TrainingRecipe) -> int:
+    """Parameters of the parts trained "full": each has a trainable copy (PEFT modules_to_save)."""
+    per_part = {
+        "vision": lambda: shape.vision_depth * _vision_block_params(shape),
+        "merger": lambda: _merger_params(shape),
+        "lm_head": lambda: shape.vocab * shape.hidden,
+    }
+    return sum(per_part[part]() for part, mode in stage.modes().items() if mode == "full")
+
+
 def trainable_state_bytes(shape: ModelShape, stage: TrainingRecipe) -> int:
-    """Adapters + their grads + AdamW moments, all in the adapter dtype."""
-    return lora_parameters(shape, stage) * adapter_bytes(stage) * (2 + ADAM_MOMENTS)
+    """Adapters + their grads + AdamW moments in the adapter dtype; full parts' copies likewise in bf16."""
+    lora = lora_parameters(shape, stage) * adapter_bytes(stage)
+    return (lora + full_parameters(shape, stage) * FULL_COPY_BYTES) * (2 + ADAM_MOMENTS)
 
 
 # --- activations ---------------------------------------------------------------------------------------
@@ -426,14 +457,25 @@ def _round_up(n: int, multiple: int) -> int:
 
 
 def vision_has_grad(stage: TrainingRecipe, checkpointing: bool, frozen_vision_no_grad: bool) -> bool:
-    """Whether the vision tower records activations.
+    """Whether the vision blocks record activations.
 
-    It does when the vision blocks or the merger train. A frozen tower runs under no_grad; without that,
-    checkpointing's enable_input_require_grads (TRL) also makes the patch embedding's output require grad.
+    They do when they train. Frozen, they record only when their input requires grad: under checkpointing
+    enable_input_require_grads (TRL) makes the patch embedding's output require grad, unless the tower
+    runs under no_grad (the worker does that when nothing in it, merger included, trains).
     """
-    if vision_trains(stage):
+    if stage.train_vision != "frozen":
         return True
-    return checkpointing and not frozen_vision_no_grad
+    return checkpointing and (vision_trains(stage) or not frozen_vision_no_grad)
+
+
+def _full_saved_per_row(linears: dict[str, tuple[int, int]]) -> int:
+    """A trained linear keeps its bf16 input for its weight's gradient (a frozen one keeps nothing)."""
+    return BF16 * sum(d_in for d_in, _ in linears.values())
+
+
+def full_block_bytes(shape: ModelShape, stage: TrainingRecipe, batch: Batch) -> int:
+    """What one vision block trained "full" keeps besides vision_block_bytes: its linears' inputs."""
+    return batch.patches * _full_saved_per_row(vision_linears(shape)) if stage.train_vision == "full" else 0
 
 
 def activation_parts(
@@ -460,12 +502,18 @@ def activation_parts(
         "vision_other": 0.0,
         "merger": 0.0,
     }
-    if vision_has_grad(stage, checkpointing, frozen_vision_no_grad):
+    blocks_grad = vision_has_grad(stage, checkpointing, frozen_vision_no_grad)
+    if blocks_grad:
         block = vision_block_bytes(shape, wrapped.get("vision", {}), batch, *args)
+        block += full_block_bytes(shape, stage, batch)
         e = shape.vision_embed
         parts["vision_blocks"] = shape.vision_depth * (BF16 * e * batch.patches if checkpointing else block)
         parts["vision_other"] = ROPE_TABLES * FP32 * (e // shape.vision_heads) * batch.patches
+    if blocks_grad or stage.train_merger != "frozen":
         parts["merger"] = merger_bytes(shape, wrapped.get("merger", {}), batch, *args)
+        if stage.train_merger == "full":
+            merged_tokens = batch.patches // shape.merge_size**2
+            parts["merger"] += merged_tokens * _full_saved_per_row(merger_linears(shape))
     return parts
 
 
@@ -523,7 +571,11 @@ def _peak_phases(shape, stage, batch, checkpointing, frozen_vision_no_grad, kern
     if parts["vision_blocks"]:  # the LLM's activations are freed by the time backward reaches the tower
         vision = wrapped.get("vision", {})
         down = "down_proj" if shape.vision_gated else "fc2"
-        block = vision_block_bytes(shape, vision, batch, *args) if checkpointing else 0
+        block = (
+            vision_block_bytes(shape, vision, batch, *args) + full_block_bytes(shape, stage, batch)
+            if checkpointing
+            else 0
+        )
         m, e = shape.vision_intermediate, shape.vision_embed
         vgrads = batch.patches * BF16 * (_backward_buffers(vision, down) * m + BWD_HIDDEN_BUFFERS * e)
         phases.append((parts["vision_blocks"] + parts["vision_other"] + block, vgrads))

@@ -7,6 +7,8 @@ Paths (transformers 5; PEFT prefixes every name with `base_model.model.`):
   LLM            model.language_model.layers.N.self_attn...  part "llm"
 The user's plan had the bug `"model.layers" in name`, which never matches
 `model.language_model.layers`; parts are therefore found by these anchored patterns.
+A part a recipe trains "full" is a PEFT `modules_to_save` copy: its trainable parameters sit under
+`<module>.modules_to_save.default.`, the frozen original under `<module>.original_module.`.
 """
 
 from __future__ import annotations
@@ -31,9 +33,20 @@ def part_of(name: str) -> str:
     return "other"
 
 
+FULL_COPY = ".modules_to_save."  # in the name of every parameter of a fully trained part's copy
+
+
 def trained_parts(recipe) -> set[str]:
-    modes = {"vision": recipe.train_vision, "merger": recipe.train_merger, "llm": recipe.train_llm}
-    return {part for part, mode in modes.items() if mode != "frozen"}
+    """Parts the recipe trains, by LoRA or fully."""
+    return set(recipe.modes())
+
+
+def lora_parts(recipe) -> set[str]:
+    return {part for part, mode in recipe.modes().items() if mode == "lora"}
+
+
+def full_parts(recipe) -> set[str]:
+    return {part for part, mode in recipe.modes().items() if mode == "full"}
 
 
 def vision_trains(recipe) -> bool:
@@ -42,22 +55,23 @@ def vision_trains(recipe) -> bool:
 
 
 def apply_freeze_policy(model, recipe) -> Counter:
-    """Freeze everything but the LoRA weights of the parts `recipe` trains.
+    """Freeze everything but the LoRA weights of the recipe's LoRA parts and the copies of its full parts.
 
     Returns trainable parameter counts per part, so callers can log and check them.
-    Runs after PEFT wrapping: LoRA tensors are the only ones that may train.
+    Runs after PEFT wrapping: LoRA tensors and modules_to_save copies are the only ones that may train.
     """
-    parts = trained_parts(recipe)
+    lora, full = lora_parts(recipe), full_parts(recipe)
     trainable: Counter = Counter()
     for name, param in model.named_parameters():
         part = part_of(name)
-        param.requires_grad_("lora_" in name and part in parts)
+        param.requires_grad_(("lora_" in name and part in lora) or (FULL_COPY in name and part in full))
         if param.requires_grad:
             trainable[part] += param.numel()
-    missing = parts - set(trainable)
+    missing = (lora | full) - set(trainable)
     if missing:
         raise ValueError(
-            f"recipe {recipe.name} trains {sorted(missing)} but no LoRA weights were found there"
+            f"recipe {recipe.name} trains {sorted(missing)} but no LoRA weights or full-training copies "
+            "were found there"
         )
     return trainable
 

@@ -203,7 +203,8 @@ def load_wrapped_model(stage, model_id: str, device: str, family: str):
     from src.models.freeze import apply_freeze_policy
     from src.models.lora import create_lora_config
 
-    model = get_peft_model(load_for_stage(stage, model_id, device), create_lora_config(stage, family))
+    base = load_for_stage(stage, model_id, device)
+    model = get_peft_model(base, create_lora_config(stage, family, base))  # the base: for "full" parts
     return model, apply_freeze_policy(model, stage)
 
 

@@ -29,7 +29,15 @@ import time
 import traceback
 from pathlib import Path
 
-from src.recipes import ALIASES, RECIPES, lora_sizes, resolve_recipe, with_lora
+from src.recipes import (
+    ALIASES,
+    RECIPES,
+    RecipeFileError,
+    lora_sizes,
+    resolve_recipe,
+    use_recipes_file,
+    with_lora,
+)
 from src.training import progress
 from src.utils.files import read_json, write_json_atomic
 from src.utils.gpu import is_main_process, rank, setup_gpus, world_size
@@ -60,6 +68,11 @@ def build_parser(recipe_required: bool = True, prog: str = "train_recipe.py") ->
         choices=[*RECIPES, *ALIASES],
         metavar="RECIPE",
         help="recipe key or alias: " + ", ".join([*RECIPES, *ALIASES]),
+    )
+    arg(
+        "--recipes-file",
+        metavar="FILE",
+        help="a TOML file of more recipes (README.md, 'Your own recipes'); --recipe may name them",
     )
     arg(
         "--gpu",
@@ -288,11 +301,26 @@ def main(argv: list[str] | None = None, recipe=None, prog: str = "train_recipe.p
 
 def parse_worker_args(argv: list[str] | None, recipe=None, prog: str = "train_recipe.py"):
     """(args, recipe) from the worker's flags, with --output-dir's default filled in."""
+    load_recipes_file(argv)
     args = build_parser(recipe_required=recipe is None, prog=prog).parse_args(argv)
     recipe = recipe or resolve_recipe(args.recipe)
     recipe = with_lora(recipe, rank=args.lora_rank, alpha=args.lora_alpha, dropout=args.lora_dropout)
     args.output_dir = args.output_dir or f"outputs/{recipe.name}"
     return args, recipe
+
+
+def load_recipes_file(argv: list[str] | None) -> None:
+    """Add --recipes-file's recipes before the parser lists the ones --recipe may name; exit 2 if bad."""
+    early = argparse.ArgumentParser(add_help=False, allow_abbrev=False)  # --recipe is not --recipes-file
+    early.add_argument("--recipes-file")
+    path = early.parse_known_args(argv)[0].recipes_file
+    if path is None:
+        return
+    try:
+        use_recipes_file(path)
+    except RecipeFileError as error:
+        print(f"error: --recipes-file {path}:\n{error}", file=sys.stderr)
+        raise SystemExit(EXIT_USAGE) from None
 
 
 def initial_status(args, recipe, output: Path, device_info: dict) -> tuple[dict, dict]:
