@@ -4,6 +4,7 @@ writes its JSON and table, and refuses bad flags. CPU timings here are no speed 
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -224,3 +225,21 @@ def test_end_to_end_phases_come_from_the_workers_events_and_log_lines():
         "save_s": 3.0,
         "exit_s": 2.0,
     }
+
+
+def test_recipes_file_lets_the_bench_name_its_recipes(tmp_path):
+    from src.bench.__main__ import use_recipes_file_of
+    from src.recipes import forget_recipe_files
+
+    example = str(Path(__file__).parents[1] / "examples" / "r5.toml")
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[r6-mine]\nfrom = "r4-joint"\ntrain_merger = "ful"\n')
+    try:
+        args = build_parser().parse_args(["--shape", "tiny", "--recipes", "r4,r5", "--recipes-file", example])
+        assert use_recipes_file_of(args) == [] and check_args(args) == []
+        args = build_parser().parse_args(["--shape", "tiny", "--recipes", "r6", "--recipes-file", str(bad)])
+        problems = use_recipes_file_of(args)
+        assert len(problems) == 1 and "train_merger" in problems[0] and "bad.toml" in problems[0]
+    finally:
+        forget_recipe_files()
+    assert check_args(build_parser().parse_args(["--shape", "tiny", "--recipes", "r5"])) != []

@@ -106,6 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     arg("--model-id", help="a local model directory to benchmark instead of a shape")
     arg("--dataset", help="with --model-id: its data set (default: synthetic 644x476 images)")
     arg("--recipes", default="r1,r2,r4", help="recipes (r3 = r2's stage then r1's; default %(default)s)")
+    arg("--recipes-file", metavar="FILE", help="a TOML file of recipes of your own (README.md) to bench too")
     arg(
         "--variants",
         default=DEFAULT_VARIANTS,
@@ -148,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    problems = check_args(args)
+    problems = use_recipes_file_of(args) or check_args(args)
     if problems:
         for problem in problems:
             print(f"python -m src.bench: error: {problem}", file=sys.stderr)
@@ -174,6 +175,20 @@ def main(argv: list[str] | None = None) -> int:
                 write_results(out, report)
     print(render_table(report))
     return 0
+
+
+def use_recipes_file_of(args) -> list[str]:
+    """Add --recipes-file's recipes (so --recipes may name them); its problems, if any."""
+    from src.recipes import RecipeFileError, use_recipes_file
+
+    if args.recipes_file is None:
+        return []
+    try:
+        use_recipes_file(args.recipes_file)
+    except RecipeFileError as error:
+        return [f"--recipes-file: {problem}" for problem in error.problems]
+    args.recipes_file = str(Path(args.recipes_file).resolve())  # the end-to-end workers get it too
+    return []
 
 
 def check_args(args) -> list[str]:
@@ -560,6 +575,7 @@ def end_to_end(target: Target, recipe_key: str, args, device: str) -> dict:
         "--gradient-checkpointing", "on" if setting.checkpointing else "off",
         "--skip-eval", "--no-wandb", "--save-steps", "0",
         *(["--cpu"] if device == "cpu" else []), *shlex.split(args.e2e_args),
+        *(["--recipes-file", args.recipes_file] if args.recipes_file else []),
     ]  # fmt: skip
     _release_gpu_memory()  # the worker gets the card as a fresh process would
     started = time.monotonic()
