@@ -24,8 +24,10 @@ Variants per recipe:
   lean+compile     the same, compiled
 `--ladder` adds the core's levers one at a time; `--candidates` times the planner's top 3 settings
 (predicted against measured step time); `--end-to-end` times whole worker runs (import, load, first
-step, train, save); `--profile plain,fast` profiles 2 extra steps of those variants (top CUDA-time
-table and the GPU's idle share between kernels). Writes OUT/bench.json and OUT/bench.md.
+step, train, save); `--profile plain,fast` profiles 2 extra steps of those variants: OUT/profile-*.txt
+(top CUDA- and CPU-time tables) and OUT/profile-*.json (the GPU's idle share between kernels, GPU time
+by kernel kind, and each host sync by the Python line that made it). Writes OUT/bench.json and
+OUT/bench.md.
 """
 
 from __future__ import annotations
