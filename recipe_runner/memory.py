@@ -20,10 +20,9 @@ from src.planner import (
     estimate_recipe_memory,
     image_grid,
     pixel_limits,
-    predict_step_seconds,
     processor_pixel_limits,
-    rank_settings,
 )
+from src.step_time import predict_step_seconds, rank_settings
 
 TEXT_TOKENS = 128  # prompt + answer of a detection sample; 88 in the synthetic data, more with many boxes
 AUTO_EFFECTIVE_BATCH = 16  # samples per optimizer step that --batch-size auto keeps

@@ -292,6 +292,15 @@ def use_recipes_file(path: str | Path) -> list[str]:
     return [recipe.name for recipe in recipes]
 
 
+def recipes_file_problems(path: str | Path) -> list[str]:
+    """use_recipes_file, its problems returned instead of raised: empty when the recipes were added."""
+    try:
+        use_recipes_file(path)
+    except RecipeFileError as error:
+        return error.problems
+    return []
+
+
 def forget_recipe_files() -> None:
     """Back to the built-in recipes only (tests use it to undo use_recipes_file)."""
     for key in RECIPE_SOURCES:

@@ -14,11 +14,11 @@ from src.bench.__main__ import (
     build_parser,
     check_args,
     plain_search_order,
-    render_table,
     split_phases,
     variants,
 )
 from src.bench.measure import gpu_idle_share
+from src.bench.tables import render_table
 from src.training.progress import format_event
 
 NUMBER_COLUMNS = ("step_s", "tokens_s", "samples_s", "first_step_s", "predicted_gib", "step_flops", "wall_s")

@@ -21,11 +21,10 @@ from src.planner import (
     estimate_recipe_memory,
     estimate_stage_memory,
     image_grid,
-    predict_step_seconds,
     processor_pixel_limits,
-    rank_settings,
 )
 from src.recipes import RECIPES
+from src.step_time import predict_step_seconds, rank_settings
 
 REPO = Path(__file__).resolve().parents[1]
 GIB = 2**30

@@ -14,7 +14,7 @@ Variants per recipe:
                    where it fits, the largest micro-batch that fits (tried from the largest down,
                    CUDA OOM caught), accumulation to the same samples a step
   plain-recompute  the bare loop with recompute on, its largest fitting micro-batch
-  fast             the core at the planner's chosen setting (src.planner.rank_settings)
+  fast             the core at the planner's chosen setting (src.step_time.rank_settings)
   fast-cudnn       the same without cuDNN's attention kernels (what the core's choice of them buys)
   fast+host-positions  the same with positions worked out on the host, not read back from the GPU
                    (src/training/host_positions.py)
@@ -44,8 +44,9 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from src.bench.tables import render_table, write_results
+from src.bench.targets import Target, targets
 from src.recipes import resolve_recipe
-from src.utils.files import write_json_atomic, write_text_atomic
 
 log = logging.getLogger("bench")
 # RunOptions overrides per core variant; the ladder switches the training core's levers on one by one.
@@ -75,9 +76,6 @@ AT_FAST_SETTING = ("fast", "fast-cudnn", "fast+host-positions", "fast+loader4")
 PLAIN_VARIANTS = ("plain", "plain-recompute")
 DEFAULT_VARIANTS = "plain,plain-recompute,fast,fast+compile,lean"
 CANDIDATES = 3  # --candidates times the planner's top three settings
-WITHIN = 0.05  # the chosen setting should be within 5% of the fastest candidate measured
-IMAGE_SIZE = (644, 476)  # 391 image tokens a sample, as in the issue's reference figures
-SAMPLE_STATS_SAMPLES = 16
 PROFILED_STEPS = 2
 
 
@@ -181,14 +179,12 @@ def main(argv: list[str] | None = None) -> int:
 
 def use_recipes_file_of(args) -> list[str]:
     """Add --recipes-file's recipes (so --recipes may name them); its problems, if any."""
-    from src.recipes import RecipeFileError, use_recipes_file
+    from src.recipes import recipes_file_problems
 
     if args.recipes_file is None:
         return []
-    try:
-        use_recipes_file(args.recipes_file)
-    except RecipeFileError as error:
-        return [f"--recipes-file: {problem}" for problem in error.problems]
+    if problems := recipes_file_problems(args.recipes_file):
+        return [f"--recipes-file: {problem}" for problem in problems]
     args.recipes_file = str(Path(args.recipes_file).resolve())  # the end-to-end workers get it too
     return []
 
@@ -237,65 +233,6 @@ def stages_of(recipe_key: str) -> list[tuple[str, object]]:
     return [(f"{recipe.name}/{stage.name}", stage) for stage in recipe.stages]
 
 
-@dataclass
-class Target:
-    """One model and its data, with what every row of it shares (read once, not once a row)."""
-
-    label: str
-    model_dir: Path
-    data_dir: Path
-    dataset: object  # the training conversations, as the worker builds them
-    processor: object
-    stats: dict  # mean tokens, patches and labels a sample (sample_stats)
-    memory_shape: object  # src.planner.ModelShape
-    flop_shape: object  # src.bench.measure.FlopShape
-    largest: tuple[int, int]  # (image patches, text tokens) of the largest sample: what the worker plans for
-
-    @classmethod
-    def load(cls, label: str, model_dir: Path, data_dir: Path) -> Target:
-        from src.bench.measure import FlopShape
-        from src.data.dataset import build_dataset
-        from src.models.loader import load_processor, model_family
-        from src.planner import ModelShape
-        from src.training.memory import largest_sample
-
-        processor = load_processor(str(model_dir))
-        dataset, _ = build_dataset(str(data_dir), "train", model_family(str(model_dir)), processor)
-        stats = sample_stats(dataset, processor)
-        shapes = ModelShape.from_model_dir(model_dir), FlopShape.from_model_dir(model_dir)
-        largest = largest_sample(dataset, processor)
-        return cls(label, model_dir, data_dir, dataset, processor, stats, *shapes, largest)
-
-
-def targets(args, device: str):
-    """A Target for each model asked, building the shapes' models and data where missing."""
-    work = Path(args.work)
-    if args.model_id:
-        data = Path(args.dataset or _synthetic_data(work))
-        yield Target.load(Path(args.model_id).name, Path(args.model_id), data)
-    for shape in args.shape or []:
-        if shape == "tiny":
-            from src.fixtures import build_test_fixtures
-
-            yield Target.load("tiny", *build_test_fixtures(work / "tiny"))
-            continue
-        from src.models.shapes import build_shape_model
-
-        model_dir = work / shape
-        if not (model_dir / "config.json").is_file():
-            build_shape_model(shape, model_dir, device=device)
-        yield Target.load(shape, model_dir, _synthetic_data(work))
-
-
-def _synthetic_data(work: Path) -> Path:
-    from src.data.synthetic import write_dataset
-
-    data = work / "data-644x476"
-    if not (data / "train" / "metadata.jsonl").is_file():
-        write_dataset(data, train=32, test=1, size=IMAGE_SIZE)
-    return data
-
-
 def row_plan(target: Target, stage, args, device: str) -> list[tuple[str, Setting | None]]:
     """(variant, setting) of every row of one stage; the plain rows find their setting as they run."""
     n = args.samples_per_step
@@ -322,7 +259,7 @@ def row_plan(target: Target, stage, args, device: str) -> list[tuple[str, Settin
 
 def planned_settings(target: Target, stage, args, device: str, compile_choices=(False,)) -> list[Setting]:
     """The planner's settings for this stage, best first (only those it predicts to fit)."""
-    from src.planner import rank_settings
+    from src.step_time import rank_settings
 
     patches, text_tokens = target.largest
     capacity = _capacity_bytes(device)
@@ -521,21 +458,6 @@ def _run_plain(target: Target, stage, variant: str, args, device) -> Measured:
     raise SkipRow(f"no setting of the bare loop fits (tried {', '.join(tried)})")
 
 
-def sample_stats(dataset, processor, count: int = SAMPLE_STATS_SAMPLES) -> dict:
-    """Mean tokens, image patches and label tokens per sample, as the training collator builds them."""
-    from src.data.collators import AssistantOnlyCollator
-
-    collate = AssistantOnlyCollator(processor)
-    rows = [dataset[i % len(dataset)] for i in range(count)]
-    batch = collate(rows)
-    grid = batch["image_grid_thw"]
-    return {
-        "tokens": float(batch["attention_mask"].sum()) / count,
-        "patches": float(grid.prod(-1).sum()) / count,
-        "labels": float((batch["labels"] != -100).sum()) / count,
-    }
-
-
 def _predicted_and_flops(target: Target, stage, setting: Setting, step_s, samples_per_step: int, env) -> dict:
     """The planner's peak for this row's micro-batch, and the model FLOPs of a step behind MFU."""
     from src.bench.measure import step_flops
@@ -668,115 +590,6 @@ def _peak_gib() -> float | None:
 
 def _round(value, digits):
     return None if value is None else round(value, digits)
-
-
-def write_results(out: Path, report: dict) -> None:
-    write_json_atomic(out / "bench.json", report)
-    write_text_atomic(out / "bench.md", render_table(report) + "\n")
-
-
-COLUMNS = (
-    ("shape", "shape"),
-    ("recipe", "recipe"),
-    ("variant", "variant"),
-    ("micro x accum", lambda r: f"{r['micro_batch']}x{r['grad_accum']}"),
-    ("ckpt", lambda r: "on" if r["checkpointing"] else "off"),
-    ("compile", lambda r: "on" if r["compile"] else "off"),
-    ("step s", "step_s"),
-    ("tokens/s", "tokens_s"),
-    ("samples/s", "samples_s"),
-    ("x plain", None),  # filled against the plain row of the same shape and recipe
-    ("peak GiB", "peak_gib"),
-    ("planned GiB", "predicted_gib"),
-    ("MFU %", "mfu_pct"),
-    ("GPU busy %", "gpu_util_pct"),
-    ("compile s", "compile_s"),
-    ("recompiles", "recompiles"),
-)
-
-
-def render_table(report: dict) -> str:
-    """The markdown tables: every row against the plain row of its shape and recipe; the planner's
-    candidates, predicted against measured; the end-to-end runs."""
-    env = report["environment"]
-    rows = [r for r in report["rows"] if not r.get("skipped")]
-    plain = {(r["shape"], r["recipe"]): r["tokens_s"] for r in rows if r["variant"] == "plain"}
-    lines = [
-        f"{env['device']['name']} ({env['device'].get('uuid') or 'cpu'}), bf16 peak measured "
-        f"{env['bf16_peak_tflops']} TFLOP/s, {env['date']}, "
-        + ", ".join(f"{k} {v}" for k, v in env["versions"].items()),
-        "",
-        "| " + " | ".join(name for name, _ in COLUMNS) + " |",
-        "|" + " --- |" * len(COLUMNS),
-    ]
-    for r in rows:
-        base = plain.get((r["shape"], r["recipe"]))
-        speedup = f"{r['tokens_s'] / base:.2f}" if base and r["tokens_s"] else "-"
-        cells = [speedup if key is None else (key(r) if callable(key) else r.get(key)) for _, key in COLUMNS]
-        lines.append("| " + " | ".join("-" if c is None else str(c) for c in cells) + " |")
-    for r in report["rows"]:
-        if r.get("skipped"):
-            lines.append(f"\n{r['shape']} {r['recipe']} {r['variant']}: skipped ({r['skipped']})")
-    lines += candidates_table(rows) + end_to_end_table(report.get("end_to_end") or [])
-    return "\n".join(lines)
-
-
-def candidates_table(rows: list[dict]) -> list[str]:
-    """Predicted against measured step time of the planner's candidates, and whether its first choice
-    was within WITHIN of the fastest one measured."""
-    groups: dict[tuple, list[dict]] = {}
-    for r in rows:
-        if r["variant"].startswith("cand"):
-            groups.setdefault((r["shape"], r["recipe"]), []).append(r)
-    if not groups:
-        return []
-    lines = [
-        "",
-        "| shape | recipe | candidate | setting | predicted step s | measured step s | tokens/s | peak GiB |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
-    ]
-    verdicts = []
-    for (shape, recipe), found in groups.items():
-        for r in found:
-            setting = f"{r['micro_batch']}x{r['grad_accum']} ckpt {'on' if r['checkpointing'] else 'off'}"
-            setting += " compiled" if r["compile"] else ""
-            cells = [shape, recipe, r["variant"], setting, r["predicted_step_s"], r["step_s"], r["tokens_s"]]
-            lines.append(
-                "| " + " | ".join("-" if c is None else str(c) for c in [*cells, r["peak_gib"]]) + " |"
-            )
-        verdicts.append(_verdict(shape, recipe, found))
-    return lines + [""] + verdicts
-
-
-def _verdict(shape: str, recipe: str, found: list[dict]) -> str:
-    timed = [r for r in found if r["step_s"]]
-    chosen = next((r for r in timed if r["variant"] == "cand1"), None)
-    if not chosen:
-        return f"{shape} {recipe}: the planner's choice did not run"
-    fastest = min(timed, key=lambda r: r["step_s"])
-    slower = chosen["step_s"] / fastest["step_s"] - 1
-    ok = "within" if slower <= WITHIN else "NOT within"
-    return (
-        f"{shape} {recipe}: the planner's choice (cand1) is {100 * slower:.1f}% slower than the fastest "
-        f"measured ({fastest['variant']}): {ok} {100 * WITHIN:.0f}%"
-    )
-
-
-def end_to_end_table(runs: list[dict]) -> list[str]:
-    if not runs:
-        return []
-    keys = ("wall_s", "import_s", "load_s", "first_step_s", "train_s", "save_s", "exit_s")
-    lines = [
-        "",
-        "| shape | recipe | setting | steps | exit | "
-        + " | ".join(k.removesuffix("_s") + " s" for k in keys)
-        + " |",
-        "|" + " --- |" * (5 + len(keys)),
-    ]
-    for r in runs:
-        cells = [r["shape"], r["recipe"], r["setting"], r["steps"], r["exit_code"], *(r.get(k) for k in keys)]
-        lines.append("| " + " | ".join("-" if c is None else str(c) for c in cells) + " |")
-    return lines
 
 
 if __name__ == "__main__":

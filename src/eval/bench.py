@@ -28,6 +28,7 @@ import sys
 import time
 from pathlib import Path
 
+from src.bench.targets import IMAGE_SIZE  # the same 644x476 images as the training bench
 from src.data.dataset import load_records
 from src.eval.predict import CPU_EVAL_BATCH, GenerationStats, load_for_eval, predict_records
 from src.utils.files import write_json_atomic, write_text_atomic
@@ -38,7 +39,6 @@ PATHS = {
     "sorted": {"batch_size": "auto", "sort_by_size": True, "decode": "plain"},
     "static": {"batch_size": "auto", "sort_by_size": True, "decode": "static"},
 }
-IMAGE_SIZE = (644, 476)  # 391 image tokens, as in the figures
 TARGET_IMAGES_PER_S = 16.0
 
 

@@ -32,10 +32,9 @@ from pathlib import Path
 from src.recipes import (
     ALIASES,
     RECIPES,
-    RecipeFileError,
     lora_sizes,
+    recipes_file_problems,
     resolve_recipe,
-    use_recipes_file,
     with_lora,
 )
 from src.training import progress
@@ -316,11 +315,9 @@ def load_recipes_file(argv: list[str] | None) -> None:
     path = early.parse_known_args(argv)[0].recipes_file
     if path is None:
         return
-    try:
-        use_recipes_file(path)
-    except RecipeFileError as error:
-        print(f"error: --recipes-file {path}:\n{error}", file=sys.stderr)
-        raise SystemExit(EXIT_USAGE) from None
+    if problems := recipes_file_problems(path):
+        print(f"error: --recipes-file {path}:\n" + "\n".join(problems), file=sys.stderr)
+        raise SystemExit(EXIT_USAGE)
 
 
 def initial_status(args, recipe, output: Path, device_info: dict) -> tuple[dict, dict]:

@@ -7,7 +7,8 @@ import json
 
 import pytest
 
-from recipe_runner.cli import COMMANDS, main
+from recipe_runner.cli import main
+from recipe_runner.cli_args import COMMANDS
 from recipe_runner.leases import try_acquire
 from recipe_runner.plan import flag_value
 

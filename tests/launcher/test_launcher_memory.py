@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 from recipe_runner import cli
+from recipe_runner.memory import AUTO_EFFECTIVE_BATCH
 from recipe_runner.plan import flag_value
 
 
@@ -43,7 +44,7 @@ def test_batch_size_auto_gives_each_worker_a_number_keeping_the_effective_batch(
     assert len(commands) == 2
     for argv in commands:
         batch, accum = int(flag_value(argv, "--batch-size")), int(flag_value(argv, "--grad-accum"))
-        assert batch * accum == cli.AUTO_EFFECTIVE_BATCH and batch > 1
+        assert batch * accum == AUTO_EFFECTIVE_BATCH and batch > 1
         assert flag_value(argv, "--gradient-checkpointing") in ("on", "off")
     # a card too small for even one sample is refused before anything starts
     code, out = _plan(monkeypatch, capsys, 6144, *config_only_7b, "--batch-size", "auto")

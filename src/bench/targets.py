@@ -1,0 +1,85 @@
+"""What the benchmark runs on: a model (a published shape with random weights, built once, or a model
+directory of your own) and its training data as the worker builds it, read once for every row.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+IMAGE_SIZE = (644, 476)  # 391 image tokens a sample, as in the issue's reference figures
+SAMPLE_STATS_SAMPLES = 16
+
+
+@dataclass
+class Target:
+    """One model and its data, with what every row of it shares (read once, not once a row)."""
+
+    label: str
+    model_dir: Path
+    data_dir: Path
+    dataset: object  # the training conversations, as the worker builds them
+    processor: object
+    stats: dict  # mean tokens, patches and labels a sample (sample_stats)
+    memory_shape: object  # src.planner.ModelShape
+    flop_shape: object  # src.bench.measure.FlopShape
+    largest: tuple[int, int]  # (image patches, text tokens) of the largest sample: what the worker plans for
+
+    @classmethod
+    def load(cls, label: str, model_dir: Path, data_dir: Path) -> Target:
+        from src.bench.measure import FlopShape
+        from src.data.dataset import build_dataset
+        from src.models.loader import load_processor, model_family
+        from src.planner import ModelShape
+        from src.training.memory import largest_sample
+
+        processor = load_processor(str(model_dir))
+        dataset, _ = build_dataset(str(data_dir), "train", model_family(str(model_dir)), processor)
+        stats = sample_stats(dataset, processor)
+        shapes = ModelShape.from_model_dir(model_dir), FlopShape.from_model_dir(model_dir)
+        largest = largest_sample(dataset, processor)
+        return cls(label, model_dir, data_dir, dataset, processor, stats, *shapes, largest)
+
+
+def targets(args, device: str):
+    """A Target for each model asked, building the shapes' models and data where missing."""
+    work = Path(args.work)
+    if args.model_id:
+        data = Path(args.dataset or _synthetic_data(work))
+        yield Target.load(Path(args.model_id).name, Path(args.model_id), data)
+    for shape in args.shape or []:
+        if shape == "tiny":
+            from src.fixtures import build_test_fixtures
+
+            yield Target.load("tiny", *build_test_fixtures(work / "tiny"))
+            continue
+        from src.models.shapes import build_shape_model
+
+        model_dir = work / shape
+        if not (model_dir / "config.json").is_file():
+            build_shape_model(shape, model_dir, device=device)
+        yield Target.load(shape, model_dir, _synthetic_data(work))
+
+
+def _synthetic_data(work: Path) -> Path:
+    from src.data.synthetic import write_dataset
+
+    data = work / "data-644x476"
+    if not (data / "train" / "metadata.jsonl").is_file():
+        write_dataset(data, train=32, test=1, size=IMAGE_SIZE)
+    return data
+
+
+def sample_stats(dataset, processor, count: int = SAMPLE_STATS_SAMPLES) -> dict:
+    """Mean tokens, image patches and label tokens per sample, as the training collator builds them."""
+    from src.data.collators import AssistantOnlyCollator
+
+    collate = AssistantOnlyCollator(processor)
+    rows = [dataset[i % len(dataset)] for i in range(count)]
+    batch = collate(rows)
+    grid = batch["image_grid_thw"]
+    return {
+        "tokens": float(batch["attention_mask"].sum()) / count,
+        "patches": float(grid.prod(-1).sum()) / count,
+        "labels": float((batch["labels"] != -100).sum()) / count,
+    }

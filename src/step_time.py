@@ -1,0 +1,141 @@
+"""Step-time cost model: the predicted seconds of one optimizer step, and the settings ranked by it.
+
+Torch-free, like the memory planner it sits on (src/planner.py): `--batch-size auto` (the launcher's
+recipe_runner/memory.py) and the benchmark's candidates (src/bench) run the fastest setting that fits.
+
+    from src.step_time import rank_settings
+    best = rank_settings(shape, recipe, 16, capacity_bytes, image_patches, text_tokens)[0]
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from src.models.freeze import vision_trains
+from src.planner import GIB, ModelShape, estimate_recipe_memory, parameter_counts
+from src.recipes import TrainingRecipe
+
+# --- step time: the cost model -------------------------------------------------------------------------
+# One micro-batch costs a fixed launch overhead (Python launching a few thousand small kernels: LoRA adds
+# several per wrapped linear) plus its FLOPs at an effective rate; recomputation redoes the forward, which
+# adds both. Fitted on one H200, 7B shape, r4, 644x476 images, the core with recompute off (facts.md,
+# 2026-11-30): micro-batch 4 -> 0.499 s, 8 -> 0.689 s a micro-batch, i.e. 0.31 s fixed + 0.047 s a sample;
+# recompute on at micro-batch 4 -> 0.836 s (x1.67; the bare loop showed x1.88). The 2B bench rows
+# (0.34 s at micro-batch 4) agree with a fixed cost that scales with layers, not with width.
+LAUNCH_S_PER_REGION = 0.31 / 60  # per decoder layer or vision block, forward + backward, one micro-batch
+EFFECTIVE_TFLOPS = 350.0  # the marginal rate of a 7B r4 sample on an H200 (44% of the measured 790 peak)
+RECOMPUTE_FACTOR = 1.67  # a step with gradient checkpointing against one without, same micro-batch
+# Regional compilation fuses each layer's small kernels: it cuts the launch term. Measured on one H200 (7B
+# r4, 8 x 2, two pairs of rows in one bench run): 0.04 and 0.19 s saved a step, i.e. the launch term times
+# about 0.82 on average. Compile time (126 s cold) is not in a step: the worker's --compile auto weighs it.
+COMPILE_LAUNCH_FACTOR = 0.82
+OPTIMIZER_S = 0.01  # fused AdamW over the adapters, once per optimizer step
+
+
+def sample_flops(shape: ModelShape, stage: TrainingRecipe, image_patches: int, text_tokens: int) -> float:
+    """Model FLOPs of one sample, forward and backward (2 per weight per token; no recomputation).
+
+    The gradient always flows back through the LLM (every recipe trains in or below it), through the
+    vision tower only when it or the merger trains. LoRA's own weight gradients are under 1%.
+    """
+    counts = parameter_counts(shape)
+    tokens = image_patches // shape.merge_size**2 + text_tokens
+    llm = 2 * counts["llm_linear"] * tokens + 2 * tokens**2 * shape.hidden * shape.layers
+    head = 2 * shape.hidden * shape.vocab * text_tokens
+    vision = (
+        2 * counts["vision"] * image_patches + 4 * image_patches**2 * shape.vision_embed * shape.vision_depth
+    )
+    backward = llm + head + (vision if vision_trains(stage) else 0)
+    return float(llm + head + vision + backward)
+
+
+def predict_step_seconds(
+    shape: ModelShape,
+    recipe: TrainingRecipe,
+    micro_batch: int,
+    grad_accum: int,
+    image_patches: int,
+    text_tokens: int,
+    checkpointing: bool,
+    compiled: bool = False,
+) -> float:
+    """Predicted seconds of one optimizer step on the card the constants were fitted on (see above).
+
+    A chain's stages run one after the other: its step is the mean of its stages' steps.
+    """
+    stages = recipe.stages or (recipe,)
+    regions = shape.layers + shape.vision_depth
+    launch = regions * LAUNCH_S_PER_REGION * (COMPILE_LAUNCH_FACTOR if compiled else 1.0)
+    total = 0.0
+    for stage in stages:
+        compute = (
+            micro_batch * sample_flops(shape, stage, image_patches, text_tokens) / (EFFECTIVE_TFLOPS * 1e12)
+        )
+        micro = (launch + compute) * (RECOMPUTE_FACTOR if checkpointing else 1.0)
+        total += grad_accum * micro + OPTIMIZER_S
+    return total / len(stages)
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One way to run `samples_per_step` samples an optimizer step, with its predicted cost."""
+
+    micro_batch: int
+    grad_accum: int
+    checkpointing: bool
+    compile: bool
+    predicted_gib: float
+    predicted_step_s: float
+    fits: bool
+
+    def describe(self) -> str:
+        return (
+            f"micro-batch {self.micro_batch} x accumulation {self.grad_accum}, recompute "
+            f"{'on' if self.checkpointing else 'off'}{', compiled' if self.compile else ''}: "
+            f"{self.predicted_step_s:.2f} s a step, {self.predicted_gib:.1f} GiB"
+            f"{'' if self.fits else ' (does not fit)'}"
+        )
+
+
+def rank_settings(
+    shape: ModelShape,
+    recipe: TrainingRecipe,
+    samples_per_step: int,
+    capacity_bytes: int,
+    image_patches: int,
+    text_tokens: int,
+    *,
+    headroom: float = 0.85,
+    checkpointing_choices: tuple[bool, ...] = (False, True),
+    compile_choices: tuple[bool, ...] = (False,),
+) -> list[Candidate]:
+    """Every micro-batch x accumulation x recompute x compile setting of `samples_per_step`, fitting ones
+    first and each group fastest first: the head of the list is the setting to run."""
+    budget = headroom * capacity_bytes
+    found = []
+    for micro in (d for d in range(1, samples_per_step + 1) if samples_per_step % d == 0):
+        for ckpt in checkpointing_choices:
+            peak = estimate_recipe_memory(shape, recipe, micro, image_patches, text_tokens, ckpt).total
+            for compiled in compile_choices:
+                seconds = predict_step_seconds(
+                    shape,
+                    recipe,
+                    micro,
+                    samples_per_step // micro,
+                    image_patches,
+                    text_tokens,
+                    ckpt,
+                    compiled,
+                )
+                found.append(
+                    Candidate(
+                        micro,
+                        samples_per_step // micro,
+                        ckpt,
+                        compiled,
+                        round(peak / GIB, 2),
+                        round(seconds, 4),
+                        peak <= budget,
+                    )
+                )
+    return sorted(found, key=lambda c: (not c.fits, c.predicted_step_s))
