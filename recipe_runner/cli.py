@@ -37,13 +37,14 @@ from recipe_runner.cli_args import (
     validate_launch,
 )
 from recipe_runner.execute import GpuPool, RunPolicy, run_jobs
-from recipe_runner.gpus import GpuInfo, NvmlUnavailable, probe_gpus
+from recipe_runner.gpus import GpuInfo, NvmlUnavailable, probe_cores, probe_gpus
 from recipe_runner.leases import lease_dir, reservations
 from recipe_runner.lora_flags import lora_sizes_from_args
 from recipe_runner.placement import (
     LaunchRequest,
     Plan,
     PlanError,
+    core_slices,
     jobs_per_gpu,
     make_plan,
     plan_recipes,
@@ -242,6 +243,8 @@ def _select(args: argparse.Namespace, probe: Callable[[], list[GpuInfo]]) -> Gpu
         return args.pack == "auto" and bool(reservations(leases, gpu.uuid))
 
     selection = select_gpus(gpus, asked, args.max_used_mib, held, _per_recipe(args), packable)
+    if args.pin_cpus == "auto":  # over every GPU of the host, so concurrent launchers agree
+        selection = replace(selection, cores=core_slices(gpus, *probe_cores()))
     problems = selection.problems(args.wait)
     if problems:
         raise UsageError(
@@ -280,7 +283,9 @@ def _train_flags(args: argparse.Namespace) -> TrainFlags:
 
 def _pool(args: argparse.Namespace, selection: GpuSelection, probe, launch_id: str) -> GpuPool:
     max_jobs = jobs_per_gpu(args.pack, args.max_jobs_per_gpu)
-    return GpuPool(selection.pool, probe, lease_dir(), launch_id, max_jobs, args.max_used_mib)
+    return GpuPool(
+        selection.pool, probe, lease_dir(), launch_id, max_jobs, args.max_used_mib, selection.cores
+    )
 
 
 def _execute(

@@ -275,6 +275,14 @@ def _add_device_args(p: argparse.ArgumentParser) -> None:
     device.add_argument(
         "--wait", action="store_true", help="queue until busy GPUs free up instead of exiting 2"
     )
+    device.add_argument(
+        "--pin-cpus",
+        choices=["auto", "off"],
+        default="auto",
+        help="auto (default): each GPU gets its own share of the CPU cores, nearest it first, and its "
+        "workers run only there, so recipes on different GPUs never slow each other's host side; "
+        "off: workers run on any core",
+    )
     device.add_argument("--cpu", action="store_true", help="train on the CPU, all recipes at once")
     device.add_argument(
         "--threads",

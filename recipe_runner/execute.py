@@ -29,12 +29,12 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import IO, Any
 
-from recipe_runner.gpus import DEFAULT_MAX_USED_MIB, GpuInfo
+from recipe_runner.gpus import DEFAULT_MAX_USED_MIB, GpuInfo, cpu_list_text
 from recipe_runner.leases import WHOLE_GPU, Lease, reservations, reserve
 from recipe_runner.placement import GpuRoom, choose_gpus, start_order
 from recipe_runner.plan import JobSpec, bind_gpus, flag_value, oom_retry, resumed
@@ -84,8 +84,10 @@ class GpuPool:
         launch_id: str,
         max_jobs_per_gpu: int = 1,
         max_used_mib: int = DEFAULT_MAX_USED_MIB,
+        cores: Mapping[str, tuple[int, ...]] | None = None,
     ) -> None:
         self.gpus, self.probe, self.lease_dir = list(gpus), probe, lease_dir
+        self.cores = dict(cores or {})  # GPU uuid -> the cores its jobs are pinned to (--pin-cpus)
         self.launch_id, self.max_jobs, self.max_used_mib = launch_id, max_jobs_per_gpu, max_used_mib
         self.waiting_for = ""  # why the last take() found nothing, for the user
         self._seen = {gpu.uuid: gpu for gpu in gpus}
@@ -355,7 +357,7 @@ class _Runner(JobLoop):
             job.gpus, job.leases, job.shared_gpu = taken
             if job.shared_gpu:
                 self._mark_sharing(job)
-            job.spec = bind_gpus(job.spec, job.gpus)
+            job.spec = bind_gpus(job.spec, job.gpus, self.pool.cores)
             self._spawn(job)
         if waiting is not None:
             self._note_waiting(waiting)
@@ -379,8 +381,10 @@ class _Runner(JobLoop):
         # Line-buffered so that `tail -f` on the log follows the run.
         job.log = open(spec.log_path, "a", encoding="utf-8", errors="replace", buffering=1)
         job.log.write(f"# command: {shlex.join(spec.argv)}\n# env: {shlex.join(_env_words(spec.env))}\n")
+        if spec.cpus:
+            job.log.write(f"# cores: {cpu_list_text(spec.cpus)}\n")
         try:
-            job.proc = spawn(spec.argv, spec.env)
+            job.proc = spawn(spec.argv, spec.env, spec.cpus)
         except OSError as error:
             self._spawn_failed(job, error)
             return
@@ -493,9 +497,9 @@ class _Runner(JobLoop):
                     self._finish(job)
 
 
-def spawn(argv: Sequence[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
-    """Start one worker: no shell, its own session, stdout+stderr merged into one pipe."""
-    return subprocess.Popen(
+def spawn(argv: Sequence[str], env: dict[str, str], cpus: Sequence[int] = ()) -> subprocess.Popen[bytes]:
+    """Start one worker: no shell, its own session, stdout+stderr in one pipe, on `cpus` (() = any core)."""
+    proc = subprocess.Popen(
         list(argv),
         stdin=subprocess.DEVNULL,  # a child must not read (or stop on) the terminal
         stdout=subprocess.PIPE,
@@ -504,6 +508,12 @@ def spawn(argv: Sequence[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
         start_new_session=True,  # its own process group: signals reach its grandchildren too
         preexec_fn=_die_with_parent_hook(),  # see _die_with_parent_hook
     )
+    if cpus:
+        # Set from here, not in preexec_fn (no allocation between fork and exec). The child is still
+        # starting Python, single-threaded, so every thread it makes later (torch's, the loader's) inherits.
+        with contextlib.suppress(OSError):  # a core taken away meanwhile (cgroup): it runs unpinned
+            os.sched_setaffinity(proc.pid, cpus)
+    return proc
 
 
 def _die_with_parent_hook() -> Callable[[], None] | None:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,6 +27,7 @@ from typing import Any
 FAKE_GPUS_ENV = "RECIPE_RUNNER_FAKE_GPUS"
 DEFAULT_MAX_USED_MIB = 2048
 MIB = 1024 * 1024
+CPU_MASK_WORDS = 64  # words of NVML's CPU affinity mask asked for: 4,096 cores
 
 
 class NvmlUnavailable(RuntimeError):
@@ -44,6 +45,7 @@ class GpuInfo:
     memory_total_mib: int = 81559
     utilization_pct: int | None = None
     processes: tuple[int, ...] = field(default=())  # pids of compute processes
+    near_cpus: tuple[int, ...] = field(default=())  # the cores NVML names as closest (its NUMA node)
 
     @property
     def label(self) -> str:
@@ -90,6 +92,7 @@ def parse_fake_gpus(text: str) -> list[GpuInfo]:
 def _fake_record(position: int, record: dict[str, Any]) -> GpuInfo:
     fields = {"index": position, "uuid": f"GPU-fake-{position:04d}", "name": "Fake GPU", **record}
     fields["processes"] = tuple(fields.get("processes", ()))
+    fields["near_cpus"] = tuple(fields.get("near_cpus", ()))
     return GpuInfo(**fields)
 
 
@@ -121,11 +124,56 @@ def _read_device(nvml: Any, index: int) -> GpuInfo:
         memory_total_mib=int(memory.total // MIB),
         utilization_pct=_optional(nvml, lambda: int(nvml.nvmlDeviceGetUtilizationRates(handle).gpu)),
         processes=_optional(nvml, lambda: _compute_pids(nvml, handle)) or (),
+        near_cpus=_optional(nvml, lambda: _near_cpus(nvml, handle)) or (),
     )
 
 
 def _compute_pids(nvml: Any, handle: Any) -> tuple[int, ...]:
     return tuple(int(proc.pid) for proc in nvml.nvmlDeviceGetComputeRunningProcesses(handle))
+
+
+def probe_cores(sys_cpu: Path = Path("/sys/devices/system/cpu")) -> tuple[list[int], dict[int, int]]:
+    """The cores this process may run on, and each one's physical core (its lowest hyperthread sibling).
+
+    Linux only (sched_getaffinity and sysfs); elsewhere no cores, so nothing is pinned.
+    """
+    if not hasattr(os, "sched_getaffinity"):
+        return [], {}
+    usable = sorted(os.sched_getaffinity(0))
+    core_of = {}
+    for cpu in usable:
+        siblings = sys_cpu / f"cpu{cpu}" / "topology" / "thread_siblings_list"
+        try:
+            core_of[cpu] = min(_cpu_list(siblings.read_text()))
+        except (OSError, ValueError):
+            core_of[cpu] = cpu
+    return usable, core_of
+
+
+def _cpu_list(text: str) -> list[int]:
+    """'0-3,8' -> [0, 1, 2, 3, 8] (the kernel's cpu list format)."""
+    cpus = []
+    for part in text.strip().split(","):
+        low, _, high = part.partition("-")
+        cpus.extend(range(int(low), int(high or low) + 1))
+    return cpus
+
+
+def cpu_list_text(cpus: Sequence[int]) -> str:
+    """[0, 1, 2, 3, 8] -> '0-3,8', the kernel's format (taskset -c takes it)."""
+    runs: list[list[int]] = []
+    for cpu in sorted(set(cpus)):
+        if runs and cpu == runs[-1][1] + 1:
+            runs[-1][1] = cpu
+        else:
+            runs.append([cpu, cpu])
+    return ",".join(f"{low}-{high}" if high > low else str(low) for low, high in runs)
+
+
+def _near_cpus(nvml: Any, handle: Any) -> tuple[int, ...]:
+    """The cores of the GPU's NUMA node: NVML's affinity mask, 64 cores per word, lowest word first."""
+    words = nvml.nvmlDeviceGetCpuAffinity(handle, CPU_MASK_WORDS)
+    return tuple(64 * w + bit for w, word in enumerate(words) for bit in range(64) if int(word) >> bit & 1)
 
 
 def _optional(nvml: Any, read: Any) -> Any:

@@ -269,6 +269,36 @@ def make_plan(
     return Plan(launch_id, launch_dir, tuple(jobs), placed, memory, on_gpus=True)
 
 
+def core_slices(
+    gpus: Sequence[GpuInfo], usable: Sequence[int], core_of: Mapping[int, int] | None = None
+) -> dict[str, tuple[int, ...]]:
+    """GPU uuid -> the CPU cores its jobs run on (`--pin-cpus auto`).
+
+    The usable cores are split evenly and without overlap over every GPU of the host, whole physical
+    cores at a time (`core_of`: logical cpu -> its physical core; hyperthread siblings stay together),
+    each GPU's share taken from its own NUMA node first (`GpuInfo.near_cpus`). Over all the host's GPUs,
+    not only the launch's, so two launchers on one host give a GPU the same cores, and jobs on different
+    GPUs never share a core: the host-bound Python thread of one recipe's step is not slowed by another's.
+    Empty (nothing pinned) when the host has fewer physical cores than GPUs.
+    """
+    core_of = core_of or {}
+    threads_of: dict[int, list[int]] = {}
+    for cpu in sorted(set(usable)):
+        threads_of.setdefault(core_of.get(cpu, cpu), []).append(cpu)
+    if not gpus or len(threads_of) < len(gpus):
+        return {}
+    share = len(threads_of) // len(gpus)
+    left = list(threads_of)
+    slices = {}
+    for gpu in sorted(gpus, key=lambda g: g.index):
+        near = set(gpu.near_cpus)
+        # sorted() is stable: the near cores first, each group in core order
+        picked = sorted(left, key=lambda core: near.isdisjoint(threads_of[core]))[:share]
+        slices[gpu.uuid] = tuple(sorted(cpu for core in picked for cpu in threads_of[core]))
+        left = [core for core in left if core not in picked]
+    return slices
+
+
 def spread_spare_gpus(jobs: Sequence[JobSpec], memory: Mapping[str, MemoryPlan], idle_gpus: int) -> list[int]:
     """Data-parallel ranks per job when idle GPUs outnumber the jobs: each spare GPU goes to the job with
     the longest predicted time per rank, as long as its samples a step still split evenly.

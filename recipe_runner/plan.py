@@ -94,6 +94,7 @@ class JobSpec:
     gpu_count: int = 1  # GPUs it needs at once: data-parallel ranks, or a model sharded over several
     reserve_mib: int | None = None  # GPU memory it reserves on each of them; None: the GPUs whole
     predicted_s: float = 0.0  # predicted training seconds (0: unknown); the longest starts first
+    cpus: tuple[int, ...] = ()  # the cores it is pinned to (its GPUs' share, placement.core_slices); () none
 
     @property
     def key(self) -> str:
@@ -326,8 +327,12 @@ def gpu_env(gpus: Sequence[GpuInfo]) -> dict[str, str]:
     }
 
 
-def bind_gpus(job: JobSpec, gpus: Sequence[GpuInfo]) -> JobSpec:
-    return replace(job, gpus=tuple(gpus), env={**job.env, **gpu_env(gpus)})
+def bind_gpus(
+    job: JobSpec, gpus: Sequence[GpuInfo], cores: Mapping[str, tuple[int, ...]] | None = None
+) -> JobSpec:
+    """The job on these GPUs: their env, and the cores of their share (`cores`: GPU uuid -> cores)."""
+    cpus = sorted({cpu for gpu in gpus for cpu in (cores or {}).get(gpu.uuid, ())})
+    return replace(job, gpus=tuple(gpus), env={**job.env, **gpu_env(gpus)}, cpus=tuple(cpus))
 
 
 def flag_value(argv: Sequence[str], flag: str) -> str | None:
@@ -403,6 +408,7 @@ class GpuSelection:
     pool: tuple[GpuInfo, ...]
     missing: tuple[str, ...] = ()  # fatal: asked for GPUs that do not exist
     busy: tuple[str, ...] = ()  # fatal unless --wait
+    cores: Mapping[str, tuple[int, ...]] = field(default_factory=dict)  # GPU uuid -> its jobs' cores
 
     def problems(self, wait: bool) -> list[str]:
         return [*self.missing, *([] if wait else self.busy)]

@@ -9,6 +9,7 @@ import shlex
 from collections.abc import Sequence
 from dataclasses import replace
 
+from recipe_runner.gpus import cpu_list_text
 from recipe_runner.placement import LaunchRequest, Plan, PlanError, plan_recipe, planner_inputs, sharing
 from recipe_runner.plan import GpuSelection, bind_gpus
 
@@ -21,7 +22,7 @@ def print_plan(plan: Plan, selection: GpuSelection | None) -> None:
     together = sharing(plan.first_wave)
     for index, job in enumerate(plan.jobs):
         gpus = plan.first_wave[index] if plan.on_gpus else None
-        shown = bind_gpus(job, gpus) if gpus else job
+        shown = bind_gpus(job, gpus, selection.cores if selection else None) if gpus else job
         if plan.on_gpus and gpus is None:
             where = f"queued: starts when {job.gpu_count} of {names} have room"
         elif gpus:
@@ -37,6 +38,8 @@ def print_plan(plan: Plan, selection: GpuSelection | None) -> None:
         print(f"  command: {shlex.join(shown.argv)}")
         print(f"  env+:    {' '.join(f'{k}={v}' for k, v in sorted(env.items()))}")
         print(f"  log:     {shown.log_path}")
+        if shown.cpus:
+            print(f"  cores:   {cpu_list_text(shown.cpus)} (its GPU's share; --pin-cpus off: any core)")
         if job.recipe in plan.memory:
             print(f"  memory:  {plan.memory[job.recipe].describe()}")
         if plan.on_gpus:

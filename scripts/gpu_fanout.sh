@@ -5,13 +5,14 @@
 # GPUs, and a real out-of-memory retry. Run from the repo root:
 #
 #   scripts/gpu_fanout.sh OUT_DIR PART...   PART: setup bench7b bench2b 2b 7b alone pair pairalone shard oom
-#                                                  queue1 pack1 both1 pack2 ddp ddpalone pack1mps pairs
+#                                                  queue1 pack1 both1 pack2 ddp ddpalone pack1mps pairs pairoff
 #
 # The placement runs (issue "use every GPU"): r1-r4 queued one at a time on one GPU (queue1: --pack off),
 # packed on one GPU (pack1) and on two (pack2), all 7B, STEPS steps (60 for the issue's figures), batch 4,
 # no evaluation; both1 runs queue1 on gpu0 and pack1 on gpu1 at the same time (two launchers, half the
 # device time); r4 as two data-parallel processes on two GPUs (ddp) against one GPU (ddpalone), 16 samples
-# a step. pairs: the pair and r4 alone on each of its two GPUs, three rounds (STEPS=20 fits one call).
+# a step. pairs: the pair and r4 alone on each of its two GPUs, ROUNDS rounds (3; STEPS=20 fits one call);
+# pairoff: the pair once more with --pin-cpus off.
 #
 # RECIPE_RUN (default `python3 -m recipe_runner`), WORK (default /tmp/rr), STEPS (default 10) and
 # ALONE_SHAPE (the model of the `alone` run, default 2b) and SHAPES (the models `setup` builds, default
@@ -47,6 +48,7 @@ for part in "$@"; do
   case $part in
     setup)
       nvidia-smi -L | tee "$out/gpus.txt"
+      { nvidia-smi topo -m; lscpu; } > "$out/topology.txt" 2>&1 || true
       python3 -c "from src.data.synthetic import write_dataset; write_dataset('$work/data', train=64, test=16, size=(644, 476))"
       for shape in ${SHAPES:-2b 7b}; do
         [ -f "$work/$shape/config.json" ] || python3 -m src.models.shapes --shape "$shape" --out "$work/$shape"
@@ -68,13 +70,15 @@ for part in "$@"; do
     bench2b)
       python3 -m src.bench --shape 2b --recipes r1,r2,r4 --work "$work" --out "$out/bench2b" 2>&1 | tee "$out/bench2b.log" ;;
     pair) launch pair --recipes r2,r4 --gpus 0,1 --model-id "$work/7b" "${common[@]}" --skip-eval --plain ;;
-    pairs)  # the "two recipes on two GPUs" criterion, three rounds: the pair, then r4 alone on each GPU
-      for round in 1 2 3; do
+    pairs)  # the "two recipes on two GPUs" criterion, ROUNDS rounds (3): the pair, then r4 alone on each GPU
+      for round in $(seq "${ROUNDS:-3}"); do
         launch "pair-$round" --recipes r2,r4 --gpus 0,1 --model-id "$work/7b" "${common[@]}" --skip-eval --plain
         for gpu in 0 1; do
           launch "pairalone$gpu-$round" --recipes r4 --gpus "$gpu" --model-id "$work/7b" "${common[@]}" --skip-eval --plain
         done
       done ;;
+    pairoff) launch pairoff --recipes r2,r4 --gpus 0,1 --model-id "$work/7b" "${common[@]}" --skip-eval --plain \
+      --pin-cpus off ;;  # the pair with its workers free to run on any core (what pinning buys)
     pairalone) launch "pairalone${ALONE_GPU:-0}" --recipes r4 --gpus "${ALONE_GPU:-0}" --model-id "$work/7b" "${common[@]}" \
       --skip-eval --plain ;;
     pack1mps)  # pack1 under the MPS daemon, when the image has it (never required)

@@ -2,6 +2,7 @@
 writes its JSON and table, and refuses bad flags. CPU timings here are no speed claim."""
 
 import json
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -18,16 +19,16 @@ from src.bench.__main__ import (
     variants,
 )
 from src.bench.measure import gpu_idle_share
-from src.bench.tables import render_table
+from src.bench.tables import combine_rounds, render_table
 from src.training.progress import format_event
 
 NUMBER_COLUMNS = ("step_s", "tokens_s", "samples_s", "first_step_s", "predicted_gib", "step_flops", "wall_s")
 
 
-def test_tiny_shape_runs_the_core_and_the_plain_loop(tmp_path, tiny_fixtures):
+def test_tiny_shape_runs_the_core_and_the_plain_loop_in_rounds(tmp_path, tiny_fixtures):
     out = tmp_path / "out"
     argv = ["--cpu", "--recipes", "r1,r3", "--variants", "plain,fast", "--steps", "2", "--warmup", "1"]
-    argv += ["--samples-per-step", "4", "--profile", "fast"]
+    argv += ["--samples-per-step", "4", "--profile", "fast", "--rounds", "2"]
     model_dir, data_dir = tiny_fixtures
     argv += [
         "--model-id",
@@ -50,8 +51,19 @@ def test_tiny_shape_runs_the_core_and_the_plain_loop(tmp_path, tiny_fixtures):
         for recipe in ("r1-llm-only", "r3-two-stage/stage1-vision", "r3-two-stage/stage2-llm")
         for variant in ("plain", "fast")
     ]
+    table = (out / "bench.md").read_text()
     for row in rows:
-        assert row["steps_measured"] == 2
+        rounds = row["rounds"]
+        assert len(rounds) == 2 and all(found["steps_measured"] == 2 for found in rounds)
+        assert all((found["recipe"], found["variant"]) == (row["recipe"], row["variant"]) for found in rounds)
+        # The row's step time is the median of its rounds', and what derives from it follows it.
+        assert row["step_s"] == pytest.approx(
+            statistics.median(found["step_s"] for found in rounds), abs=1e-4
+        )
+        assert row["tokens_s"] == pytest.approx(row["tokens_per_step"] / row["step_s"], rel=0.01)
+        times = " / ".join(str(found["step_s"]) for found in rounds)
+        assert f"| {row['recipe']} | {row['variant']} | " in table
+        assert f"| {row['step_s']} | {times} | {row['tokens_s']} | {row['samples_s']} |" in table
         for column in NUMBER_COLUMNS:
             assert isinstance(row[column], (int, float)) and row[column] > 0, (column, row)
         assert row["micro_batch"] * row["grad_accum"] == row["samples_per_step"] == 4
@@ -65,7 +77,6 @@ def test_tiny_shape_runs_the_core_and_the_plain_loop(tmp_path, tiny_fixtures):
     # r3's first stage trains the vision tower, so it must cost more FLOPs than its LLM-only second stage.
     flops = {r["recipe"]: r["step_flops"] for r in rows}
     assert flops["r3-two-stage/stage1-vision"] > flops["r3-two-stage/stage2-llm"]
-    table = (out / "bench.md").read_text()
     assert "| r1-llm-only | fast | 4x1 |" in table and "x plain" in table and "samples/s" in table
 
 
@@ -92,6 +103,7 @@ def test_the_ladder_switches_one_lever_on_at_a_time():
         (["--shape", "tiny", "--steps", "0"], "--steps 0"),
         (["--shape", "tiny", "--samples-per-step", "0"], "--samples-per-step 0"),
         (["--shape", "tiny", "--profile", "turbo"], "--profile: unknown ['turbo']"),
+        (["--shape", "tiny", "--rounds", "0"], "--rounds 0: must be at least 1"),
     ],
 )
 def test_bad_flags_are_named(argv, wanted):
@@ -118,6 +130,14 @@ def test_recipe_run_bench_exits_2_on_bad_flags_before_loading_anything(tmp_path)
     )
     assert done.returncode == 2 and "--steps 0" in done.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_rounds_below_one_exit_2_before_anything_is_written(tmp_path):
+    work, out = tmp_path / "w", tmp_path / "o"
+    argv = ["--shape", "tiny", "--cpu", "--rounds", "0", "--work", str(work), "--out", str(out)]
+    done = subprocess.run([sys.executable, "-m", "src.bench", *argv], capture_output=True, text=True)
+    assert done.returncode == 2 and "--rounds 0: must be at least 1" in done.stderr, done.stderr
+    assert not work.exists() and not out.exists()
 
 
 def _row(variant: str, tokens_s: float, step_s: float = 0.5, **extra) -> dict:
@@ -151,8 +171,31 @@ def _report(rows: list[dict], end_to_end=()) -> dict:
 def test_table_compares_with_the_plain_row_of_the_same_recipe():
     rows = [_row("plain", 1000.0), _row("fast+compile", 2500.0, compile=True, compile_s=40.1, recompiles=3)]
     table = render_table(_report(rows))
-    assert "| 7b | r4-joint | fast+compile | 8x2 | off | on | 0.5 | 2500.0 | 32.0 | 2.50 |" in table
+    assert "| 7b | r4-joint | fast+compile | 8x2 | off | on | 0.5 | - | 2500.0 | 32.0 | 2.50 |" in table
     assert table.rstrip().endswith("| 40.1 | 3 |")
+
+
+def test_rounds_make_one_row_at_the_median_step_time_and_the_worst_peak():
+    env = _report([])["environment"]
+    extra = {"tokens_per_step": 8000, "samples_per_step": 16, "step_flops": 7e13, "wall_s": 30.0}
+    rounds = [
+        _row("fast", 16000.0, step_s=0.5, peak_gib=20.0, **extra),
+        _row("fast", 10000.0, step_s=0.8, peak_gib=21.5, **extra),
+        _row("fast", 20000.0, step_s=0.4, peak_gib=19.0, **extra),
+    ]
+    row = combine_rounds(rounds, env)
+    assert (row["step_s"], row["tokens_s"], row["samples_s"]) == (0.5, 16000.0, 32.0)
+    assert row["mfu_pct"] == 20.0  # 7e13 FLOPs in 0.5 s of a 700 TFLOP/s card
+    assert (row["peak_gib"], row["wall_s"], row["rounds"]) == (21.5, 90.0, rounds)
+    even = combine_rounds(rounds[:2], env)  # two rounds: the mean of the middle two
+    assert (even["step_s"], even["tokens_s"]) == (0.65, round(8000 / 0.65, 1))
+    assert "| 0.5 | 0.5 / 0.8 / 0.4 | 16000.0 | 32.0 |" in render_table(_report([row]))
+    one = combine_rounds(rounds[:1], env)  # one round: the row as measured, its rounding untouched
+    assert {k: v for k, v in one.items() if k != "rounds"} == rounds[0]
+    # A round at another setting (the bare loop's search) or skipped is shown as such.
+    rounds[1] = {**rounds[1], "micro_batch": 4, "grad_accum": 4}
+    rounds[2] = {"shape": "7b", "recipe": "r4-joint", "variant": "fast", "skipped": "out of memory"}
+    assert "| 0.65 | 0.5 / 0.8 (4x4) / skipped |" in render_table(_report([combine_rounds(rounds, env)]))
 
 
 def test_candidates_table_says_whether_the_planners_choice_is_within_5_percent_of_the_fastest():
@@ -243,3 +286,16 @@ def test_recipes_file_lets_the_bench_name_its_recipes(tmp_path):
     finally:
         forget_recipe_files()
     assert check_args(build_parser().parse_args(["--shape", "tiny", "--recipes", "r5"])) != []
+
+
+def test_synthetic_data_holds_every_step_of_a_row_in_one_epoch():
+    """A new epoch restarts the loader's prefetching (its first micro-batch waits a whole collation), which a
+    user's large data set pays rarely: the bench's synthetic set is big enough that no row crosses one."""
+    from types import SimpleNamespace
+
+    from src.bench.targets import MIN_SYNTHETIC_IMAGES, PROFILED_STEPS, synthetic_images
+
+    default = SimpleNamespace(samples_per_step=16, warmup=2, steps=5)
+    assert synthetic_images(default) == MIN_SYNTHETIC_IMAGES >= 16 * (2 + 5 + PROFILED_STEPS + 1)
+    large = SimpleNamespace(samples_per_step=64, warmup=3, steps=10)
+    assert synthetic_images(large) >= 64 * (3 + 10 + PROFILED_STEPS + 1)

@@ -2,7 +2,8 @@
 
 Trainable LoRA tensors change, everything else stays bit-identical to what was loaded
 (r1 leaves the vision tower alone, r2 the LLM), every lora_B gets a gradient, r3 runs both
-stages with stage 2 starting from stage 1's merged weights, and 4-bit loading works on CPU.
+stages with stage 2 starting from stage 1's merged weights, and 4-bit loading works on CPU; the
+trainer's settings carry the speed levers (non-blocking batch copies on GPUs only).
 """
 
 from pathlib import Path
@@ -187,3 +188,54 @@ def test_compile_on_compiles_the_wrapped_model_before_the_trainer_takes_it(
     assert len(compiled) == calls
     assert all(model is prepared.model for model in compiled)
     assert any("lora_B" in name for name, _ in prepared.model.named_parameters())
+
+
+@pytest.mark.parametrize("device, wanted", [("cuda", True), ("cpu", False)])
+def test_non_blocking_copies_reach_the_trainers_accelerator_config_on_gpus_only(device, wanted, tmp_path):
+    """SFTConfig takes the dict (transformers builds its AcceleratorConfig from it; the trainer hands
+    `non_blocking` to accelerate's data loaders); the CPU, with no copy to overlap, keeps the default.
+    A "cuda" SFTConfig can be built on a CPU machine: transformers falls back to the CPU device."""
+    from src.training.config import StageSettings, accelerator_options, create_training_config
+
+    settings = StageSettings(output_dir=str(tmp_path), learning_rate=1e-3, device=device)
+    assert create_training_config(settings).accelerator_config.non_blocking is False  # off by default
+    settings = StageSettings(
+        output_dir=str(tmp_path), learning_rate=1e-3, device=device, non_blocking_copies=True
+    )
+    assert accelerator_options(settings, on_gpu=device == "cuda") == (
+        {"non_blocking": True} if wanted else None
+    )
+    config = create_training_config(settings)
+    assert config.accelerator_config.non_blocking is wanted
+    assert config.dataloader_pin_memory is wanted  # what makes a non-blocking copy asynchronous
+
+
+def test_run_options_hand_non_blocking_copies_to_the_stage_settings(
+    monkeypatch, tiny_model_dir, tiny_data_dir, tmp_path
+):
+    """The worker's RunOptions field reaches StageSettings (prepare_stage builds them)."""
+    from src.training.run import prepare_stage
+
+    seen = []
+    create = run_module.create_training_config
+    monkeypatch.setattr(run_module, "create_training_config", lambda s: seen.append(s) or create(s))
+    recipe = RECIPES["r1-llm-only"]
+    opts = tiny_run_options(tiny_model_dir, tiny_data_dir, tmp_path, non_blocking_copies=True)
+    prepare_stage(recipe.name, recipe, str(tiny_model_dir), opts, tmp_path)
+    assert [s.non_blocking_copies for s in seen] == [True]
+
+
+@pytest.mark.parametrize("cores, workers", [(16, 4), (4, 2)])
+def test_a_gpu_worker_collates_with_four_loader_processes_unless_its_cores_are_few(
+    monkeypatch, tmp_path, cores, workers
+):
+    """Four loader processes on a GPU (two left a 7B step waiting on its batches), two on a small share
+    of the host's cores; the CPU collates in the training process."""
+    from src.training import config as config_module
+    from src.training.config import StageSettings, create_training_config
+
+    monkeypatch.setattr(config_module.os, "sched_getaffinity", lambda pid: set(range(cores)), raising=False)
+    gpu = create_training_config(StageSettings(output_dir=str(tmp_path), learning_rate=1e-3, device="cuda"))
+    cpu = create_training_config(StageSettings(output_dir=str(tmp_path), learning_rate=1e-3, device="cpu"))
+    assert (gpu.dataloader_num_workers, cpu.dataloader_num_workers) == (workers, 0)
+    assert gpu.dataloader_persistent_workers and gpu.dataloader_prefetch_factor == 2

@@ -3,6 +3,7 @@ cost of every recipe, through the training core the worker runs, beside a bare P
 own best setting, all at the same samples per optimizer step.
 
     python -m src.bench --shape 7b --recipes r2,r4 --candidates --out bench-out   # on a GPU machine
+    python -m src.bench --shape 7b --recipes r4 --variants fast,fast+loader2 --rounds 3   # levers of ~5%
     python -m src.bench --shape tiny --cpu --steps 2 --warmup 1                   # the CI smoke run
     recipe-run bench ...                                                          # the same, via the launcher
 
@@ -18,7 +19,9 @@ Variants per recipe:
   fast-cudnn       the same without cuDNN's attention kernels (what the core's choice of them buys)
   fast+host-positions  the same with positions worked out on the host, not read back from the GPU
                    (src/training/host_positions.py)
-  fast+loader4     the same with 4 data loader processes instead of 2 (the profile's loader wait)
+  fast+loader2     the same with 2 data loader processes instead of 4 (the default until 2026-11-30)
+  fast+nonblocking the same with each batch copied to the GPU without the host waiting
+                   (src/training/config.py accelerator_options)
   fast+compile     the same with regional torch.compile (src/training/compile.py)
   lean             the core with recompute on, micro-batch --lean-micro-batch: the memory targets
   lean+compile     the same, compiled
@@ -28,6 +31,15 @@ step, train, save); `--profile plain,fast` profiles 2 extra steps of those varia
 (top CUDA- and CPU-time tables) and OUT/profile-*.json (the GPU's idle share between kernels, GPU time
 by kernel kind, and each host sync by the Python line that made it). Writes OUT/bench.json and
 OUT/bench.md.
+
+`--rounds N` runs the whole list of rows N times, interleaved (every row once, then every row again,
+...), so the host's slow drift hits every row alike: the core is host-bound and one row's step time
+moves by up to 10% between runs, more than the 5% levers it should tell apart. Each row then reports
+the median over rounds of its per-round step time (itself the median of the round's timed steps),
+what derives from it (tokens/s, samples/s, MFU, x plain), the peak memory of its worst round, and
+every round's step time; OUT/bench.json keeps every round's whole row under "rounds". The planner's
+candidates are rows and run every round too; `--profile` profiles the first round only, and
+`--end-to-end` runs each worker once, after the rounds.
 """
 
 from __future__ import annotations
@@ -44,8 +56,8 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from src.bench.tables import render_table, write_results
-from src.bench.targets import Target, targets
+from src.bench.tables import combine_rounds, render_table, write_results
+from src.bench.targets import PROFILED_STEPS, Target, targets
 from src.recipes import resolve_recipe
 
 log = logging.getLogger("bench")
@@ -66,17 +78,19 @@ VARIANTS = {
     "fast": {},  # + no recompute when the planner says the activations fit
     "fast-cudnn": {"cudnn_attention": False},  # fast without cuDNN's attention kernels
     "fast+host-positions": {"host_positions": True},  # fast, positions worked out on the host
-    "fast+loader4": {"dataloader_workers": 4},  # fast with 4 loader processes instead of 2
+    "fast+loader2": {"dataloader_workers": 2},  # fast with the 2 loader processes it had before 4
+    # accelerate copies each batch to the GPU with a blocking .to(): when the host runs ahead, that copy
+    # waits behind the GPU's queue and the host idles instead of preparing the next step.
+    "fast+nonblocking": {"non_blocking_copies": True},
     "fast+compile": {},  # + regional torch.compile (Setting.compile)
     "lean+compile": {"gradient_checkpointing": True},  # the memory targets, compiled
 }
 LADDER = ("before", "+vision-no-grad", "+fused-adamw", "+no-input-cast", "lean", "fast")
 # Rows at the planner's setting that switch one lever of the core (the others run at lean's setting).
-AT_FAST_SETTING = ("fast", "fast-cudnn", "fast+host-positions", "fast+loader4")
+AT_FAST_SETTING = ("fast", "fast-cudnn", "fast+host-positions", "fast+loader2", "fast+nonblocking")
 PLAIN_VARIANTS = ("plain", "plain-recompute")
 DEFAULT_VARIANTS = "plain,plain-recompute,fast,fast+compile,lean"
 CANDIDATES = 3  # --candidates times the planner's top three settings
-PROFILED_STEPS = 2
 
 
 @dataclass(frozen=True)
@@ -136,6 +150,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="VARIANTS",
         help="profile 2 extra steps of these variants (default when given bare: plain,fast)",
     )
+    arg(
+        "--rounds",
+        type=int,
+        default=1,
+        help="run every row this many times, interleaved; each row reports the median round and every "
+        "round's step time (--profile: the first round only; --end-to-end runs once; default %(default)s)",
+    )
     arg("--end-to-end", action="store_true", help="also time one whole worker run per recipe")
     arg(
         "--e2e-steps",
@@ -161,20 +182,35 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     env = environment(device, argv)
     report = {"environment": env, "rows": [], "end_to_end": []}
-    for target in targets(args, device):
+    loaded = list(targets(args, device))
+    plan = bench_plan(loaded, args, device)
+    rounds: list[list[dict]] = [[] for _ in plan]  # every round's row, per row of the plan
+    for round_number in range(1, args.rounds + 1):
+        round_args = args if round_number == 1 else argparse.Namespace(**{**vars(args), "profile": ""})
+        for measured, (target, label, stage, variant, setting) in zip(rounds, plan, strict=True):
+            row = bench_one(target, stage, variant, setting, round_args, device, env)
+            row["recipe"] = label
+            measured.append(row)
+            print(json.dumps({**row, "round": round_number}), flush=True)
+            report["rows"] = [combine_rounds(found, env) for found in rounds if found]
+            write_results(out, report)
+    for target in loaded if args.end_to_end else ():
         for recipe_key in args.recipes.split(","):
-            for label, stage in stages_of(recipe_key):
-                for variant, setting in row_plan(target, stage, args, device):
-                    row = bench_one(target, stage, variant, setting, args, device, env)
-                    row["recipe"] = label
-                    report["rows"].append(row)
-                    print(json.dumps(row), flush=True)
-                    write_results(out, report)
-            if args.end_to_end:
-                report["end_to_end"].append(end_to_end(target, recipe_key, args, device))
-                write_results(out, report)
+            report["end_to_end"].append(end_to_end(target, recipe_key, args, device))
+            write_results(out, report)
     print(render_table(report))
     return 0
+
+
+def bench_plan(loaded: list[Target], args, device: str) -> list[tuple]:
+    """(target, recipe label, stage, variant, setting) of every row, in the order each round runs them."""
+    return [
+        (target, label, stage, variant, setting)
+        for target in loaded
+        for recipe_key in args.recipes.split(",")
+        for label, stage in stages_of(recipe_key)
+        for variant, setting in row_plan(target, stage, args, device)
+    ]
 
 
 def use_recipes_file_of(args) -> list[str]:
@@ -210,6 +246,7 @@ def check_args(args) -> list[str]:
         ("--steps", args.steps),
         ("--lean-micro-batch", args.lean_micro_batch),
         ("--e2e-steps", args.e2e_steps),
+        ("--rounds", args.rounds),
     ):
         if value < 1:
             problems.append(f"{flag} {value}: must be at least 1")

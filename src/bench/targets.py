@@ -9,6 +9,14 @@ from pathlib import Path
 
 IMAGE_SIZE = (644, 476)  # 391 image tokens a sample, as in the issue's reference figures
 SAMPLE_STATS_SAMPLES = 16
+# Synthetic training images: enough that a row's warm-up, timed and profiled steps stay inside one epoch.
+# Each new epoch restarts the data loader's prefetching, so its first micro-batch waits a whole collation
+# (0.3-0.7 s for 8 images on a CPU core): with the 32 images of before, the core's rows at 16 samples a
+# step paid that every other step, where a user's data set of thousands of images pays it rarely and the
+# bare loop (batches built once) never does.
+MIN_SYNTHETIC_IMAGES = 256
+EPOCH_SLACK_STEPS = 1  # the step a row's last timing needs the loader for
+PROFILED_STEPS = 2  # --profile's extra steps per profiled row
 
 
 @dataclass
@@ -45,7 +53,7 @@ def targets(args, device: str):
     """A Target for each model asked, building the shapes' models and data where missing."""
     work = Path(args.work)
     if args.model_id:
-        data = Path(args.dataset or _synthetic_data(work))
+        data = Path(args.dataset or _synthetic_data(work, synthetic_images(args)))
         yield Target.load(Path(args.model_id).name, Path(args.model_id), data)
     for shape in args.shape or []:
         if shape == "tiny":
@@ -58,15 +66,21 @@ def targets(args, device: str):
         model_dir = work / shape
         if not (model_dir / "config.json").is_file():
             build_shape_model(shape, model_dir, device=device)
-        yield Target.load(shape, model_dir, _synthetic_data(work))
+        yield Target.load(shape, model_dir, _synthetic_data(work, synthetic_images(args)))
 
 
-def _synthetic_data(work: Path) -> Path:
+def synthetic_images(args) -> int:
+    """Training images for the synthetic data: one epoch covers every step a row trains."""
+    steps = args.warmup + args.steps + PROFILED_STEPS + EPOCH_SLACK_STEPS
+    return max(MIN_SYNTHETIC_IMAGES, args.samples_per_step * steps)
+
+
+def _synthetic_data(work: Path, images: int) -> Path:
     from src.data.synthetic import write_dataset
 
-    data = work / "data-644x476"
+    data = work / f"data-644x476-{images}"
     if not (data / "train" / "metadata.jsonl").is_file():
-        write_dataset(data, train=32, test=1, size=IMAGE_SIZE)
+        write_dataset(data, train=images, test=1, size=IMAGE_SIZE)
     return data
 
 

@@ -15,6 +15,8 @@ Choices that differ from TRL's defaults, and why:
     CPU uses gloo; and a collective gives up after `ddp_timeout_seconds()` instead of the default
     30 minutes, so a rank that died never leaves the others waiting long (the worker sets up the
     process group with that timeout itself: accelerate passes none on the CPU).
+  * non_blocking_copies (off by default; `accelerator_options`): on a GPU, batches go to the card
+    without the host waiting for the copy; the bench's `fast+nonblocking` row says what it buys.
 """
 
 from __future__ import annotations
@@ -51,11 +53,35 @@ class StageSettings:
     gradient_checkpointing: bool | None = None  # None: on for GPUs, off on the CPU
     save_steps: int = 0  # 0: no intermediate checkpoints
     warmup_fraction: float = 0.03  # of all steps; transformers 5 takes a float below 1 as a ratio
-    dataloader_workers: int | None = None  # None: GPU_DATALOADER_WORKERS on a GPU, 0 on the CPU
+    dataloader_workers: int | None = None  # None: gpu_loader_workers() on a GPU, 0 on the CPU
     fused_optimizer: bool = True  # only on a GPU; the CPU has no fused AdamW kernel worth it
+    non_blocking_copies: bool = False  # only on a GPU: each batch's host-to-device copy does not wait
 
 
-GPU_DATALOADER_WORKERS = 2  # two processes keep 4-image batches of 644x476 ahead of an H200 step
+# Loader processes on a GPU. With two, a 7B r4 step (8 images of 644x476 a micro-batch) waited 63-122 ms a
+# micro-batch on the loader; four made it 5-11% faster in five paired rounds (docs/benchmarks.md).
+GPU_DATALOADER_WORKERS = 4
+FEW_CORES = 8  # below this many usable cores (a small share of a host), two loader processes
+
+
+def gpu_loader_workers() -> int:
+    """Loader processes for a GPU worker: four, or two where it may run on fewer than FEW_CORES cores
+    (the launcher pins each GPU's workers to that GPU's share of the host)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return GPU_DATALOADER_WORKERS if cores >= FEW_CORES else 2
+
+
+def accelerator_options(settings: StageSettings, on_gpu: bool) -> dict | None:
+    """The trainer's `accelerator_config` (transformers builds an AcceleratorConfig from the dict), or
+    None for its defaults.
+
+    accelerate's DataLoaderShard moves each batch with a blocking `.to(device)`: when the host runs
+    ahead of the GPU (the core is host-bound), that copy waits behind the GPU's queued kernels, and
+    the host sits idle instead of preparing the next step. With `non_blocking` the copy is queued
+    too; it needs pinned host memory to be truly asynchronous, which GPUs get
+    (`dataloader_pin_memory=on_gpu`). The CPU has no copy to overlap.
+    """
+    return {"non_blocking": True} if settings.non_blocking_copies and on_gpu else None
 
 
 def create_training_config(settings: StageSettings):
@@ -69,7 +95,7 @@ def create_training_config(settings: StageSettings):
     checkpointing = on_gpu if settings.gradient_checkpointing is None else settings.gradient_checkpointing
     workers = settings.dataloader_workers
     if workers is None:
-        workers = GPU_DATALOADER_WORKERS if on_gpu else 0
+        workers = gpu_loader_workers() if on_gpu else 0
     return SFTConfig(
         output_dir=settings.output_dir,
         run_name=settings.run_name,
@@ -104,7 +130,8 @@ def create_training_config(settings: StageSettings):
         dataloader_num_workers=workers,
         dataloader_persistent_workers=workers > 0,
         dataloader_prefetch_factor=2 if workers > 0 else None,
-        dataloader_pin_memory=on_gpu,
+        dataloader_pin_memory=on_gpu,  # pinned batches: what non_blocking copies need to overlap
+        accelerator_config=accelerator_options(settings, on_gpu),
         # A backend makes accelerate set up a process group even for one process: only under DDP.
         ddp_backend="gloo" if not on_gpu and world_size() > 1 else None,  # None on GPUs: NCCL
         ddp_find_unused_parameters=False,

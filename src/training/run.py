@@ -61,7 +61,7 @@ class RunOptions:
     save_steps: int = 0  # checkpoint every N optimizer steps (0: only the final output)
     resume: bool = False  # skip finished stages; continue the others from their last checkpoint
     # Speed levers (docs/benchmarks.md says what each bought); the defaults are the fast path.
-    dataloader_workers: int | None = None  # None: 2 on a GPU (batches prepared ahead), 0 on the CPU
+    dataloader_workers: int | None = None  # None: 4 on a GPU (config.gpu_loader_workers), 0 on the CPU
     fused_optimizer: bool = True  # fused AdamW kernel on GPUs
     frozen_vision_no_grad: bool = True  # run a vision tower with nothing to train outside autograd
     adapter_input_casts: bool = False  # on GPUs: PEFT's fp32 copy of every LoRA input (autocast undoes it)
@@ -69,6 +69,9 @@ class RunOptions:
     # Positions worked out on the host, not by GPU reads (host_positions.py): 792 -> 117 host syncs in
     # two 7B r4 steps, but no step-time gain measured yet (docs/benchmarks.md), so off by default.
     host_positions: bool = False
+    # Batches copied to the GPU without the host waiting (config.accelerator_options says why); off by
+    # default until the bench's fast+nonblocking row shows a gain.
+    non_blocking_copies: bool = False
     image_root: str | None = None  # where the data set's images are, when not where load_records looks
     min_pixels: int | None = None  # image resize limits (None: src.planner.pixel_limits' defaults)
     max_pixels: int | None = None
@@ -301,6 +304,7 @@ def prepare_stage(
         save_steps=opts.save_steps,
         dataloader_workers=opts.dataloader_workers,
         fused_optimizer=opts.fused_optimizer,
+        non_blocking_copies=opts.non_blocking_copies,
     )
     reporter = ProgressCallback(recipe_name, stage.name, opts.output_dir / "loss_history.jsonl")
     trainer = SFTTrainer(

@@ -14,7 +14,7 @@ object from recipe key (or "*" for every recipe) to behaviour:
     say          one extra line to print at start (e.g. a secret, to test masking)
 
 With env `FAKE_WORKER_RECORDS=DIR` it writes `DIR/<recipe>-<pid>.json` at start (pid, argv, the
-device env, grandchild pid, start time) and rewrites it with the end time before it exits, so tests
+device env, its cores, grandchild pid, start time) and rewrites it with the end time before it exits, so tests
 can check what each child was given and when it held its device.
 """
 
@@ -62,6 +62,11 @@ def behaviour(recipe: str) -> dict:
     }
 
 
+def cpus() -> list[int] | None:
+    """The cores this process may run on (the launcher's --pin-cpus), where the OS says."""
+    return sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
+
+
 def record(path: Path | None, data: dict) -> None:
     if path is not None:
         tmp = path.with_suffix(".tmp")
@@ -90,7 +95,7 @@ def main() -> int:
     records = os.environ.get("FAKE_WORKER_RECORDS")
     rec_path = Path(records) / f"{recipe.name}-{os.getpid()}.json" if records else None
     rec = {"recipe": recipe.name, "pid": os.getpid(), "argv": argv, "ranks": ranks, "grandchild": grandchild}
-    rec |= {"env": {key: os.environ.get(key) for key in ENV_KEYS}, "start": time.time()}
+    rec |= {"env": {key: os.environ.get(key) for key in ENV_KEYS}, "start": time.time(), "cpus": cpus()}
     record(rec_path, rec)
 
     out.mkdir(parents=True, exist_ok=True)

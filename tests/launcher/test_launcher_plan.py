@@ -210,13 +210,19 @@ class FakeNvml:
     def nvmlDeviceGetComputeRunningProcesses(self, handle: int) -> list[SimpleNamespace]:  # noqa: N802
         return [SimpleNamespace(pid=1234)] if handle else []
 
+    def nvmlDeviceGetCpuAffinity(self, handle: int, words: int) -> list[int]:  # noqa: N802
+        if handle:
+            raise self.NVMLError("Not Supported")
+        return [0xFF00] + [0] * (words - 1)  # cores 8-15
+
 
 def test_probe_nvml_reads_devices_and_tolerates_unsupported_queries() -> None:
     nvml = FakeNvml()
     gpus = probe_nvml(nvml)
     assert nvml.shut
-    assert gpus[0] == GpuInfo(0, "GPU-0", "NVIDIA H100", 1, 81559, None, ())
+    assert gpus[0] == GpuInfo(0, "GPU-0", "NVIDIA H100", 1, 81559, None, (), tuple(range(8, 16)))
     assert gpus[1].processes == (1234,) and gpus[1].memory_used_mib == 3000
+    assert gpus[1].near_cpus == ()  # affinity not supported there: no cores to prefer, still usable
     assert gpus[0].is_free() and not gpus[1].is_free()
 
 
