@@ -15,9 +15,9 @@ from src.bench.__main__ import (
     build_parser,
     check_args,
     plain_search_order,
-    split_phases,
     variants,
 )
+from src.bench.end_to_end import split_phases
 from src.bench.measure import gpu_idle_share
 from src.bench.tables import combine_rounds, render_table
 from src.training.progress import format_event

@@ -27,10 +27,10 @@ Variants per recipe:
   lean+compile     the same, compiled
 `--ladder` adds the core's levers one at a time; `--candidates` times the planner's top 3 settings
 (predicted against measured step time); `--end-to-end` times whole worker runs (import, load, first
-step, train, save); `--profile plain,fast` profiles 2 extra steps of those variants: OUT/profile-*.txt
-(top CUDA- and CPU-time tables) and OUT/profile-*.json (the GPU's idle share between kernels, GPU time
-by kernel kind, and each host sync by the Python line that made it). Writes OUT/bench.json and
-OUT/bench.md.
+step, train, save: end_to_end.py); `--profile plain,fast` profiles 2 extra steps of those variants:
+OUT/profile-*.txt (top CUDA- and CPU-time tables) and OUT/profile-*.json (the GPU's idle share between
+kernels, GPU time by kernel kind, and each host sync by the Python line that made it). Writes
+OUT/bench.json and OUT/bench.md.
 
 `--rounds N` runs the whole list of rows N times, interleaved (every row once, then every row again,
 ...), so the host's slow drift hits every row alike: the core is host-bound and one row's step time
@@ -45,17 +45,16 @@ candidates are rows and run every round too; `--profile` profiles the first roun
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import logging
 import re
-import shlex
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from src.bench.end_to_end import end_to_end
+from src.bench.measure import mfu_pct, peak_gib, release_gpu_memory, round_or_none
 from src.bench.tables import combine_rounds, render_table, write_results
 from src.bench.targets import PROFILED_STEPS, Target, targets
 from src.recipes import resolve_recipe
@@ -196,7 +195,9 @@ def main(argv: list[str] | None = None) -> int:
             write_results(out, report)
     for target in loaded if args.end_to_end else ():
         for recipe_key in args.recipes.split(","):
-            report["end_to_end"].append(end_to_end(target, recipe_key, args, device))
+            first_stage = stages_of(recipe_key)[0][1]
+            setting = planned_settings(target, first_stage, args, device)[0]
+            report["end_to_end"].append(end_to_end(target, recipe_key, setting, args, device))
             write_results(out, report)
     print(render_table(report))
     return 0
@@ -331,7 +332,7 @@ def bench_one(target: Target, stage, variant: str, setting: Setting | None, args
     from src.bench.measure import median
     from src.training.compile import compile_report, reset_compile_state
 
-    _release_gpu_memory()
+    release_gpu_memory()
     reset_compile_state()  # each row counts its own compilations
     started = time.monotonic()
     try:
@@ -358,23 +359,23 @@ def bench_one(target: Target, stage, variant: str, setting: Setting | None, args
         "checkpointing": setting.checkpointing,
         "compile": setting.compile,
         "steps_measured": len(timer.measured()),
-        "step_s": _round(step_s, 4),
+        "step_s": round_or_none(step_s, 4),
         "predicted_step_s": setting.predicted_step_s,
-        "first_step_s": _round(first_s, 3),
-        "compile_s": _round(first_s - step_s, 2) if setting.compile and step_s and first_s else None,
+        "first_step_s": round_or_none(first_s, 3),
+        "compile_s": round_or_none(first_s - step_s, 2) if setting.compile and step_s and first_s else None,
         "recompiles": compiled.get("recompiles"),
         "graph_breaks": compiled.get("graph_breaks"),
         "tokens_per_step": round(tokens),
-        "tokens_s": _round(tokens / step_s if step_s else None, 1),
-        "samples_s": _round(n / step_s if step_s else None, 2),
-        "peak_gib": _peak_gib(),
+        "tokens_s": round_or_none(tokens / step_s if step_s else None, 1),
+        "samples_s": round_or_none(n / step_s if step_s else None, 2),
+        "peak_gib": peak_gib(),
         "gpu_util_pct": measured.utilisation,
         "gpu_idle_share": measured.idle_share,
         "tried": measured.tried,
         "wall_s": round(time.monotonic() - started, 1),
         **_predicted_and_flops(target, stage, setting, step_s, n, env),
     }
-    _release_gpu_memory()
+    release_gpu_memory()
     return row
 
 
@@ -491,7 +492,7 @@ def _run_plain(target: Target, stage, variant: str, args, device) -> Measured:
             tried.append(setting.label())
         batches = None  # the failed try's tensors go before the next one allocates
         model.zero_grad(set_to_none=True)
-        _release_gpu_memory()
+        release_gpu_memory()
     raise SkipRow(f"no setting of the bare loop fits (tried {', '.join(tried)})")
 
 
@@ -507,89 +508,11 @@ def _predicted_and_flops(target: Target, stage, setting: Setting, step_s, sample
         target.memory_shape, stage, setting.micro_batch, patches, text, setting.checkpointing
     )
     flops = step_flops(target.flop_shape, stage, samples_per_step, patches, text, stats["labels"])
-    peak = env["bf16_peak_tflops"]
     return {
         "predicted_gib": round(estimate.gib, 2),
         "step_flops": round(flops),
-        "mfu_pct": _round(100 * flops / step_s / (peak * 1e12), 1) if peak and step_s else None,
+        "mfu_pct": mfu_pct(flops, step_s, env["bf16_peak_tflops"]),
     }
-
-
-def end_to_end(target: Target, recipe_key: str, args, device: str) -> dict:
-    """One whole worker run (import, load, train `--e2e-steps`, save; no evaluation), timed by phase.
-
-    The worker runs at the planner's setting for the recipe's first stage; `--e2e-args` adds flags.
-    Phases come from the times its progress events and log lines arrive here (split_phases).
-    """
-    import shutil
-
-    recipe = resolve_recipe(recipe_key)
-    first_stage = (recipe.stages or (recipe,))[0]
-    setting = planned_settings(target, first_stage, args, device)[0]
-    out = Path(args.work) / "e2e" / f"{target.label}-{recipe.name}"
-    shutil.rmtree(out, ignore_errors=True)
-    argv = [
-        sys.executable, "-m", "src.training.worker", "--recipe", recipe.name,
-        "--model-id", str(target.model_dir), "--dataset", str(target.data_dir), "--output-dir", str(out),
-        "--max-steps", str(args.e2e_steps), "--batch-size", str(setting.micro_batch),
-        "--grad-accum", str(setting.grad_accum),
-        "--gradient-checkpointing", "on" if setting.checkpointing else "off",
-        "--skip-eval", "--no-wandb", "--save-steps", "0",
-        *(["--cpu"] if device == "cpu" else []), *shlex.split(args.e2e_args),
-        *(["--recipes-file", args.recipes_file] if args.recipes_file else []),
-    ]  # fmt: skip
-    _release_gpu_memory()  # the worker gets the card as a fresh process would
-    started = time.monotonic()
-    lines = []
-    with subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as worker:
-        for line in worker.stdout:
-            lines.append((time.monotonic() - started, line.rstrip("\n")))
-    wall = time.monotonic() - started
-    row = {"shape": target.label, "recipe": recipe.name, "setting": setting.label(), "steps": args.e2e_steps}
-    row.update(exit_code=worker.returncode, wall_s=round(wall, 2), **split_phases(lines, wall))
-    if worker.returncode:
-        row["log_tail"] = [text for _, text in lines[-20:]]
-    log.info("end to end %s: %s", recipe.name, {k: v for k, v in row.items() if k != "log_tail"})
-    return row
-
-
-LOADED_MARK = "trainable parameters by part"  # run.prepare_stage logs it once the model is wrapped
-
-
-def split_phases(lines: list[tuple[float, str]], wall: float) -> dict:
-    """Seconds of a worker run by phase, from (arrival time, line) pairs of its merged output.
-
-    import_s: to the first stage's start (Python, torch, the worker's checks); then per stage,
-    summed over stages: load_s to the wrapped model, first_step_s to the first step's progress
-    event (data set, trainer, compilation, the first step), train_s over the remaining steps,
-    save_s to the stage's end (the adapter or merged model written); exit_s to the process's end.
-    """
-    from src.training.progress import parse_line
-
-    phases = dict.fromkeys(("import_s", "load_s", "first_step_s", "train_s", "save_s"), 0.0)
-    stage_start = loaded = first_step = last_step = None
-    last_end = 0.0
-    for at, text in lines:
-        event = parse_line(text) or {}
-        kind = event.get("event")
-        if kind == "stage_start" and event.get("stage") not in ("eval", "baseline"):
-            stage_start, loaded, first_step, last_step = at, None, None, None
-            if not phases["import_s"]:
-                phases["import_s"] = at
-        elif LOADED_MARK in text and stage_start is not None and loaded is None:
-            loaded = at
-            phases["load_s"] += at - stage_start
-        elif kind == "step" and loaded is not None:
-            if first_step is None:
-                first_step = at
-                phases["first_step_s"] += at - loaded
-            last_step = at
-        elif kind == "stage_end" and last_step is not None:
-            phases["train_s"] += last_step - first_step
-            phases["save_s"] += at - last_step
-            last_end = at
-    phases["exit_s"] = wall - last_end if last_end else None
-    return {key: _round(value, 2) for key, value in phases.items()}
 
 
 def environment(device: str, argv) -> dict:
@@ -608,25 +531,6 @@ def environment(device: str, argv) -> dict:
         "bf16_peak_tflops": bf16_peak_tflops() if device == "cuda" else None,
         "versions": {m.__name__: m.__version__ for m in (torch, transformers, trl, peft)},
     }
-
-
-def _release_gpu_memory() -> None:
-    import torch
-
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-
-
-def _peak_gib() -> float | None:
-    import torch
-
-    return round(torch.cuda.max_memory_allocated() / 2**30, 2) if torch.cuda.is_available() else None
-
-
-def _round(value, digits):
-    return None if value is None else round(value, digits)
 
 
 if __name__ == "__main__":

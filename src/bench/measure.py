@@ -370,3 +370,30 @@ def step_flops(shape: FlopShape, stage, batch_size: int, patches: int, text_toke
     if vision_trains(stage):
         backward += vision_fwd + 2 * vision_attn
     return float(batch_size * (forward + backward))
+
+
+def mfu_pct(flops: float, step_s: float | None, peak_tflops: float | None) -> float | None:
+    """Model FLOPs utilisation of a step, in percent of the card's measured bf16 peak."""
+    return round(100 * flops / step_s / (peak_tflops * 1e12), 1) if flops and step_s and peak_tflops else None
+
+
+def release_gpu_memory() -> None:
+    """Free what the last row left on the card and restart its peak count, so each row starts alike."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_gib() -> float | None:
+    import torch
+
+    return round(torch.cuda.max_memory_allocated() / 2**30, 2) if torch.cuda.is_available() else None
+
+
+def round_or_none(value, digits):
+    return None if value is None else round(value, digits)

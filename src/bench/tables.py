@@ -9,6 +9,7 @@ from __future__ import annotations
 import statistics
 from pathlib import Path
 
+from src.bench.measure import mfu_pct
 from src.utils.files import write_json_atomic, write_text_atomic
 
 WITHIN = 0.05  # the chosen setting should be within 5% of the fastest candidate measured
@@ -31,7 +32,6 @@ def combine_rounds(rounds: list[dict], env: dict) -> dict:
     if len(timed) <= 1:
         return {**(timed or rounds)[0], "rounds": rounds}
     step_s = statistics.median(r["step_s"] for r in timed)
-    peak, flops = env.get("bf16_peak_tflops"), timed[0]["step_flops"]
     peaks = [r["peak_gib"] for r in timed if r.get("peak_gib") is not None]
     busy = [r["gpu_util_pct"] for r in timed if r.get("gpu_util_pct") is not None]
     return {
@@ -39,7 +39,7 @@ def combine_rounds(rounds: list[dict], env: dict) -> dict:
         "step_s": round(step_s, 4),
         "tokens_s": round(timed[0]["tokens_per_step"] / step_s, 1),
         "samples_s": round(timed[0]["samples_per_step"] / step_s, 2),
-        "mfu_pct": round(100 * flops / step_s / (peak * 1e12), 1) if peak and flops else None,
+        "mfu_pct": mfu_pct(timed[0]["step_flops"], step_s, env.get("bf16_peak_tflops")),
         "peak_gib": max(peaks) if peaks else None,
         "gpu_util_pct": round(statistics.median(busy), 1) if busy else None,
         "wall_s": round(sum(r["wall_s"] for r in timed), 1),
