@@ -6,7 +6,7 @@
 #
 #   scripts/gpu_fanout.sh OUT_DIR PART...   PART: setup bench7b bench2b 2b 7b alone pair pairalone shard oom
 #                                                  queue1 pack1 both1 pack2 ddp ddpalone pack1mps pairs pairoff
-#                                                  step7b step2b compile7b
+#                                                  step7b step2b compile7b varlen7b varlen2b
 #
 # The placement runs (issue "use every GPU"): r1-r4 queued one at a time on one GPU (queue1: --pack off),
 # packed on one GPU (pack1) and on two (pack2), all 7B, STEPS steps (60 for the issue's figures), batch 4,
@@ -14,7 +14,8 @@
 # device time); r4 as two data-parallel processes on two GPUs (ddp) against one GPU (ddpalone), 16 samples
 # a step. pairs: the pair and r4 alone on each of its two GPUs, ROUNDS rounds (3; STEPS=20 fits one call);
 # pairoff: the pair once more with --pin-cpus off.
-# step7b, step2b, compile7b: `recipe-run bench` rows of the issue "training speed" (each fits one call).
+# step7b, step2b, compile7b, varlen7b, varlen2b: `recipe-run bench` rows of the issue "training speed" (each fits
+# one call; PARALLEL=1 scripts/gpu_call.sh runs two at once on two GPUs).
 #
 # RECIPE_RUN (default `python3 -m recipe_runner`), WORK (default /tmp/rr), STEPS (default 10) and
 # ALONE_SHAPE (the model of the `alone` run, default 2b) and SHAPES (the models `setup` builds, default
@@ -71,12 +72,20 @@ for part in "$@"; do
       python3 -m src.bench --shape 7b --recipes r2 --work "$work" --out "$out/bench7b-r2" 2>&1 | tee -a "$out/bench7b.log" ;;
     bench2b)
       python3 -m src.bench --shape 2b --recipes r1,r2,r4 --work "$work" --out "$out/bench2b" 2>&1 | tee "$out/bench2b.log" ;;
-    step7b)  # issue "training speed": the core against the bare loop, 3 interleaved rounds (~5 min on one H200)
-      python3 -m src.bench --shape 7b --recipes r4 --variants plain,fast,fast+loader2 --rounds 3 \
+    step7b)  # issue "training speed": the core against the bare loop, 3 interleaved rounds, profiled (~5 min)
+      python3 -m src.bench --shape 7b --recipes r4 --variants plain,fast --rounds 3 --profile plain,fast \
         --samples-per-step 16 --warmup 2 --steps 5 --work "$work" --out "$out/step7b" 2>&1 | tee "$out/step7b.log" ;;
     step2b)  # every recipe at 2B, 2 rounds (~4 min)
-      python3 -m src.bench --shape 2b --recipes r1,r2,r3,r4 --variants plain,fast --rounds 2 \
+      python3 -m src.bench --shape 2b --recipes r1,r2,r3,r4 --variants plain,fast --rounds 2 --profile plain,fast \
         --samples-per-step 16 --warmup 2 --steps 5 --work "$work" --out "$out/step2b" 2>&1 | tee "$out/step2b.log" ;;
+    varlen7b)  # the vision tower's varlen attention: its GPU tests, then fast with and without it (~6 min)
+      python3 -m pytest tests/test_vision_attention.py tests/gpu -m gpu -q -p no:cacheprovider 2>&1 | tee "$out/gputests.log"
+      python3 -m src.bench --shape 7b --recipes r4 --variants plain,fast,fast-varlen --rounds 2 --profile fast \
+        --samples-per-step 16 --warmup 2 --steps 5 --work "$work" --out "$out/varlen7b" 2>&1 | tee "$out/varlen7b.log" ;;
+    varlen2b)  # the same at 2B, every recipe (~8 min)
+      python3 -m src.bench --shape 2b --recipes r1,r2,r3,r4 --variants plain,fast,fast-varlen --rounds 2 \
+        --profile fast --samples-per-step 16 --warmup 2 --steps 5 --work "$work" --out "$out/varlen2b" 2>&1 \
+        | tee "$out/varlen2b.log" ;;
     compile7b)  # compiled rows, alone in their call: each compiles for 130-190 s cold (~8 min)
       python3 -m src.bench --shape 7b --recipes r4 --variants plain,fast+compile,lean+compile \
         --samples-per-step 16 --warmup 2 --steps 5 --work "$work" --out "$out/compile7b" 2>&1 | tee "$out/compile7b.log" ;;

@@ -17,6 +17,8 @@ Variants per recipe:
   plain-recompute  the bare loop with recompute on, its largest fitting micro-batch
   fast             the core at the planner's chosen setting (src.step_time.rank_settings)
   fast-cudnn       the same without cuDNN's attention kernels (what the core's choice of them buys)
+  fast-varlen      the same with the model's own vision attention, one SDPA call per image and block
+                   (what src/models/vision_attention.py buys)
   fast+host-positions  the same with positions worked out on the host, not read back from the GPU
                    (src/training/host_positions.py)
   fast+loader2     the same with 2 data loader processes instead of 4 (the default until 2026-11-30)
@@ -76,6 +78,7 @@ VARIANTS = {
     "lean": {"gradient_checkpointing": True},  # = +loader-workers: every lever but the last
     "fast": {},  # + no recompute when the planner says the activations fit
     "fast-cudnn": {"cudnn_attention": False},  # fast without cuDNN's attention kernels
+    "fast-varlen": {"vision_varlen_attention": False},  # fast with the model's per-image vision attention
     "fast+host-positions": {"host_positions": True},  # fast, positions worked out on the host
     "fast+loader2": {"dataloader_workers": 2},  # fast with the 2 loader processes it had before 4
     # accelerate copies each batch to the GPU with a blocking .to(): when the host runs ahead, that copy
@@ -86,7 +89,14 @@ VARIANTS = {
 }
 LADDER = ("before", "+vision-no-grad", "+fused-adamw", "+no-input-cast", "lean", "fast")
 # Rows at the planner's setting that switch one lever of the core (the others run at lean's setting).
-AT_FAST_SETTING = ("fast", "fast-cudnn", "fast+host-positions", "fast+loader2", "fast+nonblocking")
+AT_FAST_SETTING = (
+    "fast",
+    "fast-cudnn",
+    "fast-varlen",
+    "fast+host-positions",
+    "fast+loader2",
+    "fast+nonblocking",
+)
 PLAIN_VARIANTS = ("plain", "plain-recompute")
 DEFAULT_VARIANTS = "plain,plain-recompute,fast,fast+compile,lean"
 CANDIDATES = 3  # --candidates times the planner's top three settings

@@ -66,6 +66,9 @@ class RunOptions:
     frozen_vision_no_grad: bool = True  # run a vision tower with nothing to train outside autograd
     adapter_input_casts: bool = False  # on GPUs: PEFT's fp32 copy of every LoRA input (autocast undoes it)
     cudnn_attention: bool = True  # SDPA may pick cuDNN's kernels (torch's default; see use_cudnn_attention)
+    # The vision tower's attention as one flash varlen call a block, not one SDPA call per image and three
+    # host reads a block (src/models/vision_attention.py); on GPUs only.
+    vision_varlen_attention: bool = True
     # Positions worked out on the host, not by GPU reads (host_positions.py): 792 -> 117 host syncs in
     # two 7B r4 steps, but no step-time gain measured yet (docs/benchmarks.md), so off by default.
     host_positions: bool = False
@@ -260,6 +263,7 @@ def prepare_stage(
     from src.data.dataset import build_dataset
     from src.models.freeze import keep_frozen_vision_out_of_autograd
     from src.models.loader import load_processor, model_family
+    from src.models.vision_attention import use_varlen_vision_attention
     from src.training.host_positions import RopePositions, language_backbone, vision_lengths_on_host
 
     set_seed(opts.seed)  # before LoRA init, so the same seed gives the same adapter
@@ -279,6 +283,8 @@ def prepare_stage(
         skip_adapter_input_casts(model)
     if opts.device == "cuda":
         use_cudnn_attention(opts.cudnn_attention)
+    if opts.vision_varlen_attention and opts.device == "cuda":
+        use_varlen_vision_attention(model)
     positions = None
     if opts.host_positions and (backbone := language_backbone(model)) is not None:
         positions = RopePositions.of(backbone)  # in the collator: the loader's workers compute them
