@@ -25,6 +25,7 @@ Variants per recipe:
   fast+nonblocking the same with each batch copied to the GPU without the host waiting
                    (src/training/config.py accelerator_options)
   fast+compile     the same with regional torch.compile (src/training/compile.py)
+  fast+compile-varlen  compiled, with the model's own vision attention (graph breaks in every block)
   lean             the core with recompute on, micro-batch --lean-micro-batch: the memory targets
   lean+compile     the same, compiled
 `--ladder` adds the core's levers one at a time; `--candidates` times the planner's top 3 settings
@@ -85,6 +86,7 @@ VARIANTS = {
     # waits behind the GPU's queue and the host idles instead of preparing the next step.
     "fast+nonblocking": {"non_blocking_copies": True},
     "fast+compile": {},  # + regional torch.compile (Setting.compile)
+    "fast+compile-varlen": {"vision_varlen_attention": False},  # compiled, the model's own vision attention
     "lean+compile": {"gradient_checkpointing": True},  # the memory targets, compiled
 }
 LADDER = ("before", "+vision-no-grad", "+fused-adamw", "+no-input-cast", "lean", "fast")
@@ -293,7 +295,7 @@ def row_plan(target: Target, stage, args, device: str) -> list[tuple[str, Settin
             plan.append((variant, None))
         elif variant in AT_FAST_SETTING:
             plan.append((variant, fast))
-        elif variant == "fast+compile":
+        elif variant in ("fast+compile", "fast+compile-varlen"):
             plan.append((variant, replace(fast, compile=True, predicted_step_s=None)))
         elif variant == "lean+compile":
             plan.append((variant, replace(lean, compile=True)))
