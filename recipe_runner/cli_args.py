@@ -166,7 +166,7 @@ def _add_launch_args(p: argparse.ArgumentParser) -> None:
     train.add_argument(
         "--compile",
         choices=["auto", "on", "off"],
-        help="torch.compile each decoder layer and vision block (auto: for stages of 1000+ steps on a GPU)",
+        help="torch.compile each decoder layer and vision block (auto: for stages of 500+ steps on a GPU)",
     )
     train.add_argument(
         "--skip-bad-records", action="store_true", help="drop invalid records instead of failing"

@@ -15,8 +15,9 @@
 # device time); r4 as two data-parallel processes on two GPUs (ddp) against one GPU (ddpalone), 16 samples
 # a step. pairs: the pair and r4 alone on each of its two GPUs, ROUNDS rounds (3; STEPS=20 fits one call);
 # pairoff: the pair once more with --pin-cpus off.
-# step7b, step2b, compile7b, varlen7b, varlen2b: `recipe-run bench` rows of the issue "training speed" (each fits
-# one call; PARALLEL=1 scripts/gpu_call.sh runs two at once on two GPUs).
+# step7b, step2b, compile7b, varlen7b, varlen2b, compilevar7b, cands7b, final7b, final2b: `recipe-run bench`
+# rows of the issue "training speed" (each fits one call; PARALLEL=1 scripts/gpu_call.sh A B runs two at
+# once, one per GPU).
 #
 # RECIPE_RUN (default `python3 -m recipe_runner`), WORK (default /tmp/rr), STEPS (default 10) and
 # ALONE_SHAPE (the model of the `alone` run, default 2b) and SHAPES (the models `setup` builds, default
@@ -81,10 +82,10 @@ for part in "$@"; do
         --samples-per-step 16 --warmup 2 --steps 5 --work "$work" --out "$out/step2b" 2>&1 | tee "$out/step2b.log" ;;
     varlen7b)  # the vision tower's varlen attention: its GPU tests, then fast with and without it (~6 min)
       python3 -m pytest tests/test_vision_attention.py tests/gpu -m gpu -q -p no:cacheprovider 2>&1 | tee "$out/gputests.log"
-      python3 -m src.bench --shape 7b --recipes r4 --variants plain,fast,fast-varlen --rounds 2 --profile fast \
+      python3 -m src.bench --shape 7b --recipes r4 --variants plain,fast,fast+varlen --rounds 2 --profile fast \
         --samples-per-step 16 --warmup 2 --steps 5 --work "$work" --out "$out/varlen7b" 2>&1 | tee "$out/varlen7b.log" ;;
     varlen2b)  # the same at 2B, every recipe (~8 min)
-      python3 -m src.bench --shape 2b --recipes r1,r2,r3,r4 --variants plain,fast,fast-varlen --rounds 2 \
+      python3 -m src.bench --shape 2b --recipes r1,r2,r3,r4 --variants plain,fast,fast+varlen --rounds 2 \
         --profile fast --samples-per-step 16 --warmup 2 --steps 5 --work "$work" --out "$out/varlen2b" 2>&1 \
         | tee "$out/varlen2b.log" ;;
     compilevar7b)  # compiled, with and without the varlen vision attention (~8 min)

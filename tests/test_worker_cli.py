@@ -145,6 +145,18 @@ def test_compile_auto_is_on_only_for_long_gpu_runs(tmp_path):
     assert resolved("cuda", records=long_run * 4 // 3) and not resolved("cuda", records=long_run // 3)
 
 
+def test_varlen_vision_attention_follows_compilation_unless_asked(tmp_path):
+    from src.training.run import RunOptions, resolve_vision_varlen
+
+    def resolved(device: str, asked=None, compiled=False) -> bool:
+        opts = RunOptions("m", "d", tmp_path, device=device, vision_varlen_attention=asked)
+        return resolve_vision_varlen(opts, compiled)
+
+    assert resolved("cuda", compiled=True) and not resolved("cuda", compiled=False)  # the default
+    assert resolved("cuda", True) and not resolved("cuda", False, compiled=True)  # as asked
+    assert not resolved("cpu", True, compiled=True)  # the flash kernel is CUDA only
+
+
 def test_evaluation_covers_the_whole_test_split_by_default():
     from src.training.worker import build_parser
 

@@ -17,8 +17,8 @@ Variants per recipe:
   plain-recompute  the bare loop with recompute on, its largest fitting micro-batch
   fast             the core at the planner's chosen setting (src.step_time.rank_settings)
   fast-cudnn       the same without cuDNN's attention kernels (what the core's choice of them buys)
-  fast-varlen      the same with the model's own vision attention, one SDPA call per image and block
-                   (what src/models/vision_attention.py buys)
+  fast+varlen      the same with one flash varlen call a vision block (src/models/vision_attention.py),
+                   which the core uses only when compiling
   fast+host-positions  the same with positions worked out on the host, not read back from the GPU
                    (src/training/host_positions.py)
   fast+loader2     the same with 2 data loader processes instead of 4 (the default until 2026-11-30)
@@ -79,7 +79,7 @@ VARIANTS = {
     "lean": {"gradient_checkpointing": True},  # = +loader-workers: every lever but the last
     "fast": {},  # + no recompute when the planner says the activations fit
     "fast-cudnn": {"cudnn_attention": False},  # fast without cuDNN's attention kernels
-    "fast-varlen": {"vision_varlen_attention": False},  # fast with the model's per-image vision attention
+    "fast+varlen": {"vision_varlen_attention": True},  # fast with the varlen vision attention, eager
     "fast+host-positions": {"host_positions": True},  # fast, positions worked out on the host
     "fast+loader2": {"dataloader_workers": 2},  # fast with the 2 loader processes it had before 4
     # accelerate copies each batch to the GPU with a blocking .to(): when the host runs ahead, that copy
@@ -94,7 +94,7 @@ LADDER = ("before", "+vision-no-grad", "+fused-adamw", "+no-input-cast", "lean",
 AT_FAST_SETTING = (
     "fast",
     "fast-cudnn",
-    "fast-varlen",
+    "fast+varlen",
     "fast+host-positions",
     "fast+loader2",
     "fast+nonblocking",

@@ -123,10 +123,6 @@ def load_for_eval(
         processor = load_processor(adapter, cap=False)
     else:
         processor = load_processor(base, *pixels)
-    if device == "cuda":  # one flash varlen call a vision block (src/models/vision_attention.py)
-        from src.models.vision_attention import use_varlen_vision_attention
-
-        use_varlen_vision_attention(model)
     model.eval()
     return model, processor, model_family(base)
 

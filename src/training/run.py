@@ -37,7 +37,7 @@ FAULT_RANK_ENV = "RECIPE_RUNNER_FAULT_RANK"
 # --compile auto compiles on a GPU only for runs at least this long (optimizer steps of a stage). Measured on
 # an H200, 7B r4, 16 samples a step (docs/benchmarks.md): compiling saved 0.04-0.19 s a step and cost 126 s
 # on the first step (39 s with a warm inductor cache), so it pays after roughly a thousand steps.
-COMPILE_AUTO_MIN_STEPS = 1000
+COMPILE_AUTO_MIN_STEPS = 500
 
 
 @dataclass(frozen=True)
@@ -67,8 +67,8 @@ class RunOptions:
     adapter_input_casts: bool = False  # on GPUs: PEFT's fp32 copy of every LoRA input (autocast undoes it)
     cudnn_attention: bool = True  # SDPA may pick cuDNN's kernels (torch's default; see use_cudnn_attention)
     # The vision tower's attention as one flash varlen call a block, not one SDPA call per image and three
-    # host reads a block (src/models/vision_attention.py); on GPUs only.
-    vision_varlen_attention: bool = True
+    # host reads a block (src/models/vision_attention.py); GPUs only. None: when compiling (resolve_...).
+    vision_varlen_attention: bool | None = None
     # Positions worked out on the host, not by GPU reads (host_positions.py): 792 -> 117 host syncs in
     # two 7B r4 steps, but no step-time gain measured yet (docs/benchmarks.md), so off by default.
     host_positions: bool = False
@@ -283,13 +283,14 @@ def prepare_stage(
         skip_adapter_input_casts(model)
     if opts.device == "cuda":
         use_cudnn_attention(opts.cudnn_attention)
-    if opts.vision_varlen_attention and opts.device == "cuda":
+    compile_on = resolve_compile(opts, len(dataset))
+    if resolve_vision_varlen(opts, compile_on):
         use_varlen_vision_attention(model)
     positions = None
     if opts.host_positions and (backbone := language_backbone(model)) is not None:
         positions = RopePositions.of(backbone)  # in the collator: the loader's workers compute them
         vision_lengths_on_host(model)
-    if compile_on := resolve_compile(opts, len(dataset)):
+    if compile_on:
         from src.training.compile import compile_regions
 
         compile_regions(model)
@@ -372,6 +373,15 @@ def resolve_compile(opts: RunOptions, dataset_size: int = 0) -> bool:
     if opts.compile is not None:
         return opts.compile
     return opts.device == "cuda" and planned_steps(opts, dataset_size) >= COMPILE_AUTO_MIN_STEPS
+
+
+def resolve_vision_varlen(opts: RunOptions, compile_on: bool) -> bool:
+    """Whether the vision tower attends through one flash varlen call a block: as asked, by default when
+    compiling on a GPU. Compiled, it keeps each vision block one graph and bought 8% of a 7B r4 step;
+    eager, cuDNN's per-image kernels were as fast or faster (docs/benchmarks.md, 2026-11-30 fourth)."""
+    if opts.device != "cuda":
+        return False
+    return compile_on if opts.vision_varlen_attention is None else opts.vision_varlen_attention
 
 
 def planned_steps(opts: RunOptions, dataset_size: int) -> int:

@@ -140,7 +140,7 @@ def build_parser(recipe_required: bool = True, prog: str = "train_recipe.py") ->
         "--compile",
         choices=["auto", "on", "off"],
         default="auto",
-        help="torch.compile each decoder layer and vision block (auto: on a GPU for stages of 1000 "
+        help="torch.compile each decoder layer and vision block (auto: on a GPU for stages of 500 "
         "optimizer steps or more, where the saving repays the compile time; never on the CPU)",
     )
     arg(
