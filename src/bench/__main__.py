@@ -26,6 +26,7 @@ Variants per recipe:
                    (src/training/config.py accelerator_options)
   fast+compile     the same with regional torch.compile (src/training/compile.py)
   fast+compile-varlen  compiled, with the model's own vision attention (graph breaks in every block)
+  fast+compile4bit compiled, the 4-bit (QLoRA) decoder layers too (left eager by default)
   lean             the core with recompute on, micro-batch --lean-micro-batch: the memory targets
   lean+compile     the same, compiled
 `--ladder` adds the core's levers one at a time; `--candidates` times the planner's top 3 settings
@@ -87,6 +88,7 @@ VARIANTS = {
     "fast+nonblocking": {"non_blocking_copies": True},
     "fast+compile": {},  # + regional torch.compile (Setting.compile)
     "fast+compile-varlen": {"vision_varlen_attention": False},  # compiled, the model's own vision attention
+    "fast+compile4bit": {"compile_quantized": True},  # compiled, 4-bit decoder layers too (r1, r3 stage 2)
     "lean+compile": {"gradient_checkpointing": True},  # the memory targets, compiled
 }
 LADDER = ("before", "+vision-no-grad", "+fused-adamw", "+no-input-cast", "lean", "fast")
@@ -295,7 +297,7 @@ def row_plan(target: Target, stage, args, device: str) -> list[tuple[str, Settin
             plan.append((variant, None))
         elif variant in AT_FAST_SETTING:
             plan.append((variant, fast))
-        elif variant in ("fast+compile", "fast+compile-varlen"):
+        elif variant in ("fast+compile", "fast+compile-varlen", "fast+compile4bit"):
             plan.append((variant, replace(fast, compile=True, predicted_step_s=None)))
         elif variant == "lean+compile":
             plan.append((variant, replace(lean, compile=True)))

@@ -79,6 +79,7 @@ class RunOptions:
     min_pixels: int | None = None  # image resize limits (None: src.planner.pixel_limits' defaults)
     max_pixels: int | None = None
     compile: bool | None = None  # torch.compile the model's repeated regions; None: resolve_compile decides
+    compile_quantized: bool = False  # compile 4-bit (QLoRA) decoder layers too (compile.py says why not)
 
 
 @dataclass
@@ -293,7 +294,7 @@ def prepare_stage(
     if compile_on:
         from src.training.compile import compile_regions
 
-        compile_regions(model)
+        compile_regions(model, include_quantized=opts.compile_quantized)
     log.info("[%s] torch.compile %s", stage.name, "on" if compile_on else "off")
 
     settings = StageSettings(
