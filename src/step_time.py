@@ -28,6 +28,9 @@ RECOMPUTE_FACTOR = 1.67  # a step with gradient checkpointing against one withou
 # Regional compilation fuses each layer's small kernels: it cuts the launch term. Measured on one H200 (7B
 # r4, 8 x 2, two pairs of rows in one bench run): 0.04 and 0.19 s saved a step, i.e. the launch term times
 # about 0.82 on average. Compile time (126 s cold) is not in a step: the worker's --compile auto weighs it.
+# Since the vision blocks compile whole (src/models/vision_attention.py), compiling saved more: 19% of a
+# 7B r4 step at 8 x 2 (1.201 -> 0.974 s, 2026-11-30). The ranking this factor gives is unchanged (the
+# compiled setting first), so it is not refitted on one pair of rows; predicted times stay high.
 COMPILE_LAUNCH_FACTOR = 0.82
 OPTIMIZER_S = 0.01  # fused AdamW over the adapters, once per optimizer step
 

@@ -133,3 +133,11 @@ def test_qlora_decoder_layers_stay_eager_and_the_vision_tower_is_compiled(tiny_m
     assert count == len(regions["vision block"]) == model.config.vision_config.depth
     assert all(layer._compiled_call_impl is None for layer in regions["decoder layer"])
     assert "4-bit" in caplog.text
+
+
+def test_qlora_decoder_layers_compile_too_when_asked(tiny_model_dir):
+    model = _load(tiny_model_dir, "r1")
+    count = compile_regions(model, backend=BACKEND, include_quantized=True)
+    regions = find_regions(model)
+    assert count == len(regions["vision block"]) + len(regions["decoder layer"])
+    assert all(layer._compiled_call_impl is not None for layer in regions["decoder layer"])
