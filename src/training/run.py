@@ -35,8 +35,8 @@ STAGE_MARKER = "recipe_stage.json"  # written beside a merged stage-1 model, che
 FAULT_ENV = "RECIPE_RUNNER_FAULT_AT"
 FAULT_RANK_ENV = "RECIPE_RUNNER_FAULT_RANK"
 # --compile auto compiles on a GPU only for runs at least this long (optimizer steps of a stage). Measured on
-# an H200, 7B r4, 16 samples a step (docs/benchmarks.md): compiling saved 0.04-0.19 s a step and cost 126 s
-# on the first step (39 s with a warm inductor cache), so it pays after roughly a thousand steps.
+# H200s, 16 samples a step (docs/benchmarks.md, 2026-11-30 fourth session): against the bare loop compiling
+# saved 0.19-0.32 s a step (2B and 7B, r2 and r4) for 40-110 s on the first step, repaid within 500 steps.
 COMPILE_AUTO_MIN_STEPS = 500
 
 
