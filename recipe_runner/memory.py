@@ -49,6 +49,7 @@ class MemoryPlan:
     predicted_step_s: float = 0.0  # one optimizer step, by the planner's cost model
     train_s: float = 0.0  # every step of every stage (set by the launcher, which knows the steps)
     why: str = ""  # how the setting was chosen, for `plan`
+    compiled: bool = False  # the worker will torch.compile (src.step_time.compile_chosen)
 
     @property
     def fits(self) -> bool:
@@ -59,7 +60,8 @@ class MemoryPlan:
         return (
             f"predicted peak {self.predicted_gib:.1f} GiB of {self.capacity_gib:.1f} GiB: {verdict} "
             f"(micro-batch {self.batch_size} x accumulation {self.grad_accum}, "
-            f"gradient checkpointing {'on' if self.checkpointing else 'off'}); "
+            f"gradient checkpointing {'on' if self.checkpointing else 'off'}"
+            f"{', compiled' if self.compiled else ''}); "
             f"about {self.predicted_step_s:.2f} s a step{self.why}"
         )
 
@@ -150,6 +152,7 @@ def plan_memory(
     grad_accum: int,
     checkpointing: str,
     samples_per_step: int = AUTO_EFFECTIVE_BATCH,
+    compiled: bool = False,
 ) -> MemoryPlan | None:
     """The plan for one recipe (one rank of it) on a GPU of `capacity_mib`; None when --batch-size auto
     finds no fit.
@@ -157,6 +160,7 @@ def plan_memory(
     `checkpointing` is the flag: "on", "off", or "auto" (off when the activations fit, as the
     worker decides). `batch_size` "auto" picks, of every micro-batch x accumulation x recompute setting
     of `samples_per_step`, the one the planner's cost model predicts fastest among those that fit.
+    `compiled`: whether the worker will compile, which the step times count.
     """
     capacity = capacity_mib * 2**20
     sizes = (shape, recipe)
@@ -170,29 +174,28 @@ def plan_memory(
             *work,
             headroom=AUTO_HEADROOM,
             checkpointing_choices=choices,
+            compile_choices=(compiled,),
         )
         best = ranked[0]
         if not best.fits:
             return None
         others = [c for c in ranked[1:3] if c.fits]
         why = "; fastest that fits, before " + ", ".join(c.describe() for c in others) if others else ""
-        return _plan(
-            recipe, shape, workload, capacity_mib, best.micro_batch, best.grad_accum, best.checkpointing, why
-        )
+        setting = (best.micro_batch, best.grad_accum, best.checkpointing)
+        return _plan(recipe, shape, workload, capacity_mib, *setting, compiled, why)
     if checkpointing == "auto":
         ckpt = choose_checkpointing(*sizes, batch_size, capacity, *work, AUTO_HEADROOM)
     else:
         ckpt = checkpointing == "on"
-    return _plan(recipe, shape, workload, capacity_mib, batch_size, grad_accum, ckpt)
+    return _plan(recipe, shape, workload, capacity_mib, batch_size, grad_accum, ckpt, compiled)
 
 
-def _plan(recipe, shape, workload, capacity_mib, batch_size, grad_accum, checkpointing, why="") -> MemoryPlan:
-    estimate = estimate_recipe_memory(
-        shape, recipe, batch_size, workload.patches, workload.text_tokens, checkpointing
-    )
-    seconds = predict_step_seconds(
-        shape, recipe, batch_size, grad_accum, workload.patches, workload.text_tokens, checkpointing
-    )
+def _plan(
+    recipe, shape, workload, capacity_mib, batch_size, grad_accum, checkpointing, compiled, why=""
+) -> MemoryPlan:
+    work = (workload.patches, workload.text_tokens)
+    estimate = estimate_recipe_memory(shape, recipe, batch_size, *work, checkpointing)
+    seconds = predict_step_seconds(shape, recipe, batch_size, grad_accum, *work, checkpointing, compiled)
     return MemoryPlan(
         recipe.name,
         batch_size,
@@ -201,5 +204,6 @@ def _plan(recipe, shape, workload, capacity_mib, batch_size, grad_accum, checkpo
         round(estimate.gib, 2),
         round(capacity_mib / 1024, 1),
         round(seconds, 3),
-        why,
+        why=why,
+        compiled=compiled,
     )

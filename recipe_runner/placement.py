@@ -434,19 +434,30 @@ def plan_recipe(request: LaunchRequest, recipe, inputs, capacity_mib: int) -> Me
     """One rank's plan of `recipe` on a GPU of `capacity_mib`, with its predicted training seconds;
     None when --batch-size auto finds no setting that fits."""
     from recipe_runner.memory import plan_memory
+    from src.step_time import COMPILE_S, compile_chosen
 
     shape, workload = inputs
     flags, ranks = request.flags, request.gpus_per_recipe
     batch, accum = rank_batch(flags, ranks)
     checkpointing = flags.gradient_checkpointing or "auto"
+    samples_per_step = AUTO_EFFECTIVE_BATCH if batch == "auto" else batch * accum * ranks
+    steps = training_steps(flags, workload.records, samples_per_step)
+    compiled = compile_chosen(flags.compile, True, steps)  # as the worker on its GPU will decide
     plan = plan_memory(
-        recipe, shape, workload, capacity_mib, batch, accum, checkpointing, AUTO_EFFECTIVE_BATCH // ranks
+        recipe,
+        shape,
+        workload,
+        capacity_mib,
+        batch,
+        accum,
+        checkpointing,
+        AUTO_EFFECTIVE_BATCH // ranks,
+        compiled,
     )
     if plan is None:
         return None
-    steps = training_steps(flags, workload.records, plan.batch_size * plan.grad_accum * ranks)
-    seconds = steps * plan.predicted_step_s * len(recipe.stages or (recipe,))
-    return replace(plan, train_s=round(seconds, 1))
+    per_stage = steps * plan.predicted_step_s + (COMPILE_S if compiled else 0.0)
+    return replace(plan, train_s=round(per_stage * len(recipe.stages or (recipe,)), 1))
 
 
 def plan_recipes(request: LaunchRequest, capacity_mib: int) -> dict[str, MemoryPlan]:

@@ -33,6 +33,22 @@ RECOMPUTE_FACTOR = 1.67  # a step with gradient checkpointing against one withou
 # compiled setting first), so it is not refitted on one pair of rows; predicted times stay high.
 COMPILE_LAUNCH_FACTOR = 0.82
 OPTIMIZER_S = 0.01  # fused AdamW over the adapters, once per optimizer step
+# --compile auto compiles on a GPU only for stages at least this long (optimizer steps). Measured on H200s,
+# 16 samples a step (docs/benchmarks.md, 2026-11-30 fourth session): against the bare loop compiling saved
+# 0.19-0.32 s a step (2B and 7B, r2 and r4) for 40-110 s on the first step, repaid within 500 steps.
+COMPILE_AUTO_MIN_STEPS = 500
+COMPILE_S = 110.0  # a stage's first compiled step, cold: the longest measured (7B r4, 108-109 s on H200s)
+
+
+def compile_chosen(flag: str | bool | None, on_gpu: bool, steps: int) -> bool:
+    """Whether a stage of `steps` optimizer steps compiles: "on"/True and "off"/False as asked; "auto"/None
+    on a GPU for stages of COMPILE_AUTO_MIN_STEPS or more, never on the CPU. The worker and the
+    launcher's plan both decide by this rule."""
+    if flag in (True, "on"):
+        return True
+    if flag in (False, "off"):
+        return False
+    return on_gpu and steps >= COMPILE_AUTO_MIN_STEPS
 
 
 def sample_flops(shape: ModelShape, stage: TrainingRecipe, image_patches: int, text_tokens: int) -> float:

@@ -131,7 +131,8 @@ def test_compile_flag_reaches_the_run_options(flag, expected, tmp_path):
 
 
 def test_compile_auto_is_on_only_for_long_gpu_runs(tmp_path):
-    from src.training.run import COMPILE_AUTO_MIN_STEPS, RunOptions, resolve_compile
+    from src.step_time import COMPILE_AUTO_MIN_STEPS
+    from src.training.run import RunOptions, resolve_compile
 
     def resolved(device: str, compile_flag=None, max_steps=-1, records=0) -> bool:
         opts = RunOptions("m", "d", tmp_path, device=device, compile=compile_flag, max_steps=max_steps)

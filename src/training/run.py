@@ -22,6 +22,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from src.step_time import compile_chosen
 from src.training import progress
 from src.training.config import StageSettings, create_training_config
 from src.utils.files import atomic_dir
@@ -34,10 +35,6 @@ STAGE_MARKER = "recipe_stage.json"  # written beside a merged stage-1 model, che
 # "STAGE:STEP:oom" raises CUDA's out-of-memory error (exit 3). FAULT_RANK_ENV=N limits it to rank N.
 FAULT_ENV = "RECIPE_RUNNER_FAULT_AT"
 FAULT_RANK_ENV = "RECIPE_RUNNER_FAULT_RANK"
-# --compile auto compiles on a GPU only for runs at least this long (optimizer steps of a stage). Measured on
-# H200s, 16 samples a step (docs/benchmarks.md, 2026-11-30 fourth session): against the bare loop compiling
-# saved 0.19-0.32 s a step (2B and 7B, r2 and r4) for 40-110 s on the first step, repaid within 500 steps.
-COMPILE_AUTO_MIN_STEPS = 500
 
 
 @dataclass(frozen=True)
@@ -368,12 +365,10 @@ def skip_adapter_input_casts(model) -> None:
 def resolve_compile(opts: RunOptions, dataset_size: int = 0) -> bool:
     """Whether to torch.compile the model's repeated regions: as asked, or the rule for "auto".
 
-    "auto" compiles on a GPU when the stage runs at least COMPILE_AUTO_MIN_STEPS optimizer steps, the
-    length after which the measured saving repays the compilation; never on the CPU.
+    "auto" compiles on a GPU when the stage runs at least step_time.COMPILE_AUTO_MIN_STEPS optimizer
+    steps, the length after which the measured saving repays the compilation; never on the CPU.
     """
-    if opts.compile is not None:
-        return opts.compile
-    return opts.device == "cuda" and planned_steps(opts, dataset_size) >= COMPILE_AUTO_MIN_STEPS
+    return compile_chosen(opts.compile, opts.device == "cuda", planned_steps(opts, dataset_size))
 
 
 def resolve_vision_varlen(opts: RunOptions, compile_on: bool) -> bool:

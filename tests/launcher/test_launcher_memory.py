@@ -88,3 +88,41 @@ def test_max_pixels_reaches_the_workers_and_the_planner(config_only_7b, monkeypa
     assert code == 0 and all(s < f for s, f in zip(small, full, strict=True))  # 256 tokens, not 391
     commands = [line.split() for line in out.splitlines() if "command: " in line]
     assert all(flag_value(argv, "--max-pixels") == "200704" for argv in commands)
+
+
+def _memory_lines(out: str) -> list[str]:
+    return [line for line in out.splitlines() if line.strip().startswith("memory:")]
+
+
+def _seconds_a_step(line: str) -> float:
+    return float(line.split("about ")[1].split(" s a step")[0])
+
+
+def test_plan_says_which_runs_compile_and_counts_it_in_their_time(config_only_7b, monkeypatch, capsys):
+    """--compile auto compiles long stages (src.step_time.compile_chosen, the worker's own rule): the plan
+    shows it, predicts the compiled step, and counts the compile time once per stage."""
+    from src.step_time import COMPILE_AUTO_MIN_STEPS, COMPILE_S
+
+    def plan(*extra: str) -> tuple[list[str], list[float]]:
+        code, out = _plan(monkeypatch, capsys, 143771, *config_only_7b, "--batch-size", "8", *extra)
+        assert code == 0
+        trained = [
+            float(line.split("about ")[-1].split(" s of training")[0])
+            for line in out.splitlines()
+            if "of training predicted" in line
+        ]
+        return _memory_lines(out), trained
+
+    short, _ = plan("--max-steps", str(COMPILE_AUTO_MIN_STEPS - 1))
+    long, _ = plan("--max-steps", str(COMPILE_AUTO_MIN_STEPS))
+    forced, forced_s = plan("--max-steps", "10", "--compile", "on")
+    eager_10, eager_10_s = plan("--max-steps", "10")
+    assert not any("compiled" in line for line in short + eager_10)
+    assert all("compiled" in line for line in long) and all("compiled" in line for line in forced)
+    for eager, compiled in zip(short, long, strict=True):
+        assert _seconds_a_step(compiled) < _seconds_a_step(eager)
+    # ten short steps: the compile time dominates what the compiled runs are predicted to take
+    assert len(forced_s) == 2 and all(
+        f > e + COMPILE_S / 2 for f, e in zip(forced_s, eager_10_s, strict=True)
+    )
+    assert not any("compiled" in line for line in plan("--max-steps", "5000", "--compile", "off")[0])
