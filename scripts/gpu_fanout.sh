@@ -7,7 +7,7 @@
 #   scripts/gpu_fanout.sh OUT_DIR PART...   PART: setup bench7b bench2b 2b 7b alone pair pairalone shard oom
 #                                                  queue1 pack1 both1 pack2 ddp ddpalone pack1mps pairs pairoff
 #                                                  step7b step2b compile7b varlen7b varlen2b
-#                                                  compilevar7b cands7b final7b final2b r1c2b
+#                                                  compilevar7b cands7b final7b final2b r1c2b offload7b
 #
 # The placement runs (issue "use every GPU"): r1-r4 queued one at a time on one GPU (queue1: --pack off),
 # packed on one GPU (pack1) and on two (pack2), all 7B, STEPS steps (60 for the issue's figures), batch 4,
@@ -105,6 +105,11 @@ for part in "$@"; do
     r1c2b)  # 2B r1 (QLoRA) compiled with and without its 4-bit decoder layers (~3 min)
       python3 -m src.bench --shape 2b --recipes r1 --variants plain,fast+compile,fast+compile4bit \
         --samples-per-step 16 --warmup 2 --steps 5 --work "$work" --out "$out/r1c2b" 2>&1 | tee "$out/r1c2b.log" ;;
+    offload7b)  # not yet run: activation offloading's GPU test, then 7B r4 16x1 with recompute, offloaded
+      python3 -m pytest tests/test_offload.py -m gpu -q -p no:cacheprovider 2>&1 | tee "$out/offloadtests.log"
+      python3 -m src.bench --shape 7b --recipes r4 --variants lean,lean+offload,lean+compile,lean+offload+compile \
+        --lean-micro-batch 16 --samples-per-step 16 --warmup 2 --steps 5 --work "$work" --out "$out/offload7b" \
+        2>&1 | tee "$out/offload7b.log" ;;
     compile7b)  # compiled rows, alone in their call: each compiles for 130-190 s cold (~8 min)
       python3 -m src.bench --shape 7b --recipes r4 --variants plain,fast+compile,lean+compile \
         --samples-per-step 16 --warmup 2 --steps 5 --work "$work" --out "$out/compile7b" 2>&1 | tee "$out/compile7b.log" ;;

@@ -29,6 +29,8 @@ Variants per recipe:
   fast+compile4bit compiled, the 4-bit (QLoRA) decoder layers too (left eager by default)
   lean             the core with recompute on, micro-batch --lean-micro-batch: the memory targets
   lean+compile     the same, compiled
+  lean+offload     lean with what backward needs offloaded to host memory (src/training/offload.py);
+                   lean+offload+compile the same, compiled (--lean-micro-batch 16: 16x1 at low memory)
 `--ladder` adds the core's levers one at a time; `--candidates` times the planner's top 3 settings
 (predicted against measured step time); `--end-to-end` times whole worker runs (import, load, first
 step, train, save: end_to_end.py); `--profile plain,fast` profiles 2 extra steps of those variants:
@@ -90,6 +92,8 @@ VARIANTS = {
     "fast+compile-varlen": {"vision_varlen_attention": False},  # compiled, the model's own vision attention
     "fast+compile4bit": {"compile_quantized": True},  # compiled, 4-bit decoder layers too (r1, r3 stage 2)
     "lean+compile": {"gradient_checkpointing": True},  # the memory targets, compiled
+    "lean+offload": {"gradient_checkpointing": True, "offload_activations": True},  # + saved tensors on host
+    "lean+offload+compile": {"gradient_checkpointing": True, "offload_activations": True},  # and compiled
 }
 LADDER = ("before", "+vision-no-grad", "+fused-adamw", "+no-input-cast", "lean", "fast")
 # Rows at the planner's setting that switch one lever of the core (the others run at lean's setting).
@@ -299,7 +303,7 @@ def row_plan(target: Target, stage, args, device: str) -> list[tuple[str, Settin
             plan.append((variant, fast))
         elif variant in ("fast+compile", "fast+compile-varlen", "fast+compile4bit"):
             plan.append((variant, replace(fast, compile=True, predicted_step_s=None)))
-        elif variant == "lean+compile":
+        elif variant in ("lean+compile", "lean+offload+compile"):
             plan.append((variant, replace(lean, compile=True)))
         else:  # lean and the ladder's rungs below it
             plan.append((variant, lean))

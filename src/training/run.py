@@ -77,6 +77,7 @@ class RunOptions:
     max_pixels: int | None = None
     compile: bool | None = None  # torch.compile the model's repeated regions; None: resolve_compile decides
     compile_quantized: bool = False  # compile 4-bit (QLoRA) decoder layers too (compile.py says why not)
+    offload_activations: bool = False  # what backward needs waits in host memory (offload.py; not measured)
 
 
 @dataclass
@@ -288,6 +289,10 @@ def prepare_stage(
     if opts.host_positions and (backbone := language_backbone(model)) is not None:
         positions = RopePositions.of(backbone)  # in the collator: the loader's workers compute them
         vision_lengths_on_host(model)
+    if opts.offload_activations:
+        from src.training.offload import offload_activations
+
+        offload_activations(model)
     if compile_on:
         from src.training.compile import compile_regions
 
