@@ -443,16 +443,9 @@ def plan_recipe(request: LaunchRequest, recipe, inputs, capacity_mib: int) -> Me
     samples_per_step = AUTO_EFFECTIVE_BATCH if batch == "auto" else batch * accum * ranks
     steps = training_steps(flags, workload.records, samples_per_step)
     compiled = compile_chosen(flags.compile, True, steps)  # as the worker on its GPU will decide
+    per_rank = AUTO_EFFECTIVE_BATCH // ranks
     plan = plan_memory(
-        recipe,
-        shape,
-        workload,
-        capacity_mib,
-        batch,
-        accum,
-        checkpointing,
-        AUTO_EFFECTIVE_BATCH // ranks,
-        compiled,
+        recipe, shape, workload, capacity_mib, batch, accum, checkpointing, per_rank, compiled=compiled
     )
     if plan is None:
         return None

@@ -82,3 +82,17 @@ def tiny_run_options(model_dir, data_dir, out, **overrides):
 
     settings = {"device": "cpu", "max_steps": 3, "batch_size": 2, "learning_rate": 1e-2, **overrides}
     return RunOptions(model_id=str(model_dir), dataset=str(data_dir), output_dir=out, **settings)
+
+
+def exact_lora(model):
+    """`model` ready for exact comparisons of gradients: lora_B off its zero init (which would leave every
+    lora_A gradient zero) and dropout off; returns it."""
+    import torch
+
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.02)
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    return model

@@ -16,6 +16,7 @@ from src.models.loader import load_processor, model_family
 from src.recipes import resolve_recipe
 from src.training.compile import compile_regions, compile_report, find_regions, reset_compile_state
 from src.training.run import load_wrapped_model
+from tests.conftest import exact_lora
 
 pytestmark = pytest.mark.slow
 BACKEND = "aot_eager"
@@ -38,13 +39,7 @@ def eager_and_compiled(tiny_model_dir):
     """r4 (LoRA on vision and LLM) eager, and a copy of it compiled; dropout off so both are exact."""
     reset_compile_state()
     torch.manual_seed(0)
-    eager = _load(tiny_model_dir, "r4")
-    for name, param in eager.named_parameters():
-        if "lora_B" in name:  # lora_B starts at zero, which would leave every lora_A gradient zero
-            torch.nn.init.normal_(param, std=0.02)
-    for module in eager.modules():
-        if isinstance(module, torch.nn.Dropout):
-            module.p = 0.0
+    eager = exact_lora(_load(tiny_model_dir, "r4"))
     eager.train()
     compiled = copy.deepcopy(eager)
     keys_before = list(compiled.state_dict())

@@ -20,6 +20,7 @@ from src.training.host_positions import (
     vision_lengths_on_host,
 )
 from src.training.run import load_wrapped_model
+from tests.conftest import exact_lora
 
 pytestmark = pytest.mark.slow
 
@@ -32,12 +33,7 @@ def model_and_batch(tiny_model_dir, tiny_data_dir):
     torch.manual_seed(0)
     model, _ = load_wrapped_model(resolve_recipe("r4"), model_dir, "cpu", model_family(model_dir))
     model.config.use_cache = False
-    for name, param in model.named_parameters():
-        if "lora_B" in name:
-            torch.nn.init.normal_(param, std=0.02)
-    for module in model.modules():
-        if isinstance(module, torch.nn.Dropout):
-            module.p = 0.0
+    exact_lora(model)
     processor = load_processor(model_dir)
     dataset, _ = build_dataset(str(tiny_data_dir), "train", model_family(model_dir), processor)
     batch = AssistantOnlyCollator(processor)([dataset[i] for i in range(3)])

@@ -10,6 +10,7 @@ import torch
 from src.recipes import resolve_recipe
 from src.training.offload import ActivationOffload, offload_activations
 from src.training.run import load_wrapped_model
+from tests.conftest import exact_lora
 
 pytestmark = pytest.mark.slow
 
@@ -18,12 +19,7 @@ def _model(tiny_model_dir, device: str):
     model_dir = str(tiny_model_dir)
     torch.manual_seed(0)
     model, _ = load_wrapped_model(resolve_recipe("r4"), model_dir, device, "qwen2_vl")
-    for name, param in model.named_parameters():
-        if "lora_B" in name:  # lora_B starts at zero, which would leave every lora_A gradient zero
-            torch.nn.init.normal_(param, std=0.02)
-    for module in model.modules():
-        if isinstance(module, torch.nn.Dropout):
-            module.p = 0.0
+    exact_lora(model)
     model.config.use_cache = False
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
