@@ -180,13 +180,17 @@ def test_compile_on_compiles_the_wrapped_model_before_the_trainer_takes_it(
 
     compiled = []
     fake = types.ModuleType("src.training.compile")
-    fake.compile_regions = lambda model, dynamic=True: compiled.append(model) or 1
+    quantized_too = []
+    fake.compile_regions = lambda model, dynamic=True, include_quantized=False: (
+        compiled.append(model) or quantized_too.append(include_quantized) or 1
+    )
     monkeypatch.setitem(sys.modules, "src.training.compile", fake)
     recipe = RECIPES["r4-joint"]
     opts = tiny_run_options(tiny_model_dir, tiny_data_dir, tmp_path, compile=compile_flag)
     prepared = prepare_stage(recipe.name, recipe, str(tiny_model_dir), opts, tmp_path)
     assert len(compiled) == calls
     assert all(model is prepared.model for model in compiled)
+    assert not any(quantized_too)  # 4-bit decoder layers stay eager unless RunOptions.compile_quantized
     assert any("lora_B" in name for name, _ in prepared.model.named_parameters())
 
 
