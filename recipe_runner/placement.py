@@ -42,6 +42,7 @@ from recipe_runner.plan import (
     with_flag,
     with_gpu_threads,
 )
+from src.step_time import COMPILE_S, compile_chosen, stage_steps  # torch-free
 from src.training.memory import BUDGET_ENV  # torch-free at import
 from src.training.worker import (  # torch-free at import
     DEFAULT_BATCH_SIZE,
@@ -403,9 +404,7 @@ def rank_batch(flags: TrainFlags, ranks: int) -> tuple[int | str, int]:
 
 def training_steps(flags: TrainFlags, records: int, samples_per_step: int) -> int:
     """Optimizer steps of one stage: --max-steps, else the epochs over `records` samples."""
-    if flags.max_steps and flags.max_steps > 0:
-        return flags.max_steps
-    return math.ceil((flags.epochs or DEFAULT_EPOCHS) * max(records, 1) / samples_per_step)
+    return stage_steps(flags.max_steps, flags.epochs or DEFAULT_EPOCHS, max(records, 1), samples_per_step)
 
 
 def planner_inputs(request: LaunchRequest, fetch: bool = False):
@@ -434,7 +433,6 @@ def plan_recipe(request: LaunchRequest, recipe, inputs, capacity_mib: int) -> Me
     """One rank's plan of `recipe` on a GPU of `capacity_mib`, with its predicted training seconds;
     None when --batch-size auto finds no setting that fits."""
     from recipe_runner.memory import plan_memory
-    from src.step_time import COMPILE_S, compile_chosen
 
     shape, workload = inputs
     flags, ranks = request.flags, request.gpus_per_recipe

@@ -11,7 +11,8 @@ res=/tmp/fan
 mkdir -p "$res"
 nvidia-smi --query-gpu=name,uuid,memory.total,memory.used --format=csv | tee "$res/gpus.csv"
 if [ "${PARALLEL:-0}" = 1 ]; then
-  cores=$(nproc) share=$(($(nproc) / $#)) i=0
+  cores=$(nproc) i=0
+  share=$((cores / $#))
   for part in "$@"; do
     first=$((i * share))
     CUDA_VISIBLE_DEVICES=$i WORK=$WORK-$i timeout "${LIMIT:-560}" taskset -c "$first-$((first + share - 1))" \

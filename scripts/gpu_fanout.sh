@@ -49,6 +49,13 @@ launch() {  # launch NAME ARGS...: one timed recipe-run, output to $out/NAME.log
   keep "$name"
 }
 
+step_bench() {  # step_bench NAME ARGS...: one `src.bench` run at 16 samples a step, to $out/NAME(.log)
+  local name=$1
+  shift
+  python3 -m src.bench "$@" --samples-per-step 16 --warmup 2 --steps 5 --work "$work" --out "$out/$name" 2>&1 \
+    | tee "$out/$name.log"
+}
+
 for part in "$@"; do
   case $part in
     setup)
@@ -75,44 +82,31 @@ for part in "$@"; do
     bench2b)
       python3 -m src.bench --shape 2b --recipes r1,r2,r4 --work "$work" --out "$out/bench2b" 2>&1 | tee "$out/bench2b.log" ;;
     step7b)  # issue "training speed": the core against the bare loop, 3 interleaved rounds, profiled (~5 min)
-      python3 -m src.bench --shape 7b --recipes r4 --variants plain,fast --rounds 3 --profile plain,fast \
-        --samples-per-step 16 --warmup 2 --steps 5 --work "$work" --out "$out/step7b" 2>&1 | tee "$out/step7b.log" ;;
+      step_bench step7b --shape 7b --recipes r4 --variants plain,fast --rounds 3 --profile plain,fast ;;
     step2b)  # every recipe at 2B, 2 rounds (~4 min)
-      python3 -m src.bench --shape 2b --recipes r1,r2,r3,r4 --variants plain,fast --rounds 2 --profile plain,fast \
-        --samples-per-step 16 --warmup 2 --steps 5 --work "$work" --out "$out/step2b" 2>&1 | tee "$out/step2b.log" ;;
+      step_bench step2b --shape 2b --recipes r1,r2,r3,r4 --variants plain,fast --rounds 2 --profile plain,fast ;;
     varlen7b)  # the vision tower's varlen attention: its GPU tests, then fast with and without it (~6 min)
       python3 -m pytest tests/test_vision_attention.py tests/gpu -m gpu -q -p no:cacheprovider 2>&1 | tee "$out/gputests.log"
-      python3 -m src.bench --shape 7b --recipes r4 --variants plain,fast,fast+varlen --rounds 2 --profile fast \
-        --samples-per-step 16 --warmup 2 --steps 5 --work "$work" --out "$out/varlen7b" 2>&1 | tee "$out/varlen7b.log" ;;
+      step_bench varlen7b --shape 7b --recipes r4 --variants plain,fast,fast+varlen --rounds 2 --profile fast ;;
     varlen2b)  # the same at 2B, every recipe (~8 min)
-      python3 -m src.bench --shape 2b --recipes r1,r2,r3,r4 --variants plain,fast,fast+varlen --rounds 2 \
-        --profile fast --samples-per-step 16 --warmup 2 --steps 5 --work "$work" --out "$out/varlen2b" 2>&1 \
-        | tee "$out/varlen2b.log" ;;
+      step_bench varlen2b --shape 2b --recipes r1,r2,r3,r4 --variants plain,fast,fast+varlen --rounds 2 --profile fast ;;
     compilevar7b)  # compiled, with and without the varlen vision attention (~8 min)
-      python3 -m src.bench --shape 7b --recipes r4 --variants plain,fast+compile,fast+compile-varlen \
-        --samples-per-step 16 --warmup 2 --steps 5 --work "$work" --out "$out/compilevar7b" 2>&1 | tee "$out/compilevar7b.log" ;;
+      step_bench compilevar7b --shape 7b --recipes r4 --variants plain,fast+compile,fast+compile-varlen ;;
     cands7b)  # the planner's top three settings against the bare loop: "within 5% of the fastest" (~8 min)
-      python3 -m src.bench --shape 7b --recipes r4 --variants plain --candidates \
-        --samples-per-step 16 --warmup 2 --steps 5 --work "$work" --out "$out/cands7b" 2>&1 | tee "$out/cands7b.log" ;;
+      step_bench cands7b --shape 7b --recipes r4 --variants plain --candidates ;;
     final7b)  # r4 compiled at lean's memory (the 18 GiB target), then r2 compiled against its bare loop (~6 min)
-      python3 -m src.bench --shape 7b --recipes r4 --variants lean+compile \
-        --samples-per-step 16 --warmup 2 --steps 5 --work "$work" --out "$out/lean7b" 2>&1 | tee "$out/lean7b.log"
-      python3 -m src.bench --shape 7b --recipes r2 --variants plain,fast+compile \
-        --samples-per-step 16 --warmup 2 --steps 5 --work "$work" --out "$out/r2c7b" 2>&1 | tee "$out/r2c7b.log" ;;
+      step_bench lean7b --shape 7b --recipes r4 --variants lean+compile
+      step_bench r2c7b --shape 7b --recipes r2 --variants plain,fast+compile ;;
     final2b)  # 2B r1, r2, r4 compiled against the bare loop (~5 min)
-      python3 -m src.bench --shape 2b --recipes r1,r2,r4 --variants plain,fast+compile \
-        --samples-per-step 16 --warmup 2 --steps 5 --work "$work" --out "$out/c2b" 2>&1 | tee "$out/c2b.log" ;;
+      step_bench c2b --shape 2b --recipes r1,r2,r4 --variants plain,fast+compile ;;
     r1c2b)  # 2B r1 (QLoRA) compiled with and without its 4-bit decoder layers (~3 min)
-      python3 -m src.bench --shape 2b --recipes r1 --variants plain,fast+compile,fast+compile4bit \
-        --samples-per-step 16 --warmup 2 --steps 5 --work "$work" --out "$out/r1c2b" 2>&1 | tee "$out/r1c2b.log" ;;
+      step_bench r1c2b --shape 2b --recipes r1 --variants plain,fast+compile,fast+compile4bit ;;
     offload7b)  # not yet run: activation offloading's GPU test, then 7B r4 16x1 with recompute, offloaded
       python3 -m pytest tests/test_offload.py -m gpu -q -p no:cacheprovider 2>&1 | tee "$out/offloadtests.log"
-      python3 -m src.bench --shape 7b --recipes r4 --variants lean,lean+offload,lean+compile,lean+offload+compile \
-        --lean-micro-batch 16 --samples-per-step 16 --warmup 2 --steps 5 --work "$work" --out "$out/offload7b" \
-        2>&1 | tee "$out/offload7b.log" ;;
+      step_bench offload7b --shape 7b --recipes r4 --variants lean,lean+offload,lean+compile,lean+offload+compile \
+        --lean-micro-batch 16 ;;
     compile7b)  # compiled rows, alone in their call: each compiles for 130-190 s cold (~8 min)
-      python3 -m src.bench --shape 7b --recipes r4 --variants plain,fast+compile,lean+compile \
-        --samples-per-step 16 --warmup 2 --steps 5 --work "$work" --out "$out/compile7b" 2>&1 | tee "$out/compile7b.log" ;;
+      step_bench compile7b --shape 7b --recipes r4 --variants plain,fast+compile,lean+compile ;;
     pair) launch pair --recipes r2,r4 --gpus 0,1 --model-id "$work/7b" "${common[@]}" --skip-eval --plain ;;
     pairs)  # the "two recipes on two GPUs" criterion, ROUNDS rounds (3): the pair, then r4 alone on each GPU
       for round in $(seq "${ROUNDS:-3}"); do

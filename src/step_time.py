@@ -9,6 +9,7 @@ recipe_runner/memory.py) and the benchmark's candidates (src/bench) run the fast
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from src.models.freeze import vision_trains
@@ -38,6 +39,14 @@ OPTIMIZER_S = 0.01  # fused AdamW over the adapters, once per optimizer step
 # 0.19-0.32 s a step (2B and 7B, r2 and r4) for 40-110 s on the first step, repaid within 500 steps.
 COMPILE_AUTO_MIN_STEPS = 500
 COMPILE_S = 110.0  # a stage's first compiled step, cold: the longest measured (7B r4, 108-109 s on H200s)
+
+
+def stage_steps(max_steps: int | None, epochs: float, samples: int, samples_per_step: int) -> int:
+    """Optimizer steps of one stage: `max_steps` when set, else `epochs` over `samples` (the worker's count
+    and the launcher's plan of it)."""
+    if max_steps and max_steps > 0:
+        return max_steps
+    return math.ceil(epochs * samples / samples_per_step)
 
 
 def compile_chosen(flag: str | bool | None, on_gpu: bool, steps: int) -> bool:

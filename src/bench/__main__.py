@@ -96,15 +96,6 @@ VARIANTS = {
     "lean+offload+compile": {"gradient_checkpointing": True, "offload_activations": True},  # and compiled
 }
 LADDER = ("before", "+vision-no-grad", "+fused-adamw", "+no-input-cast", "lean", "fast")
-# Rows at the planner's setting that switch one lever of the core (the others run at lean's setting).
-AT_FAST_SETTING = (
-    "fast",
-    "fast-cudnn",
-    "fast+varlen",
-    "fast+host-positions",
-    "fast+loader2",
-    "fast+nonblocking",
-)
 PLAIN_VARIANTS = ("plain", "plain-recompute")
 DEFAULT_VARIANTS = "plain,plain-recompute,fast,fast+compile,lean"
 CANDIDATES = 3  # --candidates times the planner's top three settings
@@ -299,14 +290,12 @@ def row_plan(target: Target, stage, args, device: str) -> list[tuple[str, Settin
     for variant in variants(args):
         if variant in PLAIN_VARIANTS:
             plan.append((variant, None))
-        elif variant in AT_FAST_SETTING:
-            plan.append((variant, fast))
-        elif variant in ("fast+compile", "fast+compile-varlen", "fast+compile4bit"):
-            plan.append((variant, replace(fast, compile=True, predicted_step_s=None)))
-        elif variant in ("lean+compile", "lean+offload+compile"):
-            plan.append((variant, replace(lean, compile=True)))
-        else:  # lean and the ladder's rungs below it
-            plan.append((variant, lean))
+            continue
+        # fast... rows run at the planner's setting; lean..., and the ladder's rungs below it, at lean's
+        setting = fast if variant.startswith("fast") else lean
+        if "+compile" in variant:
+            setting = replace(setting, compile=True, predicted_step_s=None)
+        plan.append((variant, setting))
     if args.candidates:
         ranked = planned_settings(target, stage, args, device, compile_choices=(False, True))
         plan += [(f"cand{i}", setting) for i, setting in enumerate(ranked[:CANDIDATES], 1)]

@@ -30,6 +30,7 @@ varlen kernel (head dim 80 padded to 96) spends more GPU time than cuDNN's per-i
 
 from __future__ import annotations
 
+import functools
 import logging
 
 log = logging.getLogger(__name__)
@@ -82,6 +83,7 @@ def flash_varlen_usable(q, scale: float) -> bool:
     return _varlen_kernel() is not None
 
 
+@functools.cache  # looked up by every vision block of every forward
 def _varlen_kernel():
     try:
         from torch.nn.attention.varlen import varlen_attn

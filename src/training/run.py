@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from src.step_time import compile_chosen
+from src.step_time import compile_chosen, stage_steps
 from src.training import progress
 from src.training.config import StageSettings, create_training_config
 from src.utils.files import atomic_dir
@@ -387,10 +387,9 @@ def resolve_vision_varlen(opts: RunOptions, compile_on: bool) -> bool:
 
 def planned_steps(opts: RunOptions, dataset_size: int) -> int:
     """Optimizer steps of one stage: --max-steps, else the epochs over the data set (all ranks together)."""
-    if opts.max_steps > 0:
-        return opts.max_steps
-    samples = opts.batch_size * opts.grad_accum * world_size()
-    return math.ceil(opts.epochs * dataset_size / samples)
+    return stage_steps(
+        opts.max_steps, opts.epochs, dataset_size, opts.batch_size * opts.grad_accum * world_size()
+    )
 
 
 def resolve_checkpointing(stage, model_id: str, opts: RunOptions, dataset, processor) -> bool | None:
