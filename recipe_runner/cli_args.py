@@ -169,6 +169,12 @@ def _add_launch_args(p: argparse.ArgumentParser) -> None:
         help="torch.compile each decoder layer and vision block (auto: for stages of 500+ steps on a GPU)",
     )
     train.add_argument(
+        "--dequantize-once",
+        choices=["auto", "on", "off"],
+        help="QLoRA stages: keep bf16 copies of the 4-bit weights, dequantized once (faster, more memory; "
+        "auto: where they fit; off: the smallest memory)",
+    )
+    train.add_argument(
         "--skip-bad-records", action="store_true", help="drop invalid records instead of failing"
     )
     train.add_argument(

@@ -184,7 +184,7 @@ def plan_memory(
         setting = (best.micro_batch, best.grad_accum, best.checkpointing)
         return _plan(recipe, shape, workload, capacity_mib, *setting, compiled, why)
     if checkpointing == "auto":
-        ckpt = choose_checkpointing(*sizes, batch_size, capacity, *work, AUTO_HEADROOM)
+        ckpt = choose_checkpointing(*sizes, batch_size, capacity, *work, AUTO_HEADROOM, compiled=compiled)
     else:
         ckpt = checkpointing == "on"
     return _plan(recipe, shape, workload, capacity_mib, batch_size, grad_accum, ckpt, compiled)
@@ -194,7 +194,7 @@ def _plan(
     recipe, shape, workload, capacity_mib, batch_size, grad_accum, checkpointing, compiled, why=""
 ) -> MemoryPlan:
     work = (workload.patches, workload.text_tokens)
-    estimate = estimate_recipe_memory(shape, recipe, batch_size, *work, checkpointing)
+    estimate = estimate_recipe_memory(shape, recipe, batch_size, *work, checkpointing, compiled=compiled)
     seconds = predict_step_seconds(shape, recipe, batch_size, grad_accum, *work, checkpointing, compiled)
     return MemoryPlan(
         recipe.name,

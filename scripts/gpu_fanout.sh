@@ -8,6 +8,7 @@
 #                                                  queue1 pack1 both1 pack2 ddp ddpalone pack1mps pairs pairoff
 #                                                  step7b step2b compile7b varlen7b varlen2b
 #                                                  compilevar7b cands7b final7b final2b r1c2b offload7b
+#                                                  fit7b q2b q7b off7b
 #
 # The placement runs (issue "use every GPU"): r1-r4 queued one at a time on one GPU (queue1: --pack off),
 # packed on one GPU (pack1) and on two (pack2), all 7B, STEPS steps (60 for the issue's figures), batch 4,
@@ -101,6 +102,16 @@ for part in "$@"; do
       step_bench c2b --shape 2b --recipes r1,r2,r4 --variants plain,fast+compile ;;
     r1c2b)  # 2B r1 (QLoRA) compiled with and without its 4-bit decoder layers (~3 min)
       step_bench r1c2b --shape 2b --recipes r1 --variants plain,fast+compile,fast+compile4bit ;;
+    fit7b)  # 7B r4: the planner's top three with compiled memory counted (16x1 compiled first), the first profiled
+      step_bench fit7b --shape 7b --recipes r4 --variants plain --candidates --profile cand1 ;;
+    q2b)  # QLoRA dequantized once: its GPU tests (and offloading's), then 2B r1 and r3 compiled (~7 min)
+      python3 -m pytest tests/test_dequantize.py tests/test_offload.py -m gpu -q -p no:cacheprovider 2>&1 | tee "$out/qtests.log"
+      step_bench q2b --shape 2b --recipes r1 --variants plain,fast+compile,fast+compile-dequant
+      step_bench r3c2b --shape 2b --recipes r3 --variants plain,fast+compile ;;
+    q7b)  # 7B r1 and r3's two stages compiled against the bare loop (~7 min)
+      step_bench q7b --shape 7b --recipes r1,r3 --variants plain,fast+compile ;;
+    off7b)  # 7B r4 at 8x2 with recompute, compiled, with and without offloading: the 18 GiB target (~5 min)
+      step_bench off7b --shape 7b --recipes r4 --variants lean+compile,lean+offload+compile --lean-micro-batch 8 ;;
     offload7b)  # not yet run: activation offloading's GPU test, then 7B r4 16x1 with recompute, offloaded
       python3 -m pytest tests/test_offload.py -m gpu -q -p no:cacheprovider 2>&1 | tee "$out/offloadtests.log"
       step_bench offload7b --shape 7b --recipes r4 --variants lean,lean+offload,lean+compile,lean+offload+compile \

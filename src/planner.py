@@ -118,6 +118,15 @@ LM_HEAD_TILE_TOKENS, LM_HEAD_TILE_VOCAB = 4096, 32768
 # The per-label tensors the fused head keeps: int64 target, fp32 log-normaliser and entropy.
 LM_HEAD_BYTES_PER_LABEL = 8 + FP32 + FP32
 
+# --- compiled regions (src/training/compile.py) --------------------------------------------------------
+# Inductor fuses the norms, activations, rotary and LoRA's elementwise work inside each compiled layer, so
+# fewer intermediates are saved for backward. Measured on H200s without recompute (2026-11-30, fourth
+# session: the compiled rows' peak less the bf16 weights, against this planner's uncompiled activations):
+# 7B r4 8x2 x0.81 (to the core's own uncompiled 8x2 peak), 7B r2 16x1 x0.71, 2B r2 x0.72, 2B r4 x0.76. The
+# largest is taken. With recompute on nothing changed (7B r4 4x4: 18.1 GiB measured, 18.2 planned); 4-bit
+# stages keep their LLM layers eager unless dequantized, and are not counted as compiled.
+COMPILED_ACTIVATIONS = 0.82
+
 # --- overhead ------------------------------------------------------------------------------------------
 # cuBLAS workspaces come from the caching allocator: 32 MiB per handle on Hopper (CUBLAS_WORKSPACE_CONFIG
 # :4096:8), one handle for the forward thread and one for autograd's device thread.
@@ -599,12 +608,14 @@ def estimate_stage_memory(
     padded: bool = True,
     frozen_vision_no_grad: bool = True,
     kernels: KernelBytes = CUDA_KERNELS,
+    compiled: bool = False,
 ) -> MemoryEstimate:
     """Peak memory of one stage (a recipe without stages) at this micro-batch.
 
     `image_patches` and `text_tokens` are per sample (see image_grid); `label_tokens` (default: all text
     tokens) are the positions the fused LM head scores. `frozen_vision_no_grad=False` models the worker
-    before frozen towers ran under no_grad.
+    before frozen towers ran under no_grad. `compiled`: the worker compiles its layers, which saves fewer
+    activations (COMPILED_ACTIVATIONS) when nothing is recomputed.
     """
     if stage.stages:
         raise ValueError(f"{stage.name} is a chain; pass one of its stages or use estimate_recipe_memory")
@@ -612,6 +623,8 @@ def estimate_stage_memory(
     batch = Batch(batch_size, image_patches, text_tokens, labels, padded)
     phases = _peak_phases(shape, stage, batch, checkpointing, frozen_vision_no_grad, kernels)
     activations, workspace = max(phases, key=sum)
+    if compiled and not checkpointing and not stage.quantized:
+        activations *= COMPILED_ACTIVATIONS
     weights = weight_bytes(shape, stage.quantized)
     trainable = trainable_state_bytes(shape, stage)
     subtotal = weights + trainable + activations + workspace
@@ -650,6 +663,35 @@ def choose_checkpointing(
     """False (no recomputation, faster) when the estimate without checkpointing fits; True otherwise."""
     plain = estimate_recipe_memory(shape, recipe, batch_size, image_patches, text_tokens, False, **options)
     return plain.total > headroom * capacity_bytes
+
+
+def dequantized_copy_bytes(shape: ModelShape, recipe: TrainingRecipe) -> int:
+    """What a stage's 4-bit weights take as bf16 copies dequantized once (src/models/dequantize.py): 2 bytes
+    a quantized weight; 0 for a stage that loads in bf16. A chain: its largest stage."""
+    stages = recipe.stages or (recipe,)
+    return max(2 * parameter_counts(shape)["llm_linear"] if stage.quantized else 0 for stage in stages)
+
+
+def choose_dequantized(
+    shape: ModelShape,
+    recipe: TrainingRecipe,
+    batch_size: int,
+    capacity_bytes: int,
+    image_patches: int,
+    text_tokens: int,
+    checkpointing: bool,
+    headroom: float = 0.85,
+    **options,
+) -> bool:
+    """Whether a 4-bit stage keeps its weights dequantized once: when the copies fit beside the stage's
+    estimate at the setting already chosen (recomputation is decided first: it is worth more)."""
+    copies = dequantized_copy_bytes(shape, recipe)
+    if not copies:
+        return False
+    stage = estimate_recipe_memory(
+        shape, recipe, batch_size, image_patches, text_tokens, checkpointing, **options
+    )
+    return stage.total + copies <= headroom * capacity_bytes
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -143,8 +143,10 @@ def rank_settings(
     found = []
     for micro in (d for d in range(1, samples_per_step + 1) if samples_per_step % d == 0):
         for ckpt in checkpointing_choices:
-            peak = estimate_recipe_memory(shape, recipe, micro, image_patches, text_tokens, ckpt).total
             for compiled in compile_choices:
+                peak = estimate_recipe_memory(
+                    shape, recipe, micro, image_patches, text_tokens, ckpt, compiled=compiled
+                ).total
                 seconds = predict_step_seconds(
                     shape,
                     recipe,

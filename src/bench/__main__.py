@@ -27,13 +27,17 @@ Variants per recipe:
   fast+compile     the same with regional torch.compile (src/training/compile.py)
   fast+compile-varlen  compiled, with the model's own vision attention (graph breaks in every block)
   fast+compile4bit compiled, the 4-bit (QLoRA) decoder layers too (left eager by default)
+  fast-dequant     4-bit stages (r1, r3's stage 2) with bitsandbytes dequantizing the weights on every
+                   forward and backward, as before src/models/dequantize.py (fast: once, where it fits)
+  fast+compile-dequant  the same, compiled (its 4-bit layers stay eager: the compiled default before)
   lean             the core with recompute on, micro-batch --lean-micro-batch: the memory targets
   lean+compile     the same, compiled
   lean+offload     lean with what backward needs offloaded to host memory (src/training/offload.py);
                    lean+offload+compile the same, compiled (--lean-micro-batch 16: 16x1 at low memory)
 `--ladder` adds the core's levers one at a time; `--candidates` times the planner's top 3 settings
 (predicted against measured step time); `--end-to-end` times whole worker runs (import, load, first
-step, train, save: end_to_end.py); `--profile plain,fast` profiles 2 extra steps of those variants:
+step, train, save: end_to_end.py); `--profile plain,fast` profiles 2 extra steps of those variants (with
+`--candidates`, cand1-3 too):
 OUT/profile-*.txt (top CUDA- and CPU-time tables) and OUT/profile-*.json (the GPU's idle share between
 kernels, GPU time by kernel kind, and each host sync by the Python line that made it). Writes
 OUT/bench.json and OUT/bench.md.
@@ -91,6 +95,9 @@ VARIANTS = {
     "fast+compile": {},  # + regional torch.compile (Setting.compile)
     "fast+compile-varlen": {"vision_varlen_attention": False},  # compiled, the model's own vision attention
     "fast+compile4bit": {"compile_quantized": True},  # compiled, 4-bit decoder layers too (r1, r3 stage 2)
+    # 4-bit stages (r1, r3 stage 2) with bitsandbytes dequantizing on every use, not once (dequantize.py)
+    "fast-dequant": {"dequantize_once": False},
+    "fast+compile-dequant": {"dequantize_once": False},  # compiled: the 4-bit layers then stay eager
     "lean+compile": {"gradient_checkpointing": True},  # the memory targets, compiled
     "lean+offload": {"gradient_checkpointing": True, "offload_activations": True},  # + saved tensors on host
     "lean+offload+compile": {"gradient_checkpointing": True, "offload_activations": True},  # and compiled
@@ -99,6 +106,7 @@ LADDER = ("before", "+vision-no-grad", "+fused-adamw", "+no-input-cast", "lean",
 PLAIN_VARIANTS = ("plain", "plain-recompute")
 DEFAULT_VARIANTS = "plain,plain-recompute,fast,fast+compile,lean"
 CANDIDATES = 3  # --candidates times the planner's top three settings
+CANDIDATE_LABELS = tuple(f"cand{i}" for i in range(1, CANDIDATES + 1))  # their rows' variant names
 
 
 @dataclass(frozen=True)
@@ -243,9 +251,10 @@ def check_args(args) -> list[str]:
     unknown = [v for v in args.variants.split(",") if v not in known]
     if unknown:
         problems.append(f"--variants: unknown {unknown}; choose from {','.join(known)}")
-    unknown = [v for v in filter(None, args.profile.split(",")) if v not in known]
+    profilable = [*known, *(CANDIDATE_LABELS if args.candidates else ())]
+    unknown = [v for v in filter(None, args.profile.split(",")) if v not in profilable]
     if unknown:
-        problems.append(f"--profile: unknown {unknown}; choose from {','.join(known)}")
+        problems.append(f"--profile: unknown {unknown}; choose from {','.join(profilable)}")
     for key in args.recipes.split(","):
         try:
             resolve_recipe(key)
@@ -286,19 +295,23 @@ def row_plan(target: Target, stage, args, device: str) -> list[tuple[str, Settin
     micro = max(d for d in range(1, min(args.lean_micro_batch, n) + 1) if n % d == 0)
     lean = Setting(micro, n // micro, True)
     fast = planned_settings(target, stage, args, device)[0]
+    fast_compiled = planned_settings(target, stage, args, device, compile_choices=(True,))[0]
     plan = []
     for variant in variants(args):
         if variant in PLAIN_VARIANTS:
             plan.append((variant, None))
             continue
-        # fast... rows run at the planner's setting; lean..., and the ladder's rungs below it, at lean's
-        setting = fast if variant.startswith("fast") else lean
-        if "+compile" in variant:
-            setting = replace(setting, compile=True, predicted_step_s=None)
+        # fast... rows run at the planner's setting (compiled ones at its setting for a compiled run: compiled
+        # layers save fewer activations); lean..., and the ladder's rungs below it, at lean's
+        compiled = "+compile" in variant
+        if variant.startswith("fast"):
+            setting = fast_compiled if compiled else fast
+        else:
+            setting = replace(lean, compile=True) if compiled else lean
         plan.append((variant, setting))
     if args.candidates:
         ranked = planned_settings(target, stage, args, device, compile_choices=(False, True))
-        plan += [(f"cand{i}", setting) for i, setting in enumerate(ranked[:CANDIDATES], 1)]
+        plan += list(zip(CANDIDATE_LABELS, ranked[:CANDIDATES]))
     return plan
 
 
@@ -512,7 +525,13 @@ def _predicted_and_flops(target: Target, stage, setting: Setting, step_s, sample
     patches = round(stats["patches"])
     text = round(stats["tokens"] - patches // 4)
     estimate = estimate_stage_memory(
-        target.memory_shape, stage, setting.micro_batch, patches, text, setting.checkpointing
+        target.memory_shape,
+        stage,
+        setting.micro_batch,
+        patches,
+        text,
+        setting.checkpointing,
+        compiled=setting.compile,
     )
     flops = step_flops(target.flop_shape, stage, samples_per_step, patches, text, stats["labels"])
     return {

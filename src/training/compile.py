@@ -27,12 +27,16 @@ Decoder layers holding bitsandbytes 4-bit weights (QLoRA) are left eager by defa
 RunOptions.compile_quantized) traced without a graph break on an H200 (bitsandbytes 0.50, torch 2.11)
 and made a 2B r1 step 19% faster than leaving them eager, but it compiled for 129 s instead of 19 s:
 one run, repaid only after about 1,200 steps (docs/benchmarks.md), so it is not the default yet.
+Layers whose 4-bit weights were dequantized once (src/models/dequantize.py) trace as bf16 layers do and
+are compiled with the others.
 """
 
 from __future__ import annotations
 
 import logging
 import re
+
+from src.models.dequantize import is_dequantized
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +105,7 @@ def compile_regions(
     skipped: dict[str, int] = {}
     for kind, layers in find_regions(model).items():
         for layer in layers:
-            if is_quantized(layer) and not include_quantized:
+            if is_quantized(layer) and not (include_quantized or is_dequantized(layer)):
                 skipped[kind] = skipped.get(kind, 0) + 1
                 continue
             layer.compile(**options)

@@ -78,6 +78,9 @@ class RunOptions:
     compile: bool | None = None  # torch.compile the model's repeated regions; None: resolve_compile decides
     compile_quantized: bool = False  # compile 4-bit (QLoRA) decoder layers too (compile.py says why not)
     offload_activations: bool = False  # what backward needs waits in host memory (offload.py; not measured)
+    # 4-bit (QLoRA) weights dequantized once and kept in bf16 (src/models/dequantize.py); None: where the
+    # planner says the copies fit (resolve_dequantized), on GPUs only.
+    dequantize_once: bool | None = None
 
 
 @dataclass
@@ -283,6 +286,11 @@ def prepare_stage(
     if opts.device == "cuda":
         use_cudnn_attention(opts.cudnn_attention)
     compile_on = resolve_compile(opts, len(dataset))
+    checkpointing = resolve_checkpointing(stage, model_id, opts, dataset, processor, compile_on)
+    if resolve_dequantized(stage, model_id, opts, dataset, processor, checkpointing):
+        from src.models.dequantize import cache_dequantized_weights
+
+        cache_dequantized_weights(model)
     if resolve_vision_varlen(opts, compile_on):
         use_varlen_vision_attention(model)
     positions = None
@@ -310,7 +318,7 @@ def prepare_stage(
         device=opts.device,
         wandb=opts.wandb,
         run_name=f"{recipe_name}/{stage.name}",
-        gradient_checkpointing=resolve_checkpointing(stage, model_id, opts, dataset, processor),
+        gradient_checkpointing=checkpointing,
         save_steps=opts.save_steps,
         dataloader_workers=opts.dataloader_workers,
         fused_optimizer=opts.fused_optimizer,
@@ -392,27 +400,26 @@ def planned_steps(opts: RunOptions, dataset_size: int) -> int:
     )
 
 
-def resolve_checkpointing(stage, model_id: str, opts: RunOptions, dataset, processor) -> bool | None:
+def resolve_checkpointing(
+    stage, model_id: str, opts: RunOptions, dataset, processor, compiled: bool = False
+) -> bool | None:
     """Gradient checkpointing as asked; for "auto" on one GPU, off when the planner says it fits.
 
     Recomputing activations costs about a third of a step; it is only worth it when the
-    activations would not fit. None leaves the CPU rule to the config (off). A data-parallel rank
-    holds a whole model on one GPU, so the planner decides for it as for a single GPU; each rank
-    asks about its own GPU.
+    activations would not fit (`compiled` layers save fewer). None leaves the CPU rule to the config
+    (off). A data-parallel rank holds a whole model on one GPU, so the planner decides for it as for a
+    single GPU; each rank asks about its own GPU.
     """
     if opts.gradient_checkpointing is not None or opts.device != "cuda":
         return opts.gradient_checkpointing
-    import torch
-
-    if world_size() == 1 and torch.cuda.device_count() > 1:  # sharded: stay lean, the split is tight
+    if _sharded():  # stay lean: the split is tight
         return True
-    from src.planner import ModelShape, choose_checkpointing
-    from src.training.memory import available_gpu_bytes, largest_sample
+    from src.planner import choose_checkpointing
 
-    patches, text_tokens = largest_sample(dataset, processor)
-    shape = ModelShape.from_model_dir(model_id)
-    capacity = available_gpu_bytes()
-    checkpointing = choose_checkpointing(shape, stage, opts.batch_size, capacity, patches, text_tokens)
+    shape, patches, text_tokens, capacity = _planner_inputs(model_id, dataset, processor)
+    checkpointing = choose_checkpointing(
+        shape, stage, opts.batch_size, capacity, patches, text_tokens, compiled=compiled
+    )
     log.info(
         "[%s] gradient checkpointing %s (planner: batch %d, %d image patches + %d text tokens a sample, "
         "%.1f GiB available)",
@@ -424,6 +431,50 @@ def resolve_checkpointing(stage, model_id: str, opts: RunOptions, dataset, proce
         capacity / 2**30,
     )
     return checkpointing
+
+
+def resolve_dequantized(stage, model_id: str, opts: RunOptions, dataset, processor, checkpointing) -> bool:
+    """Whether a 4-bit stage dequantizes its weights once (src/models/dequantize.py): as asked; for "auto"
+    on one GPU, when the planner says the bf16 copies fit beside the stage at its chosen setting (inside
+    the launcher's reservation when the GPU is shared). Never for a bf16 stage, nor by default on the CPU
+    (where it buys nothing) or sharded over several GPUs (where memory is tight)."""
+    if not stage.quantized:
+        return False
+    if opts.dequantize_once is not None:
+        return opts.dequantize_once
+    if opts.device != "cuda" or _sharded():
+        return False
+    from src.planner import choose_dequantized, dequantized_copy_bytes
+
+    shape, patches, text_tokens, capacity = _planner_inputs(model_id, dataset, processor)
+    chosen = choose_dequantized(
+        shape, stage, opts.batch_size, capacity, patches, text_tokens, bool(checkpointing)
+    )
+    log.info(
+        "[%s] 4-bit weights %s (%.1f GiB of bf16 copies, %.1f GiB available)",
+        stage.name,
+        "dequantized once" if chosen else "dequantized on every use: the copies do not fit",
+        dequantized_copy_bytes(shape, stage) / 2**30,
+        capacity / 2**30,
+    )
+    return chosen
+
+
+def _sharded() -> bool:
+    """One process over several visible GPUs: the model is split across them (loader.device_map_for)."""
+    import torch
+
+    return world_size() == 1 and torch.cuda.device_count() > 1
+
+
+def _planner_inputs(model_id: str, dataset, processor) -> tuple:
+    """(model shape, image patches and text tokens of the largest sample, usable GPU bytes): what the
+    memory planner's choices at training time are made from."""
+    from src.planner import ModelShape
+    from src.training.memory import available_gpu_bytes, largest_sample
+
+    patches, text_tokens = largest_sample(dataset, processor)
+    return ModelShape.from_model_dir(model_id), patches, text_tokens, available_gpu_bytes()
 
 
 def save_stage(model, processor, stage_dir: Path, merge: bool, recipe_name: str, stage_name: str) -> Path:
