@@ -96,3 +96,23 @@ def exact_lora(model):
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
     return model
+
+
+def tiny_batch(model_dir, data_dir, device: str, samples: int = 3) -> dict:
+    """The collated first `samples` training samples of the tiny data set, on `device`."""
+    from src.data.collators import AssistantOnlyCollator
+    from src.data.dataset import build_dataset
+    from src.models.loader import load_processor
+
+    processor = load_processor(str(model_dir))
+    dataset, _ = build_dataset(str(data_dir), "train", "qwen2_vl", processor)
+    batch = AssistantOnlyCollator(processor)([dataset[i] for i in range(samples)])
+    return {key: value.to(device) for key, value in batch.items()}
+
+
+def loss_and_grads(model, batch) -> tuple[float, dict]:
+    """One forward and backward from zeroed gradients: the loss and a copy of every gradient (fp32)."""
+    model.zero_grad(set_to_none=True)
+    loss = model(**batch).loss
+    loss.backward()
+    return loss.item(), {n: p.grad.float().clone() for n, p in model.named_parameters() if p.grad is not None}

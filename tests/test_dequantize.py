@@ -13,7 +13,7 @@ import torch
 from src.models.dequantize import BUFFER, cache_dequantized_weights, is_dequantized
 from src.recipes import resolve_recipe
 from src.training.run import RunOptions, load_wrapped_model, resolve_dequantized
-from tests.conftest import exact_lora
+from tests.conftest import exact_lora, loss_and_grads, tiny_batch
 
 pytestmark = pytest.mark.slow
 
@@ -27,24 +27,6 @@ def _model(tiny_model_dir, device: str):
     return model
 
 
-def _batch(tiny_model_dir, tiny_data_dir, device: str) -> dict:
-    from src.data.collators import AssistantOnlyCollator
-    from src.data.dataset import build_dataset
-    from src.models.loader import load_processor
-
-    processor = load_processor(str(tiny_model_dir))
-    dataset, _ = build_dataset(str(tiny_data_dir), "train", "qwen2_vl", processor)
-    batch = AssistantOnlyCollator(processor)([dataset[i] for i in range(3)])
-    return {key: value.to(device) for key, value in batch.items()}
-
-
-def _step(model, batch) -> tuple[float, dict]:
-    model.zero_grad(set_to_none=True)
-    loss = model(**batch).loss
-    loss.backward()
-    return loss.item(), {n: p.grad.float().clone() for n, p in model.named_parameters() if p.grad is not None}
-
-
 def _linear4bit_layers(model) -> list:
     import bitsandbytes as bnb
 
@@ -53,12 +35,12 @@ def _linear4bit_layers(model) -> list:
 
 def test_dequantized_once_gives_bitsandbytes_loss_and_gradients(tiny_model_dir, tiny_data_dir):
     model = _model(tiny_model_dir, "cpu")
-    batch = _batch(tiny_model_dir, tiny_data_dir, "cpu")
-    loss, grads = _step(model, batch)
+    batch = tiny_batch(tiny_model_dir, tiny_data_dir, "cpu")
+    loss, grads = loss_and_grads(model, batch)
     layers = _linear4bit_layers(model)
     cached = cache_dequantized_weights(model)
     assert layers and cached == sum(getattr(m, BUFFER).numel() * 4 for m in layers)  # fp32 on the CPU
-    cached_loss, cached_grads = _step(model, batch)
+    cached_loss, cached_grads = loss_and_grads(model, batch)
     assert cached_loss == pytest.approx(loss, rel=1e-5)
     assert cached_grads.keys() == grads.keys() and any("lora_A" in n for n in grads)
     for name, grad in grads.items():
@@ -121,16 +103,16 @@ def test_dequantize_once_flag_reaches_the_run_options(flag, expected, tmp_path):
 @pytest.mark.gpu
 def test_on_cuda_bf16_copies_match_bitsandbytes_and_hold_the_planned_bytes(tiny_model_dir, tiny_data_dir):
     model = _model(tiny_model_dir, "cuda")
-    batch = _batch(tiny_model_dir, tiny_data_dir, "cuda")
+    batch = tiny_batch(tiny_model_dir, tiny_data_dir, "cuda")
     with torch.autocast("cuda", dtype=torch.bfloat16):
-        loss, grads = _step(model, batch)
+        loss, grads = loss_and_grads(model, batch)
     torch.cuda.synchronize()
     allocated = torch.cuda.memory_allocated()
     cached = cache_dequantized_weights(model)
     assert torch.cuda.memory_allocated() - allocated >= cached > 0
     assert {getattr(m, BUFFER).dtype for m in _linear4bit_layers(model)} == {torch.bfloat16}
     with torch.autocast("cuda", dtype=torch.bfloat16):
-        cached_loss, cached_grads = _step(model, batch)
+        cached_loss, cached_grads = loss_and_grads(model, batch)
     assert cached_loss == pytest.approx(loss, rel=1e-3)
     for name, grad in grads.items():
         torch.testing.assert_close(cached_grads[name], grad, atol=2e-2, rtol=2e-2, msg=name)

@@ -10,7 +10,7 @@ import torch
 from src.recipes import resolve_recipe
 from src.training.offload import ActivationOffload, offload_activations
 from src.training.run import load_wrapped_model
-from tests.conftest import exact_lora
+from tests.conftest import exact_lora, loss_and_grads, tiny_batch
 
 pytestmark = pytest.mark.slow
 
@@ -26,30 +26,12 @@ def _model(tiny_model_dir, device: str):
     return model
 
 
-def _batch(tiny_model_dir, tiny_data_dir, device: str) -> dict:
-    from src.data.collators import AssistantOnlyCollator
-    from src.data.dataset import build_dataset
-    from src.models.loader import load_processor
-
-    processor = load_processor(str(tiny_model_dir))
-    dataset, _ = build_dataset(str(tiny_data_dir), "train", "qwen2_vl", processor)
-    batch = AssistantOnlyCollator(processor)([dataset[i] for i in range(3)])
-    return {key: value.to(device) for key, value in batch.items()}
-
-
-def _step(model, batch) -> tuple[float, dict]:
-    model.zero_grad(set_to_none=True)
-    loss = model(**batch).loss
-    loss.backward()
-    return loss.item(), {n: p.grad.float().clone() for n, p in model.named_parameters() if p.grad is not None}
-
-
 def test_saved_tensors_round_trip_and_nothing_changes(tiny_model_dir, tiny_data_dir):
     model = _model(tiny_model_dir, "cpu")
-    batch = _batch(tiny_model_dir, tiny_data_dir, "cpu")
-    loss, grads = _step(model, batch)
+    batch = tiny_batch(tiny_model_dir, tiny_data_dir, "cpu")
+    loss, grads = loss_and_grads(model, batch)
     offload = offload_activations(model, ActivationOffload(min_bytes=0, devices=("cpu",)))
-    offloaded_loss, offloaded_grads = _step(model, batch)
+    offloaded_loss, offloaded_grads = loss_and_grads(model, batch)
     layers = model.config.text_config.num_hidden_layers + model.config.vision_config.depth
     assert offload.offloaded >= layers  # at least each checkpointed block's input
     assert offloaded_loss == loss and offloaded_grads.keys() == grads.keys() and grads
@@ -59,7 +41,7 @@ def test_saved_tensors_round_trip_and_nothing_changes(tiny_model_dir, tiny_data_
 
 def test_evaluation_forwards_and_what_follows_a_forward_are_left_alone(tiny_model_dir, tiny_data_dir):
     model = _model(tiny_model_dir, "cpu")
-    batch = _batch(tiny_model_dir, tiny_data_dir, "cpu")
+    batch = tiny_batch(tiny_model_dir, tiny_data_dir, "cpu")
     offload = offload_activations(model, ActivationOffload(min_bytes=0, devices=("cpu",)))
     with torch.no_grad():
         model(**batch)
@@ -78,13 +60,13 @@ def test_evaluation_forwards_and_what_follows_a_forward_are_left_alone(tiny_mode
 @pytest.mark.gpu
 def test_on_cuda_saved_tensors_wait_on_the_host_and_the_peak_falls(tiny_model_dir, tiny_data_dir):
     model = _model(tiny_model_dir, "cuda")
-    batch = _batch(tiny_model_dir, tiny_data_dir, "cuda")
+    batch = tiny_batch(tiny_model_dir, tiny_data_dir, "cuda")
 
     def peak_step():
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-        result = _step(model, batch)
+        result = loss_and_grads(model, batch)
         torch.cuda.synchronize()
         return result, torch.cuda.max_memory_allocated() - base
 

@@ -311,7 +311,7 @@ def row_plan(target: Target, stage, args, device: str) -> list[tuple[str, Settin
         plan.append((variant, setting))
     if args.candidates:
         ranked = planned_settings(target, stage, args, device, compile_choices=(False, True))
-        plan += list(zip(CANDIDATE_LABELS, ranked[:CANDIDATES]))
+        plan += list(zip(CANDIDATE_LABELS, ranked[:CANDIDATES], strict=False))  # fewer may fit
     return plan
 
 
