@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from src.planner import (
+    HEADROOM,
     ModelShape,
     choose_checkpointing,
     estimate_recipe_memory,
@@ -26,7 +27,6 @@ from src.step_time import predict_step_seconds, rank_settings
 
 TEXT_TOKENS = 128  # prompt + answer of a detection sample; 88 in the synthetic data, more with many boxes
 AUTO_EFFECTIVE_BATCH = 16  # samples per optimizer step that --batch-size auto keeps
-AUTO_HEADROOM = 0.85  # of the GPU: the same margin the worker uses to turn checkpointing off
 
 
 @dataclass(frozen=True)
@@ -172,7 +172,7 @@ def plan_memory(
             samples_per_step,
             capacity,
             *work,
-            headroom=AUTO_HEADROOM,
+            headroom=HEADROOM,
             checkpointing_choices=choices,
             compile_choices=(compiled,),
         )
@@ -184,7 +184,7 @@ def plan_memory(
         setting = (best.micro_batch, best.grad_accum, best.checkpointing)
         return _plan(recipe, shape, workload, capacity_mib, *setting, compiled, why)
     if checkpointing == "auto":
-        ckpt = choose_checkpointing(*sizes, batch_size, capacity, *work, AUTO_HEADROOM, compiled=compiled)
+        ckpt = choose_checkpointing(*sizes, batch_size, capacity, *work, HEADROOM, compiled=compiled)
     else:
         ckpt = checkpointing == "on"
     return _plan(recipe, shape, workload, capacity_mib, batch_size, grad_accum, ckpt, compiled)

@@ -8,7 +8,7 @@
 #                                                  queue1 pack1 both1 pack2 ddp ddpalone pack1mps pairs pairoff
 #                                                  step7b step2b compile7b varlen7b varlen2b
 #                                                  compilevar7b cands7b final7b final2b r1c2b offload7b
-#                                                  fit7b q2b q7b off7b
+#                                                  fit7b q2b q7b off7b attn7b r12c7b hp7b
 #
 # The placement runs (issue "use every GPU"): r1-r4 queued one at a time on one GPU (queue1: --pack off),
 # packed on one GPU (pack1) and on two (pack2), all 7B, STEPS steps (60 for the issue's figures), batch 4,
@@ -112,6 +112,16 @@ for part in "$@"; do
       step_bench q7b --shape 7b --recipes r1,r3 --variants plain,fast+compile ;;
     off7b)  # 7B r4 at 8x2 with recompute, compiled, with and without offloading: the 18 GiB target (~5 min)
       step_bench off7b --shape 7b --recipes r4 --variants lean+compile,lean+offload+compile --lean-micro-batch 8 ;;
+    attn7b)  # vision attention by kernel (src.bench.attention), its GPU tests, then 7B r4 compiled with
+      # images of one size batched (cuDNN) and through the varlen kernel (~8 min)
+      python3 -m src.bench.attention --out "$out/attention.json" 2>&1 | tee "$out/attention.log" || true
+      python3 -m pytest tests/test_vision_attention.py -m gpu -q -p no:cacheprovider 2>&1 | tee "$out/attntests.log"
+      step_bench batched7b --shape 7b --recipes r4 --variants plain,fast+compile,fast+compile-batched \
+        --profile fast+compile ;;
+    r12c7b)  # 7B r2 and r1 compiled (images batched) against the bare loop (~7 min)
+      step_bench r12c7b --shape 7b --recipes r2,r1 --variants plain,fast+compile ;;
+    hp7b)  # 7B r1 and r4 compiled, with and without positions worked out on the host (~9 min)
+      step_bench hp7b --shape 7b --recipes r1,r4 --variants plain,fast+compile-host-positions,fast+compile ;;
     offload7b)  # not yet run: activation offloading's GPU test, then 7B r4 16x1 with recompute, offloaded
       python3 -m pytest tests/test_offload.py -m gpu -q -p no:cacheprovider 2>&1 | tee "$out/offloadtests.log"
       step_bench offload7b --shape 7b --recipes r4 --variants lean,lean+offload,lean+compile,lean+offload+compile \

@@ -133,6 +133,9 @@ COMPILED_ACTIVATIONS = 0.82
 CUBLAS_WORKSPACE_BYTES = 2 * 32 * 2**20
 TOKEN_TENSORS = 4  # input_ids, labels, attention_mask, mm_token_type_ids (int64 per token)
 ALLOCATOR_ROUNDING = 0.005  # the caching allocator rounds blocks up to 512 B; a small share of the total
+# A setting "fits" when its estimate is within this share of the GPU: the margin every choice keeps
+# (recompute off, 4-bit weights dequantized once, --batch-size auto's fastest setting).
+HEADROOM = 0.85
 
 # --- LoRA targets (mirrors src/models/lora.py, which the launcher must not need to import) ----------------
 LLM_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -657,7 +660,7 @@ def choose_checkpointing(
     capacity_bytes: int,
     image_patches: int,
     text_tokens: int,
-    headroom: float = 0.85,
+    headroom: float = HEADROOM,
     **options,
 ) -> bool:
     """False (no recomputation, faster) when the estimate without checkpointing fits; True otherwise."""
@@ -680,7 +683,7 @@ def choose_dequantized(
     image_patches: int,
     text_tokens: int,
     checkpointing: bool,
-    headroom: float = 0.85,
+    headroom: float = HEADROOM,
     **options,
 ) -> bool:
     """Whether a 4-bit stage keeps its weights dequantized once: when the copies fit beside the stage's

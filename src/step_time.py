@@ -13,7 +13,7 @@ import math
 from dataclasses import dataclass
 
 from src.models.freeze import vision_trains
-from src.planner import GIB, ModelShape, estimate_recipe_memory, parameter_counts
+from src.planner import GIB, HEADROOM, ModelShape, estimate_recipe_memory, parameter_counts
 from src.recipes import TrainingRecipe
 
 # --- step time: the cost model -------------------------------------------------------------------------
@@ -133,7 +133,7 @@ def rank_settings(
     image_patches: int,
     text_tokens: int,
     *,
-    headroom: float = 0.85,
+    headroom: float = HEADROOM,
     checkpointing_choices: tuple[bool, ...] = (False, True),
     compile_choices: tuple[bool, ...] = (False,),
 ) -> list[Candidate]:

@@ -89,7 +89,11 @@ def test_the_worker_dequantizes_4bit_stages_as_asked_and_never_bf16_ones(
     recipe, device, asked, wanted, tmp_path
 ):
     opts = RunOptions("m", "d", tmp_path, device=device, dequantize_once=asked)
-    assert resolve_dequantized(resolve_recipe(recipe), "m", opts, None, None, False) is wanted
+
+    def planner_inputs():
+        pytest.fail("these cases are decided without asking the planner")
+
+    assert resolve_dequantized(resolve_recipe(recipe), opts, planner_inputs, False) is wanted
 
 
 @pytest.mark.parametrize("flag, expected", [("auto", None), ("on", True), ("off", False)])

@@ -138,3 +138,22 @@ def test_training_with_host_positions_feeds_the_model_its_positions(tiny_model_d
         hook.remove()
     assert len(seen) == 2 and all(p is not None and p.shape[0] == 3 for p in seen)
     assert prepared.trainer.state.global_step == 2
+
+
+def test_qwen2_5_vl_gets_its_own_positions_too():
+    """Compiled runs work positions out on the host by default, for either family."""
+    from tests.test_freeze_lora import _tiny_qwen2_5_vl
+
+    backbone = language_backbone(_tiny_qwen2_5_vl())
+    config = backbone.config
+    image = [config.vision_start_token_id] + [config.image_token_id] * 6  # a 1x4x6 grid, merged 2x2
+    input_ids = torch.tensor([[1, 2, *image, 3], [1, *image, 3, 4]])
+    batch = {
+        "input_ids": input_ids,
+        "mm_token_type_ids": (input_ids == config.image_token_id).long(),
+        "image_grid_thw": torch.tensor([[1, 4, 6], [1, 4, 6]]),
+        "attention_mask": torch.ones_like(input_ids),
+    }
+    expected, _ = backbone.get_rope_index(**batch)
+    assert RopePositions.of(backbone)(batch)
+    assert torch.equal(batch["position_ids"], expected)

@@ -1,8 +1,8 @@
 """The vision tower's attention as one call a block (src/models/vision_attention.py), on the tiny model:
 the same outputs and gradients as the model's own per-image SDPA loop, for images of one size (one
-batched call) and of several sizes; only the vision config changes, and nothing of it is saved. On a GPU
-(marked `gpu`): torch's flash varlen kernel is the path taken, it matches SDPA within bf16 rounding, and
-it reads nothing back from the GPU."""
+batched SDPA call, told by shapes alone) and of several sizes (one call each on the CPU); only the vision
+config changes, and nothing of it is saved. On a GPU (marked `gpu`): torch's flash varlen kernel (mixed
+sizes) and the batched call (one size) match SDPA within bf16 rounding and read nothing back from the GPU."""
 
 import json
 
@@ -12,6 +12,8 @@ import torch
 from src.models.loader import load_model
 from src.models.vision_attention import (
     VARLEN_ATTENTION,
+    VARLEN_ONLY_ATTENTION,
+    equal_images,
     flash_varlen_usable,
     use_varlen_vision_attention,
     varlen_vision_attention,
@@ -65,16 +67,51 @@ def cpu_model(tiny_model_dir):
     return load_model(str(tiny_model_dir), "cpu")
 
 
-@pytest.mark.parametrize("grid", [SAME_SIZE, MIXED_SIZES], ids=["one-size", "mixed-sizes"])
-def test_same_outputs_and_gradients_as_the_models_own_attention(cpu_model, grid, monkeypatch):
+def _count_calls(monkeypatch, *names) -> dict:
+    """Count the calls of vision_attention's functions `names` (they still run)."""
     import src.models.vision_attention as vision_attention
 
-    calls = []
-    per_image = vision_attention._sdpa_per_image
-    monkeypatch.setattr(vision_attention, "_sdpa_per_image", lambda *a: calls.append(1) or per_image(*a))
+    calls = dict.fromkeys(names, 0)
+    for name in names:
+        original = getattr(vision_attention, name)
+
+        def counted(*args, _name=name, _original=original):
+            calls[_name] += 1
+            return _original(*args)
+
+        monkeypatch.setattr(vision_attention, name, counted)
+    return calls
+
+
+@pytest.mark.parametrize(
+    "grid, path",
+    [(SAME_SIZE, "_sdpa_batched"), (MIXED_SIZES, "_sdpa_per_image")],
+    ids=["one-size", "mixed-sizes"],
+)
+def test_same_outputs_and_gradients_as_the_models_own_attention(cpu_model, grid, path, monkeypatch):
+    calls = _count_calls(monkeypatch, "_sdpa_batched", "_sdpa_per_image")
     own, varlen = _own_then_varlen(cpu_model, grid)
-    assert len(calls) == cpu_model.config.vision_config.depth  # one call a block, all images in it
+    assert calls[path] == cpu_model.config.vision_config.depth  # one call a block, all images in it
+    assert sum(calls.values()) == calls[path]
     _assert_close(own, varlen, atol=1e-5, rtol=1e-5)
+
+
+def test_images_of_one_size_are_told_by_shapes_alone():
+    cu = torch.tensor([0, 6, 12, 18])  # 3 images
+    assert equal_images(18, cu, max_seqlen=6) == 3
+    assert equal_images(16, cu, max_seqlen=6) is None  # 16 tokens: at least one image is smaller
+    assert equal_images(18, cu, max_seqlen=None) is None
+    assert equal_images(0, torch.tensor([0]), max_seqlen=0) is None
+
+
+def test_batching_equal_images_can_be_turned_off(cpu_model, monkeypatch):
+    calls = _count_calls(monkeypatch, "_sdpa_batched", "_sdpa_per_image")
+    assert use_varlen_vision_attention(cpu_model, batch_equal_images=False)
+    assert cpu_model.config.vision_config._attn_implementation == VARLEN_ONLY_ATTENTION
+    _tower_run(cpu_model.model.visual, SAME_SIZE)
+    # the CPU's per-image fallback then batches after reading the lengths: once a block, never directly
+    assert calls["_sdpa_per_image"] == cpu_model.config.vision_config.depth
+    assert calls["_sdpa_batched"] == calls["_sdpa_per_image"]
 
 
 def test_only_the_vision_config_changes_and_none_of_it_is_saved(cpu_model, tmp_path):
@@ -115,10 +152,12 @@ def test_flash_varlen_on_cuda_matches_sdpa_and_reads_nothing_back(tiny_model_dir
 
     q = torch.randn(1, heads, 40, head_dim, device="cuda", dtype=torch.bfloat16)
     cu = torch.tensor([0, 16, 40], device="cuda", dtype=torch.int32)
+    one_size = cu.new_tensor([0, 20, 40])  # two images of 20 patches: the batched SDPA call
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")  # any read back from the GPU raises
     try:
         out, _ = varlen_vision_attention(None, q, q, q, cu_seq_lens_q=cu, max_length_q=24)
+        batched, _ = varlen_vision_attention(None, q, q, q, cu_seq_lens_q=one_size, max_length_q=20)
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    assert out.shape == (1, 40, heads, head_dim)
+    assert out.shape == batched.shape == (1, 40, heads, head_dim)

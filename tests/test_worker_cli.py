@@ -158,6 +158,16 @@ def test_varlen_vision_attention_follows_compilation_unless_asked(tmp_path):
     assert not resolved("cpu", True, compiled=True)  # the flash kernel is CUDA only
 
 
+def test_host_positions_follow_compilation_unless_asked(tmp_path):
+    from src.training.run import RunOptions, resolve_host_positions
+
+    def resolved(asked=None, compiled=False) -> bool:
+        return resolve_host_positions(RunOptions("m", "d", tmp_path, host_positions=asked), compiled)
+
+    assert resolved(compiled=True) and not resolved(compiled=False)  # the default
+    assert resolved(True) and not resolved(False, compiled=True)  # as asked
+
+
 def test_evaluation_covers_the_whole_test_split_by_default():
     from src.training.worker import build_parser
 

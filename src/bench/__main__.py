@@ -26,6 +26,10 @@ Variants per recipe:
                    (src/training/config.py accelerator_options)
   fast+compile     the same with regional torch.compile (src/training/compile.py)
   fast+compile-varlen  compiled, with the model's own vision attention (graph breaks in every block)
+  fast+compile-batched  compiled, images of one size through the varlen kernel too, not one batched
+                   SDPA call a block (the compiled default before 2026-12-01)
+  fast+compile-host-positions  compiled, positions read back from the GPU by the model (the compiled
+                   default before 2026-12-01; fast+compile works them out on the host)
   fast+compile4bit compiled, the 4-bit (QLoRA) decoder layers too (left eager by default)
   fast-dequant     4-bit stages (r1, r3's stage 2) with bitsandbytes dequantizing the weights on every
                    forward and backward, as before src/models/dequantize.py (fast: once, where it fits)
@@ -94,6 +98,8 @@ VARIANTS = {
     "fast+nonblocking": {"non_blocking_copies": True},
     "fast+compile": {},  # + regional torch.compile (Setting.compile)
     "fast+compile-varlen": {"vision_varlen_attention": False},  # compiled, the model's own vision attention
+    "fast+compile-batched": {"vision_batched_attention": False},  # compiled, equal images varlen too
+    "fast+compile-host-positions": {"host_positions": False},  # compiled, positions read from the GPU
     "fast+compile4bit": {"compile_quantized": True},  # compiled, 4-bit decoder layers too (r1, r3 stage 2)
     # 4-bit stages (r1, r3 stage 2) with bitsandbytes dequantizing on every use, not once (dequantize.py)
     "fast-dequant": {"dequantize_once": False},

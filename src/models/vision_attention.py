@@ -12,20 +12,25 @@ the vision config's attention implementation:
 
 `use_varlen_vision_attention(model)` registers `varlen_vision_attention` with transformers'
 AttentionInterface under a name that takes the first path, and sets it on the vision config only (the
-LLM keeps SDPA). On a CUDA bf16/fp16 model it calls torch's flash-attention varlen kernel
-(`torch.nn.attention.varlen.varlen_attn`, differentiable, no host reads, traceable by Dynamo). Anywhere
-else (the CPU, fp32, an older torch) it falls back to SDPA with the boundaries read once a block, and one
-batched call when every image has the same number of patches, which is the same arithmetic as the
-model's own loop (tests/test_vision_attention.py).
+LLM keeps SDPA). When every image of the batch has the same number of patches (told by shapes alone,
+`equal_images`) it makes one batched SDPA call over (images, heads, patches, dim), where torch picks
+cuDNN's Hopper kernels. Otherwise, on a CUDA bf16/fp16 model, it calls torch's flash-attention varlen
+kernel (`torch.nn.attention.varlen.varlen_attn`). Both are differentiable, read nothing back from the GPU
+and trace through Dynamo. Anywhere else (the CPU, fp32, an older torch) mixed sizes fall back to one SDPA
+call per image with the boundaries read once a block. All are the same arithmetic as the model's own
+loop (tests/test_vision_attention.py).
 
     from src.models.vision_attention import use_varlen_vision_attention
     use_varlen_vision_attention(model)        # after loading, before or after PEFT wrapping
 
 The training core uses it when it compiles (`RunOptions.vision_varlen_attention`, None by default:
-`run.resolve_vision_varlen`). Measured on H200s (docs/benchmarks.md, 2026-11-30, fourth session): compiled,
-it keeps every vision block one graph (0 graph breaks instead of 2) and took 7B r4 from 1.055 to 0.977 s
-a step; eager, it halved the host syncs but was no faster (7B) or 2-4% slower (2B), because torch's flash
-varlen kernel (head dim 80 padded to 96) spends more GPU time than cuDNN's per-image Hopper kernels.
+`run.resolve_vision_varlen`; `RunOptions.vision_batched_attention` turns the batched call off). Measured
+on H200s (docs/benchmarks.md): compiled, the varlen kernel keeps every vision block one graph (0 graph
+breaks instead of 2) and took 7B r4 from 1.055 to 0.977 s a step (2026-11-30, fourth session); eager, it
+halved the host syncs but was no faster, because torch's flash varlen kernel (head dim 80 padded to 96)
+spends more GPU time than cuDNN's Hopper kernels. Batched, 16 images of 1564 patches attend in 2.69 ms
+forward and backward instead of 4.19 (`python -m src.bench.attention`), and a compiled 7B r4 step took
+0.8625 s instead of 0.9516 (2026-12-01, sixth session).
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ log = logging.getLogger(__name__)
 
 # "flash" in the name is what makes Qwen2-VL's vision attention pass `cu_seqlens` instead of splitting.
 VARLEN_ATTENTION = "recipe_runner_flash_varlen"
+VARLEN_ONLY_ATTENTION = "recipe_runner_flash_varlen_only"  # never the batched call
 FLASH_MAX_HEAD_DIM = 256
 
 
@@ -53,6 +59,7 @@ def varlen_vision_attention(
     max_length_q: int | None = None,
     max_length_k: int | None = None,
     is_causal: bool = False,
+    batch_equal_images: bool = True,
     **kwargs,
 ):
     """Attention within each image of a packed batch: (1, heads, tokens, dim) in, (1, tokens, heads, dim)
@@ -65,11 +72,26 @@ def varlen_vision_attention(
         )
     q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # (tokens, heads, dim)
     scale = q.shape[-1] ** -0.5 if scaling is None else scaling
-    if flash_varlen_usable(q, scale):
+    images = equal_images(q.shape[0], cu_seq_lens_q, max_length_q) if batch_equal_images else None
+    if images is not None:
+        out = _sdpa_batched(q, k, v, images, scale)
+    elif flash_varlen_usable(q, scale):
         out = _flash_varlen(q, k, v, cu_seq_lens_q, max_length_q)
     else:
         out = _sdpa_per_image(q, k, v, cu_seq_lens_q, scale)
     return out.unsqueeze(0), None
+
+
+def equal_images(tokens: int, cu_seqlens, max_seqlen: int | None) -> int | None:
+    """How many images the batch holds when every one has `max_seqlen` patches, else None.
+
+    Read from shapes and the int transformers passes, never from the GPU: n images of at most
+    `max_seqlen` patches fill `n * max_seqlen` tokens only when all have exactly that many.
+    """
+    images = cu_seqlens.shape[0] - 1
+    if max_seqlen is None or images < 1:
+        return None
+    return images if images * max_seqlen == tokens else None
 
 
 def flash_varlen_usable(q, scale: float) -> bool:
@@ -108,17 +130,27 @@ def _sdpa_per_image(q, k, v, cu_seqlens, scale: float):
     import torch.nn.functional as F
 
     lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
-    tokens, heads, dim = q.shape
     if len(set(lengths)) == 1:
-        n, length = len(lengths), lengths[0]
-        batched = [t.reshape(n, length, heads, dim).transpose(1, 2) for t in (q, k, v)]
-        out = F.scaled_dot_product_attention(*batched, scale=scale)  # (images, heads, length, dim)
-        return out.transpose(1, 2).reshape(tokens, heads, dim)
+        return _sdpa_batched(q, k, v, len(lengths), scale)
     outs = [
         F.scaled_dot_product_attention(*(t.transpose(0, 1).unsqueeze(0) for t in parts), scale=scale)[0]
         for parts in zip(*(torch.split(t, lengths) for t in (q, k, v)), strict=True)
     ]
     return torch.cat(outs, dim=1).transpose(0, 1)
+
+
+def _sdpa_batched(q, k, v, images: int, scale: float):
+    """One SDPA call over (images, heads, patches, dim) views of images with as many patches each.
+
+    On Hopper torch picks cuDNN's attention for it; the views keep the tokens' (patches, heads, dim)
+    layout, which cuDNN and flash read as it is (no copy).
+    """
+    import torch.nn.functional as F
+
+    tokens, heads, dim = q.shape
+    batched = [t.reshape(images, tokens // images, heads, dim).transpose(1, 2) for t in (q, k, v)]
+    out = F.scaled_dot_product_attention(*batched, scale=scale)  # (images, heads, patches, dim)
+    return out.transpose(1, 2).reshape(tokens, heads, dim)
 
 
 def vision_configs(model) -> list:
@@ -132,18 +164,25 @@ def vision_configs(model) -> list:
     return found
 
 
-def use_varlen_vision_attention(model) -> bool:
+def use_varlen_vision_attention(model, batch_equal_images: bool = True) -> bool:
     """Route `model`'s vision attention through `varlen_vision_attention`; returns whether it found one.
 
+    `batch_equal_images`: a batch whose images all have one size goes to one batched SDPA call; False
+    keeps every batch on the varlen kernel (the bench's `fast+compile-batched` row).
     Only the vision config changes (through its `_attn_implementation` setter, as transformers' own
     `set_attn_implementation` does); the LLM's attention and the saved config stay as loaded.
     """
     from transformers import AttentionInterface
 
     AttentionInterface.register(VARLEN_ATTENTION, varlen_vision_attention)
+    AttentionInterface.register(
+        VARLEN_ONLY_ATTENTION, functools.partial(varlen_vision_attention, batch_equal_images=False)
+    )
+    name = VARLEN_ATTENTION if batch_equal_images else VARLEN_ONLY_ATTENTION
     configs = vision_configs(model)
     for config in configs:
-        config._attn_implementation = VARLEN_ATTENTION
+        config._attn_implementation = name
     if configs:
-        log.info("vision attention: one varlen call a block (%s)", VARLEN_ATTENTION)
+        how = "batched when the images share one size, else varlen" if batch_equal_images else "varlen"
+        log.info("vision attention: one call a block, %s (%s)", how, name)
     return bool(configs)

@@ -15,9 +15,13 @@ The results are bit-identical (tests/test_host_positions.py). `RopePositions(mod
 a picklable function of a batch alone, for the training collator: it runs in the data loader's worker
 processes, ahead of the step, on the CPU tensors the processor made.
 
-Off by default (`RunOptions.host_positions`, the bench's `fast+host-positions` row): on one H200 it
-cut the syncs of two 7B r4 steps from 792 to 117, but the step did not get measurably faster (cuDNN's
-attention then spent the time waiting instead), so it stays a measured option, not the default.
+On by default when the core compiles (`RunOptions.host_positions`, `run.resolve_host_positions`), off
+eager. Eager on one H200 it cut the syncs of two 7B r4 steps from 792 to 117, but the step did not get
+measurably faster (cuDNN's attention then spent the time waiting instead). Compiled, 290 of the 353
+syncs of two 7B r4 steps were the model's position code; without them the GPU was busy 93.4% of an r4
+step instead of 87.0% (r1: 91.1% instead of 86.3%), the step 1% faster (r1: the same), one round each
+(docs/benchmarks.md, 2026-12-01 sixth session). The bench's `fast+compile-host-positions` row runs
+without it.
 """
 
 from __future__ import annotations

@@ -13,6 +13,7 @@ the others wait at a barrier until it has (r3's stage 2 loads what stage 1 saved
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -66,9 +67,11 @@ class RunOptions:
     # The vision tower's attention as one flash varlen call a block, not one SDPA call per image and three
     # host reads a block (src/models/vision_attention.py); GPUs only. None: when compiling (resolve_...).
     vision_varlen_attention: bool | None = None
-    # Positions worked out on the host, not by GPU reads (host_positions.py): 792 -> 117 host syncs in
-    # two 7B r4 steps, but no step-time gain measured yet (docs/benchmarks.md), so off by default.
-    host_positions: bool = False
+    # With it, images of one size attend in one batched SDPA call (cuDNN on Hopper), not the varlen kernel.
+    vision_batched_attention: bool = True
+    # Positions worked out on the host, not by GPU reads (host_positions.py): 290 of the 353 host syncs of
+    # two compiled 7B r4 steps are in the model's get_rope_index. None: when compiling (resolve_host_...).
+    host_positions: bool | None = None
     # Batches copied to the GPU without the host waiting (config.accelerator_options says why); off by
     # default until the bench's fast+nonblocking row shows a gain.
     non_blocking_copies: bool = False
@@ -286,15 +289,17 @@ def prepare_stage(
     if opts.device == "cuda":
         use_cudnn_attention(opts.cudnn_attention)
     compile_on = resolve_compile(opts, len(dataset))
-    checkpointing = resolve_checkpointing(stage, model_id, opts, dataset, processor, compile_on)
-    if resolve_dequantized(stage, model_id, opts, dataset, processor, checkpointing):
+    # what the planner decides from (a pass over the data set), read once and only when a rule needs it
+    planner_inputs = functools.cache(lambda: _planner_inputs(model_id, dataset, processor))
+    checkpointing = resolve_checkpointing(stage, opts, planner_inputs, compile_on)
+    if resolve_dequantized(stage, opts, planner_inputs, checkpointing):
         from src.models.dequantize import cache_dequantized_weights
 
         cache_dequantized_weights(model)
     if resolve_vision_varlen(opts, compile_on):
-        use_varlen_vision_attention(model)
+        use_varlen_vision_attention(model, opts.vision_batched_attention)
     positions = None
-    if opts.host_positions and (backbone := language_backbone(model)) is not None:
+    if resolve_host_positions(opts, compile_on) and (backbone := language_backbone(model)) is not None:
         positions = RopePositions.of(backbone)  # in the collator: the loader's workers compute them
         vision_lengths_on_host(model)
     if opts.offload_activations:
@@ -393,6 +398,17 @@ def resolve_vision_varlen(opts: RunOptions, compile_on: bool) -> bool:
     return compile_on if opts.vision_varlen_attention is None else opts.vision_varlen_attention
 
 
+def resolve_host_positions(opts: RunOptions, compile_on: bool) -> bool:
+    """Whether positions are worked out on the host: as asked, by default when compiling.
+
+    Compiled, a step launches few kernels and the GPU reads of Qwen2-VL's position code are most of its
+    host syncs. Measured on H200s, 7B (docs/benchmarks.md, 2026-12-01 sixth): the GPU busy 93.4% of an r4
+    step instead of 87.0% and 91.1% of an r1 step instead of 86.3%, the steps as fast or 1% faster.
+    Eager, it was no faster (fourth session), so it stays off there.
+    """
+    return compile_on if opts.host_positions is None else opts.host_positions
+
+
 def planned_steps(opts: RunOptions, dataset_size: int) -> int:
     """Optimizer steps of one stage: --max-steps, else the epochs over the data set (all ranks together)."""
     return stage_steps(
@@ -400,15 +416,14 @@ def planned_steps(opts: RunOptions, dataset_size: int) -> int:
     )
 
 
-def resolve_checkpointing(
-    stage, model_id: str, opts: RunOptions, dataset, processor, compiled: bool = False
-) -> bool | None:
+def resolve_checkpointing(stage, opts: RunOptions, planner_inputs, compiled: bool = False) -> bool | None:
     """Gradient checkpointing as asked; for "auto" on one GPU, off when the planner says it fits.
 
     Recomputing activations costs about a third of a step; it is only worth it when the
     activations would not fit (`compiled` layers save fewer). None leaves the CPU rule to the config
     (off). A data-parallel rank holds a whole model on one GPU, so the planner decides for it as for a
-    single GPU; each rank asks about its own GPU.
+    single GPU; each rank asks about its own GPU. `planner_inputs()` gives what the planner needs
+    (`_planner_inputs`).
     """
     if opts.gradient_checkpointing is not None or opts.device != "cuda":
         return opts.gradient_checkpointing
@@ -416,7 +431,7 @@ def resolve_checkpointing(
         return True
     from src.planner import choose_checkpointing
 
-    shape, patches, text_tokens, capacity = _planner_inputs(model_id, dataset, processor)
+    shape, patches, text_tokens, capacity = planner_inputs()
     checkpointing = choose_checkpointing(
         shape, stage, opts.batch_size, capacity, patches, text_tokens, compiled=compiled
     )
@@ -433,7 +448,7 @@ def resolve_checkpointing(
     return checkpointing
 
 
-def resolve_dequantized(stage, model_id: str, opts: RunOptions, dataset, processor, checkpointing) -> bool:
+def resolve_dequantized(stage, opts: RunOptions, planner_inputs, checkpointing) -> bool:
     """Whether a 4-bit stage dequantizes its weights once (src/models/dequantize.py): as asked; for "auto"
     on one GPU, when the planner says the bf16 copies fit beside the stage at its chosen setting (inside
     the launcher's reservation when the GPU is shared). Never for a bf16 stage, nor by default on the CPU
@@ -446,7 +461,7 @@ def resolve_dequantized(stage, model_id: str, opts: RunOptions, dataset, process
         return False
     from src.planner import choose_dequantized, dequantized_copy_bytes
 
-    shape, patches, text_tokens, capacity = _planner_inputs(model_id, dataset, processor)
+    shape, patches, text_tokens, capacity = planner_inputs()
     chosen = choose_dequantized(
         shape, stage, opts.batch_size, capacity, patches, text_tokens, bool(checkpointing)
     )
