@@ -124,7 +124,9 @@ LM_HEAD_BYTES_PER_LABEL = 8 + FP32 + FP32
 # session: the compiled rows' peak less the bf16 weights, against this planner's uncompiled activations):
 # 7B r4 8x2 x0.81 (to the core's own uncompiled 8x2 peak), 7B r2 16x1 x0.71, 2B r2 x0.72, 2B r4 x0.76. The
 # largest is taken. With recompute on nothing changed (7B r4 4x4: 18.1 GiB measured, 18.2 planned); 4-bit
-# stages keep their LLM layers eager unless dequantized, and are not counted as compiled.
+# stages keep their LLM layers eager unless dequantized, and are not counted as compiled. Since images of
+# one size attend in one batched call (2026-12-01, sixth session), 7B r4 16x1 measured 109.1 GiB (105.2
+# before) against 110.5 planned, a thin margin: likely SDPA keeping `v`, a view of the fused qkv output.
 COMPILED_ACTIVATIONS = 0.82
 
 # --- overhead ------------------------------------------------------------------------------------------

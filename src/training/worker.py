@@ -141,7 +141,9 @@ def build_parser(recipe_required: bool = True, prog: str = "train_recipe.py") ->
         choices=["auto", "on", "off"],
         default="auto",
         help="torch.compile each decoder layer and vision block (auto: on a GPU for stages of 500 "
-        "optimizer steps or more, where the saving repays the compile time; never on the CPU)",
+        "optimizer steps or more, where the saving repays the compile time; never on the CPU). Compiled "
+        "runs also give the vision tower one attention call a block (one batched cuDNN call when a "
+        "batch's images share one size) and work out the M-RoPE positions on the host",
     )
     arg(
         "--dequantize-once",
