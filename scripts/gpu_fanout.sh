@@ -8,7 +8,7 @@
 #                                                  queue1 pack1 both1 pack2 ddp ddpalone pack1mps pairs pairoff
 #                                                  step7b step2b compile7b varlen7b varlen2b
 #                                                  compilevar7b cands7b final7b final2b r1c2b offload7b
-#                                                  fit7b q2b q7b off7b attn7b r12c7b hp7b r3p7b
+#                                                  fit7b q2b q7b off7b attn7b r12c7b hp7b r3p7b eager7b
 #
 # The placement runs (issue "use every GPU"): r1-r4 queued one at a time on one GPU (queue1: --pack off),
 # packed on one GPU (pack1) and on two (pack2), all 7B, STEPS steps (60 for the issue's figures), batch 4,
@@ -124,6 +124,9 @@ for part in "$@"; do
       step_bench hp7b --shape 7b --recipes r1,r4 --variants plain,fast+compile-host-positions,fast+compile ;;
     r3p7b)  # not yet run: 7B r3 as a chain and r1 compiled against the bare loop, profiled (~9 min)
       step_bench r3p7b --shape 7b --recipes r3,r1 --variants plain,fast+compile --profile fast+compile ;;
+    eager7b)  # not yet run: eager 7B r4 and r2 with the model's own vision attention (fast) and with one call
+      # a block (fast+varlen: batched cuDNN for images of one size), to decide eager runs' default (~6 min)
+      step_bench eager7b --shape 7b --recipes r4,r2 --variants fast,fast+varlen ;;
     offload7b)  # not yet run: activation offloading's GPU test, then 7B r4 16x1 with recompute, offloaded
       python3 -m pytest tests/test_offload.py -m gpu -q -p no:cacheprovider 2>&1 | tee "$out/offloadtests.log"
       step_bench offload7b --shape 7b --recipes r4 --variants lean,lean+offload,lean+compile,lean+offload+compile \

@@ -17,8 +17,9 @@ Variants per recipe:
   plain-recompute  the bare loop with recompute on, its largest fitting micro-batch
   fast             the core at the planner's chosen setting (src.step_time.rank_settings)
   fast-cudnn       the same without cuDNN's attention kernels (what the core's choice of them buys)
-  fast+varlen      the same with one flash varlen call a vision block (src/models/vision_attention.py),
-                   which the core uses only when compiling
+  fast+varlen      the same with one attention call a vision block (src/models/vision_attention.py:
+                   batched SDPA when the images share one size, else flash varlen), which the core
+                   uses only when compiling
   fast+host-positions  the same with positions worked out on the host, not read back from the GPU
                    (src/training/host_positions.py)
   fast+loader2     the same with 2 data loader processes instead of 4 (the default until 2026-11-30)
@@ -90,7 +91,7 @@ VARIANTS = {
     "lean": {"gradient_checkpointing": True},  # = +loader-workers: every lever but the last
     "fast": {},  # + no recompute when the planner says the activations fit
     "fast-cudnn": {"cudnn_attention": False},  # fast without cuDNN's attention kernels
-    "fast+varlen": {"vision_varlen_attention": True},  # fast with the varlen vision attention, eager
+    "fast+varlen": {"vision_varlen_attention": True},  # fast with one vision attention call a block, eager
     "fast+host-positions": {"host_positions": True},  # fast, positions worked out on the host
     "fast+loader2": {"dataloader_workers": 2},  # fast with the 2 loader processes it had before 4
     # accelerate copies each batch to the GPU with a blocking .to(): when the host runs ahead, that copy
