@@ -16,7 +16,7 @@ from src.models.loader import load_processor, model_family
 from src.recipes import resolve_recipe
 from src.training.compile import compile_regions, compile_report, find_regions, reset_compile_state
 from src.training.run import load_wrapped_model
-from tests.conftest import exact_lora
+from tests.conftest import exact_lora, loss_and_grads
 
 pytestmark = pytest.mark.slow
 BACKEND = "aot_eager"
@@ -71,14 +71,6 @@ def train_rows(tiny_model_dir, tiny_data_dir):
     return processor, dataset
 
 
-def _step(model, batch) -> tuple[float, dict]:
-    model.zero_grad(set_to_none=True)
-    loss = model(**batch).loss
-    loss.backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad and p.grad is not None}
-    return loss.item(), grads
-
-
 def test_every_decoder_layer_and_vision_block_is_compiled_in_place(eager_and_compiled):
     _, compiled, count, keys_before = eager_and_compiled
     regions = [layer for layers in find_regions(compiled).values() for layer in layers]
@@ -92,8 +84,8 @@ def test_every_decoder_layer_and_vision_block_is_compiled_in_place(eager_and_com
 def test_compiled_step_gives_the_eager_loss_and_lora_gradients(eager_and_compiled, train_rows):
     eager, compiled, _, _ = eager_and_compiled
     batch = _batch(*train_rows, size=(112, 84), batch_size=2)
-    eager_loss, eager_grads = _step(eager, batch)
-    compiled_loss, compiled_grads = _step(compiled, batch)
+    eager_loss, eager_grads = loss_and_grads(eager, batch)
+    compiled_loss, compiled_grads = loss_and_grads(compiled, batch)
     assert compile_report()["frames_compiled"] > 0  # the compiled path really ran
     assert compiled_loss == pytest.approx(eager_loss, rel=1e-5)
     lora = [n for n in eager_grads if "lora_" in n]
@@ -107,16 +99,16 @@ def test_new_image_sizes_reuse_the_compiled_code_and_a_new_batch_size_compiles_o
     eager_and_compiled, train_rows
 ):
     _, compiled, _, _ = eager_and_compiled
-    _step(compiled, _batch(*train_rows, size=(112, 84), batch_size=2))  # compiled (or already so)
+    loss_and_grads(compiled, _batch(*train_rows, size=(112, 84), batch_size=2))  # compiled (or already so)
     frames = compile_report()["frames_compiled"]
     for size in ((140, 112), (84, 168)):  # other image sizes: other patch counts and sequence lengths
-        _step(compiled, _batch(*train_rows, size=size, batch_size=2))
+        loss_and_grads(compiled, _batch(*train_rows, size=size, batch_size=2))
     assert compile_report()["frames_compiled"] == frames
-    _step(compiled, _batch(*train_rows, size=(112, 84), batch_size=3))  # the last short (or long) batch
+    loss_and_grads(compiled, _batch(*train_rows, size=(112, 84), batch_size=3))  # a new micro-batch size
     after_new_batch = compile_report()["frames_compiled"]
     assert after_new_batch - frames <= 4  # the vision attention's per-image loop: a few frames, once
     for size in ((140, 112), (112, 84)):
-        _step(compiled, _batch(*train_rows, size=size, batch_size=3))
+        loss_and_grads(compiled, _batch(*train_rows, size=size, batch_size=3))
     assert compile_report()["frames_compiled"] == after_new_batch
 
 

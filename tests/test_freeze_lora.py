@@ -7,6 +7,7 @@ import pytest
 from src.models.freeze import apply_freeze_policy, part_of
 from src.models.lora import create_lora_config, target_regex
 from src.recipes import RECIPES
+from tests.conftest import tiny_qwen2_5_vl
 
 
 def test_part_of_uses_transformers5_paths():
@@ -46,29 +47,6 @@ def test_plan_bug_regression_every_parameter_lands_in_its_part(tiny_model_dir):
     assert {part_of(n) for n in names} == {"llm", "vision", "merger", "patch_embed", "lm_head"}
 
 
-def _tiny_qwen2_5_vl():
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
-
-    text = {
-        "vocab_size": 300,
-        "hidden_size": 64,
-        "intermediate_size": 128,
-        "num_hidden_layers": 1,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
-    }
-    vision = {
-        "depth": 1,
-        "hidden_size": 32,
-        "intermediate_size": 64,
-        "out_hidden_size": 64,
-        "num_heads": 4,
-        "fullatt_block_indexes": [0],
-    }
-    return Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(text_config=text, vision_config=vision))
-
-
 def _wrapped_modules(model, recipe, family):
     from peft import get_peft_model
 
@@ -86,7 +64,7 @@ def family_model(request, tiny_model_dir):
         from transformers import AutoModelForImageTextToText
 
         return "qwen2_vl", AutoModelForImageTextToText.from_pretrained(tiny_model_dir)
-    return "qwen2_5_vl", _tiny_qwen2_5_vl()
+    return "qwen2_5_vl", tiny_qwen2_5_vl()
 
 
 @pytest.mark.parametrize("key", ["r1-llm-only", "r2-vision-only", "r4-joint"])

@@ -9,9 +9,7 @@ import pickle
 import pytest
 import torch
 
-from src.data.collators import AssistantOnlyCollator
-from src.data.dataset import build_dataset
-from src.models.loader import load_processor, model_family
+from src.models.loader import model_family
 from src.recipes import resolve_recipe
 from src.training.host_positions import (
     RopePositions,
@@ -20,7 +18,7 @@ from src.training.host_positions import (
     vision_lengths_on_host,
 )
 from src.training.run import load_wrapped_model
-from tests.conftest import exact_lora
+from tests.conftest import exact_lora, loss_and_grads, tiny_batch, tiny_qwen2_5_vl
 
 pytestmark = pytest.mark.slow
 
@@ -34,18 +32,7 @@ def model_and_batch(tiny_model_dir, tiny_data_dir):
     model, _ = load_wrapped_model(resolve_recipe("r4"), model_dir, "cpu", model_family(model_dir))
     model.config.use_cache = False
     exact_lora(model)
-    processor = load_processor(model_dir)
-    dataset, _ = build_dataset(str(tiny_data_dir), "train", model_family(model_dir), processor)
-    batch = AssistantOnlyCollator(processor)([dataset[i] for i in range(3)])
-    return model, batch
-
-
-def _step(model, batch) -> tuple[float, dict]:
-    model.zero_grad(set_to_none=True)
-    loss = model(**batch).loss
-    loss.backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    return loss.item(), grads
+    return model, tiny_batch(tiny_model_dir, tiny_data_dir, "cpu")
 
 
 def test_rope_positions_are_the_models_own_and_survive_pickling(model_and_batch):
@@ -71,7 +58,7 @@ def test_rope_positions_are_the_models_own_and_survive_pickling(model_and_batch)
 def test_a_step_with_host_positions_gives_the_same_loss_and_gradients(model_and_batch):
     model, batch = model_and_batch
     reference = copy.deepcopy(model)
-    loss_model, grads_model = _step(reference, dict(batch))
+    loss_model, grads_model = loss_and_grads(reference, dict(batch))
 
     seen = []
     tower = next(m for n, m in model.named_modules() if n.endswith("visual"))
@@ -83,7 +70,7 @@ def test_a_step_with_host_positions_gives_the_same_loss_and_gradients(model_and_
         assert vision_lengths_on_host(model)
         host_batch = dict(batch)
         assert add_rope_positions(model, host_batch)
-        loss_host, grads_host = _step(model, host_batch)
+        loss_host, grads_host = loss_and_grads(model, host_batch)
     finally:
         hook.remove()
 
@@ -142,9 +129,7 @@ def test_training_with_host_positions_feeds_the_model_its_positions(tiny_model_d
 
 def test_qwen2_5_vl_gets_its_own_positions_too():
     """Compiled runs work positions out on the host by default, for either family."""
-    from tests.test_freeze_lora import _tiny_qwen2_5_vl
-
-    backbone = language_backbone(_tiny_qwen2_5_vl())
+    backbone = language_backbone(tiny_qwen2_5_vl())
     config = backbone.config
     image = [config.vision_start_token_id] + [config.image_token_id] * 6  # a 1x4x6 grid, merged 2x2
     input_ids = torch.tensor([[1, 2, *image, 3], [1, *image, 3, 4]])
