@@ -9,6 +9,7 @@
 #                                                  step7b step2b compile7b varlen7b varlen2b
 #                                                  compilevar7b cands7b final7b final2b r1c2b offload7b
 #                                                  fit7b q2b q7b off7b attn7b r12c7b hp7b r3p7b eager7b
+#                                                  quiet7b mem7b r13q7b
 #
 # The placement runs (issue "use every GPU"): r1-r4 queued one at a time on one GPU (queue1: --pack off),
 # packed on one GPU (pack1) and on two (pack2), all 7B, STEPS steps (60 for the issue's figures), batch 4,
@@ -124,6 +125,15 @@ for part in "$@"; do
       step_bench hp7b --shape 7b --recipes r1,r4 --variants plain,fast+compile-host-positions,fast+compile ;;
     r3p7b)  # not yet run: 7B r3 as a chain and r1 compiled against the bare loop, profiled (~9 min)
       step_bench r3p7b --shape 7b --recipes r3,r1 --variants plain,fast+compile --profile fast+compile ;;
+    quiet7b)  # 7B r1 compiled, with the loss read back every step and every 10, both profiled (~4 min;
+      # run 2026-12-01 as fast+compile and fast+compile+quiet, the names of then)
+      step_bench quiet7b --shape 7b --recipes r1 --variants fast+compile-log1,fast+compile \
+        --profile fast+compile-log1,fast+compile ;;
+    r13q7b)  # 7B r3 as a chain and r1, compiled (loss read every 10 steps), against the bare loop, profiled (~8 min)
+      step_bench r13q7b --shape 7b --recipes r3,r1 --variants plain,fast+compile --profile fast+compile ;;
+    mem7b)  # the 18 GiB target: 7B r4 compiled with recompute at 4x4, then at 8x2 offloaded (~6 min)
+      step_bench mem4 --shape 7b --recipes r4 --variants lean+compile --lean-micro-batch 4
+      step_bench mem8 --shape 7b --recipes r4 --variants lean+offload+compile --lean-micro-batch 8 ;;
     eager7b)  # not yet run: eager 7B r4 and r2 with the model's own vision attention (fast) and with one call
       # a block (fast+varlen: batched cuDNN for images of one size), to decide eager runs' default (~6 min)
       step_bench eager7b --shape 7b --recipes r4,r2 --variants fast,fast+varlen ;;

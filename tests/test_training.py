@@ -201,32 +201,44 @@ def test_non_blocking_copies_reach_the_trainers_accelerator_config_on_gpus_only(
     A "cuda" SFTConfig can be built on a CPU machine: transformers falls back to the CPU device."""
     from src.training.config import StageSettings, accelerator_options, create_training_config
 
-    settings = StageSettings(output_dir=str(tmp_path), learning_rate=1e-3, device=device)
-    assert create_training_config(settings).accelerator_config.non_blocking is False  # off by default
-    settings = StageSettings(
-        output_dir=str(tmp_path), learning_rate=1e-3, device=device, non_blocking_copies=True
-    )
+    settings = StageSettings(output_dir=str(tmp_path), learning_rate=1e-3, device=device)  # on by default
     assert accelerator_options(settings, on_gpu=device == "cuda") == (
         {"non_blocking": True} if wanted else None
     )
     config = create_training_config(settings)
     assert config.accelerator_config.non_blocking is wanted
     assert config.dataloader_pin_memory is wanted  # what makes a non-blocking copy asynchronous
+    settings = StageSettings(
+        output_dir=str(tmp_path), learning_rate=1e-3, device=device, non_blocking_copies=False
+    )
+    assert create_training_config(settings).accelerator_config.non_blocking is False
 
 
-def test_run_options_hand_non_blocking_copies_to_the_stage_settings(
+def test_run_options_hand_copies_and_logging_interval_to_the_stage_settings(
     monkeypatch, tiny_model_dir, tiny_data_dir, tmp_path
 ):
-    """The worker's RunOptions field reaches StageSettings (prepare_stage builds them)."""
+    """The worker's RunOptions fields reach StageSettings (prepare_stage builds them)."""
+    from src.training.config import StageSettings
     from src.training.run import prepare_stage
 
     seen = []
     create = run_module.create_training_config
     monkeypatch.setattr(run_module, "create_training_config", lambda s: seen.append(s) or create(s))
     recipe = RECIPES["r1-llm-only"]
-    opts = tiny_run_options(tiny_model_dir, tiny_data_dir, tmp_path, non_blocking_copies=True)
+    opts = tiny_run_options(tiny_model_dir, tiny_data_dir, tmp_path, non_blocking_copies=False, logging_steps=3)
     prepare_stage(recipe.name, recipe, str(tiny_model_dir), opts, tmp_path)
-    assert [s.non_blocking_copies for s in seen] == [True]
+    assert [(s.non_blocking_copies, s.logging_steps) for s in seen] == [(False, 3)]
+    assert seen[0].logging_steps != StageSettings.logging_steps  # not the default passing through
+
+
+def test_the_loss_is_read_back_every_step_on_the_cpu_and_every_ten_on_gpus(tmp_path):
+    from src.training.run import GPU_LOGGING_STEPS, RunOptions, resolve_logging_steps
+
+    def resolved(device, asked=None) -> int:
+        return resolve_logging_steps(RunOptions("m", "d", tmp_path, device=device, logging_steps=asked))
+
+    assert (resolved("cpu"), resolved("cuda")) == (1, GPU_LOGGING_STEPS) == (1, 10)
+    assert resolved("cuda", 1) == 1 and resolved("cpu", 5) == 5  # as asked
 
 
 @pytest.mark.parametrize("cores, workers", [(16, 4), (4, 2)])

@@ -57,6 +57,22 @@ def test_r3_end_to_end_writes_status_history_log_and_outputs(tiny_model_dir, tin
 
 
 @pytest.mark.slow
+def test_logging_every_n_steps_keeps_every_steps_progress_and_the_last_loss(
+    tiny_model_dir, tiny_data_dir, tmp_path
+):
+    out = tmp_path / "r2"
+    common = _common(tiny_model_dir, tiny_data_dir, out)
+    common[common.index("--max-steps") + 1] = 3
+    done = _worker("--recipe", "r2", "--no-wandb", "--skip-eval", "--logging-steps", 2, *common)
+    assert done.returncode == 0, done.stderr[-2000:]
+    history = [json.loads(line) for line in (out / "loss_history.jsonl").read_text().splitlines()]
+    assert [h["step"] for h in history] == [2, 3]  # every 2nd step, and the last
+    steps = [e for e in map(parse_line, done.stdout.splitlines()) if e and e["event"] == "step"]
+    assert [(e["step"], "loss" in e) for e in steps] == [(1, False), (2, True), (3, True)]
+    assert json.loads((out / "status.json").read_text())["final_loss"] == history[-1]["loss"]
+
+
+@pytest.mark.slow
 def test_wandb_without_key_runs_offline_and_never_fails(tiny_model_dir, tiny_data_dir, tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB")}
     env["HOME"] = str(tmp_path)  # no ~/.netrc credentials
@@ -76,6 +92,7 @@ def test_wandb_without_key_runs_offline_and_never_fails(tiny_model_dir, tiny_dat
         ("--model-id", "{tmp}/nowhere", "no config.json"),
         ("--dataset", "{tmp}/missing", "--dataset"),
         ("--checkpoint", "{data}", "not a stage-1 output"),
+        ("--logging-steps", "0", "--logging-steps 0: must be at least 1"),
     ],
 )
 def test_bad_input_exits_2_with_one_clear_message_and_writes_nothing(

@@ -23,14 +23,16 @@ Variants per recipe:
   fast+host-positions  the same with positions worked out on the host, not read back from the GPU
                    (src/training/host_positions.py)
   fast+loader2     the same with 2 data loader processes instead of 4 (the default until 2026-11-30)
-  fast+nonblocking the same with each batch copied to the GPU without the host waiting
-                   (src/training/config.py accelerator_options)
+  fast-nonblocking the same with the host waiting for each batch's copy to the GPU (the default
+                   before 2026-12-01; src/training/config.py accelerator_options)
   fast+compile     the same with regional torch.compile (src/training/compile.py)
   fast+compile-varlen  compiled, with the model's own vision attention (graph breaks in every block)
   fast+compile-batched  compiled, images of one size through the varlen kernel too, not one batched
                    SDPA call a block (the compiled default before 2026-12-01)
   fast+compile-host-positions  compiled, positions read back from the GPU by the model (the compiled
                    default before 2026-12-01; fast+compile works them out on the host)
+  fast+compile-log1  compiled, the loss read back from the GPU every step, not every 10, and the host
+                   waiting for each batch's copy (the default before 2026-12-01)
   fast+compile4bit compiled, the 4-bit (QLoRA) decoder layers too (left eager by default)
   fast-dequant     4-bit stages (r1, r3's stage 2) with bitsandbytes dequantizing the weights on every
                    forward and backward, as before src/models/dequantize.py (fast: once, where it fits)
@@ -94,13 +96,16 @@ VARIANTS = {
     "fast+varlen": {"vision_varlen_attention": True},  # fast with one vision attention call a block, eager
     "fast+host-positions": {"host_positions": True},  # fast, positions worked out on the host
     "fast+loader2": {"dataloader_workers": 2},  # fast with the 2 loader processes it had before 4
-    # accelerate copies each batch to the GPU with a blocking .to(): when the host runs ahead, that copy
-    # waits behind the GPU's queue and the host idles instead of preparing the next step.
-    "fast+nonblocking": {"non_blocking_copies": True},
+    # accelerate's blocking .to() of each batch (the default before 2026-12-01): when the host runs ahead,
+    # that copy waits behind the GPU's queue and the host idles instead of preparing the next step.
+    "fast-nonblocking": {"non_blocking_copies": False},
     "fast+compile": {},  # + regional torch.compile (Setting.compile)
     "fast+compile-varlen": {"vision_varlen_attention": False},  # compiled, the model's own vision attention
     "fast+compile-batched": {"vision_batched_attention": False},  # compiled, equal images varlen too
     "fast+compile-host-positions": {"host_positions": False},  # compiled, positions read from the GPU
+    # compiled, the loss read back every step and each batch copied with the host waiting (the default
+    # before 2026-12-01; fast+compile reads it every 10 steps, run.resolve_logging_steps)
+    "fast+compile-log1": {"non_blocking_copies": False, "logging_steps": 1},
     "fast+compile4bit": {"compile_quantized": True},  # compiled, 4-bit decoder layers too (r1, r3 stage 2)
     # 4-bit stages (r1, r3 stage 2) with bitsandbytes dequantizing on every use, not once (dequantize.py)
     "fast-dequant": {"dequantize_once": False},

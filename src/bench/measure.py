@@ -21,7 +21,15 @@ from dataclasses import dataclass
 
 
 class StepTimer:
-    """Wall-clock time of each optimizer step, synchronised with the GPU at the step's end.
+    """Duration of each optimizer step, on the GPU's own clock where there is one.
+
+    At each step's end a CUDA event is recorded in the stream: the time between two events is the
+    step as the GPU lived it, its idle gaps included, and no step waits for the GPU. (Until
+    2026-12-01 the timer synchronised at every step's end. That made the GPU idle at every step
+    boundary while the host fetched the next batch and launched its first kernels, which a real run,
+    whose host runs ahead, does not do; it cost the core, with more host work per step, more than
+    the bare loop.) The host waits for the GPU only at the first step's end (its wall time is the
+    compile cost) and at the last measured step's. Without CUDA, each step's wall time.
 
     `hooks` are called with the number of steps done after each step (the profiler starts and
     stops through them, so the plain loop and the trainer are profiled the same way).
@@ -29,15 +37,22 @@ class StepTimer:
 
     def __init__(self, warmup: int, on_warm=None, measured_steps: int | None = None):
         self.warmup, self.on_warm, self.measured_steps = warmup, on_warm, measured_steps
-        self.ends: list[float] = []
+        self.ends: list[float] = []  # host time after each step (after a sync where there is one)
+        self.events: list = []  # a CUDA event at the start and after each step, when on a GPU
         self.started: float | None = None
         self.hooks: list = []
 
     def begin(self) -> None:
         self.started = time.perf_counter()
+        self.events = [_record_event()] if _cuda() else []
 
     def step_done(self) -> None:
-        _synchronize()
+        if self.events:
+            self.events.append(_record_event())
+        done = len(self.ends) + 1
+        last_measured = self.warmup + self.measured_steps if self.measured_steps is not None else None
+        if done in (1, last_measured) or not self.events:
+            _synchronize()
         self.ends.append(time.perf_counter())
         if len(self.ends) == self.warmup and self.on_warm:
             self.on_warm()
@@ -51,8 +66,12 @@ class StepTimer:
     def measured(self) -> list[float]:
         """Durations of the steps after warm-up (each includes its data loading and logging), up to
         `measured_steps` of them (steps after those, such as profiled ones, are not counted)."""
-        edges = [self.started, *self.ends]
-        durations = [b - a for a, b in zip(edges, edges[1:], strict=False)]
+        if self.events:
+            _synchronize()  # every event recorded so far has happened
+            durations = [a.elapsed_time(b) / 1000 for a, b in zip(self.events, self.events[1:], strict=False)]
+        else:
+            edges = [self.started, *self.ends]
+            durations = [b - a for a, b in zip(edges, edges[1:], strict=False)]
         end = None if self.measured_steps is None else self.warmup + self.measured_steps
         return durations[self.warmup : end]
 
@@ -70,6 +89,20 @@ class StepTimer:
                 timer.step_done()
 
         return _Callback()
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _record_event():
+    import torch
+
+    event = torch.cuda.Event(enable_timing=True)
+    event.record()
+    return event
 
 
 def _synchronize() -> None:
@@ -121,6 +154,7 @@ class StepProfiler:
             self.syncs.start()
             self.profiler.start()
         elif steps_done == self.warmup + self.steps and self.profiler is not None:
+            _synchronize()  # the profiled steps' kernels have all run before the trace closes
             self.profiler.stop()
             self.syncs.stop()
             self._export()
@@ -148,6 +182,7 @@ class StepProfiler:
             "gpu_idle_share": gpu_idle_share(kernels),
             "gpu_busy_s": round(sum(end - start for start, end in kernels) / 1e6, 4),
             "gpu_ms_by_kind": gpu_time_by_kind(self.profiler),
+            "idle_gaps": idle_gaps(kernels, host_ops(self.profiler)),
             "host_syncs": self.syncs.total,
             "sync_sites": self.syncs.top(),
         }
@@ -242,6 +277,50 @@ def kernel_intervals(profiler) -> list[tuple[float, float]]:
         if "CUDA" in str(getattr(event, "device_type", "")):
             intervals.append((event.time_range.start, event.time_range.end))
     return intervals
+
+
+def host_ops(profiler) -> list[tuple[float, float, str]]:
+    """(start, end, name) in microseconds of every top-level host operation the profiler recorded."""
+    return [
+        (event.time_range.start, event.time_range.end, event.name)
+        for event in profiler.events()
+        if "CUDA" not in str(getattr(event, "device_type", "")) and getattr(event, "cpu_parent", None) is None
+    ]
+
+
+LONG_GAP_US = 1000.0  # a GPU gap this long is the host doing something else, not launch latency
+
+
+def idle_gaps(kernels: list[tuple[float, float]], ops: list[tuple[float, float, str]], top: int = 8) -> dict:
+    """Where the GPU's idle time lies: in gaps of LONG_GAP_US or more (the host busy elsewhere: a sync,
+    data, Python) or in short ones (launch latency between queued kernels), and the longest gaps, each
+    with the host operations that overlapped it most (name, overlap ms)."""
+    gaps, reach = [], None
+    for start, end in sorted(kernels):
+        if reach is not None and start > reach:
+            gaps.append((reach, start))
+        reach = end if reach is None else max(reach, end)
+    long_gaps = [gap for gap in gaps if gap[1] - gap[0] >= LONG_GAP_US]
+    longest = sorted(long_gaps, key=lambda gap: gap[0] - gap[1])[:top]
+    return {
+        "long_ms": round(sum(end - start for start, end in long_gaps) / 1000, 2),
+        "long_count": len(long_gaps),
+        "short_ms": round(sum(end - start for start, end in gaps if end - start < LONG_GAP_US) / 1000, 2),
+        "longest": [
+            {"ms": round((end - start) / 1000, 2), "host": _overlapping(start, end, ops)} for start, end in longest
+        ],
+    }
+
+
+def _overlapping(start: float, end: float, ops: list[tuple[float, float, str]], top: int = 3) -> list:
+    """The `top` host operations that overlapped (start, end) most: [name, overlap ms]."""
+    overlap: dict[str, float] = {}
+    for op_start, op_end, name in ops:
+        shared = min(end, op_end) - max(start, op_start)
+        if shared > 0:
+            overlap[name] = overlap.get(name, 0.0) + shared
+    ranked = sorted(overlap.items(), key=lambda item: -item[1])[:top]
+    return [[name, round(us / 1000, 2)] for name, us in ranked]
 
 
 class UtilisationSampler:
