@@ -225,7 +225,9 @@ def test_run_options_hand_copies_and_logging_interval_to_the_stage_settings(
     create = run_module.create_training_config
     monkeypatch.setattr(run_module, "create_training_config", lambda s: seen.append(s) or create(s))
     recipe = RECIPES["r1-llm-only"]
-    opts = tiny_run_options(tiny_model_dir, tiny_data_dir, tmp_path, non_blocking_copies=False, logging_steps=3)
+    opts = tiny_run_options(
+        tiny_model_dir, tiny_data_dir, tmp_path, non_blocking_copies=False, logging_steps=3
+    )
     prepare_stage(recipe.name, recipe, str(tiny_model_dir), opts, tmp_path)
     assert [(s.non_blocking_copies, s.logging_steps) for s in seen] == [(False, 3)]
     assert seen[0].logging_steps != StageSettings.logging_steps  # not the default passing through

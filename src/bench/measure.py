@@ -307,7 +307,8 @@ def idle_gaps(kernels: list[tuple[float, float]], ops: list[tuple[float, float, 
         "long_count": len(long_gaps),
         "short_ms": round(sum(end - start for start, end in gaps if end - start < LONG_GAP_US) / 1000, 2),
         "longest": [
-            {"ms": round((end - start) / 1000, 2), "host": _overlapping(start, end, ops)} for start, end in longest
+            {"ms": round((end - start) / 1000, 2), "host": _overlapping(start, end, ops)}
+            for start, end in longest
         ],
     }
 

@@ -133,7 +133,12 @@ class ProgressCallback:
     def step_done(self, step: int, total: int) -> None:
         """A step whose loss is not read back: its progress line alone (no host sync)."""
         progress.emit(
-            "step", recipe=self.recipe, stage=self.stage, step=step, total=total, gpu_mem_gib=_gpu_memory_gib()
+            "step",
+            recipe=self.recipe,
+            stage=self.stage,
+            step=step,
+            total=total,
+            gpu_mem_gib=_gpu_memory_gib(),
         )
 
     def record(self, step: int, total: int, logs: dict) -> None:
