@@ -274,6 +274,7 @@ def _train_flags(args: argparse.Namespace) -> TrainFlags:
         max_pixels=args.max_pixels,
         image_root=args.image_root,
         save_steps=args.save_steps,
+        logging_steps=args.logging_steps,
         eval_samples=args.eval_samples,
         recipes_file=str(Path(args.recipes_file).resolve()) if args.recipes_file else None,
         skip_bad_records=args.skip_bad_records,

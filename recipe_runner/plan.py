@@ -55,6 +55,7 @@ class TrainFlags:
     min_pixels: int | None = None  # image resize limits
     max_pixels: int | None = None
     save_steps: int | None = None
+    logging_steps: int | None = None
     eval_samples: int | None = None
     recipes_file: str | None = None  # absolute path: the workers add the same recipes the launcher did
     skip_bad_records: bool = False

@@ -35,6 +35,7 @@ def assert_nothing_happened(host) -> None:
         (["--recipes", "r1", "--gpus-per-recipe", "0"], "--gpus-per-recipe 0: must be at least 1"),
         (["--recipes", "r1", "--max-steps", "0"], "--max-steps 0: must be at least 1, or -1"),
         (["--recipes", "r1", "--learning-rate", "3"], "--learning-rate 3.0: must be between 0 and 1"),
+        (["--recipes", "r1", "--logging-steps", "0"], "--logging-steps 0: must be at least 1"),
         (["train", "--recipes", "r1"], "unknown subcommand 'train'; choose from launch, plan"),
         (["plan", "--recipes", "r1", "--bogus"], "unrecognized arguments: --bogus"),
     ],

@@ -81,6 +81,9 @@ def test_job_argv_passes_training_flags_through_and_names_the_output_dir() -> No
     )
     assert job.log_path == LAUNCH / "logs" / "r1-llm-only.log"
     assert "--gpu" not in job.argv and "--cpu" not in job.argv  # the device comes through the env
+    (job,) = plan_jobs(["r1-llm-only"], LAUNCH, TrainFlags(logging_steps=5, save_steps=0), WORKER)
+    assert job.argv[job.argv.index("--logging-steps") + 1] == "5"
+    assert job.argv[job.argv.index("--save-steps") + 1] == "0"
 
 
 def test_gpu_job_gets_its_device_by_uuid_and_the_multicast_switches() -> None:
