@@ -1,8 +1,9 @@
 """Activation offloading (src/training/offload.py) on the tiny model with recompute on: every tensor a
 training forward saves for backward makes the round trip through the hooks (on the CPU, "cpu" is added
-to the devices, so the round trip is a copy) and no loss or gradient changes; evaluation forwards and
-anything after the forward are left alone. On a GPU (marked `gpu`): the saved tensors wait in pinned host
-memory and the step's peak GPU memory falls."""
+to the devices, so the round trip is a copy), backward's unpacks copy the next tensor back ahead
+(prefetch), and no loss or gradient changes; evaluation forwards and anything after the forward are
+left alone. On a GPU (marked `gpu`), with the copies on a side stream and on the compute stream: the
+saved tensors wait in pinned host memory and the step's peak GPU memory falls."""
 
 import pytest
 import torch
@@ -34,6 +35,7 @@ def test_saved_tensors_round_trip_and_nothing_changes(tiny_model_dir, tiny_data_
     offloaded_loss, offloaded_grads = loss_and_grads(model, batch)
     layers = model.config.text_config.num_hidden_layers + model.config.vision_config.depth
     assert offload.offloaded >= layers  # at least each checkpointed block's input
+    assert offload.prefetched >= layers - 1  # each block's input was copied back while the one after ran
     assert offloaded_loss == loss and offloaded_grads.keys() == grads.keys() and grads
     for name, grad in grads.items():
         torch.testing.assert_close(offloaded_grads[name], grad, msg=name)
@@ -58,7 +60,8 @@ def test_evaluation_forwards_and_what_follows_a_forward_are_left_alone(tiny_mode
 
 
 @pytest.mark.gpu
-def test_on_cuda_saved_tensors_wait_on_the_host_and_the_peak_falls(tiny_model_dir, tiny_data_dir):
+@pytest.mark.parametrize("streams", [True, False])
+def test_on_cuda_saved_tensors_wait_on_the_host_and_the_peak_falls(tiny_model_dir, tiny_data_dir, streams):
     model = _model(tiny_model_dir, "cuda")
     batch = tiny_batch(tiny_model_dir, tiny_data_dir, "cuda")
 
@@ -71,9 +74,9 @@ def test_on_cuda_saved_tensors_wait_on_the_host_and_the_peak_falls(tiny_model_di
         return result, torch.cuda.max_memory_allocated() - base
 
     (loss, grads), peak = peak_step()
-    offload = offload_activations(model, ActivationOffload(min_bytes=0))
+    offload = offload_activations(model, ActivationOffload(min_bytes=0, streams=streams))
     (offloaded_loss, offloaded_grads), offloaded_peak = peak_step()
-    assert offload.offloaded > 0 and offload.offloaded_bytes > 0
+    assert offload.offloaded > 0 and offload.offloaded_bytes > 0 and offload.prefetched > 0
     assert offloaded_peak < peak
     assert offloaded_loss == pytest.approx(loss, rel=1e-3)
     for name, grad in grads.items():

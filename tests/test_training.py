@@ -257,3 +257,16 @@ def test_a_gpu_worker_collates_with_four_loader_processes_unless_its_cores_are_f
     cpu = create_training_config(StageSettings(output_dir=str(tmp_path), learning_rate=1e-3, device="cpu"))
     assert (gpu.dataloader_num_workers, cpu.dataloader_num_workers) == (workers, 0)
     assert gpu.dataloader_persistent_workers and gpu.dataloader_prefetch_factor == 2
+
+
+def test_a_fault_fires_at_its_step_when_that_step_is_not_logged(
+    monkeypatch, tiny_model_dir, tiny_data_dir, tmp_path
+):
+    """The reliability tests' hook (FAULT_ENV) must not depend on the logging interval."""
+    monkeypatch.setenv(run_module.FAULT_ENV, "r2-vision-only:2")
+    opts = tiny_run_options(
+        tiny_model_dir, tiny_data_dir, tmp_path, logging_steps=5
+    )  # 3 steps: logs only the 3rd
+    with pytest.raises(RuntimeError, match="injected fault at r2-vision-only step 2"):
+        run_recipe(RECIPES["r2-vision-only"], opts)
+    assert not (tmp_path / "loss_history.jsonl").exists()  # step 2 ended unlogged, and nothing came after

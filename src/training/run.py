@@ -31,7 +31,7 @@ from src.utils.gpu import is_main_process, rank, world_size
 
 log = logging.getLogger(__name__)
 STAGE_MARKER = "recipe_stage.json"  # written beside a merged stage-1 model, checked by --checkpoint
-# Testing hook for the reliability tests: "STAGE:STEP" raises after that step is logged,
+# Testing hook for the reliability tests: "STAGE:STEP" raises after that step (after its log, if logged),
 # "STAGE:STEP:kill" SIGKILLs the worker there (a hard crash: no status update, no cleanup),
 # "STAGE:STEP:oom" raises CUDA's out-of-memory error (exit 3). FAULT_RANK_ENV=N limits it to rank N.
 FAULT_ENV = "RECIPE_RUNNER_FAULT_AT"
@@ -118,8 +118,11 @@ class ProgressCallback:
             def on_step_end(self, args, state, control, **kwargs):
                 if state.global_step >= state.max_steps:  # the final loss, whatever the interval
                     control.should_log = True
-                if not control.should_log and state.is_world_process_zero:  # progress, without the loss
+                if control.should_log:
+                    return  # on_log reports the step, with its loss
+                if state.is_world_process_zero:
                     outer.step_done(state.global_step, state.max_steps)
+                inject_fault(outer.stage, state.global_step)
 
             def on_log(self, args, state, control, logs=None, **kwargs):
                 if not logs or "loss" not in logs:
