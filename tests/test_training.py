@@ -264,9 +264,8 @@ def test_a_fault_fires_at_its_step_when_that_step_is_not_logged(
 ):
     """The reliability tests' hook (FAULT_ENV) must not depend on the logging interval."""
     monkeypatch.setenv(run_module.FAULT_ENV, "r2-vision-only:2")
-    opts = tiny_run_options(
-        tiny_model_dir, tiny_data_dir, tmp_path, logging_steps=5
-    )  # 3 steps: logs only the 3rd
+    # 3 steps, logged every 5: only the last step is logged
+    opts = tiny_run_options(tiny_model_dir, tiny_data_dir, tmp_path, logging_steps=5)
     with pytest.raises(RuntimeError, match="injected fault at r2-vision-only step 2"):
         run_recipe(RECIPES["r2-vision-only"], opts)
     assert not (tmp_path / "loss_history.jsonl").exists()  # step 2 ended unlogged, and nothing came after
