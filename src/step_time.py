@@ -26,13 +26,16 @@ from src.recipes import TrainingRecipe
 LAUNCH_S_PER_REGION = 0.31 / 60  # per decoder layer or vision block, forward + backward, one micro-batch
 EFFECTIVE_TFLOPS = 350.0  # the marginal rate of a 7B r4 sample on an H200 (44% of the measured 790 peak)
 RECOMPUTE_FACTOR = 1.67  # a step with gradient checkpointing against one without, same micro-batch
-# Regional compilation fuses each layer's small kernels: it cuts the launch term. Measured on one H200 (7B
-# r4, 8 x 2, two pairs of rows in one bench run): 0.04 and 0.19 s saved a step, i.e. the launch term times
-# about 0.82 on average. Compile time (126 s cold) is not in a step: the worker's --compile auto weighs it.
-# Since the vision blocks compile whole (src/models/vision_attention.py), compiling saved more: 19% of a
-# 7B r4 step at 8 x 2 (1.201 -> 0.974 s, 2026-11-30). The ranking this factor gives is unchanged (the
-# compiled setting first), so it is not refitted on one pair of rows; predicted times stay high.
-COMPILE_LAUNCH_FACTOR = 0.82
+# Regional compilation fuses each layer's small kernels and the elementwise work around the GEMMs: both
+# terms shrink. Refitted 2026-12-01 (seventh session) on the compiled rows measured on H200s, 16 samples a
+# step (docs/benchmarks.md; tests/test_planner.py lists them): 7B r1, r2, r4 at 16x1, r4 at 8x2, r4 with
+# recompute at 16x1 and 4x4; 2B r1, r2, r3, r4 at 16x1. A launch term of 0.58 x the eager one and 465
+# TFLOP/s put every row within 26%, where the eager constants above predicted the 7B rows up to 73% high.
+# One rate cannot fit both shapes closer: 2B runs at a lower share of the peak (smaller GEMMs), so its rows
+# come out 2-25% low and 7B's up to 26% high. Compile time (126 s cold) is not in a step: the worker's
+# --compile auto weighs it.
+COMPILE_LAUNCH_FACTOR = 0.58
+COMPILED_EFFECTIVE_TFLOPS = 465.0
 OPTIMIZER_S = 0.01  # fused AdamW over the adapters, once per optimizer step
 # --compile auto compiles on a GPU only for stages at least this long (optimizer steps). Measured on H200s,
 # 16 samples a step (docs/benchmarks.md, 2026-11-30 fourth session): against the bare loop compiling saved
@@ -94,11 +97,10 @@ def predict_step_seconds(
     stages = recipe.stages or (recipe,)
     regions = shape.layers + shape.vision_depth
     launch = regions * LAUNCH_S_PER_REGION * (COMPILE_LAUNCH_FACTOR if compiled else 1.0)
+    rate = (COMPILED_EFFECTIVE_TFLOPS if compiled else EFFECTIVE_TFLOPS) * 1e12
     total = 0.0
     for stage in stages:
-        compute = (
-            micro_batch * sample_flops(shape, stage, image_patches, text_tokens) / (EFFECTIVE_TFLOPS * 1e12)
-        )
+        compute = micro_batch * sample_flops(shape, stage, image_patches, text_tokens) / rate
         micro = (launch + compute) * (RECOMPUTE_FACTOR if checkpointing else 1.0)
         total += grad_accum * micro + OPTIMIZER_S
     return total / len(stages)

@@ -173,6 +173,31 @@ def test_step_time_grows_with_recompute_and_accumulation_and_shrinks_when_compil
     assert abs(step(micro=16, accum=1, ckpt=True) - 1.853) / 1.853 < 0.10
 
 
+# Compiled steps measured on H200s, 16 samples a step (docs/benchmarks.md, 2026-11-30 to 2026-12-01):
+# (shape, recipe, micro-batch, accumulation, recompute, seconds).
+COMPILED_STEPS = (
+    ("7b", "r1-llm-only", 16, 1, False, 0.5695),
+    ("7b", "r2-vision-only", 16, 1, False, 0.726),
+    ("7b", "r2-vision-only", 16, 1, False, 0.7563),
+    ("7b", "r4-joint", 16, 1, False, 0.876),
+    ("7b", "r4-joint", 8, 2, False, 0.974),
+    ("7b", "r4-joint", 16, 1, True, 1.302),
+    ("7b", "r4-joint", 4, 4, True, 1.778),
+    ("2b", "r1-llm-only", 16, 1, False, 0.3718),
+    ("2b", "r2-vision-only", 16, 1, False, 0.533),
+    ("2b", "r3-two-stage", 16, 1, False, (0.5647 + 0.3811) / 2),  # a chain: the mean of its stages
+    ("2b", "r4-joint", 16, 1, False, 0.605),
+)
+
+
+def test_compiled_step_times_are_predicted_within_a_quarter_of_what_was_measured():
+    for shape, recipe, micro, accum, ckpt, measured in COMPILED_STEPS:
+        predicted = predict_step_seconds(
+            published_shape(shape), RECIPES[recipe], micro, accum, PATCHES_644x476, 88, ckpt, compiled=True
+        )
+        assert abs(predicted - measured) / measured < 0.27, (shape, recipe, micro, ckpt, predicted, measured)
+
+
 def test_the_fastest_fitting_setting_comes_first():
     shape, r4 = published_shape("7b"), RECIPES["r4-joint"]
     ranked = rank_settings(shape, r4, 16, 140 * GIB, PATCHES_644x476, 88)
