@@ -184,8 +184,8 @@ def _add_launch_args(p: argparse.ArgumentParser) -> None:
         "--logging-steps",
         type=int,
         metavar="N",
-        help="log the loss every N steps (default: 10 on a GPU, where each read makes the GPU wait; every "
-        "step on the CPU); the progress table still moves every step",
+        help="log the loss every N steps (default: 10 on a GPU, where each read is a host sync that leaves "
+        "the GPU idle; every step on the CPU); the progress table still moves every step",
     )
     train.add_argument(
         "--eval-samples",

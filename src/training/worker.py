@@ -166,8 +166,8 @@ def build_parser(recipe_required: bool = True, prog: str = "train_recipe.py") ->
         default=None,
         metavar="N",
         help="read the loss back and log it every N optimizer steps, and at the last step (default: every "
-        "step on the CPU, every 10 on a GPU, where each read makes the GPU wait for the host; every step "
-        "still shows its progress)",
+        "step on the CPU, every 10 on a GPU, where each read is a host sync that leaves the GPU idle; every "
+        "step still shows its progress)",
     )
     arg(
         "--resume",
