@@ -133,8 +133,9 @@ class ProgressCallback:
 
         return _Callback()
 
-    def step_done(self, step: int, total: int) -> None:
-        """A step whose loss is not read back: its progress line alone (no host sync)."""
+    def step_done(self, step: int, total: int, **logged) -> None:
+        """A step's progress line; `logged` adds what a logged step read back (loss, lr, ...). Without it
+        nothing is read from the GPU."""
         progress.emit(
             "step",
             recipe=self.recipe,
@@ -142,22 +143,21 @@ class ProgressCallback:
             step=step,
             total=total,
             gpu_mem_gib=_gpu_memory_gib(),
+            **logged,
         )
 
     def record(self, step: int, total: int, logs: dict) -> None:
         loss = float(logs["loss"])
         self.final_loss = loss
-        row = {
+        logged = {
             "time": round(time.time(), 3),
-            "stage": self.stage,
-            "step": step,
             "loss": loss,
             "lr": logs.get("learning_rate"),
             "epoch": logs.get("epoch"),
         }
         with self.history.open("a") as handle:
-            handle.write(json.dumps(row) + "\n")
-        progress.emit("step", recipe=self.recipe, total=total, gpu_mem_gib=_gpu_memory_gib(), **row)
+            handle.write(json.dumps({"stage": self.stage, "step": step, **logged}) + "\n")
+        self.step_done(step, total, **logged)
         log.info("[%s] step %d/%d loss %.4f", self.stage, step, total, loss)
 
 
