@@ -270,6 +270,7 @@ def _train_flags(args: argparse.Namespace) -> TrainFlags:
         gradient_checkpointing=args.gradient_checkpointing,
         compile=args.compile,
         dequantize_once=args.dequantize_once,
+        offload_activations=args.offload_activations,
         min_pixels=args.min_pixels,
         max_pixels=args.max_pixels,
         image_root=args.image_root,

@@ -23,6 +23,7 @@ from recipe_runner.plan import (
     sweep_points,
 )
 from src.recipes import recipes_file_problems
+from src.training.offload import flag_problems as offload_flag_problems
 from src.utils.args import int_or_auto
 
 COMMANDS = ("launch", "plan", "list", "gpus", "demo", "report", "resume", "eval", "bench", "export")
@@ -173,6 +174,12 @@ def _add_launch_args(p: argparse.ArgumentParser) -> None:
         choices=["auto", "on", "off"],
         help="QLoRA stages: keep bf16 copies of the 4-bit weights, dequantized once (faster, more memory; "
         "auto: where they fit; off: the smallest memory)",
+    )
+    train.add_argument(
+        "--offload-activations",
+        action="store_true",
+        help="recompute on, and the blocks' saved inputs wait in host memory: the least GPU memory at a "
+        "larger micro-batch (7B r4, 8x2 compiled: 17.9 GiB, 1.42 s a step; not offloaded 19.7 GiB, 1.32 s)",
     )
     train.add_argument(
         "--skip-bad-records", action="store_true", help="drop invalid records instead of failing"
@@ -445,6 +452,9 @@ def validate_launch(args: argparse.Namespace) -> list[str]:
     if args.recipes and not any("--recipes" in p for p in problems):
         problems += lora_problems(args)
     problems += _range_problems(args)
+    problems += offload_flag_problems(
+        getattr(args, "offload_activations", False), getattr(args, "gradient_checkpointing", None)
+    )
     return problems
 
 

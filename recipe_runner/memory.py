@@ -50,6 +50,7 @@ class MemoryPlan:
     train_s: float = 0.0  # every step of every stage (set by the launcher, which knows the steps)
     why: str = ""  # how the setting was chosen, for `plan`
     compiled: bool = False  # the worker will torch.compile (src.step_time.compile_chosen)
+    offloaded: bool = False  # recompute's block inputs wait in host memory (--offload-activations)
 
     @property
     def fits(self) -> bool:
@@ -61,7 +62,7 @@ class MemoryPlan:
             f"predicted peak {self.predicted_gib:.1f} GiB of {self.capacity_gib:.1f} GiB: {verdict} "
             f"(micro-batch {self.batch_size} x accumulation {self.grad_accum}, "
             f"gradient checkpointing {'on' if self.checkpointing else 'off'}"
-            f"{', compiled' if self.compiled else ''}); "
+            f"{', compiled' if self.compiled else ''}{', offloaded' if self.offloaded else ''}); "
             f"about {self.predicted_step_s:.2f} s a step{self.why}"
         )
 
@@ -153,6 +154,7 @@ def plan_memory(
     checkpointing: str,
     samples_per_step: int = AUTO_EFFECTIVE_BATCH,
     compiled: bool = False,
+    offloaded: bool = False,
 ) -> MemoryPlan | None:
     """The plan for one recipe (one rank of it) on a GPU of `capacity_mib`; None when --batch-size auto
     finds no fit.
@@ -160,7 +162,8 @@ def plan_memory(
     `checkpointing` is the flag: "on", "off", or "auto" (off when the activations fit, as the
     worker decides). `batch_size` "auto" picks, of every micro-batch x accumulation x recompute setting
     of `samples_per_step`, the one the planner's cost model predicts fastest among those that fit.
-    `compiled`: whether the worker will compile, which the step times count.
+    `compiled`: whether the worker will compile, which the step times count. `offloaded`: the worker
+    offloads what recompute keeps (`checkpointing` is then "on"), which memory and step times count.
     """
     capacity = capacity_mib * 2**20
     sizes = (shape, recipe)
@@ -175,6 +178,7 @@ def plan_memory(
             headroom=HEADROOM,
             checkpointing_choices=choices,
             compile_choices=(compiled,),
+            offloaded=offloaded,
         )
         best = ranked[0]
         if not best.fits:
@@ -182,20 +186,21 @@ def plan_memory(
         others = [c for c in ranked[1:3] if c.fits]
         why = "; fastest that fits, before " + ", ".join(c.describe() for c in others) if others else ""
         setting = (best.micro_batch, best.grad_accum, best.checkpointing)
-        return _plan(recipe, shape, workload, capacity_mib, *setting, compiled, why)
+        return _plan(recipe, shape, workload, capacity_mib, *setting, compiled, offloaded, why)
     if checkpointing == "auto":
         ckpt = choose_checkpointing(*sizes, batch_size, capacity, *work, HEADROOM, compiled=compiled)
     else:
         ckpt = checkpointing == "on"
-    return _plan(recipe, shape, workload, capacity_mib, batch_size, grad_accum, ckpt, compiled)
+    return _plan(recipe, shape, workload, capacity_mib, batch_size, grad_accum, ckpt, compiled, offloaded)
 
 
 def _plan(
-    recipe, shape, workload, capacity_mib, batch_size, grad_accum, checkpointing, compiled, why=""
+    recipe, shape, workload, capacity_mib, batch_size, grad_accum, checkpointing, compiled, offloaded, why=""
 ) -> MemoryPlan:
     work = (workload.patches, workload.text_tokens)
-    estimate = estimate_recipe_memory(shape, recipe, batch_size, *work, checkpointing, compiled=compiled)
-    seconds = predict_step_seconds(shape, recipe, batch_size, grad_accum, *work, checkpointing, compiled)
+    how = {"compiled": compiled, "offloaded": offloaded}
+    estimate = estimate_recipe_memory(shape, recipe, batch_size, *work, checkpointing, **how)
+    seconds = predict_step_seconds(shape, recipe, batch_size, grad_accum, *work, checkpointing, **how)
     return MemoryPlan(
         recipe.name,
         batch_size,
@@ -206,4 +211,5 @@ def _plan(
         round(seconds, 3),
         why=why,
         compiled=compiled,
+        offloaded=offloaded and checkpointing,
     )

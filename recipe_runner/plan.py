@@ -51,6 +51,7 @@ class TrainFlags:
     gradient_checkpointing: str | None = None  # "auto" | "on" | "off"
     compile: str | None = None  # "auto" | "on" | "off"
     dequantize_once: str | None = None  # "auto" | "on" | "off"
+    offload_activations: bool = False  # recompute on, block inputs in host memory
     image_root: str | None = None  # where the data set's images are, when not found beside it
     min_pixels: int | None = None  # image resize limits
     max_pixels: int | None = None

@@ -79,14 +79,17 @@ def _size_row(request: LaunchRequest, recipe, inputs, batch: int | str, gib: flo
     best = plan_recipe(auto, recipe, inputs, mib)
     peak, fits = "-", best is not None
     if plan is not None:
-        peak = f"{plan.predicted_gib:.1f} GiB (recompute {'on' if plan.checkpointing else 'off'})"
+        peak = f"{plan.predicted_gib:.1f} GiB (recompute {_recompute(plan)})"
         fits = plan.fits
     choice = "nothing fits, even micro-batch 1 with recompute"
     if best is not None:
-        recompute = "on" if best.checkpointing else "off"
-        choice = f"{best.batch_size} x {best.grad_accum}, recompute {recompute}, {best.predicted_gib:.1f} GiB"
-        choice += f", ~{best.predicted_step_s:.2f} s a step"
+        choice = f"{best.batch_size} x {best.grad_accum}, recompute {_recompute(best)}, "
+        choice += f"{best.predicted_gib:.1f} GiB, ~{best.predicted_step_s:.2f} s a step"
     return (recipe.name, f"{gib:g} GiB", peak, "fits" if fits else "does not fit", choice)
+
+
+def _recompute(plan) -> str:
+    return "on, offloaded" if plan.offloaded else "on" if plan.checkpointing else "off"
 
 
 def print_rows(rows: Sequence[Sequence[str]]) -> None:

@@ -9,7 +9,7 @@
 #                                                  step7b step2b compile7b varlen7b varlen2b
 #                                                  compilevar7b cands7b final7b final2b r1c2b offload7b
 #                                                  fit7b q2b q7b off7b attn7b r12c7b hp7b r3p7b eager7b
-#                                                  quiet7b mem7b r13q7b mem8 r24q7b
+#                                                  quiet7b mem7b r13q7b mem8 r24q7b low7b
 #
 # The placement runs (issue "use every GPU"): r1-r4 queued one at a time on one GPU (queue1: --pack off),
 # packed on one GPU (pack1) and on two (pack2), all 7B, STEPS steps (60 for the issue's figures), batch 4,
@@ -99,9 +99,9 @@ for part in "$@"; do
     final7b)  # r4 compiled at lean's memory (the 18 GiB target), then r2 compiled against its bare loop (~6 min)
       step_bench lean7b --shape 7b --recipes r4 --variants lean+compile
       step_bench r2c7b --shape 7b --recipes r2 --variants plain,fast+compile ;;
-    final2b)  # 2B r1, r2, r3, r4 compiled against the bare loop (~7 min; ran without r3 on 2026-11-30)
+    final2b)  # 2B r1, r2, r3, r4 compiled against the bare loop (~7 min)
       step_bench c2b --shape 2b --recipes r1,r2,r3,r4 --variants plain,fast+compile ;;
-    r24q7b)  # not yet run: 7B r2 and r4 compiled against the bare loop, with this session's defaults (~8 min)
+    r24q7b)  # 7B r2 and r4 compiled against the bare loop, with this session's defaults (~8 min)
       step_bench r24q7b --shape 7b --recipes r2,r4 --variants plain,fast+compile ;;
     r1c2b)  # 2B r1 (QLoRA) compiled with and without its 4-bit decoder layers (~3 min)
       step_bench r1c2b --shape 2b --recipes r1 --variants plain,fast+compile,fast+compile4bit ;;
@@ -131,10 +131,17 @@ for part in "$@"; do
       # run 2026-12-01 as fast+compile and fast+compile+quiet, the names of then)
       step_bench quiet7b --shape 7b --recipes r1 --variants fast+compile-log1,fast+compile \
         --profile fast+compile-log1,fast+compile ;;
-    mem8)  # not yet run: the 18 GiB target at 8x2 (recompute on, compiled): offloading's GPU tests, then 7B r4
+    mem8)  # the 18 GiB target at 8x2 (recompute on, compiled): offloading's GPU tests, then 7B r4
       # offloaded (copies on a side stream, prefetched) and not offloaded (~7 min)
-      python3 -m pytest tests/test_offload.py -m gpu -q -p no:cacheprovider 2>&1 | tee "$out/offloadtests.log"
+      python3 -m pytest tests/test_offload.py -m gpu -q -p no:cacheprovider 2>&1 | tee "$out/offloadtests.log" || true
       step_bench mem8 --shape 7b --recipes r4 --variants lean+offload+compile,lean+compile --lean-micro-batch 8 ;;
+    low7b)  # the low-memory settings through `recipe-run` (run `setup` first, SHAPES=7b): offloading's GPU
+      # tests, 7B r4 at 8x2 offloaded and compiled, then r1 at its smallest setting (~8 min)
+      python3 -m pytest tests/test_offload.py -m gpu -q -p no:cacheprovider 2>&1 | tee "$out/offloadtests.log" || true
+      launch off8 --recipes r4 --gpus 0 --model-id "$work/7b" "${common[@]}" --skip-eval --batch-size 8 \
+        --grad-accum 2 --compile on --offload-activations --max-steps 12
+      launch r1small --recipes r1 --gpus 0 --model-id "$work/7b" "${common[@]}" --skip-eval --batch-size 1 \
+        --grad-accum 16 --gradient-checkpointing on --dequantize-once off --max-steps 5 ;;
     r13q7b)  # 7B r3 as a chain and r1, compiled (loss read every 10 steps), against the bare loop, profiled (~8 min)
       step_bench r13q7b --shape 7b --recipes r3,r1 --variants plain,fast+compile --profile fast+compile ;;
     mem7b)  # the 18 GiB target: 7B r4 compiled with recompute at 4x4, then at 8x2 offloaded (~6 min)

@@ -37,6 +37,9 @@ RECOMPUTE_FACTOR = 1.67  # a step with gradient checkpointing against one withou
 COMPILE_LAUNCH_FACTOR = 0.58
 COMPILED_EFFECTIVE_TFLOPS = 465.0
 OPTIMIZER_S = 0.01  # fused AdamW over the adapters, once per optimizer step
+# Activation offloading (with recompute): the copies run on a side stream, yet the step slowed by this
+# factor, measured once (7B r4, 8x2, compiled, H200, 2026-12-01 eighth session: 1.4174 s against 1.3200).
+OFFLOAD_STEP_FACTOR = 1.074
 # --compile auto compiles on a GPU only for stages at least this long (optimizer steps). Measured on H200s,
 # 16 samples a step (docs/benchmarks.md, 2026-11-30 fourth session): against the bare loop compiling saved
 # 0.19-0.32 s a step (2B and 7B, r2 and r4) for 40-110 s on the first step, repaid within 500 steps.
@@ -89,10 +92,12 @@ def predict_step_seconds(
     text_tokens: int,
     checkpointing: bool,
     compiled: bool = False,
+    offloaded: bool = False,
 ) -> float:
     """Predicted seconds of one optimizer step on the card the constants were fitted on (see above).
 
-    A chain's stages run one after the other: its step is the mean of its stages' steps.
+    A chain's stages run one after the other: its step is the mean of its stages' steps. `offloaded`
+    counts only with recompute, as the worker offloads only then.
     """
     stages = recipe.stages or (recipe,)
     regions = shape.layers + shape.vision_depth
@@ -103,7 +108,7 @@ def predict_step_seconds(
         compute = micro_batch * sample_flops(shape, stage, image_patches, text_tokens) / rate
         micro = (launch + compute) * (RECOMPUTE_FACTOR if checkpointing else 1.0)
         total += grad_accum * micro + OPTIMIZER_S
-    return total / len(stages)
+    return total / len(stages) * (OFFLOAD_STEP_FACTOR if offloaded and checkpointing else 1.0)
 
 
 @dataclass(frozen=True)
@@ -138,16 +143,25 @@ def rank_settings(
     headroom: float = HEADROOM,
     checkpointing_choices: tuple[bool, ...] = (False, True),
     compile_choices: tuple[bool, ...] = (False,),
+    offloaded: bool = False,
 ) -> list[Candidate]:
     """Every micro-batch x accumulation x recompute x compile setting of `samples_per_step`, fitting ones
-    first and each group fastest first: the head of the list is the setting to run."""
+    first and each group fastest first: the head of the list is the setting to run. `offloaded`: the
+    settings with recompute offload its blocks' inputs."""
     budget = headroom * capacity_bytes
     found = []
     for micro in (d for d in range(1, samples_per_step + 1) if samples_per_step % d == 0):
         for ckpt in checkpointing_choices:
             for compiled in compile_choices:
                 peak = estimate_recipe_memory(
-                    shape, recipe, micro, image_patches, text_tokens, ckpt, compiled=compiled
+                    shape,
+                    recipe,
+                    micro,
+                    image_patches,
+                    text_tokens,
+                    ckpt,
+                    compiled=compiled,
+                    offloaded=offloaded,
                 ).total
                 seconds = predict_step_seconds(
                     shape,
@@ -158,6 +172,7 @@ def rank_settings(
                     text_tokens,
                     ckpt,
                     compiled,
+                    offloaded,
                 )
                 found.append(
                     Candidate(

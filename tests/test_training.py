@@ -243,6 +243,22 @@ def test_the_loss_is_read_back_every_step_on_the_cpu_and_every_ten_on_gpus(tmp_p
     assert resolved("cuda", 1) == 1 and resolved("cpu", 5) == 5  # as asked
 
 
+def test_offloading_turns_recompute_on_unless_asked_otherwise(tmp_path):
+    """Offloading moves the block inputs recompute keeps: "auto" becomes on, on the CPU and on a GPU alike,
+    without asking the planner."""
+    from src.training.run import RunOptions, resolve_checkpointing
+
+    def resolved(device, offload, asked=None):
+        opts = RunOptions(
+            "m", "d", tmp_path, device=device, offload_activations=offload, gradient_checkpointing=asked
+        )
+        return resolve_checkpointing(RECIPES["r4-joint"], opts, planner_inputs=lambda: pytest.fail("asked"))
+
+    assert resolved("cpu", True) is True and resolved("cuda", True) is True
+    assert resolved("cpu", False) is None  # the CPU's own rule (off), as before
+    assert resolved("cuda", True, asked=True) is True
+
+
 @pytest.mark.parametrize("cores, workers", [(16, 4), (4, 2)])
 def test_a_gpu_worker_collates_with_four_loader_processes_unless_its_cores_are_few(
     monkeypatch, tmp_path, cores, workers

@@ -114,6 +114,17 @@ def test_bad_input_exits_2_with_one_clear_message_and_writes_nothing(
     assert not out.exists()
 
 
+def test_offloading_without_recompute_is_refused(tiny_model_dir, tiny_data_dir, tmp_path):
+    out = tmp_path / "out"
+    common = _common(tiny_model_dir, tiny_data_dir, out)
+    done = _worker(
+        "--recipe", "r4", "--no-wandb", *common, "--offload-activations", "--gradient-checkpointing", "off"
+    )
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "--offload-activations with --gradient-checkpointing off" in done.stderr
+    assert not out.exists()
+
+
 def test_non_empty_output_dir_is_refused(tiny_model_dir, tiny_data_dir, tmp_path):
     out = tmp_path / "used"
     out.mkdir()

@@ -405,7 +405,7 @@ def bench_one(target: Target, stage, variant: str, setting: Setting | None, args
         "gpu_idle_share": measured.idle_share,
         "tried": measured.tried,
         "wall_s": round(time.monotonic() - started, 1),
-        **_predicted_and_flops(target, stage, setting, step_s, n, env),
+        **_predicted_and_flops(target, stage, variant, setting, step_s, n, env),
     }
     release_gpu_memory()
     return row
@@ -528,7 +528,9 @@ def _run_plain(target: Target, stage, variant: str, args, device) -> Measured:
     raise SkipRow(f"no setting of the bare loop fits (tried {', '.join(tried)})")
 
 
-def _predicted_and_flops(target: Target, stage, setting: Setting, step_s, samples_per_step: int, env) -> dict:
+def _predicted_and_flops(
+    target: Target, stage, variant, setting: Setting, step_s, samples_per_step, env
+) -> dict:
     """The planner's peak for this row's micro-batch, and the model FLOPs of a step behind MFU."""
     from src.bench.measure import step_flops
     from src.planner import estimate_stage_memory
@@ -544,6 +546,7 @@ def _predicted_and_flops(target: Target, stage, setting: Setting, step_s, sample
         text,
         setting.checkpointing,
         compiled=setting.compile,
+        offloaded=VARIANTS.get(variant, {}).get("offload_activations", False),
     )
     flops = step_flops(target.flop_shape, stage, samples_per_step, patches, text, stats["labels"])
     return {

@@ -23,11 +23,15 @@ The copies run on a side stream, so they overlap the compute instead of queueing
   starts the copy back of the tensor packed just before it (a prefetch, one tensor ahead), so that copy
   runs while the compute stream works on this one; the compute stream waits for the side stream only
   when it needs the tensor.
-`streams=False` keeps every copy on the compute stream (the first version's way), for comparison.
+`streams=False` is the first version's way, for comparison: every copy on the compute stream and no
+prefetch (on one stream a prefetch overlaps nothing and only holds two device copies at once; on a GPU
+it raised the tiny model's peak above the unoffloaded one).
 
-Not yet measured on a GPU (RunOptions.offload_activations, off by default; the bench's `lean+offload`
-rows; the GPU part `mem8`). The CPU tests check that the hooks engage only for training forwards,
-that prefetching engages, and that no gradient changes.
+Measured on an H200 (docs/benchmarks.md, 2026-12-01 eighth session), 7B r4, 8 x 2, recompute on,
+compiled: 17.93 GiB and 1.417 s a step offloaded, against 19.70 GiB and 1.320 s not offloaded and 18.1
+GiB and 1.778 s at 4 x 4 (the lowest setting without offloading). Switched on by `--offload-activations`
+(worker and `recipe-run`; it implies recompute). The CPU tests check that the hooks engage only for
+training forwards, that prefetching engages, and that no gradient changes.
 """
 
 from __future__ import annotations
@@ -37,6 +41,17 @@ import logging
 log = logging.getLogger(__name__)
 
 OFFLOAD_MIN_BYTES = 1 << 20  # below 1 MiB the copy costs more than the memory it frees
+
+
+def flag_problems(offload: bool, gradient_checkpointing: str | None) -> list[str]:
+    """The worker's and the launcher's check of --offload-activations against --gradient-checkpointing."""
+    if offload and gradient_checkpointing == "off":
+        return [
+            "--offload-activations with --gradient-checkpointing off: offloading moves the block inputs "
+            "that recompute keeps, so it needs recompute; drop --gradient-checkpointing off (offloading "
+            "turns recompute on) or drop --offload-activations"
+        ]
+    return []
 
 
 class _Packed:
@@ -102,7 +117,7 @@ class ActivationOffload:
             compute.wait_stream(side)  # the copy back has landed
             tensor.record_stream(compute)  # made on the side stream, used on this one
         before = packed.previous
-        if before is not None and before.ready is None:
+        if self.streams and before is not None and before.ready is None:
             before.ready = self._to_device(before)  # most likely the next unpack: copy it back meanwhile
         return tensor
 

@@ -82,7 +82,8 @@ class RunOptions:
     max_pixels: int | None = None
     compile: bool | None = None  # torch.compile the model's repeated regions; None: resolve_compile decides
     compile_quantized: bool = False  # compile 4-bit (QLoRA) decoder layers too (compile.py says why not)
-    offload_activations: bool = False  # what backward needs waits in host memory (offload.py; not measured)
+    # What recompute keeps (the blocks' inputs) waits in host memory (offload.py); implies recompute.
+    offload_activations: bool = False
     # 4-bit (QLoRA) weights dequantized once and kept in bf16 (src/models/dequantize.py); None: where the
     # planner says the copies fit (resolve_dequantized), on GPUs only.
     dequantize_once: bool | None = None
@@ -458,7 +459,8 @@ def planned_steps(opts: RunOptions, dataset_size: int) -> int:
 
 
 def resolve_checkpointing(stage, opts: RunOptions, planner_inputs, compiled: bool = False) -> bool | None:
-    """Gradient checkpointing as asked; for "auto" on one GPU, off when the planner says it fits.
+    """Gradient checkpointing as asked; on with activation offloading; for "auto" on one GPU, off when
+    the planner says it fits.
 
     Recomputing activations costs about a third of a step; it is only worth it when the
     activations would not fit (`compiled` layers save fewer). None leaves the CPU rule to the config
@@ -466,8 +468,12 @@ def resolve_checkpointing(stage, opts: RunOptions, planner_inputs, compiled: boo
     single GPU; each rank asks about its own GPU. `planner_inputs()` gives what the planner needs
     (`_planner_inputs`).
     """
-    if opts.gradient_checkpointing is not None or opts.device != "cuda":
+    if opts.gradient_checkpointing is not None:
         return opts.gradient_checkpointing
+    if opts.offload_activations:  # it moves what recompute keeps: nothing to move without recompute
+        return True
+    if opts.device != "cuda":
+        return None
     if _sharded():  # stay lean: the split is tight
         return True
     from src.planner import choose_checkpointing

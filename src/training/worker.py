@@ -154,6 +154,14 @@ def build_parser(recipe_required: bool = True, prog: str = "train_recipe.py") ->
         "on a GPU when the planner says the copies fit; off keeps the stage at its 4-bit memory)",
     )
     arg(
+        "--offload-activations",
+        action="store_true",
+        help="with recompute (implied): the checkpointed blocks' inputs wait in pinned host memory, copied "
+        "on a side stream while the GPU computes. For the least GPU memory at a larger micro-batch: 7B r4 "
+        "at 8x2 compiled took 17.9 GiB and 1.42 s a step, against 19.7 GiB and 1.32 s not offloaded and "
+        "18.1 GiB and 1.78 s at 4x4 (one H200). Not with --gradient-checkpointing off",
+    )
+    arg(
         "--save-steps",
         type=int,
         default=DEFAULT_SAVE_STEPS,
@@ -211,6 +219,7 @@ def build_parser(recipe_required: bool = True, prog: str = "train_recipe.py") ->
 def check_args(args, recipe) -> list[str]:
     """Every problem with the flags that can be found without loading a model."""
     from src.training.checks import model_and_data_problems, output_dir_problems
+    from src.training.offload import flag_problems as offload_flag_problems
 
     problems = _pixel_problems(args) + (_lora_problems(args) or recipe.problems())
     for flag, value, low in (
@@ -228,6 +237,7 @@ def check_args(args, recipe) -> list[str]:
         problems.append(f"--save-steps {args.save_steps}: use 0 (off) or a positive interval")
     if args.logging_steps is not None and args.logging_steps < 1:
         problems.append(f"--logging-steps {args.logging_steps}: must be at least 1")
+    problems += offload_flag_problems(args.offload_activations, args.gradient_checkpointing)
     if args.threads is not None and args.threads < 1:
         problems.append(f"--threads {args.threads}: must be at least 1")
     if args.eval_samples < 0:
@@ -572,6 +582,7 @@ def run_options(args, device: str, output: Path, wandb_on: bool):
         gradient_checkpointing=ON_OFF_AUTO[args.gradient_checkpointing],
         compile=ON_OFF_AUTO[args.compile],
         dequantize_once=ON_OFF_AUTO[args.dequantize_once],
+        offload_activations=args.offload_activations,
         min_pixels=args.min_pixels,
         max_pixels=args.max_pixels,
         image_root=args.image_root,

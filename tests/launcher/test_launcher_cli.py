@@ -36,6 +36,10 @@ def assert_nothing_happened(host) -> None:
         (["--recipes", "r1", "--max-steps", "0"], "--max-steps 0: must be at least 1, or -1"),
         (["--recipes", "r1", "--learning-rate", "3"], "--learning-rate 3.0: must be between 0 and 1"),
         (["--recipes", "r1", "--logging-steps", "0"], "--logging-steps 0: must be at least 1"),
+        (
+            ["--recipes", "r1", "--offload-activations", "--gradient-checkpointing", "off"],
+            "--offload-activations with --gradient-checkpointing off: offloading moves the block inputs",
+        ),
         (["train", "--recipes", "r1"], "unknown subcommand 'train'; choose from launch, plan"),
         (["plan", "--recipes", "r1", "--bogus"], "unrecognized arguments: --bogus"),
     ],

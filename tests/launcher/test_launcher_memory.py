@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 
 from recipe_runner import cli
@@ -33,6 +35,38 @@ def test_plan_predicts_each_recipe_and_turns_checkpointing_off_where_it_fits(
     code, out = _plan(monkeypatch, capsys, 24576, *config_only_7b, "--batch-size", "4")
     r4 = [line for line in out.splitlines() if "memory:" in line][1]
     assert code == 0 and "checkpointing on" in r4 and "fits" in r4
+
+
+def test_offloading_plans_and_passes_recompute_on(config_only_7b, monkeypatch, capsys):
+    """--offload-activations moves what recompute keeps, so the plan is the recompute-on plan (on 80 GB
+    both recipes would otherwise run with recompute off, as the test above shows) and each worker is
+    told to offload."""
+    code, out = _plan(
+        monkeypatch, capsys, 81559, *config_only_7b, "--batch-size", "8", "--offload-activations"
+    )
+    assert code == 0
+    memory = [line for line in out.splitlines() if line.strip().startswith("memory:")]
+    assert len(memory) == 2 and all("checkpointing on" in line and "fits" in line for line in memory)
+    assert all("offloaded" in line for line in memory)
+    commands = [line.split("command: ")[1].split() for line in out.splitlines() if "command: " in line]
+    assert len(commands) == 2 and all("--offload-activations" in argv for argv in commands)
+
+
+def test_on_a_small_card_offloading_lets_batch_size_auto_run_a_larger_micro_batch(
+    config_only_7b, monkeypatch
+):
+    monkeypatch.setenv("RECIPE_RUNNER_FAKE_GPUS", "none")
+    model, data = config_only_7b
+    argv = ["plan", "--recipes", "r4", "--model-id", str(model), "--dataset", str(data), "--gpu-memory", "23"]
+
+    def auto_choice(*extra: str) -> str:
+        with contextlib.redirect_stdout(io.StringIO()) as out:
+            assert cli.main([*argv, *extra]) == 0
+        (row,) = [line for line in out.getvalue().splitlines() if line.startswith("r4-joint")]
+        return row.split("fits")[1].strip()
+
+    assert auto_choice().startswith("4 x 4, recompute on,")
+    assert auto_choice("--offload-activations").startswith("8 x 2, recompute on, offloaded,")
 
 
 def test_batch_size_auto_gives_each_worker_a_number_keeping_the_effective_batch(
