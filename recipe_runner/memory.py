@@ -163,8 +163,10 @@ def plan_memory(
     worker decides). `batch_size` "auto" picks, of every micro-batch x accumulation x recompute setting
     of `samples_per_step`, the one the planner's cost model predicts fastest among those that fit.
     `compiled`: whether the worker will compile, which the step times count. `offloaded`: the worker
-    offloads what recompute keeps (`checkpointing` is then "on"), which memory and step times count.
+    offloads what recompute keeps, which memory and step times count.
     """
+    if offloaded:  # recompute is implied, as the worker decides (src.training.run.resolve_checkpointing)
+        checkpointing = "on"
     capacity = capacity_mib * 2**20
     sizes = (shape, recipe)
     work = (workload.patches, workload.text_tokens)
@@ -211,5 +213,5 @@ def _plan(
         round(seconds, 3),
         why=why,
         compiled=compiled,
-        offloaded=offloaded and checkpointing,
+        offloaded=offloaded,
     )

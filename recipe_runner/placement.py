@@ -437,8 +437,7 @@ def plan_recipe(request: LaunchRequest, recipe, inputs, capacity_mib: int) -> Me
     shape, workload = inputs
     flags, ranks = request.flags, request.gpus_per_recipe
     batch, accum = rank_batch(flags, ranks)
-    # offloading moves what recompute keeps, so it implies recompute (the worker: run.resolve_checkpointing)
-    checkpointing = "on" if flags.offload_activations else flags.gradient_checkpointing or "auto"
+    checkpointing = flags.gradient_checkpointing or "auto"
     samples_per_step = AUTO_EFFECTIVE_BATCH if batch == "auto" else batch * accum * ranks
     steps = training_steps(flags, workload.records, samples_per_step)
     compiled = compile_chosen(flags.compile, True, steps)  # as the worker on its GPU will decide

@@ -51,6 +51,13 @@ launch() {  # launch NAME ARGS...: one timed recipe-run, output to $out/NAME.log
   keep "$name"
 }
 
+gpu_tests() {  # gpu_tests NAME FILE...: the files' GPU tests, to $out/NAME.log; a failure is reported there and
+  # the part goes on to its benches (their rows do not depend on the tests)
+  local name=$1
+  shift
+  python3 -m pytest "$@" -m gpu -q -p no:cacheprovider 2>&1 | tee "$out/$name.log" || true
+}
+
 step_bench() {  # step_bench NAME ARGS...: one `src.bench` run at 16 samples a step, to $out/NAME(.log)
   local name=$1
   shift
@@ -88,7 +95,7 @@ for part in "$@"; do
     step2b)  # every recipe at 2B, 2 rounds (~4 min)
       step_bench step2b --shape 2b --recipes r1,r2,r3,r4 --variants plain,fast --rounds 2 --profile plain,fast ;;
     varlen7b)  # the vision tower's varlen attention: its GPU tests, then fast with and without it (~6 min)
-      python3 -m pytest tests/test_vision_attention.py tests/gpu -m gpu -q -p no:cacheprovider 2>&1 | tee "$out/gputests.log"
+      gpu_tests gputests tests/test_vision_attention.py tests/gpu
       step_bench varlen7b --shape 7b --recipes r4 --variants plain,fast,fast+varlen --rounds 2 --profile fast ;;
     varlen2b)  # the same at 2B, every recipe (~8 min)
       step_bench varlen2b --shape 2b --recipes r1,r2,r3,r4 --variants plain,fast,fast+varlen --rounds 2 --profile fast ;;
@@ -108,7 +115,7 @@ for part in "$@"; do
     fit7b)  # 7B r4: the planner's top three with compiled memory counted (16x1 compiled first), the first profiled
       step_bench fit7b --shape 7b --recipes r4 --variants plain --candidates --profile cand1 ;;
     q2b)  # QLoRA dequantized once: its GPU tests (and offloading's), then 2B r1 and r3 compiled (~7 min)
-      python3 -m pytest tests/test_dequantize.py tests/test_offload.py -m gpu -q -p no:cacheprovider 2>&1 | tee "$out/qtests.log"
+      gpu_tests qtests tests/test_dequantize.py tests/test_offload.py
       step_bench q2b --shape 2b --recipes r1 --variants plain,fast+compile,fast+compile-dequant
       step_bench r3c2b --shape 2b --recipes r3 --variants plain,fast+compile ;;
     q7b)  # 7B r1 and r3's two stages compiled against the bare loop (~7 min)
@@ -118,7 +125,7 @@ for part in "$@"; do
     attn7b)  # vision attention by kernel (src.bench.attention), its GPU tests, then 7B r4 compiled with
       # images of one size batched (cuDNN) and through the varlen kernel (~8 min)
       python3 -m src.bench.attention --out "$out/attention.json" 2>&1 | tee "$out/attention.log" || true
-      python3 -m pytest tests/test_vision_attention.py -m gpu -q -p no:cacheprovider 2>&1 | tee "$out/attntests.log"
+      gpu_tests attntests tests/test_vision_attention.py
       step_bench batched7b --shape 7b --recipes r4 --variants plain,fast+compile,fast+compile-batched \
         --profile fast+compile ;;
     r12c7b)  # 7B r2 and r1 compiled (images batched) against the bare loop (~7 min)
@@ -133,11 +140,11 @@ for part in "$@"; do
         --profile fast+compile-log1,fast+compile ;;
     mem8)  # the 18 GiB target at 8x2 (recompute on, compiled): offloading's GPU tests, then 7B r4
       # offloaded (copies on a side stream, prefetched) and not offloaded (~7 min)
-      python3 -m pytest tests/test_offload.py -m gpu -q -p no:cacheprovider 2>&1 | tee "$out/offloadtests.log" || true
+      gpu_tests offloadtests tests/test_offload.py
       step_bench mem8 --shape 7b --recipes r4 --variants lean+offload+compile,lean+compile --lean-micro-batch 8 ;;
     low7b)  # the low-memory settings through `recipe-run` (run `setup` first, SHAPES=7b): offloading's GPU
       # tests, 7B r4 at 8x2 offloaded and compiled, then r1 at its smallest setting (~8 min)
-      python3 -m pytest tests/test_offload.py -m gpu -q -p no:cacheprovider 2>&1 | tee "$out/offloadtests.log" || true
+      gpu_tests offloadtests tests/test_offload.py
       launch off8 --recipes r4 --gpus 0 --model-id "$work/7b" "${common[@]}" --skip-eval --batch-size 8 \
         --grad-accum 2 --compile on --offload-activations --max-steps 12
       launch r1small --recipes r1 --gpus 0 --model-id "$work/7b" "${common[@]}" --skip-eval --batch-size 1 \
@@ -151,7 +158,7 @@ for part in "$@"; do
       # a block (fast+varlen: batched cuDNN for images of one size), to decide eager runs' default (~6 min)
       step_bench eager7b --shape 7b --recipes r4,r2 --variants fast,fast+varlen ;;
     offload7b)  # not yet run: activation offloading's GPU test, then 7B r4 16x1 with recompute, offloaded
-      python3 -m pytest tests/test_offload.py -m gpu -q -p no:cacheprovider 2>&1 | tee "$out/offloadtests.log"
+      gpu_tests offloadtests tests/test_offload.py
       step_bench offload7b --shape 7b --recipes r4 --variants lean,lean+offload,lean+compile,lean+offload+compile \
         --lean-micro-batch 16 ;;
     compile7b)  # compiled rows, alone in their call: each compiles for 130-190 s cold (~8 min)
