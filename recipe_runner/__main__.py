@@ -1,6 +1,6 @@
-"""`python -m recipe_runner ...` is `recipe-run ...`; see recipe_runner/cli.py."""
+"""`python -m recipe_runner ...` is `recipe-run ...`; see recipe_runner/cli/main.py."""
 
-from recipe_runner.cli import main
+from recipe_runner.cli.main import main
 
 if __name__ == "__main__":
     raise SystemExit(main())

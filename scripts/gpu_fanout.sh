@@ -1,17 +1,18 @@
 #!/usr/bin/env bash
 # The GPU runs of docs/benchmarks.md: the benchmark (bench7b, bench2b), every recipe on its own GPU
-# at the 2B and 7B shapes (random weights, src/models/shapes.py; 4 GPUs), r3 alone for the makespan,
+# at the 2B and 7B shapes (random weights, src/fixtures/shapes.py; 4 GPUs), r3 alone for the makespan,
 # two recipes on two GPUs against the longer alone (pair, pairalone), one 7B recipe sharded over two
 # GPUs, and a real out-of-memory retry. Run from the repo root:
 #
-#   scripts/gpu_fanout.sh OUT_DIR PART...   PART: setup bench7b bench2b 2b 7b alone pair pairalone shard oom
+#   scripts/gpu_fanout.sh OUT_DIR PART...   PART: gputests setup bench7b bench2b 2b 7b alone pair pairalone shard oom
 #                                                  queue1 pack1 both1 pack2 ddp ddpalone pack1mps pairs pairoff
 #                                                  step7b step2b compile7b varlen7b varlen2b
 #                                                  compilevar7b cands7b final7b final2b r1c2b offload7b
 #                                                  fit7b q2b q7b off7b attn7b r12c7b hp7b r3p7b eager7b
 #                                                  quiet7b mem7b r13q7b mem8 r24q7b low7b
 #
-# The placement runs (issue "use every GPU"): r1-r4 queued one at a time on one GPU (queue1: --pack off),
+# gputests runs every GPU test of the suite (`pytest tests -m gpu`): run it whenever training, evaluation or
+# the planner change. The placement runs (issue "use every GPU"): r1-r4 queued one at a time on one GPU (queue1: --pack off),
 # packed on one GPU (pack1) and on two (pack2), all 7B, STEPS steps (60 for the issue's figures), batch 4,
 # no evaluation; both1 runs queue1 on gpu0 and pack1 on gpu1 at the same time (two launchers, half the
 # device time); r4 as two data-parallel processes on two GPUs (ddp) against one GPU (ddpalone), 16 samples
@@ -70,10 +71,12 @@ for part in "$@"; do
     setup)
       nvidia-smi -L | tee "$out/gpus.txt"
       { nvidia-smi topo -m; lscpu; } > "$out/topology.txt" 2>&1 || true
-      python3 -c "from src.data.synthetic import write_dataset; write_dataset('$work/data', train=64, test=16, size=(644, 476))"
+      python3 -c "from src.fixtures.synthetic import write_dataset; write_dataset('$work/data', train=64, test=16, size=(644, 476))"
       for shape in ${SHAPES:-2b 7b}; do
-        [ -f "$work/$shape/config.json" ] || python3 -m src.models.shapes --shape "$shape" --out "$work/$shape"
+        [ -f "$work/$shape/config.json" ] || python3 -m src.fixtures.shapes --shape "$shape" --out "$work/$shape"
       done ;;
+    gputests)  # every test marked gpu (run it whenever training, evaluation or the planner change; ~4 min)
+      gpu_tests gputests tests ;;
     2b)  # `make all-recipes` on a pseudo-terminal, so the live status table is drawn; `script` keeps it
       script -qfec "make all-recipes RECIPE_RUN='${recipe_run[*]}' GPUS=0,1,2,3 MODEL=$work/2b \
         DATASET=$work/data ARGS='${common[*]:2} --output-dir $work/runs-2b'" "$out/2b.tty" > /dev/null || true
@@ -95,7 +98,7 @@ for part in "$@"; do
     step2b)  # every recipe at 2B, 2 rounds (~4 min)
       step_bench step2b --shape 2b --recipes r1,r2,r3,r4 --variants plain,fast --rounds 2 --profile plain,fast ;;
     varlen7b)  # the vision tower's varlen attention: its GPU tests, then fast with and without it (~6 min)
-      gpu_tests gputests tests/test_vision_attention.py tests/gpu
+      gpu_tests gputests tests/unit/src/models/test_vision_attention.py tests/gpu
       step_bench varlen7b --shape 7b --recipes r4 --variants plain,fast,fast+varlen --rounds 2 --profile fast ;;
     varlen2b)  # the same at 2B, every recipe (~8 min)
       step_bench varlen2b --shape 2b --recipes r1,r2,r3,r4 --variants plain,fast,fast+varlen --rounds 2 --profile fast ;;
@@ -115,7 +118,7 @@ for part in "$@"; do
     fit7b)  # 7B r4: the planner's top three with compiled memory counted (16x1 compiled first), the first profiled
       step_bench fit7b --shape 7b --recipes r4 --variants plain --candidates --profile cand1 ;;
     q2b)  # QLoRA dequantized once: its GPU tests (and offloading's), then 2B r1 and r3 compiled (~7 min)
-      gpu_tests qtests tests/test_dequantize.py tests/test_offload.py
+      gpu_tests qtests tests/unit/src/models/test_dequantize.py tests/unit/src/training/test_offload.py
       step_bench q2b --shape 2b --recipes r1 --variants plain,fast+compile,fast+compile-dequant
       step_bench r3c2b --shape 2b --recipes r3 --variants plain,fast+compile ;;
     q7b)  # 7B r1 and r3's two stages compiled against the bare loop (~7 min)
@@ -125,7 +128,7 @@ for part in "$@"; do
     attn7b)  # vision attention by kernel (src.bench.attention), its GPU tests, then 7B r4 compiled with
       # images of one size batched (cuDNN) and through the varlen kernel (~8 min)
       python3 -m src.bench.attention --out "$out/attention.json" 2>&1 | tee "$out/attention.log" || true
-      gpu_tests attntests tests/test_vision_attention.py
+      gpu_tests attntests tests/unit/src/models/test_vision_attention.py
       step_bench batched7b --shape 7b --recipes r4 --variants plain,fast+compile,fast+compile-batched \
         --profile fast+compile ;;
     r12c7b)  # 7B r2 and r1 compiled (images batched) against the bare loop (~7 min)
@@ -140,11 +143,11 @@ for part in "$@"; do
         --profile fast+compile-log1,fast+compile ;;
     mem8)  # the 18 GiB target at 8x2 (recompute on, compiled): offloading's GPU tests, then 7B r4
       # offloaded (copies on a side stream, prefetched) and not offloaded (~7 min)
-      gpu_tests offloadtests tests/test_offload.py
+      gpu_tests offloadtests tests/unit/src/training/test_offload.py
       step_bench mem8 --shape 7b --recipes r4 --variants lean+offload+compile,lean+compile --lean-micro-batch 8 ;;
     low7b)  # the low-memory settings through `recipe-run` (run `setup` first, SHAPES=7b): offloading's GPU
       # tests, 7B r4 at 8x2 offloaded and compiled, then r1 at its smallest setting (~8 min)
-      gpu_tests offloadtests tests/test_offload.py
+      gpu_tests offloadtests tests/unit/src/training/test_offload.py
       launch off8 --recipes r4 --gpus 0 --model-id "$work/7b" "${common[@]}" --skip-eval --batch-size 8 \
         --grad-accum 2 --compile on --offload-activations --max-steps 12
       launch r1small --recipes r1 --gpus 0 --model-id "$work/7b" "${common[@]}" --skip-eval --batch-size 1 \
@@ -158,7 +161,7 @@ for part in "$@"; do
       # a block (fast+varlen: batched cuDNN for images of one size), to decide eager runs' default (~6 min)
       step_bench eager7b --shape 7b --recipes r4,r2 --variants fast,fast+varlen ;;
     offload7b)  # not yet run: activation offloading's GPU test, then 7B r4 16x1 with recompute, offloaded
-      gpu_tests offloadtests tests/test_offload.py
+      gpu_tests offloadtests tests/unit/src/training/test_offload.py
       step_bench offload7b --shape 7b --recipes r4 --variants lean,lean+offload,lean+compile,lean+offload+compile \
         --lean-micro-batch 16 ;;
     compile7b)  # compiled rows, alone in their call: each compiles for 130-190 s cold (~8 min)

@@ -19,8 +19,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from recipe_runner.plan import flag_value  # noqa: E402
-from recipe_runner.summary import read_summary  # noqa: E402
+from recipe_runner.results.summary import read_summary  # noqa: E402
+from src.contract.flags import flag_value  # noqa: E402
 
 
 def step_seconds(history: Path, warmup: int) -> dict[str, float]:

@@ -15,7 +15,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from src.recipes import PART_MODES, TrainingRecipe  # noqa: E402
-from src.training.worker import EXIT_USAGE, main  # noqa: E402
+from src.contract.exits import USAGE  # noqa: E402
+from src.training.worker import main  # noqa: E402
 
 
 def recipe_from_flags(argv: list[str] | None) -> tuple[TrainingRecipe, list[str]]:
@@ -53,7 +54,7 @@ if __name__ == "__main__":
             "directory, so it may not contain '/' or start with '.')",
             file=sys.stderr,
         )
-        raise SystemExit(EXIT_USAGE)
+        raise SystemExit(USAGE)
     if "-h" in remaining or "--help" in remaining:
         print(
             "Recipe flags: --train-vision/--train-merger/--train-llm {frozen,lora}, --quantized, "
@@ -64,5 +65,5 @@ if __name__ == "__main__":
             "error: scripts/train.py takes no --recipe; use scripts/train_recipe.py for named recipes",
             file=sys.stderr,
         )
-        raise SystemExit(EXIT_USAGE)
+        raise SystemExit(USAGE)
     raise SystemExit(main(remaining, recipe=custom, prog="train.py"))

@@ -11,7 +11,7 @@ The folder written to --out loads with transformers alone, no PEFT:
     processor = AutoProcessor.from_pretrained("exported/")                # with the chat template
 
 `--recipe best` (the default) takes the report's winner by F1 at IoU 0.5: `report.json`'s
-`best["f1"]` when the launch has a report, else the same rule recipe_runner/report.py applies
+`best["f1"]` when the launch has a report, else the same rule the report applies (src/scoring/winner.py)
 (`best_per_metric`): the succeeded job with the highest `f1` in its `metrics.json`, ties to the first
 in launch order. The recipe's final output comes from its worker's `status.json` (the worker
 contract): `OUT/adapter/`, or for r3 `OUT/stage2-llm/adapter/` on top of `OUT/stage1-vision/merged/`.
@@ -36,11 +36,11 @@ import sys
 import time
 from pathlib import Path
 
+from src.contract import exits
+from src.scoring.winner import HEADLINE, best
 from src.utils.files import atomic_dir, read_json
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 BEST = "best"
-HEADLINE = "f1"  # recipe_runner/report.py's HEADLINE: the report's winner is by this metric
 PROVENANCE_FILE = "recipe_runner_export.json"
 DTYPES = ("bfloat16", "float32")
 log = logging.getLogger("recipe-export")
@@ -75,23 +75,22 @@ def _f1(launch_dir: Path, job: dict) -> float | None:
 
 
 def winner_by_f1(launch_dir: Path, jobs: list[dict]) -> tuple[str, str]:
-    """(job name, where the choice came from): report.json's best F1, else report.py's rule on the
-    jobs' metrics.json (best_per_metric: succeeded jobs only, highest F1, ties to the first)."""
+    """(job name, where the choice came from): report.json's best F1, else the report's rule
+    (src/scoring/winner.py) on the jobs' metrics.json."""
     report = read_json(launch_dir / "report.json")
     if isinstance(report, dict) and (name := (report.get("best") or {}).get(HEADLINE)):
         return name, "report.json"
     scored = [
-        (job, f1)
+        (_name(job), f1)
         for job in jobs
         if job.get("status") == "succeeded" and (f1 := _f1(launch_dir, job)) is not None
     ]
-    if not scored:
+    if (name := best(scored)) is None:
         raise ExportError(
             f"--recipe best: no succeeded recipe of {launch_dir} has an F1 in its metrics.json (was "
             "evaluation skipped?); name one with --recipe NAME, or evaluate first: recipe-run eval DIR"
         )
-    best_job, _ = max(scored, key=lambda pair: pair[1])  # max keeps the first of equals: launch order
-    return _name(best_job), "metrics.json"
+    return name, "metrics.json"
 
 
 def _name(job: dict) -> str:
@@ -242,14 +241,14 @@ def main(argv: list[str] | None = None) -> int:
         out = export(args.launch_dir, args.recipe, args.out, args.dtype)
     except ExportError as error:
         print(f"error: {error}", file=sys.stderr)
-        return EXIT_USAGE
+        return exits.USAGE
     except Exception:  # a failed export is reported with its traceback, never silent
         log.exception("export of %s failed", args.launch_dir)
-        return EXIT_FAILED
+        return exits.FAILED
     print(
         f"exported to {out}: load with AutoModelForImageTextToText.from_pretrained({str(out)!r})", flush=True
     )
-    return EXIT_OK
+    return exits.OK
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ import re
 import tomllib
 from dataclasses import MISSING, dataclass, fields, replace
 from pathlib import Path
+from typing import Any
 
 PART_MODES = ("frozen", "lora", "full")
 # The recipe field that says how each part trains, in the order recipes list them.
@@ -204,7 +205,7 @@ def with_lora(recipe: TrainingRecipe, **sizes: float | None) -> TrainingRecipe:
 
     `with_lora(r4, rank=64)` is r4 at rank 64 and its own alpha; check the result with `.problems()`.
     """
-    changes = {LORA_FIELDS[key]: value for key, value in sizes.items() if value is not None}
+    changes: dict[str, Any] = {LORA_FIELDS[key]: value for key, value in sizes.items() if value is not None}
     if not changes:
         return recipe
     stages = tuple(replace(stage, **changes) for stage in recipe.stages)
@@ -465,7 +466,7 @@ def _read_chain(
         description=table["description"],
         quantized=any(stage.quantized for stage in stages),
         stages=tuple(stages),
-        **{key: _chain_mode(stages, key) for key in PART_FIELDS.values()},
+        **{key: _chain_mode(stages, key) for key in PART_FIELDS.values()},  # type: ignore[arg-type]
     )
 
 

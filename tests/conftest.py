@@ -1,11 +1,19 @@
-"""Shared fixtures: the offline tiny Qwen2-VL and shapes data set, built once per session."""
+"""Shared fixtures: the offline tiny Qwen2-VL and shapes data set, built once per session; the launcher's
+fake GPU host and fake worker."""
 
 from __future__ import annotations
 
+import json
 import os
+import signal
+import subprocess
 import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -31,7 +39,7 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def tiny_fixtures(tmp_path_factory) -> tuple[Path, Path]:
     """(model_dir, data_dir) of the offline fixtures; reuses $RECIPE_RUNNER_FIXTURES if set."""
-    from src.fixtures import build_test_fixtures
+    from src.fixtures.build import build_test_fixtures
 
     root = Path(os.environ.get("RECIPE_RUNNER_FIXTURES") or tmp_path_factory.mktemp("fixtures"))
     return build_test_fixtures(root, train=16, test=8)
@@ -78,7 +86,7 @@ def worker_argv(recipe: str, model_dir, data_dir, out, *extra: str) -> list[str]
 
 def tiny_run_options(model_dir, data_dir, out, **overrides):
     """RunOptions for a few quick steps on the tiny fixtures; tests override what they vary."""
-    from src.training.run import RunOptions
+    from src.training.options import RunOptions
 
     settings = {"device": "cpu", "max_steps": 3, "batch_size": 2, "learning_rate": 1e-2, **overrides}
     return RunOptions(model_id=str(model_dir), dataset=str(data_dir), output_dir=out, **settings)
@@ -140,3 +148,149 @@ def tiny_qwen2_5_vl():
         "fullatt_block_indexes": [0],
     }
     return Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(text_config=text, vision_config=vision))
+
+
+# ---------------------------------------------------------------- the launcher's fakes
+# A fake GPU host, a fake worker, and cleanup of stray processes: the `host` fixture points the
+# launcher's testing hooks at fakes (RECIPE_RUNNER_FAKE_GPUS, RECIPE_RUNNER_WORKER -> tests/fakes/worker.py)
+# and its leases at a private directory, both for in-process `main()` calls (monkeypatched env) and for
+# launchers run as subprocesses (`host.env`).
+FAKE_WORKER = REPO / "tests" / "fakes" / "worker.py"
+
+
+@dataclass
+class FakeHost:
+    tmp: Path
+    env: dict[str, str]  # the whole environment for a launcher subprocess
+
+    @property
+    def out(self) -> Path:
+        return self.tmp / "out"
+
+    @property
+    def records_dir(self) -> Path:
+        return self.tmp / "records"
+
+    @property
+    def lease_dir(self) -> Path:
+        return self.tmp / "leases"
+
+    def records(self) -> list[dict]:
+        return [json.loads(p.read_text()) for p in sorted(self.records_dir.glob("*.json"))]
+
+    def wait_for_records(self, count: int, timeout: float = 20.0) -> list[dict]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            found = self.records()
+            if len(found) >= count:
+                return found
+            time.sleep(0.05)
+        raise AssertionError(f"expected {count} worker records, found {len(self.records())}")
+
+    def launch_dirs(self) -> list[Path]:
+        return sorted(p for p in self.out.iterdir() if p.is_dir()) if self.out.exists() else []
+
+    def summary(self) -> dict:
+        (launch,) = self.launch_dirs()
+        return json.loads((launch / "summary.json").read_text())
+
+    def launcher(self, *args: str, **kwargs) -> subprocess.Popen:
+        """`python -m recipe_runner ARGS` as a subprocess of the test, output to one pipe."""
+        return subprocess.Popen(
+            [sys.executable, "-m", "recipe_runner", *args],
+            cwd=REPO,
+            env=self.env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            **kwargs,
+        )
+
+    def set_behaviour(self, monkeypatch: pytest.MonkeyPatch, table: dict) -> None:
+        monkeypatch.setenv("FAKE_WORKER", json.dumps(table))
+        self.env["FAKE_WORKER"] = json.dumps(table)
+
+    def set_gpus(self, monkeypatch: pytest.MonkeyPatch, value: str) -> None:
+        monkeypatch.setenv("RECIPE_RUNNER_FAKE_GPUS", value)
+        self.env["RECIPE_RUNNER_FAKE_GPUS"] = value
+
+
+@pytest.fixture
+def host(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeHost]:
+    hooks = {
+        "RECIPE_RUNNER_FAKE_GPUS": "2",
+        "RECIPE_RUNNER_WORKER": json.dumps([sys.executable, str(FAKE_WORKER)]),
+        "RECIPE_RUNNER_LEASE_DIR": str(tmp_path / "leases"),
+        "FAKE_WORKER_RECORDS": str(tmp_path / "records"),
+        "FAKE_WORKER": "{}",
+    }
+    (tmp_path / "records").mkdir()
+    for key, value in hooks.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    fake = FakeHost(tmp_path, {**os.environ, **hooks})
+    yield fake
+    _kill_leftovers(fake)
+
+
+def _kill_leftovers(fake: FakeHost) -> None:
+    # A failing test must not leave sleeping fakes behind for the next one.
+    for record in fake.records():
+        for pid in (record.get("pid"), record.get("grandchild")):
+            if pid and alive(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
+def alive(pid: int) -> bool:
+    """Running, as opposed to gone or a zombie nobody has reaped yet."""
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.05)
+    return condition()
+
+
+@pytest.fixture
+def helpers():
+    """The plain helper functions, for tests that need them without importing conftest."""
+    return type("Helpers", (), {"alive": staticmethod(alive), "wait_until": staticmethod(wait_until)})
+
+
+@pytest.fixture(scope="session")
+def config_only_7b(tmp_path_factory):
+    """The published 7B shape as config.json alone (no weights: the planner never loads them),
+    with Qwen's pixel limits, and 644x476 images (391 image tokens each)."""
+    from src.fixtures.shapes import shape_config
+    from src.fixtures.synthetic import write_dataset
+    from src.fixtures.tiny import build_tokenizer
+    from src.planning.shapes import MAX_PIXELS, MIN_PIXELS
+
+    root = tmp_path_factory.mktemp("plan7b")
+    model = root / "7b"
+    model.mkdir()
+    shape_config("7b", build_tokenizer()).to_json_file(model / "config.json")
+    (model / "preprocessor_config.json").write_text(
+        json.dumps({"min_pixels": MIN_PIXELS, "max_pixels": MAX_PIXELS})
+    )
+    data = write_dataset(root / "data", train=3, test=1, size=(644, 476))
+    return model, data
+
+
+@pytest.fixture(scope="session")
+def ray_address() -> Iterator[str]:
+    """A local Ray in this process with two logical GPUs, for the Ray backend's tests (marked `ray`)."""
+    ray = pytest.importorskip("ray")
+    # address="local": always a new cluster of our own, never a head some `ray start` left running
+    ray.init(address="local", num_cpus=4, num_gpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        yield ray.get_runtime_context().gcs_address
+    finally:
+        ray.shutdown()

@@ -7,7 +7,7 @@ own best setting, all at the same samples per optimizer step.
     python -m src.bench --shape tiny --cpu --steps 2 --warmup 1                   # the CI smoke run
     recipe-run bench ...                                                          # the same, via the launcher
 
-Models of the published 2B/7B shapes get random weights (src/models/shapes.py; nothing is
+Models of the published 2B/7B shapes get random weights (src/fixtures/shapes.py; nothing is
 downloaded); `--model-id DIR --dataset DIR` benchmarks a model and data of your own instead.
 Every row runs `--samples-per-step` samples an optimizer step (micro-batch x accumulation).
 Variants per recipe:
@@ -15,7 +15,7 @@ Variants per recipe:
                    where it fits, the largest micro-batch that fits (tried from the largest down,
                    CUDA OOM caught), accumulation to the same samples a step
   plain-recompute  the bare loop with recompute on, its largest fitting micro-batch
-  fast             the core at the planner's chosen setting (src.step_time.rank_settings)
+  fast             the core at the planner's chosen setting (src.planning.step_time.rank_settings)
   fast-cudnn       the same without cuDNN's attention kernels (what the core's choice of them buys)
   fast+varlen      the same with one attention call a vision block (src/models/vision_attention.py:
                    batched SDPA when the images share one size, else flash varlen), which the core
@@ -329,7 +329,7 @@ def row_plan(target: Target, stage, args, device: str) -> list[tuple[str, Settin
 
 def planned_settings(target: Target, stage, args, device: str, compile_choices=(False,)) -> list[Setting]:
     """The planner's settings for this stage, best first (only those it predicts to fit)."""
-    from src.step_time import rank_settings
+    from src.planning.step_time import rank_settings
 
     patches, text_tokens = target.largest
     capacity = _capacity_bytes(device)
@@ -451,7 +451,8 @@ def _timed(args, variant: str, stage, target: Target, train) -> tuple[object, fl
 
 def _run_core(target: Target, stage, variant: str, setting: Setting, args, device) -> Measured:
     """The worker's own path: prepare_stage (collator, trainer, freeze, LoRA, quantization, compile)."""
-    from src.training.run import RunOptions, prepare_stage
+    from src.training.options import RunOptions
+    from src.training.run import prepare_stage
 
     out = Path(args.work) / "runs" / f"{stage.name}-{variant}"
     out.mkdir(parents=True, exist_ok=True)
@@ -533,7 +534,7 @@ def _predicted_and_flops(
 ) -> dict:
     """The planner's peak for this row's micro-batch, and the model FLOPs of a step behind MFU."""
     from src.bench.measure import step_flops
-    from src.planner import estimate_stage_memory
+    from src.planning.memory import estimate_stage_memory
 
     stats = target.stats
     patches = round(stats["patches"])

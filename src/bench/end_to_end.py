@@ -64,7 +64,7 @@ def split_phases(lines: list[tuple[float, str]], wall: float) -> dict:
     event (data set, trainer, compilation, the first step), train_s over the remaining steps,
     save_s to the stage's end (the adapter or merged model written); exit_s to the process's end.
     """
-    from src.training.progress import parse_line
+    from src.contract.progress import parse_line
 
     phases = dict.fromkeys(("import_s", "load_s", "first_step_s", "train_s", "save_s"), 0.0)
     stage_start = loaded = first_step = last_step = None

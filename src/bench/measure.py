@@ -411,7 +411,7 @@ class FlopShape:
         import torch
         from transformers import AutoConfig, AutoModelForImageTextToText
 
-        from src.models.freeze import part_of
+        from src.contract.families import part_of
 
         config = AutoConfig.from_pretrained(model_dir)
         with torch.device("meta"):
@@ -437,7 +437,7 @@ class FlopShape:
 
 def step_flops(shape: FlopShape, stage, batch_size: int, patches: int, text_tokens: int, label_tokens: int):
     """Model FLOPs of one optimizer step of `batch_size` one-image samples (module docstring)."""
-    from src.models.freeze import vision_trains
+    from src.contract.families import vision_trains
 
     llm_tokens = text_tokens + patches // shape.merge**2
     llm_fwd = 2 * shape.llm_weights * llm_tokens

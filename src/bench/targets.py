@@ -29,7 +29,7 @@ class Target:
     dataset: object  # the training conversations, as the worker builds them
     processor: object
     stats: dict  # mean tokens, patches and labels a sample (sample_stats)
-    memory_shape: object  # src.planner.ModelShape
+    memory_shape: object  # src.planning.memory.ModelShape
     flop_shape: object  # src.bench.measure.FlopShape
     largest: tuple[int, int]  # (image patches, text tokens) of the largest sample: what the worker plans for
 
@@ -38,7 +38,7 @@ class Target:
         from src.bench.measure import FlopShape
         from src.data.dataset import build_dataset
         from src.models.loader import load_processor, model_family
-        from src.planner import ModelShape
+        from src.planning.memory import ModelShape
         from src.training.memory import largest_sample
 
         processor = load_processor(str(model_dir))
@@ -57,11 +57,11 @@ def targets(args, device: str):
         yield Target.load(Path(args.model_id).name, Path(args.model_id), data)
     for shape in args.shape or []:
         if shape == "tiny":
-            from src.fixtures import build_test_fixtures
+            from src.fixtures.build import build_test_fixtures
 
             yield Target.load("tiny", *build_test_fixtures(work / "tiny"))
             continue
-        from src.models.shapes import build_shape_model
+        from src.fixtures.shapes import build_shape_model
 
         model_dir = work / shape
         if not (model_dir / "config.json").is_file():
@@ -76,7 +76,7 @@ def synthetic_images(args) -> int:
 
 
 def _synthetic_data(work: Path, images: int) -> Path:
-    from src.data.synthetic import write_dataset
+    from src.fixtures.synthetic import write_dataset
 
     data = work / f"data-644x476-{images}"
     if not (data / "train" / "metadata.jsonl").is_file():

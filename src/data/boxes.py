@@ -43,7 +43,9 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-FAMILIES = ("qwen2_vl", "qwen2_5_vl")
+from src.contract.families import FAMILIES
+from src.planning.pixels import smart_resize
+
 NORMALISED = 1000  # qwen2_vl's coordinate range
 EMPTY_ANSWER = {"qwen2_vl": "none", "qwen2_5_vl": "[]"}
 
@@ -67,30 +69,6 @@ class ParsedAnswer:
     boxes: list[Box]
     parsed: bool  # False when nothing well-formed could be read
     malformed: int  # fragments that looked like a box but could not be read
-
-
-def smart_resize(
-    height: int, width: int, factor: int = 28, min_pixels: int = 56 * 56, max_pixels: int = 28 * 28 * 1280
-) -> tuple[int, int]:
-    """The (h, w) Qwen's image processor resizes an image to; same rule as transformers' qwen2_vl one.
-
-    Both sides become multiples of ``factor`` with the area inside [min_pixels, max_pixels] and the aspect
-    ratio kept as closely as possible. Raises ValueError for aspect ratios above 200, as transformers does.
-    """
-    ratio = max(height, width) / min(height, width)
-    if ratio > 200:
-        raise ValueError(f"absolute aspect ratio must be smaller than 200, got {ratio}")
-    h_bar = round(height / factor) * factor
-    w_bar = round(width / factor) * factor
-    if h_bar * w_bar > max_pixels:
-        beta = math.sqrt((height * width) / max_pixels)
-        h_bar = max(factor, math.floor(height / beta / factor) * factor)
-        w_bar = max(factor, math.floor(width / beta / factor) * factor)
-    elif h_bar * w_bar < min_pixels:
-        beta = math.sqrt(min_pixels / (height * width))
-        h_bar = math.ceil(height * beta / factor) * factor
-        w_bar = math.ceil(width * beta / factor) * factor
-    return h_bar, w_bar
 
 
 # ---------------------------------------------------------------- shared helpers

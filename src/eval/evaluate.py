@@ -10,11 +10,11 @@ The first forms find the final model of each worker output directory (`status.js
 last (`--base MODEL_ID`) evaluates a model as it is, the zero-shot baseline, and writes into
 OUTPUT_DIR. Each writes, atomically, into its output directory:
 
-  * `metrics.json`: everything `src.eval.metrics.detection_metrics` returns (precision, recall, f1,
+  * `metrics.json`: everything `src.scoring.metrics.detection_metrics` returns (precision, recall, f1,
     tp/fp/fn at IoU 0.5, map_50, map_50_95, mean_iou, parse_rate, per_label, per_size, num_images), plus
     `class_agnostic` ({precision, recall, f1, mean_iou}: boxes matched whatever their label, which
     separates "found it" from "named it"), `intervals` ({metric: {value, low, high}}: 95% bootstrap
-    intervals over the test images, src/eval/bootstrap.py), `truncated` (answers cut off by
+    intervals over the test images, src/scoring/bootstrap.py), `truncated` (answers cut off by
     max_new_tokens: each also counts as unparsed or short of boxes, never silently) and `eval` (model,
     adapter, dataset, split, device, batch size, max_new_tokens and the longest answer it was sized
     from, seconds, and the decoding speed: images_per_s, decoded_tokens_per_s...);
@@ -48,8 +48,11 @@ from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
+from src.contract import exits
+from src.contract.flags import int_or_auto
 from src.data.boxes import Box
-from src.data.dataset import DEFAULT_PROMPT, DatasetError, load_records
+from src.data.dataset import DEFAULT_PROMPT, load_records
+from src.data.records import DatasetError
 from src.eval.predict import (
     DECODE_MODES,
     GenerationStats,
@@ -58,10 +61,8 @@ from src.eval.predict import (
     predict_records,
     resolve_model,
 )
-from src.utils.args import int_or_auto
 from src.utils.files import read_json, write_json_atomic
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 METRICS_FILE, PREDICTIONS_FILE = "metrics.json", "predictions.jsonl"
 PROGRESS_EVERY_S = 1.0  # at most one progress event a second (the first and last always go out)
 log = logging.getLogger("recipe-eval")
@@ -110,7 +111,7 @@ def progress_reporter(stage: str | None) -> Callable[[int, int], None] | None:
     second; None (no events) when stage is None, as for the command line, which logs instead."""
     if stage is None:
         return None
-    from src.training import progress
+    from src.contract import progress
 
     started, last = time.monotonic(), [-PROGRESS_EVERY_S]
 
@@ -146,7 +147,7 @@ def evaluate_model(
     progress_stage names the RR_PROGRESS stage of the "eval" events sent while predicting (None: none).
     max_new_tokens "auto" sizes the answer budget from the data (answer_budget_for).
     """
-    from src.eval.metrics import detection_metrics
+    from src.scoring.metrics import detection_metrics
 
     out_dir = Path(out_dir)
     records, _ = load_records(dataset, split, image_root=image_root)  # raises DatasetError naming the fix
@@ -234,8 +235,8 @@ def answer_budget_for(
 
 
 def image_intervals(predictions: list[Prediction]) -> dict:
-    """95% bootstrap intervals of every headline metric over these images (src/eval/bootstrap.py)."""
-    from src.eval.bootstrap import ImageScores, intervals
+    """95% bootstrap intervals of every headline metric over these images (src/scoring/bootstrap.py)."""
+    from src.scoring.bootstrap import ImageScores, intervals
 
     samples = [(p.boxes, p.truths, p.parsed, p.crowd) for p in predictions]
     return intervals([ImageScores.from_samples(samples)]) if samples else {}
@@ -243,7 +244,7 @@ def image_intervals(predictions: list[Prediction]) -> dict:
 
 def class_agnostic_metrics(samples: list, iou_threshold: float = 0.5) -> dict:
     """Precision, recall, F1 and mean IoU with boxes matched whatever their labels."""
-    from src.eval.metrics import match_boxes, sample_parts
+    from src.scoring.metrics import match_boxes, sample_parts
 
     tp = n_preds = n_truths = 0
     ious: list[float] = []
@@ -364,10 +365,10 @@ def evaluate_one(output_dir: str, base: str | None, options: dict) -> int:
             metrics = evaluate_output(output_dir, **options)
     except (EvaluationError, DatasetError) as error:
         print(f"error: {error}", file=sys.stderr)
-        return EXIT_USAGE
+        return exits.USAGE
     except Exception:  # a failed evaluation is reported with its traceback, never silent
         log.exception("evaluation of %s failed", output_dir)
-        return EXIT_FAILED
+        return exits.FAILED
     summary = {k: round(metrics[k], 3) for k in ("precision", "recall", "f1", "map_50", "parse_rate")}
     f1 = metrics.get("intervals", {}).get("f1")
     band = f" (F1 95% CI [{f1['low']:.3f}, {f1['high']:.3f}])" if f1 else ""
@@ -377,7 +378,7 @@ def evaluate_one(output_dir: str, base: str | None, options: dict) -> int:
         budget = metrics["eval"]["max_new_tokens"]
         rate += f", {metrics['truncated']} answer(s) cut off at max_new_tokens {budget}"
     print(f"{output_dir}: {json.dumps(summary)}{band}{rate} -> {Path(output_dir) / METRICS_FILE}", flush=True)
-    return EXIT_OK
+    return exits.OK
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -385,7 +386,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if problems := _usage_problems(args):
         print("error: " + "\nerror: ".join(problems), file=sys.stderr)
-        return EXIT_USAGE
+        return exits.USAGE
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     import torch
 
@@ -406,7 +407,7 @@ def main(argv: list[str] | None = None) -> int:
         "progress_stage": None,  # a person reads this output: log lines, not RR_PROGRESS events
     }
     codes = [evaluate_one(output_dir, args.base, options) for output_dir in args.output_dirs]
-    return max(codes, key=lambda code: (code == EXIT_USAGE, code))
+    return exits.worst(codes)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ Works on any model the worker can start from or write:
     predictions = predict_records(model, processor, records, family, device="cpu", batch_size="auto")
 
 Generation is batched with left padding and greedy, images of similar size together (largest first) and
-as many per batch as free GPU memory holds (`plan_eval_batch`); answers are decoded with
+as many per batch as free GPU memory holds (`eval_batch_size`); answers are decoded with
 skip_special_tokens=False (the box tokens are special tokens) and read by
 `src.data.boxes.parse_answer`, which never raises: a garbled or cut-off answer is kept as an
 unparsed prediction, never an error. An answer that reaches max_new_tokens without its end token is
@@ -29,8 +29,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from src.data.boxes import Box, parse_answer, smart_resize
-from src.data.dataset import DEFAULT_PROMPT, DetectionRecord, processor_pixel_limits
+from src.data.boxes import Box, parse_answer
+from src.data.dataset import DEFAULT_PROMPT
+from src.data.records import DetectionRecord
+from src.planning.pixels import limits_of_processor, smart_resize
 
 log = logging.getLogger(__name__)
 ADAPTER_CONFIG = "adapter_config.json"
@@ -40,7 +42,7 @@ MAX_EVAL_BATCH = 256  # past this a decoding step is no longer bound by reading 
 EVAL_MEMORY_HEADROOM = 0.8  # of the free GPU memory: the allocator's fragmentation and estimate error
 # plain: transformers' dynamic KV cache, eager decoding steps (the default). static: a static KV cache,
 # with which transformers compiles the decoding step on a GPU (torch.compile; the first batch of each
-# shape pays the compile). Measure with `python -m src.eval.bench` before making it a default.
+# shape pays the compile). Measure with `python -m src.bench.decoding` before making it a default.
 DECODE_MODES = ("plain", "static")
 
 
@@ -136,7 +138,7 @@ def _prompt_texts(processor, count: int, prompt: str) -> list[str]:
 def _resized(processor, record: DetectionRecord, family: str) -> tuple[int, int] | None:
     if family != "qwen2_5_vl":
         return None
-    low, high = processor_pixel_limits(processor)
+    low, high = limits_of_processor(processor)
     return smart_resize(record.height, record.width, min_pixels=low, max_pixels=high)
 
 
@@ -144,7 +146,7 @@ def image_tokens(processor, width: int, height: int) -> int:
     """LLM tokens an image of width x height becomes: (H/28) x (W/28) after Qwen's smart resize."""
     sub = processor.image_processor
     factor = getattr(sub, "patch_size", 14) * getattr(sub, "merge_size", 2)
-    low, high = processor_pixel_limits(processor)
+    low, high = limits_of_processor(processor)
     h, w = smart_resize(height, width, factor=factor, min_pixels=low, max_pixels=high)
     return (h // factor) * (w // factor)
 
@@ -159,13 +161,13 @@ def batching_order(processor, records: list[DetectionRecord]) -> list[int]:
 
 
 def eval_bytes_per_image(shape, prompt_tokens: int, max_new_tokens: int) -> int:
-    """GPU bytes one more image in a generate() batch needs, for a src.planner.ModelShape in bf16.
+    """GPU bytes one more image in a generate() batch needs, for a src.planning.memory.ModelShape in bf16.
 
     The KV cache of prompt + answer (2 x layers x kv_heads x head_dim x 2 bytes a token), the prefill's
     largest transient per prompt token (one decoder layer's MLP and hidden states, every image at once),
     the vision tower's per prompt token (4 patches a token) and the last position's fp32 logits.
     """
-    from src.planner import BF16, FP32
+    from src.planning.memory import BF16, FP32
 
     kv_per_token = 2 * shape.layers * shape.kv_heads * shape.head_dim * BF16
     prefill_per_token = BF16 * (3 * shape.intermediate + 6 * shape.hidden)
@@ -177,7 +179,7 @@ def eval_bytes_per_image(shape, prompt_tokens: int, max_new_tokens: int) -> int:
     )
 
 
-def plan_eval_batch(
+def eval_batch_size(
     free_bytes: int,
     shape,
     prompt_tokens: int,
@@ -188,11 +190,11 @@ def plan_eval_batch(
 ) -> int:
     """Images per generate() call that fit in `free_bytes` of GPU memory (at least 1, at most `cap`).
 
-    `shape` is the model's src.planner.ModelShape; `prompt_tokens` the longest prompt (text and image
+    `shape` is the model's src.planning.memory.ModelShape; `prompt_tokens` the longest prompt (text and image
     tokens); see eval_bytes_per_image. `weights_loaded=False` (free memory read before loading the
-    model) subtracts the bf16 weights first (src.planner.weight_bytes).
+    model) subtracts the bf16 weights first (src.planning.memory.weight_bytes).
     """
-    from src.planner import weight_bytes
+    from src.planning.memory import weight_bytes
 
     if not weights_loaded:
         free_bytes -= weight_bytes(shape, quantized=False)
@@ -203,20 +205,20 @@ def plan_eval_batch(
 def auto_batch_size(
     model, processor, records: list[DetectionRecord], device: str, prompt: str, max_new_tokens: int
 ) -> int:
-    """plan_eval_batch for the loaded model on this GPU; CPU_EVAL_BATCH on the CPU."""
+    """eval_batch_size for the loaded model on this GPU; CPU_EVAL_BATCH on the CPU."""
     if not str(device).startswith("cuda") or not records:
         return CPU_EVAL_BATCH
 
-    from src.planner import ModelShape
+    from src.planning.memory import ModelShape
 
     shape = ModelShape.from_config(model.config.to_dict())
-    from src.training.memory import unallocated_gpu_bytes
+    from src.utils.gpu import unallocated_gpu_bytes
 
     free = unallocated_gpu_bytes()  # within the launcher's reservation when the GPU is shared
     text = _prompt_texts(processor, 1, prompt)[0]
     text_tokens = len(processor.tokenizer(text)["input_ids"])
     longest = text_tokens + max(image_tokens(processor, r.width, r.height) for r in records)
-    return plan_eval_batch(free, shape, longest, max_new_tokens)
+    return eval_batch_size(free, shape, longest, max_new_tokens)
 
 
 def _clean(text: str, pad_token: str | None) -> str:
@@ -365,7 +367,7 @@ def predict_records(
 ) -> list[Prediction]:
     """One Prediction per record, in the records' order; answers nothing can be read from count as unparsed.
 
-    batch_size "auto" sizes batches from free GPU memory (plan_eval_batch; CPU_EVAL_BATCH on the CPU).
+    batch_size "auto" sizes batches from free GPU memory (eval_batch_size; CPU_EVAL_BATCH on the CPU).
     sort_by_size batches images of similar token counts together (batching_order). on_progress(done,
     total) is called before the first batch and after each one.
     """

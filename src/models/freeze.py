@@ -13,45 +13,9 @@ A part a recipe trains "full" is a PEFT `modules_to_save` copy: its trainable pa
 
 from __future__ import annotations
 
-import re
 from collections import Counter
 
-PART_PATTERNS = (
-    ("patch_embed", re.compile(r"(?:^|\.)visual\.patch_embed\.")),
-    ("merger", re.compile(r"(?:^|\.)visual\.merger\.")),
-    ("vision", re.compile(r"(?:^|\.)visual\.")),
-    ("llm", re.compile(r"(?:^|\.)language_model\.")),
-    ("lm_head", re.compile(r"(?:^|\.)lm_head\.")),
-)
-
-
-def part_of(name: str) -> str:
-    """The model part a parameter or module path belongs to ('other' when none)."""
-    for part, pattern in PART_PATTERNS:
-        if pattern.search(name + "."):
-            return part
-    return "other"
-
-
-FULL_COPY = ".modules_to_save."  # in the name of every parameter of a fully trained part's copy
-
-
-def trained_parts(recipe) -> set[str]:
-    """Parts the recipe trains, by LoRA or fully."""
-    return set(recipe.modes())
-
-
-def lora_parts(recipe) -> set[str]:
-    return {part for part, mode in recipe.modes().items() if mode == "lora"}
-
-
-def full_parts(recipe) -> set[str]:
-    return {part for part, mode in recipe.modes().items() if mode == "full"}
-
-
-def vision_trains(recipe) -> bool:
-    """Whether anything in the vision tower (blocks or merger) trains, so gradients must reach it."""
-    return bool(trained_parts(recipe) & {"vision", "merger"})
+from src.contract.families import FULL_COPY, full_parts, lora_parts, part_of, vision_trains
 
 
 def apply_freeze_policy(model, recipe) -> Counter:

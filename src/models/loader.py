@@ -6,11 +6,9 @@ its LoRA needs full-precision activations. `load_quantized_model()` keeps the us
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
+from src.contract.families import FAMILIES
 
-SUPPORTED_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl")
-# transformers 5 names the tower `model.visual`; the bare "visual" no longer matches (facts.md).
+# transformers 5 names the tower `model.visual`; the bare "visual" no longer matches (docs/stack.md).
 NOT_QUANTIZED = ["model.visual", "lm_head"]
 
 
@@ -19,26 +17,11 @@ def model_family(model_id: str) -> str:
     from transformers import AutoConfig
 
     model_type = AutoConfig.from_pretrained(model_id).model_type
-    if model_type not in SUPPORTED_MODEL_TYPES:
+    if model_type not in FAMILIES:
         raise ValueError(
             f"{model_id} is a {model_type!r} model; recipe-runner supports Qwen2-VL and Qwen2.5-VL"
         )
     return model_type
-
-
-def local_model_problem(model_id: str) -> str | None:
-    """Why a local model path cannot be used (None when fine, or when it is a hub id)."""
-    path = Path(model_id)
-    looks_local = path.is_absolute() or model_id.startswith(".") or path.exists()
-    if not looks_local:
-        return None
-    config = path / "config.json"
-    if not config.is_file():
-        return f"--model-id {model_id}: no config.json there; pass a model directory or a hub id"
-    model_type = json.loads(config.read_text()).get("model_type")
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        return f"--model-id {model_id}: model_type {model_type!r} is not Qwen2-VL or Qwen2.5-VL"
-    return None
 
 
 def compute_dtype(device: str):
@@ -92,16 +75,15 @@ def _balanced_map_with_head_on_first_gpu(model_id: str) -> dict:
 def load_processor(
     model_id: str, min_pixels: int | None = None, max_pixels: int | None = None, cap: bool = True
 ):
-    """The model's processor, resizing images to `src.planner.pixel_limits` (the run's --min-pixels and
+    """The model's processor, resizing images to `src.planning.memory.pixel_limits` (the run's --min-pixels and
     --max-pixels, else the processor's own with its maximum capped at 1280 image tokens). `cap=False`
     keeps a processor's own limits: one saved beside an adapter already holds what training used."""
     from transformers import AutoProcessor
 
-    from src.data.dataset import processor_pixel_limits
-    from src.planner import pixel_limits
+    from src.planning.pixels import limits_of_processor, pixel_limits
 
     processor = AutoProcessor.from_pretrained(model_id)
-    own = processor_pixel_limits(processor)
+    own = limits_of_processor(processor)
     wanted = (
         pixel_limits(own, min_pixels, max_pixels) if cap else (min_pixels or own[0], max_pixels or own[1])
     )
@@ -150,7 +132,7 @@ def load_quantized_model(model_id: str, device: str = "cpu", attn_implementation
 
 def _disable_avx512_bf16_repack(model) -> None:
     # On CPUs with avx512_bf16 a no-grad forward repacks 4-bit weights and later training
-    # fails (facts.md); turning the path off on every 4-bit layer avoids it.
+    # fails (docs/stack.md); turning the path off on every 4-bit layer avoids it.
     import bitsandbytes as bnb
 
     for module in model.modules():
@@ -162,7 +144,7 @@ def count_quantized_layers(model) -> dict[str, int]:
     """4-bit layers per model part; a quick check that the vision tower stayed full precision."""
     import bitsandbytes as bnb
 
-    from src.models.freeze import part_of
+    from src.contract.families import part_of
 
     counts: dict[str, int] = {}
     for name, module in model.named_modules():

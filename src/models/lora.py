@@ -13,38 +13,7 @@ from __future__ import annotations
 
 import re
 
-LLM_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-# Vision-block linear layers per family (the plan's VISION_LORA_TARGETS is the qwen2_vl row).
-VISION_LORA_TARGETS = {
-    "qwen2_vl": ("qkv", "proj", "fc1", "fc2"),
-    "qwen2_5_vl": ("qkv", "proj", "gate_proj", "up_proj", "down_proj"),
-}
-MERGER_LORA_TARGETS = ("0", "2")  # merger.mlp.0 and merger.mlp.2 (mlp.1 is the GELU)
-PART_PATHS = {
-    "vision": r"visual\.blocks\.\d+\.(?:attn|mlp)",
-    "merger": r"visual\.merger\.mlp",
-    "llm": r"language_model\.layers\.\d+\.(?:self_attn|mlp)",
-}
-FAMILIES = tuple(VISION_LORA_TARGETS)
-
-
-def default_targets(part: str, family: str) -> tuple[str, ...]:
-    return {"vision": VISION_LORA_TARGETS[family], "merger": MERGER_LORA_TARGETS, "llm": LLM_LORA_TARGETS}[
-        part
-    ]
-
-
-def target_regex(parts: set[str], family: str, names: tuple[str, ...] | None = None) -> str:
-    """One regex matching exactly the named linear layers inside the given parts."""
-    if family not in FAMILIES:
-        raise ValueError(f"unsupported model family {family!r}; expected one of {FAMILIES}")
-    alternatives = []
-    for part in sorted(parts):
-        part_names = names if names is not None else default_targets(part, family)
-        joined = "|".join(re.escape(n) for n in part_names)
-        alternatives.append(rf"(?:.*\.)?{PART_PATHS[part]}\.(?:{joined})")
-    return "|".join(f"(?:{alt})" for alt in alternatives)
-
+from src.contract.families import target_regex
 
 # PEFT matches modules_to_save entries by the end of a module's path; these end one module each.
 FULL_MODULES = {"merger": ("visual.merger",), "lm_head": ("lm_head",)}
@@ -53,7 +22,7 @@ VISION_BLOCK = re.compile(r"(?:^|\.)(visual\.blocks\.\d+)$")
 
 def full_module_names(recipe, model) -> list[str]:
     """What PEFT's modules_to_save copies and trains for the recipe's "full" parts, found in `model`."""
-    from src.models.freeze import full_parts
+    from src.contract.families import full_parts
 
     parts = full_parts(recipe)
     names = [name for part in sorted(parts - {"vision"}) for name in FULL_MODULES[part]]
@@ -81,7 +50,7 @@ def create_lora_config(recipe, family: str = "qwen2_vl", model=None):
     """
     from peft import LoraConfig
 
-    from src.models.freeze import full_parts, lora_parts
+    from src.contract.families import full_parts, lora_parts
 
     if full_parts(recipe) and model is None:
         raise ValueError(f"recipe {recipe.name} trains a part fully: pass the model to create_lora_config")

@@ -26,7 +26,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-DDP_TIMEOUT_ENV = "RECIPE_RUNNER_DDP_TIMEOUT"
+from src.contract.env import DDP_TIMEOUT_ENV
+
 # Long enough for rank 0 to merge and save a 7B stage-1 model while the others wait at a barrier.
 DEFAULT_DDP_TIMEOUT_SECONDS = 300
 
@@ -35,6 +36,28 @@ def ddp_timeout_seconds() -> int:
     """How long a rank waits in a collective (or barrier) before failing; env overrides."""
     value = os.environ.get(DDP_TIMEOUT_ENV, "")
     return int(value) if value.isdigit() and int(value) > 0 else DEFAULT_DDP_TIMEOUT_SECONDS
+
+
+def join_process_group(device: str) -> None:
+    """In a rank: join the others (NCCL on GPUs, gloo on the CPU) with the bounded collective timeout.
+
+    Done by the worker before the model loads, so barriers work from the start and the timeout holds
+    on the CPU too (the trainer would otherwise set the group up with accelerate's defaults).
+    """
+    from datetime import timedelta
+
+    import torch
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return
+    timeout = timedelta(seconds=ddp_timeout_seconds())
+    if device == "cuda":
+        dist.init_process_group(
+            "nccl", timeout=timeout, device_id=torch.device("cuda", torch.cuda.current_device())
+        )
+    else:
+        dist.init_process_group("gloo", timeout=timeout)
 
 
 @dataclass(frozen=True)

@@ -29,13 +29,9 @@ import tempfile
 import time
 from pathlib import Path
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
-# The multi-GPU machines need NVLink multicast off in every process (facts.md); each rank inherits these.
-NO_MULTICAST_ENV = {
-    "NCCL_NVLS_ENABLE": "0",
-    "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
-    "NVSHMEM_DISABLE_NVLS": "1",
-}
+from src.contract import exits
+from src.contract.env import FLAGS_CHECKED_ENV, NO_MULTICAST_ENV
+
 MONITOR_SECONDS = 0.2  # how often the agent polls its ranks: how fast one rank's death ends the rest
 
 
@@ -61,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
             "error: the worker's flags must follow `--`, e.g. --nproc-per-node 2 -- --recipe r4 ...",
             file=sys.stderr,
         )
-        return EXIT_USAGE
+        return exits.USAGE
     split = argv.index("--")
     nproc = build_parser().parse_args(argv[:split]).nproc_per_node
     worker_argv = argv[split + 1 :]
@@ -70,12 +66,12 @@ def main(argv: list[str] | None = None) -> int:
         worker_args, problems = check_worker_flags(nproc, worker_argv)
         if problems:
             print("error: " + "\nerror: ".join(problems), file=sys.stderr)
-            return EXIT_USAGE
+            return exits.USAGE
         prepare_environment(nproc, worker_args.gpu, worker_args.threads)
         code, failed_rank = launch(nproc, worker_argv)
     except KeyboardInterrupt:
-        return EXIT_INTERRUPTED
-    if code != EXIT_OK:
+        return exits.INTERRUPTED
+    if code != exits.OK:
         correct_status(Path(worker_args.output_dir), code, failed_rank)
     return code
 
@@ -99,7 +95,6 @@ def check_worker_flags(nproc: int, worker_argv: list[str]):
 
 def prepare_environment(nproc: int, gpu: str | None, threads: int | None) -> None:
     """What every rank inherits: its GPUs, no NVLink multicast, and a fair share of the CPU threads."""
-    from src.training.worker import FLAGS_CHECKED_ENV
     from src.utils.gpu import setup_gpus
 
     setup_gpus(gpu)  # the ranks skip --gpu: they see these GPUs and each takes its own
@@ -115,33 +110,9 @@ def run_rank(worker_argv: list[str]) -> int:
     from src.training.worker import main as worker_main
 
     code = worker_main(worker_argv)
-    if code != EXIT_OK:
+    if code != exits.OK:
         raise SystemExit(code)
     return code
-
-
-def join_process_group(device: str) -> None:
-    """In a rank: join the others (NCCL on GPUs, gloo on the CPU) with the bounded collective timeout.
-
-    Done by the worker before the model loads, so barriers work from the start and the timeout holds
-    on the CPU too (the trainer would otherwise set the group up with accelerate's defaults).
-    """
-    from datetime import timedelta
-
-    import torch
-    import torch.distributed as dist
-
-    from src.training.config import ddp_timeout_seconds
-
-    if dist.is_initialized():
-        return
-    timeout = timedelta(seconds=ddp_timeout_seconds())
-    if device == "cuda":
-        dist.init_process_group(
-            "nccl", timeout=timeout, device_id=torch.device("cuda", torch.cuda.current_device())
-        )
-    else:
-        dist.init_process_group("gloo", timeout=timeout)
 
 
 def launch(nproc: int, worker_argv: list[str]) -> tuple[int, int | None]:
@@ -170,8 +141,8 @@ def launch(nproc: int, worker_argv: list[str]) -> tuple[int, int | None]:
         except ChildFailedError as failed:
             return first_failure(failed.failures)
         except SignalException:
-            return EXIT_INTERRUPTED, None
-    return EXIT_OK, None
+            return exits.INTERRUPTED, None
+    return exits.OK, None
 
 
 def first_failure(failures: dict) -> tuple[int, int]:
@@ -186,7 +157,7 @@ def first_failure(failures: dict) -> tuple[int, int]:
     def order(item):
         rank, failure = item
         code = exit_code_of(failure.exitcode)
-        return (failure.timestamp, code in (EXIT_FAILED, EXIT_INTERRUPTED), code == EXIT_INTERRUPTED, rank)
+        return (failure.timestamp, code in (exits.FAILED, exits.INTERRUPTED), code == exits.INTERRUPTED, rank)
 
     rank, failure = min(failures.items(), key=order)
     return exit_code_of(failure.exitcode), rank
@@ -207,7 +178,7 @@ def correct_status(output: Path, code: int, failed_rank: int | None) -> None:
     who = f"rank {failed_rank}" if failed_rank is not None else "the process group"
     rank0 = f"; rank 0: {status['error']}" if status.get("error") else ""
     status.update(
-        status="interrupted" if code == EXIT_INTERRUPTED else "failed",
+        status="interrupted" if code == exits.INTERRUPTED else "failed",
         exit_code=code,
         ended=status.get("ended") or time.time(),
         error=f"{who} ended the run with exit code {code}{rank0}",

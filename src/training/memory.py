@@ -1,6 +1,6 @@
-"""What the memory planner (`src/planner.py`) needs to know at training time: the largest sample and
-the GPU memory this process can use. Used by `run.resolve_checkpointing` and the worker's
-`--batch-size auto`.
+"""What the memory planner (`src/planning/memory.py`) needs to know of a data set at training time: its
+largest sample. Used by `run.resolve_checkpointing` (with src/utils/gpu.py's available_gpu_bytes) and the
+benchmark.
 """
 
 from __future__ import annotations
@@ -14,10 +14,9 @@ def largest_sample(dataset, processor, limit: int = SAMPLES_TO_SIZE) -> tuple[in
     Image sizes come from the files' headers (PIL opens lazily); text tokens from the chat
     template, where each image is still one placeholder token.
     """
-    from src.data.dataset import processor_pixel_limits
-    from src.planner import image_grid
+    from src.planning.pixels import image_grid, limits_of_processor
 
-    low, high = processor_pixel_limits(processor)
+    low, high = limits_of_processor(processor)
     patches = text_tokens = 0
     for row in dataset.select(range(min(limit, len(dataset)))):
         sizes = [_image_size(image) for image in row.get("images") or []]
@@ -36,26 +35,5 @@ def _image_size(image) -> tuple[int, int]:
     return image.size
 
 
-# Set by the launcher for a job packed beside others on one GPU: the MiB it reserved there (less the CUDA
-# context). The worker stays inside it, so that its evaluation, say, never takes a neighbour's memory.
-BUDGET_ENV = "RECIPE_RUNNER_GPU_BUDGET_MIB"
 
 
-def available_gpu_bytes() -> int:
-    """GPU memory this process may fill: what is free plus what its own allocator already holds, and no
-    more than the launcher's reservation for it (BUDGET_ENV) when it shares the GPU."""
-    import os
-
-    import torch
-
-    free, _total = torch.cuda.mem_get_info()
-    usable = free + torch.cuda.memory_reserved()
-    budget = os.environ.get(BUDGET_ENV)
-    return min(usable, int(budget) * 2**20) if budget else usable
-
-
-def unallocated_gpu_bytes() -> int:
-    """What this process may still allocate: available_gpu_bytes less what its tensors hold now."""
-    import torch
-
-    return max(0, available_gpu_bytes() - torch.cuda.memory_allocated())

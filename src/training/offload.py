@@ -43,17 +43,6 @@ log = logging.getLogger(__name__)
 OFFLOAD_MIN_BYTES = 1 << 20  # below 1 MiB the copy costs more than the memory it frees
 
 
-def flag_problems(offload: bool, gradient_checkpointing: str | None) -> list[str]:
-    """The worker's and the launcher's check of --offload-activations against --gradient-checkpointing."""
-    if offload and gradient_checkpointing == "off":
-        return [
-            "--offload-activations with --gradient-checkpointing off: offloading moves the block inputs "
-            "that recompute keeps, so it needs recompute; drop --gradient-checkpointing off (offloading "
-            "turns recompute on) or drop --offload-activations"
-        ]
-    return []
-
-
 class _Packed:
     """One offloaded tensor: its host copy, the tensor packed before it, and a prefetched device copy."""
 

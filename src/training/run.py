@@ -3,7 +3,8 @@
 Called by the worker (`src/training/worker.py`); usable from Python:
 
     from src.recipes import resolve_recipe
-    from src.training.run import RunOptions, run_recipe
+    from src.training.options import RunOptions
+    from src.training.run import run_recipe
     run_recipe(resolve_recipe("r1"), RunOptions(model_id=..., dataset=..., output_dir=..., device="cpu"))
 
 Under data parallelism (`python -m src.training.distributed`) every rank runs this same code: the
@@ -23,70 +24,16 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from src.step_time import compile_chosen, stage_steps
-from src.training import progress
+from src.contract import progress
+from src.contract.env import FAULT_ENV, FAULT_RANK_ENV
+from src.training import levers
 from src.training.config import StageSettings, create_training_config
+from src.training.options import RunOptions
 from src.utils.files import atomic_dir
 from src.utils.gpu import is_main_process, rank, world_size
 
 log = logging.getLogger(__name__)
 STAGE_MARKER = "recipe_stage.json"  # written beside a merged stage-1 model, checked by --checkpoint
-# Testing hook for the reliability tests: "STAGE:STEP" raises after that step (after its log, if logged),
-# "STAGE:STEP:kill" SIGKILLs the worker there (a hard crash: no status update, no cleanup),
-# "STAGE:STEP:oom" raises CUDA's out-of-memory error (exit 3). FAULT_RANK_ENV=N limits it to rank N.
-FAULT_ENV = "RECIPE_RUNNER_FAULT_AT"
-FAULT_RANK_ENV = "RECIPE_RUNNER_FAULT_RANK"
-
-
-@dataclass(frozen=True)
-class RunOptions:
-    """Everything a run needs beyond the recipe; the worker fills it from its flags."""
-
-    model_id: str
-    dataset: str
-    output_dir: Path
-    device: str = "cpu"
-    epochs: float = 3
-    max_steps: int = -1
-    batch_size: int = 4
-    grad_accum: int = 1
-    learning_rate: float | None = None
-    seed: int = 42
-    wandb: bool = False
-    checkpoint: str | None = None
-    skip_bad_records: bool = False
-    gradient_checkpointing: bool | None = None
-    save_steps: int = 0  # checkpoint every N optimizer steps (0: only the final output)
-    resume: bool = False  # skip finished stages; continue the others from their last checkpoint
-    # Speed levers (docs/benchmarks.md says what each bought); the defaults are the fast path.
-    dataloader_workers: int | None = None  # None: 4 on a GPU (config.gpu_loader_workers), 0 on the CPU
-    fused_optimizer: bool = True  # fused AdamW kernel on GPUs
-    frozen_vision_no_grad: bool = True  # run a vision tower with nothing to train outside autograd
-    adapter_input_casts: bool = False  # on GPUs: PEFT's fp32 copy of every LoRA input (autocast undoes it)
-    cudnn_attention: bool = True  # SDPA may pick cuDNN's kernels (torch's default; see use_cudnn_attention)
-    # The vision tower's attention as one flash varlen call a block, not one SDPA call per image and three
-    # host reads a block (src/models/vision_attention.py); GPUs only. None: when compiling (resolve_...).
-    vision_varlen_attention: bool | None = None
-    # With it, images of one size attend in one batched SDPA call (cuDNN on Hopper), not the varlen kernel.
-    vision_batched_attention: bool = True
-    # Positions worked out on the host, not by GPU reads (host_positions.py): 290 of the 353 host syncs of
-    # two compiled 7B r4 steps are in the model's get_rope_index. None: when compiling (resolve_host_...).
-    host_positions: bool | None = None
-    # Batches copied to the GPU without the host waiting (config.accelerator_options says why); GPUs only.
-    non_blocking_copies: bool = True
-    # The loss is read back from the GPU (a host sync) and logged every this many optimizer steps, and at
-    # the last step. None: every step on the CPU, every GPU_LOGGING_STEPS on a GPU (resolve_logging_steps).
-    logging_steps: int | None = None
-    image_root: str | None = None  # where the data set's images are, when not where load_records looks
-    min_pixels: int | None = None  # image resize limits (None: src.planner.pixel_limits' defaults)
-    max_pixels: int | None = None
-    compile: bool | None = None  # torch.compile the model's repeated regions; None: resolve_compile decides
-    compile_quantized: bool = False  # compile 4-bit (QLoRA) decoder layers too (compile.py says why not)
-    # What recompute keeps (the blocks' inputs) waits in host memory (offload.py); implies recompute.
-    offload_activations: bool = False
-    # 4-bit (QLoRA) weights dequantized once and kept in bf16 (src/models/dequantize.py); None: where the
-    # planner says the copies fit (resolve_dequantized), on GPUs only.
-    dequantize_once: bool | None = None
 
 
 @dataclass
@@ -312,18 +259,18 @@ def prepare_stage(
         skip_adapter_input_casts(model)
     if opts.device == "cuda":
         use_cudnn_attention(opts.cudnn_attention)
-    compile_on = resolve_compile(opts, len(dataset))
+    compile_on = levers.resolve_compile(opts, len(dataset))
     # what the planner decides from (a pass over the data set), read once and only when a rule needs it
-    planner_inputs = functools.cache(lambda: _planner_inputs(model_id, dataset, processor))
-    checkpointing = resolve_checkpointing(stage, opts, planner_inputs, compile_on)
-    if resolve_dequantized(stage, opts, planner_inputs, checkpointing):
+    planner_inputs = functools.cache(lambda: levers.planner_inputs_of(model_id, dataset, processor))
+    checkpointing = levers.resolve_checkpointing(stage, opts, planner_inputs, compile_on)
+    if levers.resolve_dequantized(stage, opts, planner_inputs, checkpointing):
         from src.models.dequantize import cache_dequantized_weights
 
         cache_dequantized_weights(model)
-    if resolve_vision_varlen(opts, compile_on):
+    if levers.resolve_vision_varlen(opts, compile_on):
         use_varlen_vision_attention(model, opts.vision_batched_attention)
     positions = None
-    if resolve_host_positions(opts, compile_on) and (backbone := language_backbone(model)) is not None:
+    if levers.resolve_host_positions(opts, compile_on) and (backbone := language_backbone(model)) is not None:
         positions = RopePositions.of(backbone)  # in the collator: the loader's workers compute them
         vision_lengths_on_host(model)
     if opts.offload_activations:
@@ -352,7 +299,7 @@ def prepare_stage(
         dataloader_workers=opts.dataloader_workers,
         fused_optimizer=opts.fused_optimizer,
         non_blocking_copies=opts.non_blocking_copies,
-        logging_steps=resolve_logging_steps(opts),
+        logging_steps=levers.resolve_logging_steps(opts),
     )
     reporter = ProgressCallback(recipe_name, stage.name, opts.output_dir / "loss_history.jsonl")
     trainer = SFTTrainer(
@@ -403,140 +350,6 @@ def skip_adapter_input_casts(model) -> None:
     for module in model.modules():
         if isinstance(module, BaseTunerLayer):
             module.cast_input_dtype_enabled = False
-
-
-def resolve_compile(opts: RunOptions, dataset_size: int = 0) -> bool:
-    """Whether to torch.compile the model's repeated regions: as asked, or the rule for "auto".
-
-    "auto" compiles on a GPU when the stage runs at least step_time.COMPILE_AUTO_MIN_STEPS optimizer
-    steps, the length after which the measured saving repays the compilation; never on the CPU.
-    """
-    return compile_chosen(opts.compile, opts.device == "cuda", planned_steps(opts, dataset_size))
-
-
-def resolve_vision_varlen(opts: RunOptions, compile_on: bool) -> bool:
-    """Whether the vision tower attends through one flash varlen call a block: as asked, by default when
-    compiling on a GPU. Compiled, it keeps each vision block one graph and bought 8% of a 7B r4 step;
-    eager, cuDNN's per-image kernels were as fast or faster (docs/benchmarks.md, 2026-11-30 fourth)."""
-    if opts.device != "cuda":
-        return False
-    return compile_on if opts.vision_varlen_attention is None else opts.vision_varlen_attention
-
-
-GPU_LOGGING_STEPS = 10  # TRL's default interval too
-
-
-def resolve_logging_steps(opts: RunOptions) -> int:
-    """How often the loss is read back and logged: as asked; by default every step on the CPU and every
-    GPU_LOGGING_STEPS steps on a GPU.
-
-    Reading the loss makes the host wait for the GPU at the step's end; while it then logs, fetches
-    the next batch and launches its first kernels, the GPU idles. Compiled 7B r1 on an H200 ran 3.7%
-    faster logging every 10 steps with non-blocking batch copies (docs/benchmarks.md, 2026-12-01
-    seventh). Every step still reports its progress (step, memory), without the loss.
-    """
-    if opts.logging_steps is not None:
-        return opts.logging_steps
-    return GPU_LOGGING_STEPS if opts.device == "cuda" else 1
-
-
-def resolve_host_positions(opts: RunOptions, compile_on: bool) -> bool:
-    """Whether positions are worked out on the host: as asked, by default when compiling.
-
-    Compiled, a step launches few kernels and the GPU reads of Qwen2-VL's position code are most of its
-    host syncs. Measured on H200s, 7B (docs/benchmarks.md, 2026-12-01 sixth): the GPU busy 93.4% of an r4
-    step instead of 87.0% and 91.1% of an r1 step instead of 86.3%, the steps as fast or 1% faster.
-    Eager, it was no faster (fourth session), so it stays off there.
-    """
-    return compile_on if opts.host_positions is None else opts.host_positions
-
-
-def planned_steps(opts: RunOptions, dataset_size: int) -> int:
-    """Optimizer steps of one stage: --max-steps, else the epochs over the data set (all ranks together)."""
-    return stage_steps(
-        opts.max_steps, opts.epochs, dataset_size, opts.batch_size * opts.grad_accum * world_size()
-    )
-
-
-def resolve_checkpointing(stage, opts: RunOptions, planner_inputs, compiled: bool = False) -> bool | None:
-    """Gradient checkpointing as asked; on with activation offloading; for "auto" on one GPU, off when
-    the planner says it fits.
-
-    Recomputing activations costs about a third of a step; it is only worth it when the
-    activations would not fit (`compiled` layers save fewer). None leaves the CPU rule to the config
-    (off). A data-parallel rank holds a whole model on one GPU, so the planner decides for it as for a
-    single GPU; each rank asks about its own GPU. `planner_inputs()` gives what the planner needs
-    (`_planner_inputs`).
-    """
-    if opts.gradient_checkpointing is not None:
-        return opts.gradient_checkpointing
-    if opts.offload_activations:  # it moves what recompute keeps: nothing to move without recompute
-        return True
-    if opts.device != "cuda":
-        return None
-    if _sharded():  # stay lean: the split is tight
-        return True
-    from src.planner import choose_checkpointing
-
-    shape, patches, text_tokens, capacity = planner_inputs()
-    checkpointing = choose_checkpointing(
-        shape, stage, opts.batch_size, capacity, patches, text_tokens, compiled=compiled
-    )
-    log.info(
-        "[%s] gradient checkpointing %s (planner: batch %d, %d image patches + %d text tokens a sample, "
-        "%.1f GiB available)",
-        stage.name,
-        "on" if checkpointing else "off",
-        opts.batch_size,
-        patches,
-        text_tokens,
-        capacity / 2**30,
-    )
-    return checkpointing
-
-
-def resolve_dequantized(stage, opts: RunOptions, planner_inputs, checkpointing) -> bool:
-    """Whether a 4-bit stage dequantizes its weights once (src/models/dequantize.py): as asked; for "auto"
-    on one GPU, when the planner says the bf16 copies fit beside the stage at its chosen setting (inside
-    the launcher's reservation when the GPU is shared). Never for a bf16 stage, nor by default on the CPU
-    (where it buys nothing) or sharded over several GPUs (where memory is tight)."""
-    if not stage.quantized:
-        return False
-    if opts.dequantize_once is not None:
-        return opts.dequantize_once
-    if opts.device != "cuda" or _sharded():
-        return False
-    from src.planner import choose_dequantized, dequantized_copy_bytes
-
-    shape, patches, text_tokens, capacity = planner_inputs()
-    chosen = choose_dequantized(
-        shape, stage, opts.batch_size, capacity, patches, text_tokens, bool(checkpointing)
-    )
-    log.info(
-        "[%s] 4-bit weights %s (%.1f GiB of bf16 copies, %.1f GiB available)",
-        stage.name,
-        "dequantized once" if chosen else "dequantized on every use: the copies do not fit",
-        dequantized_copy_bytes(shape, stage) / 2**30,
-        capacity / 2**30,
-    )
-    return chosen
-
-
-def _sharded() -> bool:
-    """One process over several visible GPUs: the model is split across them (loader.device_map_for)."""
-    import torch
-
-    return world_size() == 1 and torch.cuda.device_count() > 1
-
-
-def _planner_inputs(model_id: str, dataset, processor) -> tuple:
-    """(model shape, image patches and text tokens of the largest sample, usable GPU bytes): what the
-    memory planner's choices at training time are made from."""
-    from src.planner import ModelShape
-    from src.training.memory import available_gpu_bytes, largest_sample
-
-    patches, text_tokens = largest_sample(dataset, processor)
-    return ModelShape.from_model_dir(model_id), patches, text_tokens, available_gpu_bytes()
 
 
 def save_stage(model, processor, stage_dir: Path, merge: bool, recipe_name: str, stage_name: str) -> Path:

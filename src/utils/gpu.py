@@ -14,6 +14,8 @@ from __future__ import annotations
 import os
 import sys
 
+from src.contract.env import BUDGET_ENV
+
 
 def setup_gpus(gpu: str | None) -> list[str]:
     """Pin this process to the given GPU ids or UUIDs; return what is visible.
@@ -83,3 +85,24 @@ def describe_device(device: str) -> dict:
         "visible": os.environ.get("CUDA_VISIBLE_DEVICES"),
         "world_size": world_size(),
     }
+
+
+# Set by the launcher for a job packed beside others on one GPU: the MiB it reserved there (less the CUDA
+# context). The worker stays inside it, so that its evaluation, say, never takes a neighbour's memory.
+def available_gpu_bytes() -> int:
+    """GPU memory this process may fill: what is free plus what its own allocator already holds, and no
+    more than the launcher's reservation for it (BUDGET_ENV) when it shares the GPU."""
+    import torch
+
+    free, _total = torch.cuda.mem_get_info()
+    usable = free + torch.cuda.memory_reserved()
+    budget = os.environ.get(BUDGET_ENV)
+    return min(usable, int(budget) * 2**20) if budget else usable
+
+
+def unallocated_gpu_bytes() -> int:
+    """What this process may still allocate: available_gpu_bytes less what its tensors hold now."""
+    import torch
+
+    return max(0, available_gpu_bytes() - torch.cuda.memory_allocated())
+

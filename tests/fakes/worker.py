@@ -31,8 +31,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root, for the shared protocol
 
+from src.contract.progress import format_event  # noqa: E402
 from src.recipes import RECIPES  # noqa: E402
-from src.training.progress import format_event  # noqa: E402
 
 ENV_KEYS = (
     "CUDA_VISIBLE_DEVICES",

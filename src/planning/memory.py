@@ -1,0 +1,721 @@
+"""GPU memory planner: the peak CUDA memory of one training stage, predicted without torch.
+
+What it predicts: `torch.cuda.max_memory_allocated` of one stage of a recipe (the worker's TRL path:
+bf16 weights or a 4-bit nf4 LLM, LoRA adapters, bf16 autocast, SDPA, TRL's fused LM head, AdamW), for a
+model's config.json, a micro-batch size, an image size and gradient checkpointing on or off. Stdlib only, so
+the launcher (which never imports torch) and the worker can both call it.
+
+    from src.planning.memory import ModelShape, estimate_recipe_memory
+    from src.planning.pixels import image_grid, limits_from_config
+    shape = ModelShape.from_model_dir(model_dir)
+    patches, _ = image_grid(644, 476, *limits_from_config(model_dir))
+    estimate_recipe_memory(shape, recipe, 4, patches, text_tokens=100, checkpointing=True).gib
+
+    python -m src.planning.memory --shape 7b --batch-size 4       # every recipe, checkpointing on and off
+
+The peak is weights + trainable state + activations + workspace + overhead:
+  * weights: every parameter in bf16 (2 B); a quantized stage keeps the LLM's decoder linears in nf4 with
+    double quantization (0.5 B + 1/64 B of 8-bit absmax + fp32 second-level absmax per 256 blocks).
+  * trainable state: LoRA parameters fp32 (PEFT upcasts adapters of a bf16 model), their fp32 gradients and
+    AdamW's two fp32 moments: 16 B per parameter. On a 4-bit model TRL casts the adapters to bf16, and the
+    grads and moments follow: 8 B per parameter. A part trained "full" (PEFT modules_to_save) adds a bf16
+    trainable copy of its weights, a bf16 gradient and two bf16 moments: 8 B per parameter (the frozen
+    original it keeps is already in the weights).
+  * activations: what autograd keeps for backward, summed per part at the end of the forward pass. Per token
+    of a Qwen2 decoder layer (h hidden, I intermediate, bf16 = 2 B, fp32 = 4 B):
+      two RMSNorms (python, fp32 upcast): fp32 copy of the input + rsqrt     2 * (4h + 4)
+      SDPA: q, k, v (k/v repeated to all heads under a padding mask), out     2 * 4h, + 4 B lse per head
+      SwiGLU: gate output (silu input), silu output, up output                3 * 2I
+      each LoRA-wrapped linear of input width d: dropout mask (bool) + the
+      bf16 input of lora_A (autocast's copy) + the rank-r input of lora_B     1d + 2d + 2r
+    plus, per layer, the bf16 additive mask SDPA keeps (batch * seq * seq) and autocast's bf16 copies of fp32
+    adapter weights. A vision block (embed e, MLP m) keeps per patch: two LayerNorms run in fp32 by autocast
+    (fp32 input copy + mean/rstd; RMSNorm on Qwen2.5-VL), q and k after RoPE, the whole fused qkv output (v
+    is a view of it), the attention output and lse (12e + 4 B per head), QuickGELU's input and sigmoid
+    (2 * 2m; SwiGLU on Qwen2.5-VL: 3 * 2m), and the same LoRA terms. With gradient checkpointing every
+    decoder layer and vision block keeps only its bf16 input (2h per token, 2e per patch) and one layer is
+    recomputed at a time in backward. Vision and merger activations exist only when the stage trains one of
+    them (a frozen tower runs under no_grad); the LLM's always do, since every recipe back-propagates through
+    it.
+  * workspace: transient buffers at the peak: the gradients flowing through one layer's MLP in backward
+    (with a LoRA-wrapped down projection, a bf16 grad and the fp32 chain through PEFT's dropout), the
+    dequantized bf16 weight of a 4-bit linear, and TRL's fused LM head tile.
+  * overhead: the batch's pixel values (fp32) and token tensors, and the cuBLAS workspaces.
+The peak is the largest of three moments: backward through the last decoder layer (all kept activations + one
+recomputed layer + its gradients), backward through the vision tower (the LLM's activations are freed by then)
+and the LM head's backward. Constants are named below with where they come from; calibrate them against
+GPU measurements (docs/benchmarks.md). tests/test_planner.py checks the activation terms against the bytes
+autograd saves on CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from src.contract.families import (
+    FAMILIES,
+    LLM_LORA_TARGETS,
+    MERGER_LORA_TARGETS,
+    VISION_LORA_TARGETS,
+    vision_trains,
+)
+from src.planning.pixels import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS, image_grid, limits_from_config
+from src.recipes import RECIPES, TrainingRecipe
+
+GIB = 2**30
+BF16, FP32 = 2, 4
+
+# --- weights -------------------------------------------------------------------------------------------
+# bitsandbytes nf4 with double quantization (src/models/loader.py): 4 bits per weight, one 8-bit absmax per
+# block of 64, one fp32 absmax per 256 of those blocks.
+NF4_BLOCK, NF4_BLOCKS_PER_ABSMAX2 = 64, 256
+NF4_BYTES_PER_PARAM = 0.5 + 1 / NF4_BLOCK + FP32 / (NF4_BLOCK * NF4_BLOCKS_PER_ABSMAX2)
+
+# --- trainable state -----------------------------------------------------------------------------------
+# PEFT keeps adapters of a bf16 model in fp32 (autocast_adapter_dtype); grads match the parameter dtype and
+# torch AdamW keeps exp_avg and exp_avg_sq in it too. TRL 1.16 casts the adapters of a 4-bit model to bf16
+# (sft_trainer.py, "When using QLoRA, the PEFT adapter weights are converted to bf16").
+ADAM_MOMENTS = 2
+# PEFT 0.21's modules_to_save deep-copies the module in the model's dtype (its fp32 upcast covers adapters
+# only): on the tiny model loaded in bf16 the copy, its gradient and AdamW's exp_avg/exp_avg_sq were all bf16.
+FULL_COPY_BYTES = BF16
+
+# --- activations ---------------------------------------------------------------------------------------
+NORM_FP32_STATS = FP32  # RMSNorm keeps rsqrt(variance) per row in fp32
+ROPE_TABLES = 2  # cos and sin, shared by every layer
+
+
+@dataclass(frozen=True)
+class KernelBytes:
+    """Bytes per element of the saved tensors whose dtype depends on the device's kernels.
+
+    The defaults are CUDA's; the CPU test passes its own (non-fused dropout keeps a mask in the input's dtype,
+    CPU autocast leaves layer_norm in bf16, CPU SDPA does not pad the mask).
+    """
+
+    dropout_mask: float = 1  # native_dropout keeps a bool mask
+    layer_norm_input: float = FP32  # autocast runs layer_norm in fp32: it saves an fp32 copy of its input
+    layer_norm_stats: float = 2 * FP32  # mean and rstd per row
+    attn_bias_align: int = 16  # memory-efficient SDPA pads the last dim of the bf16 mask it keeps
+
+
+CUDA_KERNELS = KernelBytes()
+# Measured on CPU (tests/test_planner.py): dropout multiplies by a mask in the dtype of PEFT's fp32 cast of
+# the input, layer_norm stays bf16 under CPU autocast (its mean/rstd too), and SDPA's kept mask is not padded.
+CPU_KERNELS = KernelBytes(
+    dropout_mask=FP32, layer_norm_input=BF16, layer_norm_stats=2 * BF16, attn_bias_align=1
+)
+
+# --- workspace (transient at the peak) -----------------------------------------------------------------
+# Backward through an MLP: with a LoRA-wrapped down projection, the bf16 grad of its input plus the fp32 grad
+# through PEFT's fp32 cast and dropout (two fp32 tensors) = 5 bf16-sized buffers per intermediate element;
+# frozen, the three bf16 grads of the gate/up product. Plus the bf16 grad of the layer output and residual.
+BWD_INTER_BUFFERS_LORA = 5
+BWD_INTER_BUFFERS_FROZEN = 3
+BWD_HIDDEN_BUFFERS = 2
+# The final RMSNorm's backward runs in fp32 (grad, normalised input and product) before the first layer.
+FINAL_NORM_BWD_FP32_BUFFERS = 3
+# TRL 1.16 fused LM head (trl/kernels/chunked_logprob.py): tiles of TOKEN_CHUNK_SIZE label positions x
+# chunk_size vocabulary entries in the compute dtype, and an fp32 grad of the label positions' hidden states.
+# (With Triton, i.e. on CUDA, only label positions are scored; without it every position is.)
+LM_HEAD_TILE_TOKENS, LM_HEAD_TILE_VOCAB = 4096, 32768
+# The per-label tensors the fused head keeps: int64 target, fp32 log-normaliser and entropy.
+LM_HEAD_BYTES_PER_LABEL = 8 + FP32 + FP32
+
+# --- compiled regions (src/training/compile.py) --------------------------------------------------------
+# Inductor fuses the norms, activations, rotary and LoRA's elementwise work inside each compiled layer, so
+# fewer intermediates are saved for backward. Measured on H200s without recompute (2026-11-30, fourth
+# session: the compiled rows' peak less the bf16 weights, against this planner's uncompiled activations):
+# 7B r4 8x2 x0.81 (to the core's own uncompiled 8x2 peak), 7B r2 16x1 x0.71, 2B r2 x0.72, 2B r4 x0.76. The
+# largest is taken. With recompute on nothing changed (7B r4 4x4: 18.1 GiB measured, 18.2 planned); 4-bit
+# stages keep their LLM layers eager unless dequantized, and are not counted as compiled. Since images of
+# one size attend in one batched call (2026-12-01, sixth session), 7B r4 16x1 measured 109.1 GiB (105.2
+# before) against 110.5 planned, a thin margin: likely SDPA keeping `v`, a view of the fused qkv output.
+COMPILED_ACTIVATIONS = 0.82
+
+# --- activation offloading (src/training/offload.py) -----------------------------------------------------
+# With recompute, offloading moves the checkpointed blocks' inputs to pinned host memory; backward holds
+# the block input in use and the one prefetched behind it. Measured on an H200 (2026-12-01, eighth session),
+# 7B r4 at 8x2, recompute on, compiled: 17.93 GiB offloaded, 19.70 GiB not (planned 20.05 for both before).
+# The other saved tensors of 1 MiB or more outside the blocks move too; the plan keeps them on the GPU.
+OFFLOAD_RESIDENT_BLOCKS = 2
+
+# --- overhead ------------------------------------------------------------------------------------------
+# cuBLAS workspaces come from the caching allocator: 32 MiB per handle on Hopper (CUBLAS_WORKSPACE_CONFIG
+# :4096:8), one handle for the forward thread and one for autograd's device thread.
+CUBLAS_WORKSPACE_BYTES = 2 * 32 * 2**20
+TOKEN_TENSORS = 4  # input_ids, labels, attention_mask, mm_token_type_ids (int64 per token)
+ALLOCATOR_ROUNDING = 0.005  # the caching allocator rounds blocks up to 512 B; a small share of the total
+# A setting "fits" when its estimate is within this share of the GPU: the margin every choice keeps
+# (recompute off, 4-bit weights dequantized once, --batch-size auto's fastest setting).
+HEADROOM = 0.85
+
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """Everything the estimate needs from a Qwen2-VL / Qwen2.5-VL config.json."""
+
+    family: str  # "qwen2_vl" | "qwen2_5_vl"
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    vocab: int
+    tied_embeddings: bool
+    vision_depth: int
+    vision_embed: int
+    vision_heads: int
+    vision_intermediate: int
+    patch_size: int = 14
+    merge_size: int = 2
+    temporal_patch_size: int = 2
+    in_channels: int = 3
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden // self.heads
+
+    @property
+    def kv_dim(self) -> int:
+        return self.kv_heads * self.head_dim
+
+    @property
+    def merger_hidden(self) -> int:
+        return self.vision_embed * self.merge_size**2
+
+    @property
+    def vision_gated(self) -> bool:
+        return self.family == "qwen2_5_vl"  # SwiGLU MLP and RMSNorm in the vision blocks
+
+    @classmethod
+    def from_config(cls, config: dict) -> ModelShape:
+        """Both layouts: transformers 5 (nested text_config) and older checkpoints (text fields on top)."""
+        text = {**config, **(config.get("text_config") or {})}
+        vision = config.get("vision_config") or {}
+        family = config.get("model_type", "")
+        if family not in FAMILIES:  # a bare config: Qwen2.5-VL's vision tower names its width hidden_size
+            family = "qwen2_5_vl" if "out_hidden_size" in vision else "qwen2_vl"
+        if family == "qwen2_5_vl":
+            embed, inter = vision.get("hidden_size", 1280), vision.get("intermediate_size", 3420)
+        else:
+            embed = vision.get("embed_dim", 1280)
+            inter = int(embed * vision.get("mlp_ratio", 4))
+        return cls(
+            family=family,
+            hidden=text["hidden_size"],
+            intermediate=text["intermediate_size"],
+            layers=text["num_hidden_layers"],
+            heads=text["num_attention_heads"],
+            kv_heads=text.get("num_key_value_heads", text["num_attention_heads"]),
+            vocab=text["vocab_size"],
+            tied_embeddings=bool(config.get("tie_word_embeddings", text.get("tie_word_embeddings", False))),
+            vision_depth=vision.get("depth", 32),
+            vision_embed=embed,
+            vision_heads=vision.get("num_heads", 16),
+            vision_intermediate=inter,
+            patch_size=vision.get("patch_size", 14),
+            merge_size=vision.get("spatial_merge_size", 2),
+            temporal_patch_size=vision.get("temporal_patch_size", 2),
+            in_channels=vision.get("in_channels", vision.get("in_chans", 3)),
+        )
+
+    @classmethod
+    def from_model_dir(cls, path) -> ModelShape:
+        return cls.from_config(json.loads((Path(path) / "config.json").read_text()))
+
+
+# --- images --------------------------------------------------------------------------------------------
+
+
+# --- parameters ----------------------------------------------------------------------------------------
+
+
+def llm_linears(shape: ModelShape) -> dict[str, tuple[int, int]]:
+    """(in, out) of each linear of one decoder layer."""
+    h, kv, i = shape.hidden, shape.kv_dim, shape.intermediate
+    return {
+        "q_proj": (h, h),
+        "k_proj": (h, kv),
+        "v_proj": (h, kv),
+        "o_proj": (h, h),
+        "gate_proj": (h, i),
+        "up_proj": (h, i),
+        "down_proj": (i, h),
+    }
+
+
+def vision_linears(shape: ModelShape) -> dict[str, tuple[int, int]]:
+    """(in, out) of each linear of one vision block."""
+    e, m = shape.vision_embed, shape.vision_intermediate
+    mlp = (
+        {"gate_proj": (e, m), "up_proj": (e, m), "down_proj": (m, e)}
+        if shape.vision_gated
+        else {"fc1": (e, m), "fc2": (m, e)}
+    )
+    return {"qkv": (e, 3 * e), "proj": (e, e), **mlp}
+
+
+def merger_linears(shape: ModelShape) -> dict[str, tuple[int, int]]:
+    d = shape.merger_hidden
+    return {"0": (d, d), "2": (d, shape.hidden)}
+
+
+PART_LINEARS = {"llm": llm_linears, "vision": vision_linears, "merger": merger_linears}
+
+
+def _matrix_params(linears: dict[str, tuple[int, int]]) -> int:
+    return sum(d_in * d_out for d_in, d_out in linears.values())
+
+
+def _vision_block_params(shape: ModelShape) -> int:
+    e = shape.vision_embed
+    block_biases = sum(d_out for _, d_out in vision_linears(shape).values())
+    block_norms = 2 * e if shape.vision_gated else 4 * e  # RMSNorm weight, or LayerNorm weight and bias
+    return _matrix_params(vision_linears(shape)) + block_biases + block_norms
+
+
+def _merger_params(shape: ModelShape) -> int:
+    e = shape.vision_embed  # linears, their biases, and the norm in front (ln_q)
+    return (
+        _matrix_params(merger_linears(shape))
+        + shape.merger_hidden
+        + shape.hidden
+        + (e if shape.vision_gated else 2 * e)
+    )
+
+
+def parameter_counts(shape: ModelShape) -> dict[str, int]:
+    """Parameters per part; "llm_linear" is what a 4-bit load quantizes (decoder-layer weight matrices)."""
+    h, e = shape.hidden, shape.vision_embed
+    llm_linear = shape.layers * _matrix_params(llm_linears(shape))
+    llm_rest = shape.layers * (h + 2 * shape.kv_dim + 2 * h) + h  # q/k/v biases, two norms; final norm
+    embeddings = shape.vocab * h * (1 if shape.tied_embeddings else 2)
+    vision = shape.vision_depth * _vision_block_params(shape)
+    patch_embed = e * shape.in_channels * shape.temporal_patch_size * shape.patch_size**2
+    merger = _merger_params(shape)
+    return {
+        "llm_linear": llm_linear,
+        "llm_other": llm_rest + embeddings,
+        "vision": vision + patch_embed + merger,
+    }
+
+
+def lora_targets(shape: ModelShape, stage: TrainingRecipe) -> dict[str, dict[str, tuple[int, int]]]:
+    """Per trained part, the (in, out) of each linear PEFT wraps (as scoped by src/models/lora.py)."""
+    defaults = {
+        "llm": LLM_LORA_TARGETS,
+        "vision": VISION_LORA_TARGETS[shape.family],
+        "merger": MERGER_LORA_TARGETS,
+    }
+    modes = {"vision": stage.train_vision, "merger": stage.train_merger, "llm": stage.train_llm}
+    wrapped = {}
+    for part, mode in modes.items():
+        if mode != "lora":
+            continue
+        names = stage.lora_target_modules or defaults[part]
+        wrapped[part] = {n: dims for n, dims in PART_LINEARS[part](shape).items() if n in names}
+    return wrapped
+
+
+def lora_parameters(shape: ModelShape, stage: TrainingRecipe) -> int:
+    """Trainable parameters: rank * (in + out) per wrapped linear, per layer."""
+    repeats = {"llm": shape.layers, "vision": shape.vision_depth, "merger": 1}
+    return sum(
+        repeats[part] * stage.lora_rank * (d_in + d_out)
+        for part, linears in lora_targets(shape, stage).items()
+        for d_in, d_out in linears.values()
+    )
+
+
+def weight_bytes(shape: ModelShape, quantized: bool) -> int:
+    counts = parameter_counts(shape)
+    llm_linear = counts["llm_linear"] * (NF4_BYTES_PER_PARAM if quantized else BF16)
+    return int(llm_linear + BF16 * (counts["llm_other"] + counts["vision"]))
+
+
+def adapter_bytes(stage: TrainingRecipe) -> int:
+    """Bytes per adapter element: fp32 on a bf16 model, bf16 on a 4-bit one (TRL's cast)."""
+    return BF16 if stage.quantized else FP32
+
+
+def full_parameters(shape: ModelShape, stage: TrainingRecipe) -> int:
+    """Parameters of the parts trained "full": each has a trainable copy (PEFT modules_to_save)."""
+    per_part = {
+        "vision": lambda: shape.vision_depth * _vision_block_params(shape),
+        "merger": lambda: _merger_params(shape),
+        "lm_head": lambda: shape.vocab * shape.hidden,
+    }
+    return sum(per_part[part]() for part, mode in stage.modes().items() if mode == "full")
+
+
+def trainable_state_bytes(shape: ModelShape, stage: TrainingRecipe) -> int:
+    """Adapters + their grads + AdamW moments in the adapter dtype; full parts' copies likewise in bf16."""
+    lora = lora_parameters(shape, stage) * adapter_bytes(stage)
+    return (lora + full_parameters(shape, stage) * FULL_COPY_BYTES) * (2 + ADAM_MOMENTS)
+
+
+# --- activations ---------------------------------------------------------------------------------------
+
+
+def _lora_saved_per_row(d_in: int, rank: int, dropout: float, kernels: KernelBytes) -> float:
+    """Per token: the dropout mask, lora_A's bf16 input and lora_B's rank-wide bf16 input."""
+    mask = kernels.dropout_mask * d_in if dropout > 0 else 0
+    return mask + BF16 * d_in + BF16 * rank
+
+
+def _lora_saved(linears, rank, dropout, kernels) -> float:
+    return sum(_lora_saved_per_row(d_in, rank, dropout, kernels) for d_in, _ in linears.values())
+
+
+def _lora_weight_casts(linears, rank: int, adapter: int) -> int:
+    """Autocast's bf16 copies of fp32 adapter weights, kept for backward (none when adapters are bf16)."""
+    return BF16 * rank * sum(d_in + d_out for d_in, d_out in linears.values()) if adapter == FP32 else 0
+
+
+def _norm_saved(width: int, rms: bool, kernels: KernelBytes) -> float:
+    if rms:  # python RMSNorm: fp32 copy of the input and rsqrt per row, on every device
+        return FP32 * width + NORM_FP32_STATS
+    return kernels.layer_norm_input * width + kernels.layer_norm_stats
+
+
+@dataclass(frozen=True)
+class Batch:
+    """One micro-batch as the planner sees it: every sample padded to the same length."""
+
+    size: int
+    image_patches: int  # per sample (one image each)
+    text_tokens: int  # per sample, besides the image tokens
+    label_tokens: float  # per sample, positions the loss is computed on
+    padded: bool = True  # a padding mask goes into SDPA (texts differ in length)
+
+    def seq(self, shape: ModelShape) -> int:
+        return self.image_patches // shape.merge_size**2 + self.text_tokens
+
+    def tokens(self, shape: ModelShape) -> int:
+        return self.size * self.seq(shape)
+
+    @property
+    def patches(self) -> int:
+        return self.size * self.image_patches
+
+
+def llm_layer_bytes(shape, linears, batch: Batch, rank, dropout, adapter, kernels=CUDA_KERNELS) -> float:
+    """What one decoder layer keeps for backward (the gradient flows through it)."""
+    h, seq = shape.hidden, batch.seq(shape)
+    # transformers repeats k/v to every head when it passes a mask (a view when there is one kv head)
+    kv_saved = h if batch.padded and shape.kv_heads > 1 else shape.kv_dim
+    per_token = 2 * _norm_saved(h, True, kernels)
+    per_token += BF16 * (2 * h + 2 * kv_saved) + FP32 * shape.heads  # q, k, v, out, logsumexp
+    per_token += 3 * BF16 * shape.intermediate  # gate output, silu output, up output
+    per_token += _lora_saved(linears, rank, dropout, kernels)
+    mask = batch.size * seq * _round_up(seq, kernels.attn_bias_align) * BF16 if batch.padded else 0
+    return per_token * batch.tokens(shape) + mask + _lora_weight_casts(linears, rank, adapter)
+
+
+def vision_block_bytes(shape, linears, batch: Batch, rank, dropout, adapter, kernels=CUDA_KERNELS) -> float:
+    """What one vision block keeps for backward."""
+    e, m = shape.vision_embed, shape.vision_intermediate
+    per_patch = 2 * _norm_saved(e, shape.vision_gated, kernels)
+    # q and k after RoPE, the fused qkv output (v is a view of it), the output; lse per head.
+    per_patch += BF16 * (e + e + 3 * e + e) + FP32 * shape.vision_heads
+    per_patch += BF16 * m * (3 if shape.vision_gated else 2)  # SwiGLU as above; QuickGELU input and sigmoid
+    per_patch += _lora_saved(linears, rank, dropout, kernels)
+    return per_patch * batch.patches + _lora_weight_casts(linears, rank, adapter)
+
+
+def merger_bytes(shape, linears, batch: Batch, rank, dropout, adapter, kernels=CUDA_KERNELS) -> float:
+    """The patch merger: its norm per patch, then GELU's input and LoRA terms per merged token."""
+    tokens = batch.patches // shape.merge_size**2
+    norm = _norm_saved(shape.vision_embed, shape.vision_gated, kernels) * batch.patches
+    per_token = BF16 * shape.merger_hidden + _lora_saved(linears, rank, dropout, kernels)
+    return norm + per_token * tokens + _lora_weight_casts(linears, rank, adapter)
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def vision_has_grad(stage: TrainingRecipe, checkpointing: bool, frozen_vision_no_grad: bool) -> bool:
+    """Whether the vision blocks record activations.
+
+    They do when they train. Frozen, they record only when their input requires grad: under checkpointing
+    enable_input_require_grads (TRL) makes the patch embedding's output require grad, unless the tower
+    runs under no_grad (the worker does that when nothing in it, merger included, trains).
+    """
+    if stage.train_vision != "frozen":
+        return True
+    return checkpointing and (vision_trains(stage) or not frozen_vision_no_grad)
+
+
+def _full_saved_per_row(linears: dict[str, tuple[int, int]]) -> int:
+    """A trained linear keeps its bf16 input for its weight's gradient (a frozen one keeps nothing)."""
+    return BF16 * sum(d_in for d_in, _ in linears.values())
+
+
+def full_block_bytes(shape: ModelShape, stage: TrainingRecipe, batch: Batch) -> int:
+    """What one vision block trained "full" keeps besides vision_block_bytes: its linears' inputs."""
+    return batch.patches * _full_saved_per_row(vision_linears(shape)) if stage.train_vision == "full" else 0
+
+
+def activation_parts(
+    shape: ModelShape,
+    stage: TrainingRecipe,
+    batch: Batch,
+    checkpointing: bool,
+    frozen_vision_no_grad: bool = True,
+    kernels: KernelBytes = CUDA_KERNELS,
+) -> dict[str, float]:
+    """Bytes autograd keeps at the end of the forward pass, per part (the test measures the same parts)."""
+    wrapped = lora_targets(shape, stage)
+    args = (stage.lora_rank, stage.lora_dropout, adapter_bytes(stage), kernels)
+    tokens, h = batch.tokens(shape), shape.hidden
+    seq = batch.seq(shape)
+    layer = llm_layer_bytes(shape, wrapped.get("llm", {}), batch, *args)
+    parts = {
+        "llm_layers": shape.layers * (BF16 * h * tokens if checkpointing else layer),
+        # final RMSNorm, RoPE tables, the image-scatter and causal masks (bool)
+        "llm_other": tokens * (_norm_saved(h, True, kernels) + ROPE_TABLES * BF16 * shape.head_dim + 1)
+        + batch.size * seq * seq,
+        "lm_head": batch.size * batch.label_tokens * (BF16 * h + LM_HEAD_BYTES_PER_LABEL) + 2 * tokens,
+        "vision_blocks": 0.0,
+        "vision_other": 0.0,
+        "merger": 0.0,
+    }
+    blocks_grad = vision_has_grad(stage, checkpointing, frozen_vision_no_grad)
+    if blocks_grad:
+        block = vision_block_bytes(shape, wrapped.get("vision", {}), batch, *args)
+        block += full_block_bytes(shape, stage, batch)
+        e = shape.vision_embed
+        parts["vision_blocks"] = shape.vision_depth * (BF16 * e * batch.patches if checkpointing else block)
+        parts["vision_other"] = ROPE_TABLES * FP32 * (e // shape.vision_heads) * batch.patches
+    if blocks_grad or stage.train_merger != "frozen":
+        parts["merger"] = merger_bytes(shape, wrapped.get("merger", {}), batch, *args)
+        if stage.train_merger == "full":
+            merged_tokens = batch.patches // shape.merge_size**2
+            parts["merger"] += merged_tokens * _full_saved_per_row(merger_linears(shape))
+    return parts
+
+
+# --- the estimate --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Predicted peak bytes of one stage, by kind."""
+
+    weights: int
+    trainable_state: int
+    activations: int
+    workspace: int
+    overhead: int
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.trainable_state + self.activations + self.workspace + self.overhead
+
+    @property
+    def gib(self) -> float:
+        return self.total / GIB
+
+    def as_dict(self) -> dict:
+        fields = {name: round(value / GIB, 2) for name, value in asdict(self).items()}
+        return {**fields, "total": round(self.gib, 2)}
+
+
+def _backward_buffers(linears, down: str) -> int:
+    return BWD_INTER_BUFFERS_LORA if down in linears else BWD_INTER_BUFFERS_FROZEN
+
+
+def _offloaded(parts: dict[str, float], shape: ModelShape) -> dict[str, float]:
+    """The parts with the checkpointed blocks' inputs on the host, but those backward holds on the GPU."""
+    held = dict(parts)
+    held["llm_layers"] = parts["llm_layers"] * OFFLOAD_RESIDENT_BLOCKS / shape.layers
+    held["vision_blocks"] = parts["vision_blocks"] * OFFLOAD_RESIDENT_BLOCKS / shape.vision_depth
+    return held
+
+
+def _peak_phases(
+    shape, stage, batch, checkpointing, frozen_vision_no_grad, kernels, offloaded
+) -> list[tuple]:
+    """(activations, workspace) at each moment the peak can happen."""
+    parts = activation_parts(shape, stage, batch, checkpointing, frozen_vision_no_grad, kernels)
+    if offloaded and checkpointing:  # without recompute the worker does not offload (run.resolve_...)
+        parts = _offloaded(parts, shape)
+    wrapped = lora_targets(shape, stage)
+    args = (stage.lora_rank, stage.lora_dropout, adapter_bytes(stage), kernels)
+    tokens, h = batch.tokens(shape), shape.hidden
+    kept = sum(parts.values())
+
+    llm = wrapped.get("llm", {})
+    recompute = llm_layer_bytes(shape, llm, batch, *args) if checkpointing else 0
+    grads = (
+        tokens * BF16 * (_backward_buffers(llm, "down_proj") * shape.intermediate + BWD_HIDDEN_BUFFERS * h)
+    )
+    if stage.quantized:  # bitsandbytes dequantizes a whole 4-bit weight to bf16 for each matmul
+        grads += BF16 * max(d_in * d_out for d_in, d_out in llm_linears(shape).values())
+    phases = [(kept + recompute, grads)]
+
+    labels = min(batch.size * batch.label_tokens, LM_HEAD_TILE_TOKENS)
+    head = labels * min(shape.vocab, LM_HEAD_TILE_VOCAB) * BF16 + FP32 * batch.size * batch.label_tokens * h
+    phases.append((kept, head + FINAL_NORM_BWD_FP32_BUFFERS * FP32 * tokens * h))
+
+    if parts["vision_blocks"]:  # the LLM's activations are freed by the time backward reaches the tower
+        vision = wrapped.get("vision", {})
+        down = "down_proj" if shape.vision_gated else "fc2"
+        block = (
+            vision_block_bytes(shape, vision, batch, *args) + full_block_bytes(shape, stage, batch)
+            if checkpointing
+            else 0
+        )
+        m, e = shape.vision_intermediate, shape.vision_embed
+        vgrads = batch.patches * BF16 * (_backward_buffers(vision, down) * m + BWD_HIDDEN_BUFFERS * e)
+        phases.append((parts["vision_blocks"] + parts["vision_other"] + block, vgrads))
+    return phases
+
+
+def _overhead(shape: ModelShape, batch: Batch) -> int:
+    pixels = batch.patches * shape.in_channels * shape.temporal_patch_size * shape.patch_size**2 * FP32
+    return pixels + TOKEN_TENSORS * 8 * batch.tokens(shape) + CUBLAS_WORKSPACE_BYTES
+
+
+def estimate_stage_memory(
+    shape: ModelShape,
+    stage: TrainingRecipe,
+    batch_size: int,
+    image_patches: int,
+    text_tokens: int,
+    checkpointing: bool,
+    *,
+    label_tokens: int | None = None,
+    padded: bool = True,
+    frozen_vision_no_grad: bool = True,
+    kernels: KernelBytes = CUDA_KERNELS,
+    compiled: bool = False,
+    offloaded: bool = False,
+) -> MemoryEstimate:
+    """Peak memory of one stage (a recipe without stages) at this micro-batch.
+
+    `image_patches` and `text_tokens` are per sample (see image_grid); `label_tokens` (default: all text
+    tokens) are the positions the fused LM head scores. `frozen_vision_no_grad=False` models the worker
+    before frozen towers ran under no_grad. `compiled`: the worker compiles its layers, which saves fewer
+    activations (COMPILED_ACTIVATIONS) when nothing is recomputed. `offloaded`: with recompute, the
+    blocks' inputs wait in host memory (OFFLOAD_RESIDENT_BLOCKS).
+    """
+    if stage.stages:
+        raise ValueError(f"{stage.name} is a chain; pass one of its stages or use estimate_recipe_memory")
+    labels = text_tokens if label_tokens is None else label_tokens
+    batch = Batch(batch_size, image_patches, text_tokens, labels, padded)
+    phases = _peak_phases(shape, stage, batch, checkpointing, frozen_vision_no_grad, kernels, offloaded)
+    activations, workspace = max(phases, key=sum)
+    if compiled and not checkpointing and not stage.quantized:
+        activations *= COMPILED_ACTIVATIONS
+    weights = weight_bytes(shape, stage.quantized)
+    trainable = trainable_state_bytes(shape, stage)
+    subtotal = weights + trainable + activations + workspace
+    overhead = _overhead(shape, batch) + ALLOCATOR_ROUNDING * subtotal
+    return MemoryEstimate(weights, trainable, int(activations), int(workspace), int(overhead))
+
+
+def estimate_recipe_memory(
+    shape: ModelShape,
+    recipe: TrainingRecipe,
+    batch_size: int,
+    image_patches: int,
+    text_tokens: int,
+    checkpointing: bool,
+    **options,
+) -> MemoryEstimate:
+    """The largest stage estimate of a recipe (stages run one after the other on one device)."""
+    stages = recipe.stages or (recipe,)
+    estimates = [
+        estimate_stage_memory(shape, stage, batch_size, image_patches, text_tokens, checkpointing, **options)
+        for stage in stages
+    ]
+    return max(estimates, key=lambda estimate: estimate.total)
+
+
+def recompute_asked(checkpointing: bool | None, offloaded: bool) -> bool | None:
+    """Recompute as asked; activation offloading moves what recompute keeps, so it implies recompute.
+    None: not asked, decided by fit (choose_checkpointing). The worker and the launcher's plan both ask."""
+    return True if offloaded else checkpointing
+
+
+def choose_checkpointing(
+    shape: ModelShape,
+    recipe: TrainingRecipe,
+    batch_size: int,
+    capacity_bytes: int,
+    image_patches: int,
+    text_tokens: int,
+    headroom: float = HEADROOM,
+    **options,
+) -> bool:
+    """False (no recomputation, faster) when the estimate without checkpointing fits; True otherwise."""
+    plain = estimate_recipe_memory(shape, recipe, batch_size, image_patches, text_tokens, False, **options)
+    return plain.total > headroom * capacity_bytes
+
+
+def dequantized_copy_bytes(shape: ModelShape, recipe: TrainingRecipe) -> int:
+    """What a stage's 4-bit weights take as bf16 copies dequantized once (src/models/dequantize.py): 2 bytes
+    a quantized weight; 0 for a stage that loads in bf16. A chain: its largest stage."""
+    stages = recipe.stages or (recipe,)
+    return max(2 * parameter_counts(shape)["llm_linear"] if stage.quantized else 0 for stage in stages)
+
+
+def choose_dequantized(
+    shape: ModelShape,
+    recipe: TrainingRecipe,
+    batch_size: int,
+    capacity_bytes: int,
+    image_patches: int,
+    text_tokens: int,
+    checkpointing: bool,
+    headroom: float = HEADROOM,
+    **options,
+) -> bool:
+    """Whether a 4-bit stage keeps its weights dequantized once: when the copies fit beside the stage's
+    estimate at the setting already chosen (recomputation is decided first: it is worth more)."""
+    copies = dequantized_copy_bytes(shape, recipe)
+    if not copies:
+        return False
+    stage = estimate_recipe_memory(
+        shape, recipe, batch_size, image_patches, text_tokens, checkpointing, **options
+    )
+    return stage.total + copies <= headroom * capacity_bytes
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m src.planning.memory", description=__doc__.splitlines()[0])
+    where = parser.add_mutually_exclusive_group(required=True)
+    where.add_argument("--model-dir", help="a model directory (config.json, preprocessor_config.json)")
+    where.add_argument("--shape", choices=("2b", "7b"), help="a published Qwen2-VL shape")
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--width", type=int, default=644)
+    parser.add_argument("--height", type=int, default=476)
+    parser.add_argument("--text-tokens", type=int, default=100)
+    args = parser.parse_args(argv)
+    if args.model_dir:
+        shape, limits = ModelShape.from_model_dir(args.model_dir), limits_from_config(args.model_dir)
+    else:
+        from src.planning.shapes import SHAPES, VISION  # torch-free at import
+
+        config = {**SHAPES[args.shape], "model_type": "qwen2_vl", "vision_config": VISION}
+        shape = ModelShape.from_config(config)
+        limits = (DEFAULT_MIN_PIXELS, DEFAULT_MAX_PIXELS)
+    patches, _ = image_grid(args.width, args.height, *limits, shape.patch_size, shape.merge_size)
+    for key, recipe in RECIPES.items():
+        for checkpointing in (True, False):
+            estimate = estimate_recipe_memory(
+                shape, recipe, args.batch_size, patches, args.text_tokens, checkpointing
+            )
+            print(f"{key:15} checkpointing={'on ' if checkpointing else 'off'} {estimate.as_dict()}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

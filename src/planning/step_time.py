@@ -1,0 +1,188 @@
+"""Step-time cost model: the predicted seconds of one optimizer step, and the settings ranked by it.
+
+Torch-free, like the memory planner it sits on (src/planning/memory.py): `--batch-size auto` (the launcher's
+recipe_runner/planning/estimates.py) and the benchmark's candidates (src/bench) run the fastest setting that fits.
+
+    from src.planning.step_time import rank_settings
+    best = rank_settings(shape, recipe, 16, capacity_bytes, image_patches, text_tokens)[0]
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from src.contract.families import vision_trains
+from src.planning.memory import GIB, HEADROOM, ModelShape, estimate_recipe_memory, parameter_counts
+from src.recipes import TrainingRecipe
+
+# --- step time: the cost model -------------------------------------------------------------------------
+# One micro-batch costs a fixed launch overhead (Python launching a few thousand small kernels: LoRA adds
+# several per wrapped linear) plus its FLOPs at an effective rate; recomputation redoes the forward, which
+# adds both. Fitted on one H200, 7B shape, r4, 644x476 images, the core with recompute off (docs/stack.md,
+# 2026-11-30): micro-batch 4 -> 0.499 s, 8 -> 0.689 s a micro-batch, i.e. 0.31 s fixed + 0.047 s a sample;
+# recompute on at micro-batch 4 -> 0.836 s (x1.67; the bare loop showed x1.88). The 2B bench rows
+# (0.34 s at micro-batch 4) agree with a fixed cost that scales with layers, not with width.
+LAUNCH_S_PER_REGION = 0.31 / 60  # per decoder layer or vision block, forward + backward, one micro-batch
+EFFECTIVE_TFLOPS = 350.0  # the marginal rate of a 7B r4 sample on an H200 (44% of the measured 790 peak)
+RECOMPUTE_FACTOR = 1.67  # a step with gradient checkpointing against one without, same micro-batch
+# Regional compilation fuses each layer's small kernels and the elementwise work around the GEMMs: both
+# terms shrink. Refitted 2026-12-01 (seventh session) on the compiled rows measured on H200s, 16 samples a
+# step (docs/benchmarks.md; tests/test_planner.py lists them): 7B r1, r2, r4 at 16x1, r4 at 8x2, r4 with
+# recompute at 16x1 and 4x4; 2B r1, r2, r3, r4 at 16x1. A launch term of 0.58 x the eager one and 465
+# TFLOP/s put every row within 26%, where the eager constants above predicted the 7B rows up to 73% high.
+# One rate cannot fit both shapes closer: 2B runs at a lower share of the peak (smaller GEMMs), so its rows
+# come out 2-25% low and 7B's up to 26% high. Compile time (126 s cold) is not in a step: the worker's
+# --compile auto weighs it.
+COMPILE_LAUNCH_FACTOR = 0.58
+COMPILED_EFFECTIVE_TFLOPS = 465.0
+OPTIMIZER_S = 0.01  # fused AdamW over the adapters, once per optimizer step
+# Activation offloading (with recompute): the copies run on a side stream, yet the step slowed by this
+# factor, measured once (7B r4, 8x2, compiled, H200, 2026-12-01 eighth session: 1.4174 s against 1.3200).
+OFFLOAD_STEP_FACTOR = 1.074
+# --compile auto compiles on a GPU only for stages at least this long (optimizer steps). Measured on H200s,
+# 16 samples a step (docs/benchmarks.md, 2026-11-30 fourth session): against the bare loop compiling saved
+# 0.19-0.32 s a step (2B and 7B, r2 and r4) for 40-110 s on the first step, repaid within 500 steps.
+COMPILE_AUTO_MIN_STEPS = 500
+COMPILE_S = 110.0  # a stage's first compiled step, cold: the longest measured (7B r4, 108-109 s on H200s)
+
+
+def stage_steps(max_steps: int | None, epochs: float, samples: int, samples_per_step: int) -> int:
+    """Optimizer steps of one stage: `max_steps` when set, else `epochs` over `samples` (the worker's count
+    and the launcher's plan of it)."""
+    if max_steps and max_steps > 0:
+        return max_steps
+    return math.ceil(epochs * samples / samples_per_step)
+
+
+def compile_chosen(flag: str | bool | None, on_gpu: bool, steps: int) -> bool:
+    """Whether a stage of `steps` optimizer steps compiles: "on"/True and "off"/False as asked; "auto"/None
+    on a GPU for stages of COMPILE_AUTO_MIN_STEPS or more, never on the CPU. The worker and the
+    launcher's plan both decide by this rule."""
+    if flag in (True, "on"):
+        return True
+    if flag in (False, "off"):
+        return False
+    return on_gpu and steps >= COMPILE_AUTO_MIN_STEPS
+
+
+def sample_flops(shape: ModelShape, stage: TrainingRecipe, image_patches: int, text_tokens: int) -> float:
+    """Model FLOPs of one sample, forward and backward (2 per weight per token; no recomputation).
+
+    The gradient always flows back through the LLM (every recipe trains in or below it), through the
+    vision tower only when it or the merger trains. LoRA's own weight gradients are under 1%.
+    """
+    counts = parameter_counts(shape)
+    tokens = image_patches // shape.merge_size**2 + text_tokens
+    llm = 2 * counts["llm_linear"] * tokens + 2 * tokens**2 * shape.hidden * shape.layers
+    head = 2 * shape.hidden * shape.vocab * text_tokens
+    vision = (
+        2 * counts["vision"] * image_patches + 4 * image_patches**2 * shape.vision_embed * shape.vision_depth
+    )
+    backward = llm + head + (vision if vision_trains(stage) else 0)
+    return float(llm + head + vision + backward)
+
+
+def predict_step_seconds(
+    shape: ModelShape,
+    recipe: TrainingRecipe,
+    micro_batch: int,
+    grad_accum: int,
+    image_patches: int,
+    text_tokens: int,
+    checkpointing: bool,
+    compiled: bool = False,
+    offloaded: bool = False,
+) -> float:
+    """Predicted seconds of one optimizer step on the card the constants were fitted on (see above).
+
+    A chain's stages run one after the other: its step is the mean of its stages' steps. `offloaded`
+    counts only with recompute, as the worker offloads only then.
+    """
+    stages = recipe.stages or (recipe,)
+    regions = shape.layers + shape.vision_depth
+    launch = regions * LAUNCH_S_PER_REGION * (COMPILE_LAUNCH_FACTOR if compiled else 1.0)
+    rate = (COMPILED_EFFECTIVE_TFLOPS if compiled else EFFECTIVE_TFLOPS) * 1e12
+    total = 0.0
+    for stage in stages:
+        compute = micro_batch * sample_flops(shape, stage, image_patches, text_tokens) / rate
+        micro = (launch + compute) * (RECOMPUTE_FACTOR if checkpointing else 1.0)
+        total += grad_accum * micro + OPTIMIZER_S
+    return total / len(stages) * (OFFLOAD_STEP_FACTOR if offloaded and checkpointing else 1.0)
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One way to run `samples_per_step` samples an optimizer step, with its predicted cost."""
+
+    micro_batch: int
+    grad_accum: int
+    checkpointing: bool
+    compile: bool
+    predicted_gib: float
+    predicted_step_s: float
+    fits: bool
+
+    def describe(self) -> str:
+        return (
+            f"micro-batch {self.micro_batch} x accumulation {self.grad_accum}, recompute "
+            f"{'on' if self.checkpointing else 'off'}{', compiled' if self.compile else ''}: "
+            f"{self.predicted_step_s:.2f} s a step, {self.predicted_gib:.1f} GiB"
+            f"{'' if self.fits else ' (does not fit)'}"
+        )
+
+
+def rank_settings(
+    shape: ModelShape,
+    recipe: TrainingRecipe,
+    samples_per_step: int,
+    capacity_bytes: int,
+    image_patches: int,
+    text_tokens: int,
+    *,
+    headroom: float = HEADROOM,
+    checkpointing_choices: tuple[bool, ...] = (False, True),
+    compile_choices: tuple[bool, ...] = (False,),
+    offloaded: bool = False,
+) -> list[Candidate]:
+    """Every micro-batch x accumulation x recompute x compile setting of `samples_per_step`, fitting ones
+    first and each group fastest first: the head of the list is the setting to run. `offloaded`: the
+    settings with recompute offload its blocks' inputs."""
+    budget = headroom * capacity_bytes
+    found = []
+    for micro in (d for d in range(1, samples_per_step + 1) if samples_per_step % d == 0):
+        for ckpt in checkpointing_choices:
+            for compiled in compile_choices:
+                peak = estimate_recipe_memory(
+                    shape,
+                    recipe,
+                    micro,
+                    image_patches,
+                    text_tokens,
+                    ckpt,
+                    compiled=compiled,
+                    offloaded=offloaded,
+                ).total
+                seconds = predict_step_seconds(
+                    shape,
+                    recipe,
+                    micro,
+                    samples_per_step // micro,
+                    image_patches,
+                    text_tokens,
+                    ckpt,
+                    compiled,
+                    offloaded,
+                )
+                found.append(
+                    Candidate(
+                        micro,
+                        samples_per_step // micro,
+                        ckpt,
+                        compiled,
+                        round(peak / GIB, 2),
+                        round(seconds, 4),
+                        peak <= budget,
+                    )
+                )
+    return sorted(found, key=lambda c: (not c.fits, c.predicted_step_s))
