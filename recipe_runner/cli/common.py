@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from recipe_runner.host.gpus import DEFAULT_MAX_USED_MIB
 from src.recipes import recipes_file_problems
@@ -182,3 +184,16 @@ def print_rows(rows: Sequence[Sequence[str]]) -> None:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+
+
+def report_or_say(launch_dir: Path) -> None:
+    """The side-by-side report; failing to write it never changes how the launch ended."""
+    from recipe_runner.results.report import write_report  # drawing loads matplotlib: only now
+
+    try:
+        written = write_report(launch_dir)
+    except Exception as error:
+        print(f"recipe-run: no report ({type(error).__name__}: {error})", file=sys.stderr)
+        print(f"  once fixed: recipe-run report {launch_dir}", file=sys.stderr)
+        return
+    print(f"report:  {written[0]}")

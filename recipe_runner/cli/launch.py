@@ -22,6 +22,7 @@ from recipe_runner.backends.base import Backend
 from recipe_runner.backends.gpu_pool import GpuPool
 from recipe_runner.backends.local import LocalBackend
 from recipe_runner.backends.loop import RunPolicy, run_jobs
+from recipe_runner.cli import lr_search
 from recipe_runner.cli.common import (
     UsageError,
     add_device_flags,
@@ -30,6 +31,7 @@ from recipe_runner.cli.common import (
     add_recipes_file_flag,
     fault_problems,
     range_problems,
+    report_or_say,
     use_recipes_file,
 )
 from recipe_runner.host.gpus import GpuInfo, NvmlUnavailable, probe_cores, probe_gpus
@@ -53,10 +55,11 @@ from recipe_runner.planning.request import (
     sweep_points,
 )
 from recipe_runner.results.live import LiveReporter, PlainReporter
-from recipe_runner.results.report import write_report
 from recipe_runner.results.summary import JobResult, launch_exit_code, render_summary, write_summary
 from src.contract.flags import DEFAULT_DATASET, DEFAULT_MODEL, TrainFlags, add_training_flags, value_problems
 from src.data.checks import model_and_data_problems, writable_problems
+from src.data.dataset import split_sizes
+from src.data.records import DatasetError
 
 HELP = "run recipes and wait for them (the default: `recipe-run --recipes ...` is launch)"
 
@@ -73,6 +76,7 @@ def add_flags(p: argparse.ArgumentParser) -> None:
     sweep = p.add_argument_group("sweeps: every recipe runs once per seed and data set")
     sweep.add_argument("--seeds", metavar="S[,S...]", help="e.g. 0,1,2; the report gives mean and spread")
     sweep.add_argument("--datasets", metavar="D[,D...]", help="several data sets, compared side by side")
+    lr_search.add_flags(p)
     lora = p.add_argument_group("LoRA size of one recipe (--lora-rank/-alpha/-dropout set every recipe's)")
     lora.add_argument(
         "--lora",
@@ -95,7 +99,8 @@ def add_backend_flags(p: argparse.ArgumentParser) -> None:
     backend.add_argument(
         "--ray-address",
         metavar="ADDRESS",
-        help="with --backend ray: HEAD:6379, auto, or ray://HEAD:10001 (default $RAY_ADDRESS, else a local Ray)",
+        help="with --backend ray: HEAD:6379, auto, or ray://HEAD:10001 "
+        "(default $RAY_ADDRESS, else a local Ray)",
     )
     backend.add_argument(
         "--ray-retries",
@@ -113,7 +118,15 @@ def run(args: argparse.Namespace, probe: Callable[[], list[GpuInfo]] = probe_gpu
     launch_id, placed, selection, pool = place(args, request, worker, probe)
     for name, memory in placed.memory.items():
         print(f"recipe-run: {name}: {memory.describe()}")
-    return execute(args, launch_id, placed.launch_dir, list(placed.jobs), _backend(args, pool))
+    if args.lr_search:
+        _backend(args, pool)  # a Ray head is asked now: a bad one exits 2 before anything is written
+        rooms = pool.rooms if pool is not None else None
+        return lr_search.run(
+            args, request, worker, launch_id, placed, rooms, lambda: _backend(args, pool), policy_of(args)
+        )
+    return execute(
+        args, launch_id, placed.launch_dir, list(placed.jobs), _backend(args, pool), splits=_splits(request)
+    )
 
 
 def prepare(args: argparse.Namespace) -> tuple[LaunchRequest, list[str]]:
@@ -181,7 +194,7 @@ def validate(args: argparse.Namespace) -> list[str]:
         ("--max-jobs-per-gpu", args.max_jobs_per_gpu, lambda v: v >= 1, "at least 1"),
         ("--max-used-mib", args.max_used_mib, lambda v: v >= 0, "0 or more"),
     )
-    problems += fault_problems(args) + value_problems(vars(args))
+    problems += fault_problems(args) + value_problems(vars(args)) + lr_search.problems(args)
     return problems
 
 
@@ -369,8 +382,10 @@ def execute(
     specs: list[JobSpec],
     backend: Backend,
     earlier: Sequence[JobResult] = (),
+    splits: dict | None = None,
 ) -> int:
-    """Run the jobs, keeping summary.json true while they run; `earlier` are kept results of a resume."""
+    """Run the jobs, keeping summary.json true while they run; `earlier` are kept results of a resume.
+    `splits`: how the data set's splits were made, for summary.json and the report."""
     launch_dir.mkdir(parents=True, exist_ok=True)
     print(
         f"recipe-run: launch {launch_id}: {len(specs)} recipe(s) on {backend.describe()}; "
@@ -380,17 +395,32 @@ def execute(
     reporter = LiveReporter(sys.stdout) if live else PlainReporter(sys.stdout)
     command = ["recipe-run", *args.argv]
 
+    extra = {"splits": splits} if splits else None
+
     def keep_summary_true(results: list[JobResult]) -> None:
-        write_summary(launch_dir, launch_id, _merge(earlier, results), None, command)
+        write_summary(launch_dir, launch_id, _merge(earlier, results), None, command, extra)
 
     results, signum = run_jobs(specs, backend, reporter, policy_of(args), keep_summary_true)
     results = _merge(earlier, results)
     code = launch_exit_code(results, signum)
-    path = write_summary(launch_dir, launch_id, results, code, command)
+    path = write_summary(launch_dir, launch_id, results, code, command, extra)
     print("\n" + render_summary(results))
     print(f"\nsummary: {path}")
-    _write_report(launch_dir)
+    report_or_say(launch_dir)
     return code
+
+
+def _splits(request: LaunchRequest) -> dict | None:
+    """Where a launch's numbers come from: each split of its data set, its size and how it was made;
+    None for a hub data set or a sweep over several data sets (each worker reads its own)."""
+    datasets = {point.dataset or request.flags.dataset or DEFAULT_DATASET for point in request.sweep}
+    (dataset,) = datasets if len(datasets) == 1 else (None,)
+    if dataset is None or not Path(dataset).exists():
+        return None
+    try:
+        return split_sizes(dataset, request.flags.image_root)
+    except DatasetError:
+        return None
 
 
 def _merge(earlier: Sequence[JobResult], latest: Sequence[JobResult]) -> list[JobResult]:
@@ -398,15 +428,3 @@ def _merge(earlier: Sequence[JobResult], latest: Sequence[JobResult]) -> list[Jo
     rerun = {r.name: r for r in latest}
     merged = [rerun.pop(r.name, r) for r in earlier]
     return merged + list(rerun.values())
-
-
-def _write_report(launch_dir: Path) -> None:
-    """The side-by-side report; failing to write it never changes how the launch ended."""
-    try:
-        written = write_report(launch_dir)
-    except Exception as error:
-        print(f"recipe-run: no report ({type(error).__name__}: {error})", file=sys.stderr)
-        print(f"  once fixed: recipe-run report {launch_dir}", file=sys.stderr)
-        return
-    print(f"report:  {written[0]}")
-

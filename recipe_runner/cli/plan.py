@@ -15,7 +15,7 @@ import shlex
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 
-from recipe_runner.cli import launch
+from recipe_runner.cli import launch, lr_search
 from recipe_runner.cli.common import UsageError, print_rows
 from recipe_runner.host.gpus import GpuInfo, cpu_list_text, probe_gpus
 from recipe_runner.planning.estimates import estimate_recipe, planner_inputs
@@ -57,6 +57,8 @@ def show(
 ) -> int:
     _launch_id, placed, selection, _pool = launch.place(args, request, worker, probe)
     print_plan(placed, selection)
+    if args.lr_search:  # the jobs above are one untuned run of each recipe; the search's cost follows
+        lr_search.print_cost(lr_search.setup(args, request), placed, len(selection.pool) if selection else 0)
     return 0
 
 

@@ -230,6 +230,20 @@ def with_flag(argv: Sequence[str], flag: str, value: str | None = None) -> tuple
     return (*out, flag, *([] if value is None else [value]))
 
 
+def without_flag(argv: Sequence[str], flag: str) -> tuple[str, ...]:
+    """argv without `flag` and its value."""
+    out: list[str] = []
+    skip = False
+    for word in argv:
+        if skip:
+            skip = False
+        elif word == flag:
+            skip = True
+        else:
+            out.append(word)
+    return tuple(out)
+
+
 def resume_spec(result) -> JobSpec:
     """The job of an earlier launch's summary entry, continuing from its last checkpoint.
 

@@ -2,9 +2,9 @@
 
 `make_plan(request, launch id, worker, rooms, memory plans, cores) -> Plan` is the whole decision: the
 launcher builds a `LaunchRequest` once from argv, asks NVML for the GPUs' rooms and the memory planner
-for each recipe's plan (recipe_runner/planning/estimates.py), and gets back every job with its command, environment,
-GPU count, memory reservation, predicted time and first placement. `recipe-run plan` prints it;
-`recipe-run launch` hands its jobs to the executor.
+for each recipe's estimate (recipe_runner/planning/estimates.py), and gets back every job with its
+command, environment, GPU count, memory reservation, predicted time and first placement. `recipe-run
+plan` prints it; `recipe-run launch` hands its jobs to a backend and the run loop.
 
 One rule places jobs, in the plan (its first wave) and in the executor (each time a GPU frees up): a job
 goes to the emptiest GPUs that have room for its memory reservation, the longest predicted job first.

@@ -27,6 +27,7 @@ from pathlib import Path
 from recipe_runner.planning.jobs import BASELINE_DIR
 from recipe_runner.results.report_markdown import METRICS, RESAMPLES, render_markdown
 from recipe_runner.results.report_plots import plot_loss, plot_predictions, read_jsonl
+from recipe_runner.results.report_search import plot_search, search_of
 from src.scoring.winner import HEADLINE, best
 from src.utils.files import read_json, write_json_atomic, write_text_atomic
 
@@ -116,6 +117,8 @@ def build_report(launch_dir: Path) -> dict:
         "base_intervals": {},
         "base_breakdown": {},
         "verdicts": [],
+        "splits": summary.get("splits"),
+        "search": search_of(launch_dir),
     }
     try:  # the intervals add to the report; a problem there must not cost the rest of it
         add_statistics(report, launch_dir, rows, groups)
@@ -304,6 +307,8 @@ def write_report(launch_dir: str | Path) -> list[Path]:
         name = f"predictions_{row['recipe']}.png"
         if plot_predictions(read_jsonl(Path(row["output_dir"]) / "predictions.jsonl"), launch_dir / name):
             pictures.append(name)
+    if report.get("search") and plot_search(report["search"], launch_dir / "search.png"):
+        pictures.append("search.png")
     report["pictures"] = pictures
     write_json_atomic(launch_dir / "report.json", report)
     markdown = write_text_atomic(launch_dir / "report.md", render_markdown(report, pictures))

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from recipe_runner.results.report_search import search_lines
 from src.scoring.winner import HEADLINE
 
 # (key in metrics.json, column title); higher is better for all of them.
@@ -73,7 +74,7 @@ def render_markdown(report: dict, pictures: list[str]) -> str:
     ]
     lines += [
         "",
-        "Metrics on the held-out split; in brackets, the gain over the untrained base.",
+        "Metrics on the test split; in brackets, the gain over the untrained base.",
         "",
         "| " + " | ".join(head) + " |",
         "|" + " --- |" * len(head),
@@ -97,10 +98,13 @@ def render_markdown(report: dict, pictures: list[str]) -> str:
             _fmt(row["final_loss"], 4),
         ]
         lines.append("| " + " | ".join(cells) + " |")
+    lines += _source_lines(report)
     lines += _intervals_table(report)
     lines += _differences_table(report)
     lines += _over_seeds_table(report["over_seeds"])
     lines += _breakdown_tables(report)
+    if report.get("search"):
+        lines += search_lines(report["search"], report.get("splits"))
     lines += [
         "",
         "Best per metric: " + ", ".join(f"{title} `{best[k]}`" for k, title in METRICS if k in best)
@@ -113,6 +117,15 @@ def render_markdown(report: dict, pictures: list[str]) -> str:
             lines.append(f"- `{row['recipe']}` {row['status']}: {row['error'] or 'see its log'}")
     lines += ["", *(f"![{Path(p).stem}]({p})" for p in pictures), ""]
     return "\n".join(lines)
+
+
+def _source_lines(report: dict) -> list[str]:
+    """Where the numbers come from: the test split, its size and how it was made (the search's section
+    lists every split)."""
+    test = (report.get("splits") or {}).get("test")
+    if not test or report.get("search"):
+        return []
+    return ["", f"Scored on the test split: {test['images']} images, {test['how']}."]
 
 
 def _signed(value: float) -> str:

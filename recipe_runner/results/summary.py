@@ -12,7 +12,7 @@ import os
 import resource
 import signal
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -134,8 +134,10 @@ def write_summary(
     results: Sequence[JobResult],
     exit_code: int | None,
     command: Sequence[str],
+    extra: Mapping[str, Any] | None = None,
 ) -> Path:
-    """summary.json, atomically; `exit_code` None while the launch is still running."""
+    """summary.json, atomically; `exit_code` None while the launch is still running. `extra`: more keys
+    (the splits and where they came from; a search's trials)."""
     path = launch_dir / "summary.json"
     data = {
         "launch_id": launch_id,
@@ -145,6 +147,7 @@ def write_summary(
         "succeeded": sum(r.status == "succeeded" for r in results),
         "launcher_peak_rss_mib": peak_rss_mib(),
         "jobs": [asdict(r) for r in results],
+        **(extra or {}),
     }
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(data, indent=2) + "\n")

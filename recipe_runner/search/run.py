@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from recipe_runner.backends.base import Backend
 from recipe_runner.backends.loop import RunPolicy, run_jobs
 from recipe_runner.planning.estimates import MemoryEstimate
-from recipe_runner.planning.jobs import JobSpec, with_flag
+from recipe_runner.planning.jobs import JobSpec, with_flag, without_flag
 from recipe_runner.planning.placement import GpuRoom, make_plan
 from recipe_runner.planning.request import LaunchRequest, SweepPoint
 from recipe_runner.results.live import PlainReporter
@@ -45,6 +45,8 @@ class SearchSetup:
     eta: int
     metric: str  # the validation metric the rung rule compares (report's F1@0.5 by default)
     val_fraction: float
+    stage_steps: int  # --max-steps of every trial's every stage
+    rates: Mapping[str, float]  # recipe -> its own (reference) rate: a trial scales every stage by rate / it
 
     def config(self, recipe: str) -> dict:
         """What the recipe's study is bound to: a resume with other settings is refused."""
@@ -73,6 +75,7 @@ class SearchLaunch:
     reporter: Callable[[], PlainReporter]
     policy: RunPolicy
     command: list[str]
+    splits: dict  # how each split was made and its size (src.data.dataset.split_sizes)
 
 
 def run_search(launch: SearchLaunch) -> int:
@@ -108,13 +111,19 @@ def _trial_job(launch: SearchLaunch, recipe: str, trial: Trial, rung: int) -> Jo
     """Trial `trial` of `recipe` trained to the rung's step at its rate, scored on the validation split."""
     job = _planned(launch, recipe, trial.number)
     step, full = launch.setup.rungs[recipe][rung], launch.setup.full_steps[recipe]
-    argv = with_flag(job.argv, flag_name("learning_rate"), repr(trial.learning_rate))
+    argv = without_flag(job.argv, flag_name("baseline_dir"))  # the base is scored on the test split, at the end
+    argv = with_flag(argv, flag_name("lr_scale"), _scale(launch, recipe, trial))
     argv = with_flag(argv, flag_name("eval_split"), "validation")
     if step < full:
         argv = with_flag(argv, flag_name("pause_at"), str(step))
     if (job.output_dir / "status.json").is_file():  # an earlier rung (or an interrupted try) ran
         argv = with_flag(argv, flag_name("resume"))
     return replace(job, argv=argv, predicted_s=job.predicted_s * step / full)
+
+
+def _scale(launch: SearchLaunch, recipe: str, trial: Trial) -> str:
+    """--lr-scale of a trial: its rate over the recipe's own, by which every stage's rate is multiplied."""
+    return repr(trial.learning_rate / launch.setup.rates[recipe])
 
 
 def _planned(launch: SearchLaunch, recipe: str, number: int) -> JobSpec:
@@ -139,7 +148,8 @@ def _run(
 
     def keep_summary_true(now: list[JobResult]) -> None:
         shown = {**results, **{r.name: r for r in now}}
-        write_summary(launch.launch_dir, launch.launch_id, list(shown.values()), None, launch.command)
+        extra = {"splits": launch.splits, "search": STUDY_SUMMARY}
+        write_summary(launch.launch_dir, launch.launch_id, list(shown.values()), None, launch.command, extra)
         _write_search(launch, record)
 
     done, signum = run_jobs(specs, launch.backend(), launch.reporter(), launch.policy, keep_summary_true)
@@ -162,7 +172,8 @@ def _record_scores(
         step = launch.setup.rungs[recipe][rung]
         metrics = read_json(Path(result.output_dir) / "metrics.json") or {}
         value = metrics.get(launch.setup.metric)
-        if result.status != "succeeded" or metrics.get("split") != "validation" or value is None:
+        scored_on = (metrics.get("eval") or {}).get("split")
+        if result.status != "succeeded" or scored_on != "validation" or value is None:
             why = result.error or f"{result.status} (exit {result.exit_code})"
             record.fail(recipe, trial.number, f"rung {rung + 1} (step {step}): {why}")
             continue
@@ -200,12 +211,13 @@ def _final_jobs(launch: SearchLaunch, record: SearchRecord) -> list[JobSpec]:
         if trial is None:
             continue
         job = _planned(launch, recipe, trial.number)
-        argv = with_flag(job.argv, flag_name("learning_rate"), repr(trial.learning_rate))
+        argv = without_flag(job.argv, flag_name("baseline_dir"))
+        argv = with_flag(argv, flag_name("lr_scale"), _scale(launch, recipe, trial))
         argv = with_flag(with_flag(argv, flag_name("eval_split"), "test"), flag_name("resume"))
         if not jobs and not launch.request.flags.skip_eval:
             argv = with_flag(argv, flag_name("baseline_dir"), str(launch.launch_dir / "base"))
         log = job.log_path.with_name(f"{recipe}.log")
-        jobs.append(replace(job, argv=argv, name=recipe, log_path=log, predicted_s=0.0, reserve_mib=job.reserve_mib))
+        jobs.append(replace(job, argv=argv, name=recipe, log_path=log, predicted_s=0.0))
     return jobs
 
 
@@ -243,8 +255,11 @@ def search_summary(launch: SearchLaunch, record: SearchRecord) -> dict:
     }
 
 
+STUDY_SUMMARY = "search.json"  # every trial and the chosen rates, beside summary.json (search.db: the study)
+
+
 def _write_search(launch: SearchLaunch, record: SearchRecord) -> None:
-    path = launch.launch_dir / "search.json"
+    path = launch.launch_dir / STUDY_SUMMARY
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(search_summary(launch, record), indent=2) + "\n")
     tmp.replace(path)
@@ -267,7 +282,8 @@ def _finish(
         elif signum is None:
             jobs.append(_no_run(launch, record, recipe))
     code = launch_exit_code(jobs, signum) if jobs else (128 + signum if signum else 1)
-    write_summary(launch.launch_dir, launch.launch_id, jobs, code, launch.command, trials=trials)
+    extra = {"trials": [asdict(t) for t in trials], "splits": launch.splits, "search": STUDY_SUMMARY}
+    write_summary(launch.launch_dir, launch.launch_id, jobs, code, launch.command, extra)
     _write_search(launch, record)
     return code
 

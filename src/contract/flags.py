@@ -248,6 +248,50 @@ FLAGS: tuple[Flag, ...] = (
         want="at least 1",
     ),
     Flag(
+        "--val-fraction",
+        "share of the train split held out as the validation split where the data set has no validation "
+        "split of its own beside its test split (0: no validation split, training takes the whole train "
+        "split); the learning-rate search's trials train without it and are scored on it",
+        type=float,
+        default=0.0,
+        metavar="F",
+        run_option=True,
+        passed=True,
+        valid=lambda v: 0 <= v <= 0.5,
+        want="between 0 and 0.5",
+        launcher_help="with --lr-search: the share of the train split held out as the validation split the "
+        "rates are chosen on, where the data set has none of its own beside its test split (default 0.1)",
+    ),
+    Flag(
+        "--eval-split",
+        "the split the evaluation after training scores: test (the report's), or validation (the "
+        "learning-rate search's trials)",
+        default="test",
+        choices=("test", "validation"),
+    ),
+    Flag(
+        "--pause-at",
+        "stop after N optimizer steps, counted over every stage of a chain, with a checkpoint; the "
+        "learning-rate schedule stays that of --max-steps, so --resume goes on as one run would (the "
+        "learning-rate search's rungs). Needs --max-steps",
+        type=int,
+        metavar="N",
+        run_option=True,
+        valid=_at_least(1),
+        want="at least 1",
+    ),
+    Flag(
+        "--lr-scale",
+        "multiply every stage's own learning rate by F (the learning-rate search's trials: a chain's stages "
+        "keep their ratio); --learning-rate sets one rate instead",
+        type=float,
+        default=1.0,
+        metavar="F",
+        run_option=True,
+        valid=lambda v: v > 0,
+        want="above 0",
+    ),
+    Flag(
         "--skip-eval",
         "do not evaluate on the test split after training (nor the zero-shot baseline)",
         type=None,
@@ -413,6 +457,8 @@ def combination_problems(values: Mapping[str, Any]) -> list[str]:
         )
     if values.get("epochs") == 0 and (values.get("max_steps") or -1) <= 0:
         problems.append("--epochs 0: must be above 0, or come with --max-steps N")
+    if values.get("pause_at") and (values.get("max_steps") or -1) <= 0:
+        problems.append("--pause-at needs --max-steps: the pause is counted in the run's optimizer steps")
     if values.get("cpu") and values.get("gpu"):
         problems.append("--cpu and --gpu conflict: pass one of them")
     return problems

@@ -19,8 +19,10 @@ def model_and_data_problems(
     skip_bad_records: bool = False,
     image_root: str | None = None,
     evaluate: bool = True,
+    val_fraction: float = 0.0,
 ) -> list[str]:
     """A local model that is not Qwen2-VL/2.5-VL; a data set that is missing, empty or has bad records.
+    With `val_fraction` above 0 the validation split is checked too (too few images to carve it, say).
 
     With `evaluate` (the default: a run evaluates after training unless --skip-eval) the test split is
     checked too, so that a data set with nothing to test on (one image and no test split) or a bad test
@@ -39,9 +41,10 @@ def model_and_data_problems(
             f"--dataset not given, and the default {DEFAULT_DATASET} does not exist: build it "
             "with `python -m src.fixtures` (or `make fixtures`), or pass --dataset DIR|FILE.json|HUB_NAME",
         ]
-    for split in ("train", "test") if evaluate else ("train",):
+    splits = ["train", *(["validation"] if val_fraction > 0 else []), *(["test"] if evaluate else [])]
+    for split in splits:
         try:
-            load_records(dataset, split, skip_bad_records, image_root)
+            load_records(dataset, split, skip_bad_records, image_root, val_fraction)
         except DatasetError as error:
             problems.append(str(error))
             if "bad record" not in str(error):

@@ -41,7 +41,17 @@ import math
 from pathlib import Path
 
 from src.data.boxes import Box, format_answer
-from src.data.records import DatasetError, DetectionRecord, RawRecord, holdout, validate_record
+from src.data.records import (
+    HELD_OUT,
+    SPLITS,
+    DatasetError,
+    DetectionRecord,
+    NoOwnSplit,
+    RawRecord,
+    carve_validation,
+    holdout,
+    validate_record,
+)
 from src.data.sources import coco, hub, imagefolder, voc, yolo
 from src.planning.pixels import limits_of_processor, smart_resize
 
@@ -56,13 +66,18 @@ _WORST_COORDINATE = 9999  # four digits: no 0-1000 coordinate, nor any resized p
 
 
 def load_records(
-    source: str, split: str = "train", skip_bad: bool = False, image_root: str | Path | None = None
+    source: str,
+    split: str = "train",
+    skip_bad: bool = False,
+    image_root: str | Path | None = None,
+    val_fraction: float = 0.0,
 ) -> tuple[list[DetectionRecord], int]:
-    """Validated records of one split, and how many bad ones were skipped.
+    """Validated records of one split (train, validation or test), and how many bad ones were skipped.
 
     Raises DatasetError listing the bad records unless `skip_bad`; an empty result is an error too.
+    `val_fraction` above 0 puts a validation split in use (see read_raw_records).
     """
-    raw = read_raw_records(source, split, image_root)
+    raw = read_raw_records(source, split, image_root, val_fraction)
     records, problems = [], []
     for index, item in enumerate(raw):
         record, record_problems = validate_record(item, index)
@@ -90,8 +105,59 @@ def _problem_message(source: str, split: str, bad: int, problems: list[str]) -> 
     )
 
 
-def read_raw_records(source: str, split: str, image_root: str | Path | None = None) -> list[RawRecord]:
-    """The split's records as the source holds them (see the module docstring for the sources)."""
+def read_raw_records(
+    source: str, split: str, image_root: str | Path | None = None, val_fraction: float = 0.0
+) -> list[RawRecord]:
+    """The split's records as the source holds them (see the module docstring for the sources).
+
+    With `val_fraction` 0 (a plain launch) there are two splits, train and test, as the source gives them.
+    Above 0 (a learning-rate search) a validation split is in use: the source's own where it has one beside
+    its test split, else that share of the train split, which then trains without it. The test split is
+    the same either way.
+    """
+    if split not in SPLITS:
+        raise ValueError(f"split {split!r}: one of {', '.join(SPLITS)}")
+    if split == "test":
+        return _read_source(source, "test", image_root, val_fraction > 0)
+    if val_fraction <= 0:
+        if split == "validation":
+            raise DatasetError(f"dataset {source}: no validation split without --val-fraction")
+        return _read_source(source, "train", image_root)
+    try:
+        own = _read_source(source, "validation", image_root, True)
+    except NoOwnSplit:
+        train, validation = carve_validation(_read_source(source, "train", image_root), val_fraction, source)
+        return validation if split == "validation" else train
+    return own if split == "validation" else _read_source(source, "train", image_root, True)
+
+
+def split_sizes(source: str, image_root: str | Path | None = None, val_fraction: float = 0.0) -> dict:
+    """Each split's images and how it was made, for summary.json and the report (reads no image)."""
+    test = read_raw_records(source, "test", image_root, val_fraction)
+    made = {
+        "test": "held out of the source's one split: every 10th image"
+        if source in HELD_OUT
+        else "the source's own held-out split"
+    }
+    splits = {"test": {"images": len(test), "how": made["test"]}}
+    train = read_raw_records(source, "train", image_root, val_fraction)
+    splits["train"] = {"images": len(train), "how": "the source's train split"}
+    if val_fraction > 0:
+        validation = read_raw_records(source, "validation", image_root, val_fraction)
+        try:
+            _read_source(source, "validation", image_root, True)
+            how = "the source's own validation split"
+        except NoOwnSplit:
+            how = f"carved from the train split: {val_fraction:.0%}, spread evenly, the same every time"
+            splits["train"]["how"] += ", less the validation split"
+        splits["validation"] = {"images": len(validation), "how": how}
+    return splits
+
+
+def _read_source(
+    source: str, split: str, image_root: str | Path | None = None, with_validation: bool = False
+) -> list[RawRecord]:
+    """The split as the source's reader gives it; NoOwnSplit for a validation split it does not hold."""
     path = Path(source)
     root = Path(image_root) if image_root else None
     if root is not None and not root.is_dir():
@@ -102,11 +168,13 @@ def read_raw_records(source: str, split: str, image_root: str | Path | None = No
         if yolo.is_yolo(path):
             return yolo.read_yolo(path, split, source)
         if voc.is_voc(path):
-            return voc.read_voc(path, split, source)
+            return voc.read_voc(path, split, source, with_validation)
         return imagefolder.read_imagefolder(path, split, source)
     if path.suffix == ".json":
         if not path.is_file():
             raise DatasetError(f"--dataset {source}: file not found")
+        if split == "validation":
+            raise NoOwnSplit(f"{source}: no validation split of its own")
         return holdout(coco.read_coco(path, root), split, source)
     if path.exists() or source.startswith((".", "/")) or source.endswith(".jsonl"):
         raise DatasetError(
@@ -168,10 +236,12 @@ def convert_to_conversation_format(
     }
 
 
-def answer_labels(source: str, split: str, image_root: str | Path | None = None) -> list[list[str]]:
+def answer_labels(
+    source: str, split: str, image_root: str | Path | None = None, val_fraction: float = 0.0
+) -> list[list[str]]:
     """The answer labels (crowd regions left out) of every image of a split, read without opening images."""
     labels = []
-    for raw in read_raw_records(source, split, image_root):
+    for raw in read_raw_records(source, split, image_root, val_fraction):
         crowd = raw.crowd or [False] * len(raw.labels)
         labels.append([str(label) for j, label in enumerate(raw.labels) if not (j < len(crowd) and crowd[j])])
     return labels
@@ -216,11 +286,12 @@ def build_dataset(
     processor,
     skip_bad: bool = False,
     image_root: str | Path | None = None,
+    val_fraction: float = 0.0,
 ):
     """A `datasets.Dataset` of conversations, plus the number of skipped bad records."""
     import datasets
 
-    records, skipped = load_records(source, split, skip_bad, image_root)
+    records, skipped = load_records(source, split, skip_bad, image_root, val_fraction)
     limits = limits_of_processor(processor)
     rows = [convert_to_conversation_format(r, family, pixel_limits=limits) for r in records]
     return datasets.Dataset.from_list(rows), skipped

@@ -1,6 +1,11 @@
-"""Detection records: as a source holds them (`RawRecord`), checked (`DetectionRecord`), and the held-out
-split of a source that has none of its own. Every source reader (src/data/sources/) makes RawRecords;
-`validate_record` checks each one before any model loads, naming the record and the field.
+"""Detection records: as a source holds them (`RawRecord`), checked (`DetectionRecord`), and the splits a
+source does not hold itself. Every source reader (src/data/sources/) makes RawRecords; `validate_record`
+checks each one before any model loads, naming the record and the field.
+
+Three splits: train, validation, test. A source's own held-out split is the test split (its `test`, else its
+`validation`/`val`); a source with both uses them as they are. A source without a held-out split holds out
+every 10th image as the test split (`holdout`). A validation split that the source does not hold is carved
+from the train split (`carve_validation`): a share of it, spread evenly, the same every time.
 """
 
 from __future__ import annotations
@@ -15,16 +20,19 @@ from src.data.boxes import Box
 log = logging.getLogger(__name__)
 
 HOLDOUT_EVERY = 10
-
-
 EDGE_TOLERANCE_PX = 1.0  # annotation tools round; a box 1 px past the edge is not an error
-
-
-TEST_SPLIT_NAMES = ("test", "validation", "val", "valid")  # a source's own held-out split, first found
+SPLITS = ("train", "validation", "test")
+VALIDATION_NAMES = ("validation", "val", "valid")  # a source's own validation split, first found
+TEST_SPLIT_NAMES = ("test", *VALIDATION_NAMES)  # its own held-out (test) split, first found
+MIN_VALIDATION_IMAGES = 4  # a carved validation split has at least this many, and leaves as many to train
 
 
 class DatasetError(ValueError):
     """A data set that cannot be used as given; the message says what to fix."""
+
+
+class NoOwnSplit(DatasetError):
+    """The source holds no validation split of its own (it has no test and validation split both)."""
 
 
 @dataclass
@@ -71,7 +79,7 @@ def too_few_images_message(source: str, count: int) -> str:
     )
 
 
-_HOLDOUT_NOTED: set[str] = set()
+HELD_OUT: set[str] = set()  # sources whose test split was held out of their one split
 
 
 def holdout(records: list, split: str, source: str) -> list:
@@ -81,8 +89,8 @@ def holdout(records: list, split: str, source: str) -> list:
     evaluation with nothing to evaluate.
     """
     held = set(holdout_indices(len(records)))
-    if records and source not in _HOLDOUT_NOTED:
-        _HOLDOUT_NOTED.add(source)
+    if records and source not in HELD_OUT:
+        HELD_OUT.add(source)
         log.info(
             "dataset %s has no test split: %d of its %d images are held out for testing "
             "(every %dth, and at least one)",
@@ -96,6 +104,23 @@ def holdout(records: list, split: str, source: str) -> list:
     if records and not held:
         raise DatasetError(too_few_images_message(source, len(records)))
     return [records[i] for i in sorted(held)]
+
+
+def carve_validation(records: list, fraction: float, source: str) -> tuple[list, list]:
+    """(train, validation) of a train split: `fraction` of its records, at least MIN_VALIDATION_IMAGES,
+    spread evenly over it (the same records every time). DatasetError when too few would be left."""
+    count = len(records)
+    size = max(MIN_VALIDATION_IMAGES, round(count * fraction))
+    if count - size < MIN_VALIDATION_IMAGES:
+        raise DatasetError(
+            f"dataset {source}: {count} training image(s) are too few to carve a validation split of "
+            f"{size} (--val-fraction {fraction:g}, at least {MIN_VALIDATION_IMAGES}) and keep "
+            f"{MIN_VALIDATION_IMAGES} to train on; add images, or give the data set a validation split of "
+            "its own beside its test split (DIR/validation/ with DIR/test/, instances_val*.json with "
+            "instances_test*.json, data.yaml's val with test, VOC's val.txt with test.txt)"
+        )
+    picked = {int((k + 0.5) * count / size) for k in range(size)}
+    return [r for i, r in enumerate(records) if i not in picked], [records[i] for i in sorted(picked)]
 
 
 def xywh_to_xyxy(bbox) -> list:

@@ -49,10 +49,10 @@ from dataclasses import asdict
 from pathlib import Path
 
 from src.contract import exits
-from src.contract.flags import int_or_auto
+from src.contract.flags import BY_DEST, int_or_auto
 from src.data.boxes import Box
 from src.data.dataset import DEFAULT_PROMPT, load_records
-from src.data.records import DatasetError
+from src.data.records import SPLITS, DatasetError
 from src.eval.predict import (
     DECODE_MODES,
     GenerationStats,
@@ -141,8 +141,10 @@ def evaluate_model(
     progress_stage: str | None = None,
     image_root: str | Path | None = None,
     pixels: tuple[int | None, int | None] = (None, None),
+    val_fraction: float = 0.0,
 ) -> dict:
     """Predict on `split` (its first `max_samples` records; None or 0: all), score, write both files.
+    `val_fraction` above 0 puts a validation split in use (src.data.dataset.read_raw_records).
 
     progress_stage names the RR_PROGRESS stage of the "eval" events sent while predicting (None: none).
     max_new_tokens "auto" sizes the answer budget from the data (answer_budget_for).
@@ -150,13 +152,14 @@ def evaluate_model(
     from src.scoring.metrics import detection_metrics
 
     out_dir = Path(out_dir)
-    records, _ = load_records(dataset, split, image_root=image_root)  # raises DatasetError naming the fix
+    # raises DatasetError naming the fix
+    records, _ = load_records(dataset, split, image_root=image_root, val_fraction=val_fraction)
     records = records[:max_samples] if max_samples else records
     started = time.time()
     model, processor, family = load_for_eval(model_path, device, search_root=out_dir, pixels=pixels)
     longest = None
     if max_new_tokens == "auto":
-        max_new_tokens, longest = answer_budget_for(dataset, records, processor, family, image_root)
+        max_new_tokens, longest = answer_budget_for(dataset, records, processor, family, image_root, val_fraction)
         log.info("max_new_tokens %d: the longest answer is at most %d tokens", max_new_tokens, longest)
     loaded = time.time()
     stats = GenerationStats()
@@ -197,6 +200,7 @@ def evaluate_model(
             "family": family,
             "dataset": str(dataset),
             "split": split,
+            "val_fraction": val_fraction,
             "num_samples": len(records),
             "device": device,
             "batch_size_from_memory": batch_size == "auto" and str(device).startswith("cuda"),
@@ -216,7 +220,12 @@ def evaluate_model(
 
 
 def answer_budget_for(
-    dataset: str, records: list, processor, family: str, image_root: str | Path | None = None
+    dataset: str,
+    records: list,
+    processor,
+    family: str,
+    image_root: str | Path | None = None,
+    val_fraction: float = 0.0,
 ) -> tuple[int, int]:
     """(max_new_tokens, longest answer in tokens) from the train split's answers and these records'.
 
@@ -227,7 +236,7 @@ def answer_budget_for(
 
     labels = [[box.label for box in record.boxes] for record in records]
     try:
-        labels += answer_labels(dataset, "train", image_root)
+        labels += answer_labels(dataset, "train", image_root, val_fraction)
     except DatasetError:
         pass  # no train split to read: the evaluated images' own answers size the budget
     longest = longest_answer_tokens(labels, processor.tokenizer, family)
@@ -307,7 +316,8 @@ def build_parser() -> argparse.ArgumentParser:
         default="fixtures/data",
         help="imagefolder dir, COCO .json or hub name (default: %(default)s)",
     )
-    arg("--split", default="test", help="split to evaluate on (default: %(default)s)")
+    arg("--split", default="test", choices=SPLITS, help="split to evaluate on (default: %(default)s)")
+    BY_DEST["val_fraction"].add_to(parser)
     arg(
         "--max-samples",
         "--eval-samples",
@@ -397,6 +407,7 @@ def main(argv: list[str] | None = None) -> int:
     options = {
         "dataset": args.dataset,
         "split": args.split,
+        "val_fraction": args.val_fraction,
         "max_samples": args.max_samples or None,
         "device": resolve_device(args.cpu),
         "batch_size": args.batch_size,

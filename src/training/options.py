@@ -57,4 +57,10 @@ class RunOptions:
     # 4-bit (QLoRA) weights dequantized once and kept in bf16 (src/models/dequantize.py); None: where the
     # planner says the copies fit (resolve_dequantized), on GPUs only.
     dequantize_once: bool | None = None
+    # The learning-rate search (recipe_runner/search/): the validation split held out of training, a pause
+    # at a rung with the whole run's schedule, every stage's rate scaled, and the validation loss measured.
+    val_fraction: float = 0.0
+    pause_at: int | None = None  # optimizer steps over every stage of a chain; needs max_steps
+    lr_scale: float = 1.0
+    validation_loss: bool = False
 

@@ -47,6 +47,8 @@ class StageResult:
     peak_gpu_mem_gib: float | None = None
     train_seconds: float | None = None
     samples_per_step: int | None = None  # per optimizer step, over all data-parallel ranks
+    paused: bool = False  # stopped at --pause-at, checkpointed; not finished
+    val_loss: float | None = None  # mean loss on the validation split (a search's tie-break)
 
 
 class ProgressCallback:
@@ -173,6 +175,7 @@ class PreparedStage:
     trainable: dict
     skipped_records: int
     reporter: ProgressCallback
+    family: str = "qwen2_vl"
 
 
 def load_wrapped_model(stage, model_id: str, device: str, family: str):
@@ -191,15 +194,31 @@ def load_wrapped_model(stage, model_id: str, device: str, family: str):
 
 
 def train_stage(
-    recipe_name: str, stage, model_id: str, opts: RunOptions, stage_dir: Path, merge: bool = False
+    recipe_name: str,
+    stage,
+    model_id: str,
+    opts: RunOptions,
+    stage_dir: Path,
+    merge: bool = False,
+    pause_at: int | None = None,
 ) -> StageResult:
-    """One stage: load, wrap with scoped LoRA, freeze, train, save adapter (or merged model)."""
+    """One stage: load, wrap with scoped LoRA, freeze, train, save adapter (or merged model).
+
+    `pause_at`: stop after that many of the stage's optimizer steps, checkpointed, its schedule still the
+    whole stage's; only the adapter is saved (a chain merges a stage when it finishes)."""
     started = time.monotonic()
-    prepared = prepare_stage(recipe_name, stage, model_id, opts, stage_dir)
+    pause = PauseCallback(pause_at) if pause_at is not None else None
+    prepared = prepare_stage(recipe_name, stage, model_id, opts, stage_dir, callbacks=[pause] if pause else [])
     checkpoint = last_checkpoint(stage_dir / "trainer") if opts.resume else None
     if checkpoint:
         log.info("[%s] resuming from %s", stage.name, checkpoint)
     prepared.trainer.train(resume_from_checkpoint=checkpoint)
+    paused = pause is not None and prepared.trainer.state.global_step < prepared.trainer.state.max_steps
+    if paused:
+        state = prepared.trainer.state
+        log.info("[%s] paused at step %d of %d", stage.name, state.global_step, state.max_steps)
+        merge = False
+    val_loss = validation_loss(prepared, opts) if opts.validation_loss else None
 
     output = stage_output_dir(stage_dir, merge)
     if is_main_process():
@@ -220,7 +239,48 @@ def train_stage(
         peak_gpu_mem_gib=_gpu_memory_gib(),
         train_seconds=round(time.monotonic() - started, 3),
         samples_per_step=samples_per_step(prepared.trainer.args),
+        paused=paused,
+        val_loss=val_loss,
     )
+
+
+class PauseCallback:
+    """Ends training after `step` optimizer steps with a checkpoint there: a rung of the learning-rate
+    search is a pause in one run (same schedule, same data order), not a shorter run."""
+
+    def __new__(cls, step: int):
+        from transformers import TrainerCallback
+
+        class _Pause(TrainerCallback):
+            def on_step_end(self, args, state, control, **kwargs):
+                if state.global_step >= step:
+                    control.should_save = True
+                    control.should_training_stop = True
+
+        return _Pause()
+
+
+def validation_loss(prepared: PreparedStage, opts: RunOptions) -> float | None:
+    """The mean loss of the trained model on the validation split (the search's tie-break), or None
+    where the data set has none."""
+    from src.data.dataset import build_dataset
+
+    try:
+        dataset, _ = build_dataset(
+            opts.dataset,
+            "validation",
+            prepared.family,
+            prepared.processor,
+            opts.skip_bad_records,
+            image_root=opts.image_root,
+            val_fraction=opts.val_fraction,
+        )
+    except Exception as error:  # a validation split that cannot be read is reported, and the loss skipped
+        log.warning("no validation loss: %s", error)
+        return None
+    loss = prepared.trainer.evaluate(eval_dataset=dataset).get("eval_loss")
+    log.info("validation loss %.4f over %d images", loss, len(dataset))
+    return float(loss) if loss is not None else None
 
 
 def samples_per_step(args) -> int:
@@ -246,7 +306,13 @@ def prepare_stage(
     processor = load_processor(model_id, opts.min_pixels, opts.max_pixels)
     family = model_family(model_id)
     dataset, skipped = build_dataset(
-        opts.dataset, "train", family, processor, opts.skip_bad_records, image_root=opts.image_root
+        opts.dataset,
+        "train",
+        family,
+        processor,
+        opts.skip_bad_records,
+        image_root=opts.image_root,
+        val_fraction=opts.val_fraction,  # a search's trial trains without its validation split
     )
     if skipped:
         log.warning("skipped %d bad record(s) of %s", skipped, opts.dataset)
@@ -285,7 +351,7 @@ def prepare_stage(
 
     settings = StageSettings(
         output_dir=str(stage_dir / "trainer"),
-        learning_rate=opts.learning_rate or stage.learning_rate,
+        learning_rate=opts.learning_rate or stage.learning_rate * opts.lr_scale,
         epochs=opts.epochs,
         max_steps=opts.max_steps,
         batch_size=opts.batch_size,
@@ -321,7 +387,7 @@ def prepare_stage(
         args.gradient_accumulation_steps,
         args.world_size,
     )
-    return PreparedStage(trainer, model, processor, dict(trainable), skipped, reporter)
+    return PreparedStage(trainer, model, processor, dict(trainable), skipped, reporter, family)
 
 
 def use_cudnn_attention(enabled: bool) -> None:
@@ -392,7 +458,8 @@ def run_recipe(
 
     r3 with `opts.checkpoint` skips stage 1 and starts stage 2 from that merged output; other
     recipes treat `opts.checkpoint` as the model to start from. `done_stages` (name -> output of
-    stages that already finished, when resuming) are not trained again.
+    stages that already finished, when resuming) are not trained again. `opts.pause_at` counts the
+    optimizer steps of every stage in turn (each takes opts.max_steps): the chain stops there, paused.
     """
     stages = recipe.stages or (recipe,)
     model_id = opts.checkpoint or opts.model_id
@@ -407,10 +474,24 @@ def run_recipe(
             continue
         is_last = index == len(stages) - 1
         stage_dir = opts.output_dir / stage.name if recipe.stages else opts.output_dir
+        pause = stage_pause(opts, index)
+        if pause is not None and pause <= 0:
+            break  # the pause falls before this stage begins
         progress.emit("stage_start", recipe=recipe.name, stage=stage.name, model=model_id)
-        result = train_stage(recipe.name, stage, model_id, opts, stage_dir, merge=not is_last)
+        result = train_stage(recipe.name, stage, model_id, opts, stage_dir, merge=not is_last, pause_at=pause)
         results.append(result)
         if on_stage_done:
             on_stage_done(result)
+        if result.paused:
+            break
         model_id = str(result.output)
     return results
+
+
+def stage_pause(opts: RunOptions, index: int) -> int | None:
+    """Where stage `index` of a chain pauses, in its own steps: None when the pause (if any) lies beyond it,
+    0 or less when it falls before the stage begins."""
+    if opts.pause_at is None:
+        return None
+    local = opts.pause_at - index * opts.max_steps
+    return local if local < opts.max_steps else None

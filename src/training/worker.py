@@ -80,6 +80,7 @@ def check_args(args, recipe) -> list[str]:
         args.skip_bad_records,
         image_root=args.image_root,
         evaluate=not args.skip_eval,
+        val_fraction=args.val_fraction,
     )
     return problems
 
@@ -178,7 +179,11 @@ def initial_status(args, recipe, output: Path, device_info: dict) -> tuple[dict,
     if not args.resume:
         return status, {}
     earlier = read_json(output / "status.json", {})
-    finished = [s for s in earlier.get("stages", []) if s.get("output") and Path(s["output"]).exists()]
+    finished = [
+        s
+        for s in earlier.get("stages", [])
+        if s.get("status", "succeeded") == "succeeded" and s.get("output") and Path(s["output"]).exists()
+    ]
     status.update(
         stages=finished,
         resumed=earlier.get("resumed", 0) + 1,
@@ -255,12 +260,17 @@ def run_worker(args, recipe, output: Path) -> int:
     opts = run_options(args, device, output, wandb_on)
 
     def stage_done(result) -> None:
-        status["stages"].append(stage_record(result))
-        peaks = [s["peak_gpu_mem_gib"] for s in status["stages"] if s.get("peak_gpu_mem_gib") is not None]
+        record = stage_record(result)
+        if result.paused:  # not finished: a later --resume trains it on; evaluation reads its adapter
+            status["paused"] = {**record, "status": "paused", "at": opts.pause_at}
+        else:
+            status["stages"].append(record)
+        peaks = [s["peak_gpu_mem_gib"] for s in [*status["stages"], record] if s.get("peak_gpu_mem_gib")]
         status.update(
             final_loss=result.final_loss,
             output=str(result.output),
             peak_gpu_mem_gib=max(peaks) if peaks else None,
+            val_loss=result.val_loss,
         )
         write_status()
 
@@ -305,7 +315,8 @@ def run_worker(args, recipe, output: Path) -> int:
 
 
 def evaluate_after_training(args, output: Path, device: str) -> dict:
-    """Detection metrics of the trained model on the test split, written beside its outputs.
+    """Detection metrics of the trained model on --eval-split (the test split, or a search trial's validation
+    split), written beside its outputs.
 
     A failed evaluation is recorded (and logged with its traceback) but does not undo a finished
     training run: the adapter is there, and `recipe-run eval` can try again.
@@ -319,15 +330,17 @@ def evaluate_after_training(args, output: Path, device: str) -> dict:
         metrics = evaluate_output(
             output,
             args.dataset,
+            split=args.eval_split,
             max_samples=args.eval_samples or None,
             device=device,
             image_root=args.image_root,
+            val_fraction=args.val_fraction,
         )
     except Exception as failure:  # reported in status.json and the log, never silent
         log.error("evaluation failed:\n%s", traceback.format_exc())
         return {"status": "failed", "error": f"{type(failure).__name__}: {failure}"}
     headline = {k: metrics.get(k) for k in ("precision", "recall", "f1", "map_50", "parse_rate")}
-    log.info("evaluation on the test split: %s", json.dumps(headline))
+    log.info("evaluation on the %s split: %s", args.eval_split, json.dumps(headline))
     return {"status": "succeeded", "metrics": str(output / METRICS_FILE), **headline}
 
 
@@ -369,7 +382,13 @@ def run_options(args, device: str, output: Path, wandb_on: bool):
     """RunOptions from the flags, by the table: every flag marked run_option fills its field."""
     from src.training.options import RunOptions
 
-    return RunOptions(**run_option_values(args), output_dir=output, device=device, wandb=wandb_on)
+    return RunOptions(
+        **run_option_values(args),
+        output_dir=output,
+        device=device,
+        wandb=wandb_on,
+        validation_loss=args.eval_split == "validation",  # the search breaks ties by it
+    )
 
 
 def stage_record(result) -> dict:
@@ -385,6 +404,7 @@ def stage_record(result) -> dict:
         "peak_gpu_mem_gib": result.peak_gpu_mem_gib,
         "train_seconds": result.train_seconds,
         "samples_per_step": result.samples_per_step,
+        "val_loss": result.val_loss,
     }
 
 

@@ -9,7 +9,7 @@ import functools
 import json
 from pathlib import Path
 
-from src.data.records import DatasetError, RawRecord, holdout, xywh_to_xyxy
+from src.data.records import DatasetError, NoOwnSplit, RawRecord, holdout, xywh_to_xyxy
 
 
 def coco_annotation_files(directory: Path) -> dict[str, Path]:
@@ -36,10 +36,13 @@ def coco_annotation_files(directory: Path) -> dict[str, Path]:
 def read_coco_folder(
     files: dict[str, Path], split: str, source: str, image_root: Path | None
 ) -> list[RawRecord]:
-    """A train file and a val (or test) file are the two splits; one file alone is held out from."""
-    own_test = files.get("val") or files.get("test")
-    if "train" in files and own_test is not None:
-        return read_coco(files["train"] if split == "train" else own_test, image_root)
+    """A train file and a test (else val) file are the train and test splits, and a val file beside both the
+    validation split; one file alone is held out from."""
+    held = {"test": files.get("test") or files.get("val"), "validation": files.get("val") if "test" in files else None}
+    if split == "validation" and ("train" not in files or held["validation"] is None):
+        raise NoOwnSplit(f"{source}: no validation split of its own")
+    if "train" in files and held["test"] is not None:
+        return read_coco(files["train"] if split == "train" else held[split], image_root)
     only = next(files[role] for role in ("train", "val", "test") if role in files)
     return holdout(read_coco(only, image_root), split, source)
 

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from src.data.records import TEST_SPLIT_NAMES, DatasetError, RawRecord, holdout, xywh_to_xyxy
+from src.data.records import TEST_SPLIT_NAMES, DatasetError, NoOwnSplit, RawRecord, holdout, xywh_to_xyxy
 
 
 def read_hub(name: str, split: str) -> list[RawRecord]:
@@ -16,8 +16,11 @@ def read_hub(name: str, split: str) -> list[RawRecord]:
             f"--dataset {name}: not a local folder or .json file, and the hub dataset "
             f"could not be reached ({type(error).__name__}); pass a local path"
         ) from None
-    own_test = next((s for s in (split, *TEST_SPLIT_NAMES) if s != "train" and s in available), None)
-    wanted = "train" if split == "train" or own_test is None else own_test
+    own = [s for s in TEST_SPLIT_NAMES if s in available]
+    held = {"test": own[0] if own else None, "validation": own[1] if own[:1] == ["test"] and own[1:] else None}
+    if split == "validation" and held["validation"] is None:
+        raise NoOwnSplit(f"{name}: no validation split of its own")
+    wanted = "train" if split == "train" or held["test"] is None else str(held[split])
     rows = datasets.load_dataset(name, split=wanted)
     objects_feature = rows.features["objects"]
     category = (
@@ -41,4 +44,4 @@ def read_hub(name: str, split: str) -> list[RawRecord]:
                 [bool(c) for c in crowd] if crowd is not None else None,
             )
         )
-    return records if own_test is not None else holdout(records, split, name)
+    return records if held["test"] is not None else holdout(records, split, name)

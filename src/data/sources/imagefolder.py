@@ -8,19 +8,23 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from src.data.records import TEST_SPLIT_NAMES, DatasetError, RawRecord, holdout, xywh_to_xyxy
+from src.data.records import TEST_SPLIT_NAMES, DatasetError, NoOwnSplit, RawRecord, holdout, xywh_to_xyxy
 
 XYWH_NAMES, XYXY_NAMES = ("xywh", "coco"), ("xyxy", "pascal_voc")
 
 
 def read_imagefolder(root: Path, split: str, source: str) -> list[RawRecord]:
+    """train, validation or test: DIR/test/ is the test split (else DIR/validation/, val/ or valid/), and
+    DIR/validation/ (or val/, valid/) the validation split where DIR/test/ is there too."""
     names = class_names_from_card(root)
-    own_test = next((root / n for n in TEST_SPLIT_NAMES if (root / n / "metadata.jsonl").is_file()), None)
-    exact = root / split / "metadata.jsonl"
-    if exact.is_file() and (split != "train" or own_test is not None):
-        return _read_metadata(exact, names)
-    if split != "train" and own_test is not None:
-        return _read_metadata(own_test / "metadata.jsonl", names)
+    own = [name for name in TEST_SPLIT_NAMES if (root / name / "metadata.jsonl").is_file()]
+    held = {"test": own[0] if own else None, "validation": own[1] if own[:1] == ["test"] and own[1:] else None}
+    if split == "validation" and held["validation"] is None:
+        raise NoOwnSplit(f"{source}: no validation split of its own")
+    if split != "train" and held[split] is not None:
+        return _read_metadata(root / str(held[split]) / "metadata.jsonl", names)
+    if split == "train" and own and (root / "train" / "metadata.jsonl").is_file():
+        return _read_metadata(root / "train" / "metadata.jsonl", names)
     whole = root / "train" / "metadata.jsonl"
     whole = whole if whole.is_file() else root / "metadata.jsonl"
     if whole.is_file():

@@ -16,7 +16,7 @@ from __future__ import annotations
 import xml.etree.ElementTree as ElementTree
 from pathlib import Path
 
-from src.data.records import RawRecord, holdout
+from src.data.records import NoOwnSplit, RawRecord, holdout
 
 
 def voc_folders(root: Path) -> tuple[Path, list[Path]] | None:
@@ -32,8 +32,10 @@ def is_voc(root: Path) -> bool:
     return voc_folders(root) is not None
 
 
-def read_voc(root: Path, split: str, source: str) -> list[RawRecord]:
-    """The split's records of a Pascal VOC folder (see the module docstring)."""
+def read_voc(root: Path, split: str, source: str, with_validation: bool = False) -> list[RawRecord]:
+    """The split's records of a Pascal VOC folder (see the module docstring). `with_validation`: a
+    validation split is in use, so VOC2007's train.txt trains (val.txt is the validation split), not
+    its trainval.txt."""
     annotations, image_dirs = voc_folders(root)
     sets = root / "ImageSets" / "Main"
 
@@ -45,17 +47,15 @@ def read_voc(root: Path, split: str, source: str) -> list[RawRecord]:
             else None
         )
 
-    test_ids = ids("test") or ids("val")
-    train_ids = ids("trainval") if ids("test") else ids("train")
-    if train_ids and test_ids:
-        chosen = (
-            train_ids
-            if split == "train"
-            else ids(split)
-            if split in ("val", "test") and ids(split)
-            else test_ids
-        )
-        return [_voc_record(annotations / f"{i}.xml", image_dirs) for i in chosen]
+    own = {"test": ids("test") or ids("val"), "validation": ids("val") if ids("test") else None}
+    if ids("test") and ids("val") and ids("train") and with_validation:
+        own["train"] = ids("train")
+    else:
+        own["train"] = ids("trainval") if ids("test") else ids("train")
+    if split == "validation" and not (own["train"] and own["validation"]):
+        raise NoOwnSplit(f"{source}: no validation split of its own")
+    if own["train"] and own["test"]:
+        return [_voc_record(annotations / f"{i}.xml", image_dirs) for i in own[split] or []]
     every = sorted(annotations.glob("*.xml"))
     return holdout([_voc_record(path, image_dirs) for path in every], split, source)
 

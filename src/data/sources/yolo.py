@@ -25,7 +25,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from src.data.records import DatasetError, RawRecord, holdout
+from src.data.records import DatasetError, NoOwnSplit, RawRecord, holdout
 
 YOLO_CONFIGS = ("data.yaml", "data.yml", "dataset.yaml")
 IMAGE_SUFFIXES = {".bmp", ".jpg", ".jpeg", ".png", ".tif", ".tiff", ".webp"}
@@ -46,15 +46,15 @@ def read_yolo(root: Path, split: str, source: str) -> list[RawRecord]:
     config = _load_yaml(config_path)
     names = _yolo_names(config, config_path)
     base = _yolo_base(config, root)
-    test_key = next((key for key in ("test", "val") if config.get(key)), None)
-    if config.get("train") and test_key:
-        key = (
-            "train"
-            if split == "train"
-            else split
-            if split in ("val", "test") and config.get(split)
-            else test_key
-        )
+    keys = {
+        "train": "train",
+        "test": next((key for key in ("test", "val") if config.get(key)), None),
+        "validation": "val" if config.get("test") and config.get("val") else None,
+    }
+    if split == "validation" and not (config.get("train") and keys["validation"]):
+        raise NoOwnSplit(f"{source}: no validation split of its own")
+    if config.get("train") and keys["test"]:
+        key = str(keys[split])
         return _yolo_records(_yolo_images(config[key], key, base, root, config_path), names, config)
     if config.get("train"):
         images = _yolo_images(config["train"], "train", base, root, config_path)

@@ -1,0 +1,222 @@
+"""`--lr-search` of `recipe-run launch` and `plan`: its flags and checks, the search's settings from them,
+its cost before anything starts, and the searched launch (recipe_runner/search/ runs it).
+
+    recipe-run --recipes all --lr-search                               # each recipe's rate x 3^k, k=-2..2
+    recipe-run --recipes r1,r4 --lr-search --lr-grid 1e-3,3e-3,1e-2 --max-steps 27
+    recipe-run plan --recipes all --lr-search                          # trials, rungs, GPU-hours, makespan
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+
+from recipe_runner.backends.base import Backend
+from recipe_runner.backends.loop import RunPolicy
+from recipe_runner.cli.common import UsageError, print_rows, report_or_say
+from recipe_runner.planning.estimates import rank_batch
+from recipe_runner.planning.placement import GpuRoom, Plan
+from recipe_runner.planning.request import LaunchRequest
+from recipe_runner.results.live import LiveReporter, PlainReporter
+from recipe_runner.results.summary import JobResult, read_summary, render_summary
+from recipe_runner.search.run import SearchLaunch, SearchSetup, run_search
+from recipe_runner.search.rungs import DEFAULT_HALVING, default_grid, parse_grid, rung_steps, trial_steps
+from src.contract.flags import AUTO_EFFECTIVE_BATCH, DEFAULT_DATASET
+from src.data.dataset import split_sizes
+from src.planning.step_time import stage_steps
+
+DEFAULT_VAL_FRACTION = 0.1
+SELECTABLE = ("f1", "precision", "recall", "map_50", "map_50_95", "mean_iou")  # keys of metrics.json
+STARTUP_S = 30.0  # a job's start and its validation scoring, for the cost shown before a search
+
+
+def add_flags(p: argparse.ArgumentParser) -> None:
+    search = p.add_argument_group(
+        "learning-rate search: each recipe at its own best rate, chosen on a validation split, scored once "
+        "on the test split"
+    )
+    search.add_argument(
+        "--lr-search",
+        action="store_true",
+        help="try each recipe at several learning rates by successive halving on the validation split; "
+        "the report compares each at its chosen rate, on the test split only (`plan --lr-search` shows the "
+        "cost first)",
+    )
+    search.add_argument(
+        "--lr-grid",
+        metavar="LR[,LR...]",
+        help="the rates every recipe tries (a chain's stages scale together); default: each recipe's own "
+        "rate x 3^k, k = -2..2",
+    )
+    search.add_argument(
+        "--halving",
+        type=int,
+        metavar="ETA",
+        help=f"the best 1/ETA of each rung go on from their checkpoints (default {DEFAULT_HALVING}); 1: no "
+        "halving, every rate to the full budget",
+    )
+    search.add_argument(
+        "--select-metric",
+        choices=SELECTABLE,
+        help="the validation metric the rates are chosen by (default f1, F1 at IoU 0.5, the report's); "
+        "ties go to the lower validation loss",
+    )
+
+
+def problems(args: argparse.Namespace) -> list[str]:
+    """Bad search flags, each naming itself; the search's own flags without --lr-search too."""
+    asked = {
+        "--lr-grid": args.lr_grid,
+        "--halving": args.halving,
+        "--select-metric": args.select_metric,
+        "--val-fraction": args.val_fraction,
+    }
+    if not args.lr_search:
+        return [f"{flag} needs --lr-search" for flag, value in asked.items() if value is not None]
+    found = []
+    if args.lr_grid is not None:
+        try:
+            parse_grid(args.lr_grid)
+        except ValueError as error:
+            found.append(str(error))
+    if args.halving is not None and args.halving < 1:
+        found.append(f"--halving {args.halving}: must be at least 1 (1: no halving)")
+    if args.learning_rate is not None:
+        found.append("--learning-rate and --lr-search exclude each other: the search chooses each recipe's rate")
+    if args.seeds or args.datasets:
+        found.append("--lr-search runs one seed on one data set: drop --seeds and --datasets")
+    if args.skip_eval:
+        found.append("--lr-search scores every trial on the validation split: drop --skip-eval")
+    return found
+
+
+def setup(args: argparse.Namespace, request: LaunchRequest) -> SearchSetup:
+    """Each recipe's grid and budget, from the flags; UsageError when the budget cannot be counted."""
+    fraction = DEFAULT_VAL_FRACTION if args.val_fraction is None else args.val_fraction
+    per_stage = _steps_per_stage(request, fraction)
+    eta = args.halving or DEFAULT_HALVING
+    grids, full, rungs = {}, {}, {}
+    for key in request.recipes:
+        recipe = request.recipe(key)
+        grids[key] = parse_grid(args.lr_grid) if args.lr_grid else default_grid(recipe.learning_rate)
+        full[key] = per_stage * len(recipe.stages or (recipe,))
+        rungs[key] = rung_steps(full[key], len(grids[key]), eta)
+    rates = {key: request.recipe(key).learning_rate for key in request.recipes}
+    return SearchSetup(grids, full, rungs, eta, args.select_metric or "f1", fraction, per_stage, rates)
+
+
+def _steps_per_stage(request: LaunchRequest, fraction: float) -> int:
+    """--max-steps, else the epochs over the train split less its validation split (read, not loaded)."""
+    flags = request.flags
+    if flags.max_steps:
+        return int(flags.max_steps)
+    dataset = flags.dataset or DEFAULT_DATASET
+    if not Path(dataset).exists():
+        raise UsageError(
+            f"--lr-search: cannot count the steps of an epoch of {dataset} without reading it here",
+            "give --max-steps N (the full budget of one trial's stage)",
+        )
+    from src.data.dataset import split_sizes
+
+    images = split_sizes(dataset, flags.image_root, fraction)["train"]["images"]
+    batch, accum = rank_batch(flags, request.gpus_per_recipe)
+    samples = AUTO_EFFECTIVE_BATCH if batch == "auto" else int(batch) * accum * request.gpus_per_recipe
+    return stage_steps(-1, flags.effective("epochs"), images, samples)
+
+
+def with_trial_flags(request: LaunchRequest, setup: SearchSetup) -> LaunchRequest:
+    """Every trial trains at the full budget's schedule without its validation split (the rung pauses it)."""
+    flags = request.flags.replace(max_steps=setup.stage_steps, val_fraction=setup.val_fraction)
+    return replace(request, flags=flags)
+
+
+def cost(setup: SearchSetup, plan: Plan, gpus: int) -> dict[str, dict]:
+    """Per recipe: trials, rungs, predicted GPU-hours of its search against one untuned run; and the
+    search's predicted makespan on `gpus` GPUs (rung after rung, each rung's jobs shared over them)."""
+    rows = {}
+    for key, grid in setup.grids.items():
+        estimate = plan.memory.get(key)
+        full = setup.full_steps[key]
+        step_s = estimate.train_s / full if estimate and estimate.train_s else None
+        trained = trial_steps(full, len(grid), setup.eta)
+        rows[key] = {
+            "trials": len(grid),
+            "rungs": setup.rungs[key],
+            "trained_steps": trained,
+            "x_untuned": trained / full,
+            "gpu_hours": None if step_s is None else (trained * step_s + STARTUP_S * len(grid)) / 3600,
+            "untuned_gpu_hours": None if step_s is None else (full * step_s + STARTUP_S) / 3600,
+        }
+    return rows
+
+
+def print_cost(setup: SearchSetup, plan: Plan, gpus: int) -> None:
+    """What `plan --lr-search` adds: the search's trials, rungs and predicted cost, before anything starts."""
+    rows = cost(setup, plan, gpus)
+    table = [("recipe", "trials (rates)", "rungs end at step", "steps trained", "x one run", "GPU-hours")]
+    for key, row in rows.items():
+        rates = ", ".join(f"{rate:.3g}" for rate in setup.grids[key])
+        hours = "-" if row["gpu_hours"] is None else f"{row['gpu_hours']:.2f} (untuned {row['untuned_gpu_hours']:.2f})"
+        steps = ", ".join(map(str, row["rungs"]))
+        table.append((key, f"{row['trials']} ({rates})", steps, str(row["trained_steps"]), f"{row['x_untuned']:.2f}", hours))
+    print(f"\nlearning-rate search: halving {setup.eta}, chosen by validation {setup.metric}, "
+          f"validation split {setup.val_fraction:.0%} of train where the data set has none of its own")
+    print_rows(table)
+    hours = [row["gpu_hours"] for row in rows.values()]
+    if None not in hours and gpus:
+        total = sum(hours)
+        untuned = sum(row["untuned_gpu_hours"] for row in rows.values())
+        makespan = total / gpus  # the rungs' jobs pack and queue over the GPUs; a lower bound
+        print(f"predicted: {total:.2f} GPU-hours ({total / untuned:.2f}x the untuned comparison's {untuned:.2f}); "
+              f"makespan about {makespan * 60:.0f} min on {gpus} GPU(s)")
+    else:
+        print("predicted GPU-hours: unknown here (no memory plan: --cpu, Ray, or no local config.json)")
+
+
+def run(
+    args: argparse.Namespace,
+    request: LaunchRequest,
+    worker: list[str],
+    launch_id: str,
+    plan: Plan,
+    rooms: Callable[[], list[GpuRoom]] | None,
+    backend: Callable[[], Backend],
+    policy: RunPolicy,
+) -> int:
+    """The searched launch: trials rung by rung, then each recipe's chosen run on the test split."""
+    settings = setup(args, request)
+    plan.launch_dir.mkdir(parents=True, exist_ok=True)
+    live = sys.stdout.isatty() and os.environ.get("TERM", "") != "dumb" and not args.plain
+    trials = sum(len(grid) for grid in settings.grids.values())
+    print(
+        f"recipe-run: launch {launch_id}: a learning-rate search of {len(request.recipes)} recipe(s), "
+        f"{trials} trials, halving {settings.eta}; everything goes to {plan.launch_dir}"
+    )
+    dataset = request.flags.dataset or DEFAULT_DATASET
+    splits = split_sizes(dataset, request.flags.image_root, settings.val_fraction) if Path(dataset).exists() else {}
+    launch = SearchLaunch(
+        request=with_trial_flags(request, settings),
+        setup=settings,
+        launch_id=launch_id,
+        launch_dir=plan.launch_dir,
+        worker=worker,
+        rooms=rooms,
+        memory=plan.memory,
+        cores=os.cpu_count() or 1,
+        backend=backend,
+        reporter=lambda: LiveReporter(sys.stdout) if live else PlainReporter(sys.stdout),
+        policy=policy,
+        command=["recipe-run", *args.argv],
+        splits=splits,
+    )
+    code = run_search(launch)
+    summary = read_summary(plan.launch_dir) or {"jobs": []}
+    print("\n" + render_summary([JobResult(**job) for job in summary["jobs"]]))
+    print(f"\nsummary: {plan.launch_dir / 'summary.json'}; the search: {plan.launch_dir / 'search.json'}")
+    report_or_say(plan.launch_dir)
+    return code
+

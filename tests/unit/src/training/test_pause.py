@@ -1,0 +1,92 @@
+"""A rung of the learning-rate search is a pause, not a shorter run: paused and resumed, a run ends with the
+weights of an uninterrupted one; a trial trains without its validation split and is scored on it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from src.recipes import RECIPES
+from src.training.run import run_recipe
+from tests.conftest import tiny_run_options, worker_argv
+
+pytestmark = pytest.mark.slow
+
+
+def test_paused_and_resumed_runs_end_with_the_weights_of_an_uninterrupted_one(
+    tiny_model_dir, tiny_data_dir, tmp_path
+):
+    recipe = RECIPES["r4-joint"]  # LoRA on every part, with dropout: the RNG state must carry over
+    options = {"max_steps": 4, "save_steps": 0, "seed": 7}
+    run_recipe(recipe, tiny_run_options(tiny_model_dir, tiny_data_dir, tmp_path / "straight", **options))
+
+    out = tmp_path / "rungs"
+    (first,) = run_recipe(recipe, tiny_run_options(tiny_model_dir, tiny_data_dir, out, pause_at=1, **options))
+    assert first.paused and first.steps == 1 and (out / "trainer" / "checkpoint-1").is_dir()
+    (second,) = run_recipe(
+        recipe, tiny_run_options(tiny_model_dir, tiny_data_dir, out, pause_at=3, resume=True, **options)
+    )
+    assert second.paused and second.steps == 3
+    (last,) = run_recipe(recipe, tiny_run_options(tiny_model_dir, tiny_data_dir, out, resume=True, **options))
+    assert not last.paused and last.steps == 4
+
+    straight = load_file(tmp_path / "straight" / "adapter" / "adapter_model.safetensors")
+    resumed = load_file(out / "adapter" / "adapter_model.safetensors")
+    for name in straight:  # same schedule, same data order, same RNG: equal up to float rounding
+        assert torch.allclose(straight[name], resumed[name], rtol=0, atol=1e-6), name
+    rates = [json.loads(line)["lr"] for line in (out / "loss_history.jsonl").read_text().splitlines()]
+    straight_rates = [
+        json.loads(line)["lr"] for line in (tmp_path / "straight" / "loss_history.jsonl").read_text().splitlines()
+    ]
+    assert rates == straight_rates  # the schedule of the whole run, not of a 1-step or 3-step one
+
+
+def test_a_chain_pauses_inside_its_first_stage_and_goes_on_into_the_second(tiny_model_dir, tiny_data_dir, tmp_path):
+    recipe, out = RECIPES["r3-two-stage"], tmp_path / "r3"
+    options = {"max_steps": 2, "save_steps": 0}
+    results = run_recipe(recipe, tiny_run_options(tiny_model_dir, tiny_data_dir, out, pause_at=1, **options))
+    assert [(r.name, r.paused, r.steps) for r in results] == [("stage1-vision", True, 1)]
+    assert not (out / "stage1-vision" / "merged").exists()  # a paused stage saves its adapter only
+    again = tiny_run_options(tiny_model_dir, tiny_data_dir, out, pause_at=3, resume=True, **options)
+    results = run_recipe(recipe, again)
+    assert [(r.name, r.paused) for r in results] == [("stage1-vision", False), ("stage2-llm", True)]
+    assert (out / "stage1-vision" / "merged").is_dir()
+
+
+def test_a_search_trial_trains_without_its_validation_split_and_is_scored_on_it(
+    tiny_model_dir, tiny_data_dir, tmp_path
+):
+    out = tmp_path / "trial"
+    trial = ["--cpu", "--val-fraction", "0.2", "--eval-split", "validation", "--lr-scale", "3"]
+    done = subprocess.run(
+        [*worker_argv("r1", tiny_model_dir, tiny_data_dir, out, *trial), "--pause-at", "1"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    status = json.loads((out / "status.json").read_text())
+    assert status["status"] == "succeeded" and status["paused"]["at"] == 1 and status["stages"] == []
+    assert isinstance(status["val_loss"], float)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["eval"]["split"] == "validation" and metrics["eval"]["val_fraction"] == 0.2
+    from src.data.dataset import read_raw_records
+
+    validation = read_raw_records(str(tiny_data_dir), "validation", val_fraction=0.2)
+    assert metrics["num_images"] == len(validation)
+
+
+def test_lr_scale_multiplies_every_stages_own_rate(tiny_model_dir, tiny_data_dir, tmp_path):
+    def rates(name: str, scale: float) -> list[float]:
+        out = tmp_path / name
+        options = {"max_steps": 3, "learning_rate": None, "lr_scale": scale}
+        run_recipe(RECIPES["r3-two-stage"], tiny_run_options(tiny_model_dir, tiny_data_dir, out, **options))
+        return [json.loads(line)["lr"] for line in (out / "loss_history.jsonl").read_text().splitlines()]
+
+    plain, scaled = rates("plain", 1.0), rates("scaled", 3.0)
+    assert len(plain) == 6 and max(plain) > 0  # both stages' steps, each at its own rate
+    assert scaled == pytest.approx([3 * rate for rate in plain])
