@@ -57,7 +57,7 @@ class Backend(Protocol):
     """Where jobs run. Each call returns at once, except `poll`, which waits up to `timeout` seconds."""
 
     def describe(self) -> str:
-        """Where the jobs go, for the launch's first line ("the CPU", "gpu0, gpu1", "the Ray cluster at ...")."""
+        """Where the jobs go, for the launch's first line ("the CPU", "gpu0, gpu1", "the Ray cluster at")."""
 
     def open(self, specs: list[JobSpec]) -> list[str]:
         """Get ready to run these jobs; notes for the user (the cluster's size, a job no node can take)."""

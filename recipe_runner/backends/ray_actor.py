@@ -120,14 +120,17 @@ def job_actor_class() -> type:
 
         @staticmethod
         def _child_setup_hook() -> Any:
-            """Runs in the worker between fork and exec: no signal blocked (Ray's threads block
-            SIGINT, and a blocked mask survives exec, so the worker would never see a Ctrl-C), and
-            SIGKILL for the worker when this actor dies (killed, or its node's Ray stopped)."""
+            """Runs in the worker between fork and exec: no signal blocked or ignored (Ray's threads block
+            SIGINT, and a blocked mask or an ignored signal survives exec, so the worker would never see a
+            Ctrl-C), and SIGKILL for the worker when this actor dies (killed, or its node's Ray stopped)."""
             prctl = ctypes.CDLL(None, use_errno=True).prctl if sys.platform.startswith("linux") else None
             parent = os.getpid()
 
             def hook() -> None:
                 signal.pthread_sigmask(signal.SIG_SETMASK, ())
+                # An ignored signal stays ignored across exec: the worker must see Ctrl-C and SIGTERM.
+                signal.signal(signal.SIGINT, signal.SIG_DFL)
+                signal.signal(signal.SIGTERM, signal.SIG_DFL)
                 if prctl is not None:
                     prctl(1, int(signal.SIGKILL), 0, 0, 0)  # 1: PR_SET_PDEATHSIG
                 if os.getppid() != parent:  # the actor died before prctl took effect

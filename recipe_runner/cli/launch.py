@@ -95,7 +95,8 @@ def add_backend_flags(p: argparse.ArgumentParser) -> None:
     backend.add_argument(
         "--ray-address",
         metavar="ADDRESS",
-        help="with --backend ray: HEAD:6379, auto, or ray://HEAD:10001 (default $RAY_ADDRESS, else a local Ray)",
+        help="with --backend ray: HEAD:6379, auto, or ray://HEAD:10001 "
+        "(default $RAY_ADDRESS, else a local Ray)",
     )
     backend.add_argument(
         "--ray-retries",
@@ -321,7 +322,9 @@ def gpu_pool(
     args: argparse.Namespace, selection: GpuSelection, probe: Callable[[], list[GpuInfo]], launch_id: str
 ) -> GpuPool:
     max_jobs = jobs_per_gpu(args.pack, args.max_jobs_per_gpu)
-    return GpuPool(selection.pool, probe, lease_dir(), launch_id, max_jobs, args.max_used_mib, selection.cores)
+    return GpuPool(
+        selection.pool, probe, lease_dir(), launch_id, max_jobs, args.max_used_mib, selection.cores
+    )
 
 
 def _make_plan(
@@ -409,4 +412,3 @@ def _write_report(launch_dir: Path) -> None:
         print(f"  once fixed: recipe-run report {launch_dir}", file=sys.stderr)
         return
     print(f"report:  {written[0]}")
-

@@ -74,8 +74,8 @@ def workload_for(
     max_pixels: int | None = None,
     image_root: str | None = None,
 ) -> Workload | None:
-    """The largest image of a local data set, in patches, resized as the run will (src.planning.memory.pixel_limits:
-    the flags, else the model processor's limits with training's cap)."""
+    """The largest image of a local data set, in patches, resized as the run will
+    (src.planning.pixels.pixel_limits: the flags, else the model processor's limits with training's cap)."""
     from src.data.dataset import load_records
     from src.data.records import DatasetError
 
@@ -105,8 +105,9 @@ def estimate_memory(
     """The plan for one recipe (one rank of it) on a GPU of `capacity_mib`; None when --batch-size auto
     finds no fit.
 
-    `checkpointing`: True, False, or None for auto (off when the activations fit, as the worker decides). `batch_size` "auto" picks, of every micro-batch x accumulation x recompute setting
-    of `samples_per_step`, the one the planner's cost model predicts fastest among those that fit.
+    `checkpointing`: True, False, or None for auto (off when the activations fit, as the worker
+    decides). `batch_size` "auto" picks, of every micro-batch x accumulation x recompute setting of
+    `samples_per_step`, the one the planner's cost model predicts fastest among those that fit.
     `compiled`: whether the worker will compile, which the step times count. `offloaded`: the worker
     offloads what recompute keeps, which memory and step times count.
     """
@@ -268,4 +269,3 @@ def estimate_recipes(request: LaunchRequest, capacity_mib: int) -> dict[str, Mem
             )
         plans[recipe.name] = plan
     return plans
-

@@ -205,7 +205,9 @@ def _final_jobs(launch: SearchLaunch, record: SearchRecord) -> list[JobSpec]:
         if not jobs and not launch.request.flags.skip_eval:
             argv = with_flag(argv, flag_name("baseline_dir"), str(launch.launch_dir / "base"))
         log = job.log_path.with_name(f"{recipe}.log")
-        jobs.append(replace(job, argv=argv, name=recipe, log_path=log, predicted_s=0.0, reserve_mib=job.reserve_mib))
+        jobs.append(
+            replace(job, argv=argv, name=recipe, log_path=log, predicted_s=0.0, reserve_mib=job.reserve_mib)
+        )
     return jobs
 
 

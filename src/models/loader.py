@@ -75,8 +75,8 @@ def _balanced_map_with_head_on_first_gpu(model_id: str) -> dict:
 def load_processor(
     model_id: str, min_pixels: int | None = None, max_pixels: int | None = None, cap: bool = True
 ):
-    """The model's processor, resizing images to `src.planning.memory.pixel_limits` (the run's --min-pixels and
-    --max-pixels, else the processor's own with its maximum capped at 1280 image tokens). `cap=False`
+    """The model's processor, resizing images to `src.planning.pixels.pixel_limits` (the run's --min-pixels
+    and --max-pixels, else the processor's own with its maximum capped at 1280 image tokens). `cap=False`
     keeps a processor's own limits: one saved beside an adapter already holds what training used."""
     from transformers import AutoProcessor
 

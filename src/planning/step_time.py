@@ -1,7 +1,8 @@
 """Step-time cost model: the predicted seconds of one optimizer step, and the settings ranked by it.
 
-Torch-free, like the memory planner it sits on (src/planning/memory.py): `--batch-size auto` (the launcher's
-recipe_runner/planning/estimates.py) and the benchmark's candidates (src/bench) run the fastest setting that fits.
+Torch-free, like the memory planner it sits on (src/planning/memory.py): `--batch-size auto` (the
+launcher's recipe_runner/planning/estimates.py) and the benchmark's candidates (src/bench) run the fastest
+setting that fits.
 
     from src.planning.step_time import rank_settings
     best = rank_settings(shape, recipe, 16, capacity_bytes, image_patches, text_tokens)[0]

@@ -57,4 +57,3 @@ class RunOptions:
     # 4-bit (QLoRA) weights dequantized once and kept in bf16 (src/models/dequantize.py); None: where the
     # planner says the copies fit (resolve_dequantized), on GPUs only.
     dequantize_once: bool | None = None
-

@@ -1,7 +1,7 @@
 """The Ray backend on a local Ray instance with two logical GPUs: fake workers, then the real one on CPU.
 
-One Ray instance serves the session (`ray_address`, tests/conftest.py); each test builds JobSpecs whose argv runs
-tests/fakes/worker.py and passes its FAKE_WORKER / FAKE_WORKER_RECORDS hooks through the job's env
+One Ray instance serves the session (`ray_address`, tests/conftest.py); each test builds JobSpecs whose
+argv runs tests/fakes/worker.py and passes its FAKE_WORKER / FAKE_WORKER_RECORDS hooks through the job's env
 (a Ray node runs workers in its own environment, not the launcher's). Without Ray installed only
 the two tests that need no cluster run.
 """

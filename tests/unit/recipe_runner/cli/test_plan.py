@@ -132,8 +132,8 @@ def _seconds_a_step(line: str) -> float:
 
 
 def test_plan_says_which_runs_compile_and_counts_it_in_their_time(config_only_7b, monkeypatch, capsys):
-    """--compile auto compiles long stages (src.planning.step_time.compile_chosen, the worker's own rule): the plan
-    shows it, predicts the compiled step, and counts the compile time once per stage."""
+    """--compile auto compiles long stages (src.planning.step_time.compile_chosen, the worker's own rule):
+    the plan shows it, predicts the compiled step, and counts the compile time once per stage."""
     from src.planning.step_time import COMPILE_AUTO_MIN_STEPS, COMPILE_S
 
     def plan(*extra: str) -> tuple[list[str], list[float]]:
