@@ -14,8 +14,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from src.recipes import PART_MODES, TrainingRecipe  # noqa: E402
 from src.contract.exits import USAGE  # noqa: E402
+from src.recipes import PART_MODES, TrainingRecipe  # noqa: E402
 from src.training.worker import main  # noqa: E402
 
 

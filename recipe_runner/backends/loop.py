@@ -260,7 +260,10 @@ class JobLoop:
         retry = oom_retry(job.spec)
         if retry is None:
             return
-        batch, accum = flag_value(retry.argv, flag_name("batch_size")), flag_value(retry.argv, flag_name("grad_accum"))
+        batch, accum = (
+            flag_value(retry.argv, flag_name("batch_size")),
+            flag_value(retry.argv, flag_name("grad_accum")),
+        )
         job.attempts.append(
             {
                 **attempt,

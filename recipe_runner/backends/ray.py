@@ -223,7 +223,9 @@ class RayBackend:
 
     def poll(self, timeout: float) -> list[Event]:
         events: list[Event] = []
-        waiting = {job.start_ref: (key, "start") for key, job in self.jobs.items() if job.start_ref is not None}
+        waiting = {
+            job.start_ref: (key, "start") for key, job in self.jobs.items() if job.start_ref is not None
+        }
         waiting |= {job.poll_ref: (key, "poll") for key, job in self.jobs.items() if job.poll_ref is not None}
         if waiting:
             refs = list(waiting)
@@ -293,7 +295,11 @@ class RayBackend:
                 continue  # not started: Ray may queue it for as long as it takes
             if job.killed_at is not None and now - job.killed_at > KILL_WAIT_S:
                 self._drop(key)
-                events.append(Exited(key, None, f"no exit confirmed {KILL_WAIT_S:g}s after SIGKILL; its actor was killed"))
+                events.append(
+                    Exited(
+                        key, None, f"no exit confirmed {KILL_WAIT_S:g}s after SIGKILL; its actor was killed"
+                    )
+                )
             elif now - job.heard_at > HEARTBEAT_S:
                 events += self._lost(key, f"no answer from its node for {now - job.heard_at:.0f}s")
         return events

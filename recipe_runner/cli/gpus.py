@@ -1,6 +1,6 @@
 """`recipe-run gpus`: what NVML sees (index, name, UUID, memory, processes) and which GPUs a launch may use.
 
-    recipe-run gpus [--json]
+recipe-run gpus [--json]
 """
 
 from __future__ import annotations
@@ -31,7 +31,9 @@ def run(args: argparse.Namespace, probe: Callable[[], list[GpuInfo]] = probe_gpu
     leases = lease_dir()
     verdicts = [verdict(gpu, args.max_used_mib, reservations(leases, gpu.uuid)) for gpu in gpus]
     if args.json:
-        records = [{**asdict(g), "free": v == "free", "verdict": v} for g, v in zip(gpus, verdicts, strict=True)]
+        records = [
+            {**asdict(g), "free": v == "free", "verdict": v} for g, v in zip(gpus, verdicts, strict=True)
+        ]
         print(json.dumps(records))
         return 0
     rows = [("index", "name", "uuid", "memory used/total", "util", "processes", "free")]

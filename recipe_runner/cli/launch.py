@@ -334,7 +334,9 @@ def gpu_pool(
     args: argparse.Namespace, selection: GpuSelection, probe: Callable[[], list[GpuInfo]], launch_id: str
 ) -> GpuPool:
     max_jobs = jobs_per_gpu(args.pack, args.max_jobs_per_gpu)
-    return GpuPool(selection.pool, probe, lease_dir(), launch_id, max_jobs, args.max_used_mib, selection.cores)
+    return GpuPool(
+        selection.pool, probe, lease_dir(), launch_id, max_jobs, args.max_used_mib, selection.cores
+    )
 
 
 def _make_plan(

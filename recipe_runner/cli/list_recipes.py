@@ -1,6 +1,6 @@
 """`recipe-run list`: the recipes (built in, and from --recipes-file) and what each trains, how.
 
-    recipe-run list --recipes-file examples/r5.toml
+recipe-run list --recipes-file examples/r5.toml
 """
 
 from __future__ import annotations

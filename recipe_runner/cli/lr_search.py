@@ -86,7 +86,9 @@ def problems(args: argparse.Namespace) -> list[str]:
     if args.halving is not None and args.halving < 1:
         found.append(f"--halving {args.halving}: must be at least 1 (1: no halving)")
     if args.learning_rate is not None:
-        found.append("--learning-rate and --lr-search exclude each other: the search chooses each recipe's rate")
+        found.append(
+            "--learning-rate and --lr-search exclude each other: the search chooses each recipe's rate"
+        )
     if args.seeds or args.datasets:
         found.append("--lr-search runs one seed on one data set: drop --seeds and --datasets")
     if args.skip_eval:
@@ -160,19 +162,36 @@ def print_cost(setup: SearchSetup, plan: Plan, gpus: int) -> None:
     table = [("recipe", "trials (rates)", "rungs end at step", "steps trained", "x one run", "GPU-hours")]
     for key, row in rows.items():
         rates = ", ".join(f"{rate:.3g}" for rate in setup.grids[key])
-        hours = "-" if row["gpu_hours"] is None else f"{row['gpu_hours']:.2f} (untuned {row['untuned_gpu_hours']:.2f})"
+        hours = (
+            "-"
+            if row["gpu_hours"] is None
+            else f"{row['gpu_hours']:.2f} (untuned {row['untuned_gpu_hours']:.2f})"
+        )
         steps = ", ".join(map(str, row["rungs"]))
-        table.append((key, f"{row['trials']} ({rates})", steps, str(row["trained_steps"]), f"{row['x_untuned']:.2f}", hours))
-    print(f"\nlearning-rate search: halving {setup.eta}, chosen by validation {setup.metric}, "
-          f"validation split {setup.val_fraction:.0%} of train where the data set has none of its own")
+        table.append(
+            (
+                key,
+                f"{row['trials']} ({rates})",
+                steps,
+                str(row["trained_steps"]),
+                f"{row['x_untuned']:.2f}",
+                hours,
+            )
+        )
+    print(
+        f"\nlearning-rate search: halving {setup.eta}, chosen by validation {setup.metric}, "
+        f"validation split {setup.val_fraction:.0%} of train where the data set has none of its own"
+    )
     print_rows(table)
     hours = [row["gpu_hours"] for row in rows.values()]
     if None not in hours and gpus:
         total = sum(hours)
         untuned = sum(row["untuned_gpu_hours"] for row in rows.values())
         makespan = total / gpus  # the rungs' jobs pack and queue over the GPUs; a lower bound
-        print(f"predicted: {total:.2f} GPU-hours ({total / untuned:.2f}x the untuned comparison's {untuned:.2f}); "
-              f"makespan about {makespan * 60:.0f} min on {gpus} GPU(s)")
+        print(
+            f"predicted: {total:.2f} GPU-hours ({total / untuned:.2f}x the untuned comparison's {untuned:.2f}); "
+            f"makespan about {makespan * 60:.0f} min on {gpus} GPU(s)"
+        )
     else:
         print("predicted GPU-hours: unknown here (no memory plan: --cpu, Ray, or no local config.json)")
 
@@ -197,7 +216,11 @@ def run(
         f"{trials} trials, halving {settings.eta}; everything goes to {plan.launch_dir}"
     )
     dataset = request.flags.dataset or DEFAULT_DATASET
-    splits = split_sizes(dataset, request.flags.image_root, settings.val_fraction) if Path(dataset).exists() else {}
+    splits = (
+        split_sizes(dataset, request.flags.image_root, settings.val_fraction)
+        if Path(dataset).exists()
+        else {}
+    )
     launch = SearchLaunch(
         request=with_trial_flags(request, settings),
         setup=settings,
@@ -219,4 +242,3 @@ def run(
     print(f"\nsummary: {plan.launch_dir / 'summary.json'}; the search: {plan.launch_dir / 'search.json'}")
     report_or_say(plan.launch_dir)
     return code
-

@@ -40,7 +40,11 @@ def add_flags(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace, probe: Callable[[], list[GpuInfo]] = probe_gpus) -> int:
-    problems = [f"--gpu-memory {gib:g}: give a size in GiB above 0, like 24 or 80" for gib in getattr(args, "gpu_memory", None) or [] if gib <= 0]
+    problems = [
+        f"--gpu-memory {gib:g}: give a size in GiB above 0, like 24 or 80"
+        for gib in getattr(args, "gpu_memory", None) or []
+        if gib <= 0
+    ]
     if problems:
         raise UsageError("\n  ".join(problems), "see 'recipe-run plan --help'")
     request, worker = launch.prepare(args)

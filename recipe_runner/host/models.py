@@ -60,4 +60,3 @@ def local_model(model_id: str) -> str:
             return snapshot_download(model_id, allow_patterns=MODEL_FILES, local_files_only=True)
         except Exception:
             raise ModelUnavailable(f"{type(online_error).__name__}: {online_error}") from None
-

@@ -269,4 +269,3 @@ def estimate_recipes(request: LaunchRequest, capacity_mib: int) -> dict[str, Mem
             )
         plans[recipe.name] = plan
     return plans
-

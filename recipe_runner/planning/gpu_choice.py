@@ -80,4 +80,3 @@ def _too_few(pool: tuple[GpuInfo, ...], per_job: int) -> tuple[str, ...]:
     if len(pool) >= per_job:
         return ()
     return (f"--gpus-per-recipe {per_job} needs at least {per_job} GPUs; --gpus gives {len(pool)}",)
-

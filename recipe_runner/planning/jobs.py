@@ -122,7 +122,9 @@ def with_baselines(
         seen.add(point.dataset)
         first = index * per_point
         target = launch_dir / (BASELINE_DIR + point.data_tag)
-        out[first] = replace(out[first], argv=with_flag(out[first].argv, flag_name("baseline_dir"), str(target)))
+        out[first] = replace(
+            out[first], argv=with_flag(out[first].argv, flag_name("baseline_dir"), str(target))
+        )
     return out
 
 
@@ -154,7 +156,9 @@ def with_gpu_threads(job: JobSpec, threads: int) -> JobSpec:
     default) four workers ran r3 1.7x slower than alone (docs/benchmarks.md).
     """
     return replace(
-        job, argv=with_flag(job.argv, flag_name("threads"), str(threads)), env={**job.env, **thread_env(threads)}
+        job,
+        argv=with_flag(job.argv, flag_name("threads"), str(threads)),
+        env={**job.env, **thread_env(threads)},
     )
 
 
@@ -285,5 +289,3 @@ def oom_retry(job: JobSpec) -> JobSpec | None:
     if batch % 2:  # an odd batch cannot halve exactly: go to 1 x (batch * accum)
         argv = with_flag(argv, flag_name("batch_size"), "1")
     return resumed(replace(job, argv=argv))
-
-

@@ -246,7 +246,9 @@ def core_slices(
     return slices
 
 
-def spread_spare_gpus(jobs: Sequence[JobSpec], memory: Mapping[str, MemoryEstimate], idle_gpus: int) -> list[int]:
+def spread_spare_gpus(
+    jobs: Sequence[JobSpec], memory: Mapping[str, MemoryEstimate], idle_gpus: int
+) -> list[int]:
     """Data-parallel ranks per job when idle GPUs outnumber the jobs: each spare GPU goes to the job with
     the longest predicted time per rank, as long as its samples a step still split evenly.
 
@@ -296,11 +298,15 @@ def place_job(
         planned = request.flags.replace(batch_size=plan.batch_size, grad_accum=plan.grad_accum)
         batch, accum = rank_batch(planned, split)
         if request.flags.batch_size == "auto" or ranks > 1:
-            argv = with_flag(with_flag(argv, flag_name("batch_size"), str(batch)), flag_name("grad_accum"), str(accum))
+            argv = with_flag(
+                with_flag(argv, flag_name("batch_size"), str(batch)), flag_name("grad_accum"), str(accum)
+            )
         argv = with_flag(argv, flag_name("gradient_checkpointing"), "on" if plan.checkpointing else "off")
     elif ranks > 1:
         batch, accum = rank_batch(request.flags, ranks)
-        argv = with_flag(with_flag(argv, flag_name("batch_size"), str(batch)), flag_name("grad_accum"), str(accum))
+        argv = with_flag(
+            with_flag(argv, flag_name("batch_size"), str(batch)), flag_name("grad_accum"), str(accum)
+        )
     job = replace(job, argv=argv)
     if ranks > 1:
         job = as_data_parallel(job, ranks, worker)
@@ -321,5 +327,3 @@ def _startup_s(ranks: int) -> float:
     # Data-parallel ranks each load the model and join a process group: measured about 27 s more than
     # one process for 7B r4 on 2x H200 (docs/benchmarks.md), paid once per job.
     return DATA_PARALLEL_STARTUP_S if ranks > 1 else 0.0
-
-

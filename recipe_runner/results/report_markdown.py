@@ -292,4 +292,3 @@ def _breakdown_tables(report: dict) -> list[str]:
         cells = [cell(per_label.get(label)) for label in labels] + [cell(per_size.get(s)) for s in sizes]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return lines
-

@@ -87,4 +87,3 @@ def plot_predictions(predictions: list[dict], out: Path) -> Path | None:
         grid.paste(image, ((index % GRID_COLUMNS) * CELL_PX, (index // GRID_COLUMNS) * CELL_PX))
     grid.save(out)
     return out
-

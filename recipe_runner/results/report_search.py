@@ -60,9 +60,16 @@ def search_lines(search: dict, splits: dict | None) -> list[str]:
     )
     lines += _split_lines(splits)
     if any(len(grid) for grid in search.get("grids", {}).values()):
-        lines += ["", "A chain's stages keep their own rates' ratio: each trial scales all of them by one factor."]
-    lines += ["", "| recipe | learning rate | rung reached | steps | validation " + metric + " | validation loss "
-              "| status |", "| --- | --- | --- | --- | --- | --- | --- |"]
+        lines += [
+            "",
+            "A chain's stages keep their own rates' ratio: each trial scales all of them by one factor.",
+        ]
+    lines += [
+        "",
+        "| recipe | learning rate | rung reached | steps | validation " + metric + " | validation loss "
+        "| status |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for trial in sorted(search["trials"], key=lambda t: (t["recipe"], t["learning_rate"])):
         picked = search.get("chosen", {}).get(trial["recipe"]) == trial["learning_rate"]
         name = f"**{trial['learning_rate']:.3g}** (chosen)" if picked else f"{trial['learning_rate']:.3g}"
@@ -122,7 +129,9 @@ def plot_search(search: dict, out: Path) -> Path | None:
 
     figure, axis = plt.subplots(figsize=(7, 4.5))
     for recipe in search.get("grids", {}):
-        points = sorted((t["learning_rate"], t["val_metric"], t["steps"]) for t in scored if t["recipe"] == recipe)
+        points = sorted(
+            (t["learning_rate"], t["val_metric"], t["steps"]) for t in scored if t["recipe"] == recipe
+        )
         if not points:
             continue
         line = axis.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=recipe)[0]

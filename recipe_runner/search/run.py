@@ -111,7 +111,9 @@ def _trial_job(launch: SearchLaunch, recipe: str, trial: Trial, rung: int) -> Jo
     """Trial `trial` of `recipe` trained to the rung's step at its rate, scored on the validation split."""
     job = _planned(launch, recipe, trial.number)
     step, full = launch.setup.rungs[recipe][rung], launch.setup.full_steps[recipe]
-    argv = without_flag(job.argv, flag_name("baseline_dir"))  # the base is scored on the test split, at the end
+    argv = without_flag(
+        job.argv, flag_name("baseline_dir")
+    )  # the base is scored on the test split, at the end
     argv = with_flag(argv, flag_name("lr_scale"), _scale(launch, recipe, trial))
     argv = with_flag(argv, flag_name("eval_split"), "validation")
     if step < full:

@@ -91,7 +91,9 @@ class SearchRecord:
         return [self._read(recipe, frozen) for frozen in study.get_trials(deepcopy=False)]
 
     def _read(self, recipe: str, frozen: Any) -> Trial:
-        state = {"RUNNING": "running", "PRUNED": "pruned", "COMPLETE": "complete"}.get(frozen.state.name, "failed")
+        state = {"RUNNING": "running", "PRUNED": "pruned", "COMPLETE": "complete"}.get(
+            frozen.state.name, "failed"
+        )
         attrs = frozen.user_attrs
         losses = {int(k.split("@")[1]): v for k, v in attrs.items() if k.startswith("val_loss@")}
         scores = {int(step): float(value) for step, value in frozen.intermediate_values.items()}
@@ -100,7 +102,9 @@ class SearchRecord:
     def report(self, recipe: str, number: int, step: int, metric: float, val_loss: float | None) -> None:
         """The trial's validation score at the rung ending at `step` (its loss first: the tie-break)."""
         trial = self._handle(recipe, number)
-        trial.set_user_attr(f"val_loss@{step}", None if val_loss is None or math.isnan(val_loss) else val_loss)
+        trial.set_user_attr(
+            f"val_loss@{step}", None if val_loss is None or math.isnan(val_loss) else val_loss
+        )
         trial.report(metric, step)
 
     def fail(self, recipe: str, number: int, why: str) -> None:

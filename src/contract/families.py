@@ -94,4 +94,3 @@ def full_parts(recipe) -> set[str]:
 def vision_trains(recipe) -> bool:
     """Whether anything in the vision tower (blocks or merger) trains, so gradients must reach it."""
     return bool(trained_parts(recipe) & {"vision", "merger"})
-

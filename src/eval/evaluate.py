@@ -159,7 +159,9 @@ def evaluate_model(
     model, processor, family = load_for_eval(model_path, device, search_root=out_dir, pixels=pixels)
     longest = None
     if max_new_tokens == "auto":
-        max_new_tokens, longest = answer_budget_for(dataset, records, processor, family, image_root, val_fraction)
+        max_new_tokens, longest = answer_budget_for(
+            dataset, records, processor, family, image_root, val_fraction
+        )
         log.info("max_new_tokens %d: the longest answer is at most %d tokens", max_new_tokens, longest)
     loaded = time.time()
     stats = GenerationStats()

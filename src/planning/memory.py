@@ -154,7 +154,6 @@ ALLOCATOR_ROUNDING = 0.005  # the caching allocator rounds blocks up to 512 B; a
 HEADROOM = 0.85
 
 
-
 @dataclass(frozen=True)
 class ModelShape:
     """Everything the estimate needs from a Qwen2-VL / Qwen2.5-VL config.json."""
@@ -690,7 +689,9 @@ def choose_dequantized(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m src.planning.memory", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m src.planning.memory", description=__doc__.splitlines()[0]
+    )
     where = parser.add_mutually_exclusive_group(required=True)
     where.add_argument("--model-dir", help="a model directory (config.json, preprocessor_config.json)")
     where.add_argument("--shape", choices=("2b", "7b"), help="a published Qwen2-VL shape")

@@ -75,4 +75,3 @@ def limits_of_processor(processor) -> tuple[int, int]:
     """(min_pixels, max_pixels) a loaded processor resizes to."""
     size = processor.image_processor.size
     return size["shortest_edge"], size["longest_edge"]
-

@@ -39,4 +39,3 @@ SHAPES = {
 
 # Qwen's processor defaults: a 644x476 image becomes 391 merged image tokens.
 MIN_PIXELS, MAX_PIXELS = 56 * 56, 28 * 28 * 1280
-

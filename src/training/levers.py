@@ -147,4 +147,3 @@ def planner_inputs_of(model_id: str, dataset, processor) -> tuple:
 
     patches, text_tokens = largest_sample(dataset, processor)
     return ModelShape.from_model_dir(model_id), patches, text_tokens, available_gpu_bytes()
-

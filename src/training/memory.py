@@ -33,7 +33,3 @@ def _image_size(image) -> tuple[int, int]:
         with Image.open(image) as opened:
             return opened.size
     return image.size
-
-
-
-

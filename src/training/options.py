@@ -63,4 +63,3 @@ class RunOptions:
     pause_at: int | None = None  # optimizer steps over every stage of a chain; needs max_steps
     lr_scale: float = 1.0
     validation_loss: bool = False
-

@@ -208,7 +208,9 @@ def train_stage(
     whole stage's; only the adapter is saved (a chain merges a stage when it finishes)."""
     started = time.monotonic()
     pause = PauseCallback(pause_at) if pause_at is not None else None
-    prepared = prepare_stage(recipe_name, stage, model_id, opts, stage_dir, callbacks=[pause] if pause else [])
+    prepared = prepare_stage(
+        recipe_name, stage, model_id, opts, stage_dir, callbacks=[pause] if pause else []
+    )
     checkpoint = last_checkpoint(stage_dir / "trainer") if opts.resume else None
     if checkpoint:
         log.info("[%s] resuming from %s", stage.name, checkpoint)

@@ -105,4 +105,3 @@ def unallocated_gpu_bytes() -> int:
     import torch
 
     return max(0, available_gpu_bytes() - torch.cuda.memory_allocated())
-

@@ -47,7 +47,9 @@ def backend(request, host) -> Callable[[], Backend]:
 def specs_for(host, recipes: list[str], behaviour: dict, **flags) -> list:
     """Fake-worker jobs; the hooks ride in each job's env, since a Ray node does not see the launcher's."""
     hooks = {"FAKE_WORKER": json.dumps(behaviour), "FAKE_WORKER_RECORDS": str(host.records_dir)}
-    planned = build_jobs(recipes, host.tmp / "launch", TrainFlags(**flags), [sys.executable, str(FAKE_WORKER)])
+    planned = build_jobs(
+        recipes, host.tmp / "launch", TrainFlags(**flags), [sys.executable, str(FAKE_WORKER)]
+    )
     return [replace(spec, env={**spec.env, **hooks}) for spec in planned]
 
 

@@ -103,7 +103,10 @@ def test_a_launch_through_the_head_retries_an_oom(head, tmp_path) -> None:
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     (launch,) = [p for p in out.iterdir() if p.is_dir()]
     jobs = {j["recipe"]: j for j in json.loads((launch / "summary.json").read_text())["jobs"]}
-    assert {k: j["status"] for k, j in jobs.items()} == {"r1-llm-only": "succeeded", "r2-vision-only": "succeeded"}
+    assert {k: j["status"] for k, j in jobs.items()} == {
+        "r1-llm-only": "succeeded",
+        "r2-vision-only": "succeeded",
+    }
     assert [(a["status"], a["batch_size"]) for a in jobs["r1-llm-only"]["attempts"]] == [("oom", "4")]
     tries = [json.loads(p.read_text()) for p in head["records"].glob("r1-llm-only-*.json")]
     assert sorted(t["exit"] for t in tries) == [0, 3]
@@ -116,7 +119,15 @@ def test_a_head_that_refuses_this_hosts_token_exits_2_within_seconds(head, tmp_p
     (home / ".ray" / "auth_token").write_text("0" * 64)
     out = tmp_path / "out"
     done, took = recipe_run(
-        home, "--recipes", "r1", "--backend", "ray", "--ray-address", head["address"], "--output-dir", str(out)
+        home,
+        "--recipes",
+        "r1",
+        "--backend",
+        "ray",
+        "--ray-address",
+        head["address"],
+        "--output-dir",
+        str(out),
     )
     assert done.returncode == 2 and took < 10, done.stderr
     assert "refused this launcher" in done.stderr and "auth_token" in done.stderr
@@ -130,6 +141,8 @@ def test_a_host_without_a_token_is_told_where_to_get_one(head, tmp_path) -> None
 
 
 def test_an_unreachable_head_exits_2_within_seconds(tmp_path) -> None:
-    done, took = recipe_run(tmp_path, "--recipes", "r1", "--backend", "ray", "--ray-address", f"127.0.0.1:{free_port()}")
+    done, took = recipe_run(
+        tmp_path, "--recipes", "r1", "--backend", "ray", "--ray-address", f"127.0.0.1:{free_port()}"
+    )
     assert done.returncode == 2 and took < 10, done.stderr
     assert "no Ray head answers there" in done.stderr and "ray start --head" in done.stderr

@@ -38,7 +38,10 @@ def read_coco_folder(
 ) -> list[RawRecord]:
     """A train file and a test (else val) file are the train and test splits, and a val file beside both the
     validation split; one file alone is held out from."""
-    held = {"test": files.get("test") or files.get("val"), "validation": files.get("val") if "test" in files else None}
+    held = {
+        "test": files.get("test") or files.get("val"),
+        "validation": files.get("val") if "test" in files else None,
+    }
     if split == "validation" and ("train" not in files or held["validation"] is None):
         raise NoOwnSplit(f"{source}: no validation split of its own")
     if "train" in files and held["test"] is not None:

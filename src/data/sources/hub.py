@@ -17,7 +17,10 @@ def read_hub(name: str, split: str) -> list[RawRecord]:
             f"could not be reached ({type(error).__name__}); pass a local path"
         ) from None
     own = [s for s in TEST_SPLIT_NAMES if s in available]
-    held = {"test": own[0] if own else None, "validation": own[1] if own[:1] == ["test"] and own[1:] else None}
+    held = {
+        "test": own[0] if own else None,
+        "validation": own[1] if own[:1] == ["test"] and own[1:] else None,
+    }
     if split == "validation" and held["validation"] is None:
         raise NoOwnSplit(f"{name}: no validation split of its own")
     wanted = "train" if split == "train" or held["test"] is None else str(held[split])

@@ -18,7 +18,10 @@ def read_imagefolder(root: Path, split: str, source: str) -> list[RawRecord]:
     DIR/validation/ (or val/, valid/) the validation split where DIR/test/ is there too."""
     names = class_names_from_card(root)
     own = [name for name in TEST_SPLIT_NAMES if (root / name / "metadata.jsonl").is_file()]
-    held = {"test": own[0] if own else None, "validation": own[1] if own[:1] == ["test"] and own[1:] else None}
+    held = {
+        "test": own[0] if own else None,
+        "validation": own[1] if own[:1] == ["test"] and own[1:] else None,
+    }
     if split == "validation" and held["validation"] is None:
         raise NoOwnSplit(f"{source}: no validation split of its own")
     if split != "train" and held[split] is not None:

@@ -5,8 +5,8 @@ import json
 import pytest
 from PIL import Image
 
-from recipe_runner.results.report_plots import CELL_PX, GRID_COLUMNS
 from recipe_runner.results.report import best_per_metric, build_report, write_report
+from recipe_runner.results.report_plots import CELL_PX, GRID_COLUMNS
 
 
 def _write(path, data):

@@ -58,7 +58,13 @@ def test_rungs_end_at_the_full_budget_divided_by_eta(trials, eta, rungs, steps):
 
 
 def test_the_best_third_goes_on_ties_to_the_lower_validation_loss_then_the_grid_order():
-    scores = [Score(0, 0.50, 1.0), Score(1, 0.70, 0.9), Score(2, 0.70, 0.5), Score(3, 0.10, 0.1), Score(4, 0.2)]
+    scores = [
+        Score(0, 0.50, 1.0),
+        Score(1, 0.70, 0.9),
+        Score(2, 0.70, 0.5),
+        Score(3, 0.10, 0.1),
+        Score(4, 0.2),
+    ]
     assert keep(5, 3) == 2 and promoted(scores, 3) == [2, 1]
     assert promoted([Score(3, 0.7, None), Score(1, 0.7, None)], 3) == [1]  # equal in all: the grid's order
     assert promoted(scores[:1], 3) == [0]  # one left goes on
@@ -66,7 +72,10 @@ def test_the_best_third_goes_on_ties_to_the_lower_validation_loss_then_the_grid_
 
 
 def test_the_decision_does_not_depend_on_the_order_scores_arrive():
-    scores = [Score(n, m, v) for n, (m, v) in enumerate([(0.3, 1.0), (0.6, 0.8), (0.6, 0.7), (0.1, 0.1), (0.5, 0.2)])]
+    scores = [
+        Score(n, m, v)
+        for n, (m, v) in enumerate([(0.3, 1.0), (0.6, 0.8), (0.6, 0.7), (0.1, 0.1), (0.5, 0.2)])
+    ]
     decisions = {tuple(promoted(list(order), 3)) for order in itertools.permutations(scores)}
     assert decisions == {(2, 1)}
 

@@ -59,7 +59,12 @@ def test_the_worker_builds_run_options_from_its_flags_by_the_table(tmp_path):
 
 def test_train_flags_pass_to_the_worker_as_the_worker_reads_them():
     given = TrainFlags(
-        max_steps=5, learning_rate=3e-05, compile="on", offload_activations=True, epochs=2.0, image_root="imgs"
+        max_steps=5,
+        learning_rate=3e-05,
+        compile="on",
+        offload_activations=True,
+        epochs=2.0,
+        image_root="imgs",
     )
     argv = given.argv()
     assert argv[:2] == ["--epochs", "2"] and "--offload-activations" in argv
@@ -101,7 +106,9 @@ def test_recipe_run_and_the_worker_refuse_a_bad_value_with_the_same_words(tmp_pa
     assert recipe_run(["plan", "--recipes", "r1", "--cpu", "--logging-steps", "0"]) == 2
 
 
-@pytest.mark.parametrize("literal", ['"--offload-activations"', '"--max-pixels"', '"--compile"', '"--dequantize-once"'])
+@pytest.mark.parametrize(
+    "literal", ['"--offload-activations"', '"--max-pixels"', '"--compile"', '"--dequantize-once"']
+)
 def test_a_flag_name_is_written_in_one_source_file(literal):
     sources = [p for folder in ("recipe_runner", "src", "scripts") for p in (REPO / folder).rglob("*.py")]
     holding = [str(p.relative_to(REPO)) for p in sources if literal in p.read_text()]

@@ -22,7 +22,9 @@ def folder(tmp_path, splits: dict[str, int]):
         for index in range(count):
             name = f"{split}-{index}.png"
             Image.new("RGB", (64, 48), "white").save(root / split / name)
-            lines.append(json.dumps({"file_name": name, "objects": {"bbox": [[4, 4, 30, 30]], "label": ["box"]}}))
+            lines.append(
+                json.dumps({"file_name": name, "objects": {"bbox": [[4, 4, 30, 30]], "label": ["box"]}})
+            )
         (root / split / "metadata.jsonl").write_text("\n".join(lines) + "\n")
     return str(root)
 
@@ -60,7 +62,9 @@ def test_with_one_held_out_split_it_is_the_test_and_validation_comes_out_of_trai
 
 def test_a_source_with_validation_and_test_splits_uses_both_as_they_are(tmp_path):
     data = folder(tmp_path, {"train": 12, "validation": 5, "test": 6})
-    assert names(read_raw_records(data, "validation", val_fraction=0.1)) == [f"validation-{i}.png" for i in range(5)]
+    assert names(read_raw_records(data, "validation", val_fraction=0.1)) == [
+        f"validation-{i}.png" for i in range(5)
+    ]
     assert len(read_raw_records(data, "train", val_fraction=0.1)) == 12
     assert all(n.startswith("test-") for n in names(read_raw_records(data, "test", val_fraction=0.1)))
     sizes = split_sizes(data, val_fraction=0.1)
@@ -75,21 +79,36 @@ def test_a_source_without_a_held_out_split_holds_out_the_test_then_carves_valida
     assert len(test) == 5 and len(validation) == 4 and len(train) == 41
     assert not train & validation and not train & test and not validation & test
     sizes = split_sizes(data, val_fraction=0.1)
-    assert sizes["test"]["how"].startswith("held out") and "carved from the train split" in sizes["validation"]["how"]
+    assert (
+        sizes["test"]["how"].startswith("held out")
+        and "carved from the train split" in sizes["validation"]["how"]
+    )
     assert sizes["train"] == {"images": 41, "how": "the source's train split, less the validation split"}
 
 
 def test_coco_val_beside_test_is_the_validation_split(tmp_path):
     for split, counts in (("train", (1,) * 9), ("val", (2, 2)), ("test", (3, 3, 3))):
-        write_coco(tmp_path / "annotations" / f"instances_{split}2017.json", tmp_path / f"{split}2017", counts, False)
-    records = {split: load_records(str(tmp_path), split, val_fraction=0.1)[0] for split in ("train", "validation", "test")}
+        write_coco(
+            tmp_path / "annotations" / f"instances_{split}2017.json", tmp_path / f"{split}2017", counts, False
+        )
+    records = {
+        split: load_records(str(tmp_path), split, val_fraction=0.1)[0]
+        for split in ("train", "validation", "test")
+    }
     assert [len(records[s]) for s in ("train", "validation", "test")] == [9, 2, 3]
 
 
 def test_yolo_val_beside_test_is_the_validation_split(tmp_path):
-    labels = {f"{split}/{i}.jpg": "0 0.5 0.5 0.2 0.2\n" for split, n in (("train", 8), ("val", 2), ("test", 3)) for i in range(n)}
+    labels = {
+        f"{split}/{i}.jpg": "0 0.5 0.5 0.2 0.2\n"
+        for split, n in (("train", 8), ("val", 2), ("test", 3))
+        for i in range(n)
+    }
     root = _yolo(tmp_path, "names: [box]\ntrain: images/train\nval: images/val\ntest: images/test\n", labels)
-    sizes = {split: len(read_raw_records(str(root), split, val_fraction=0.1)) for split in ("train", "validation", "test")}
+    sizes = {
+        split: len(read_raw_records(str(root), split, val_fraction=0.1))
+        for split in ("train", "validation", "test")
+    }
     assert sizes == {"train": 8, "validation": 2, "test": 3}
 
 

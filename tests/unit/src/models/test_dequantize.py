@@ -12,9 +12,9 @@ import torch
 
 from src.models.dequantize import BUFFER, cache_dequantized_weights, is_dequantized
 from src.recipes import resolve_recipe
+from src.training.levers import resolve_dequantized
 from src.training.options import RunOptions
 from src.training.run import load_wrapped_model
-from src.training.levers import resolve_dequantized
 from tests.conftest import exact_lora, loss_and_grads, tiny_batch
 
 pytestmark = pytest.mark.slow

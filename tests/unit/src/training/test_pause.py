@@ -40,12 +40,15 @@ def test_paused_and_resumed_runs_end_with_the_weights_of_an_uninterrupted_one(
         assert torch.allclose(straight[name], resumed[name], rtol=0, atol=1e-6), name
     rates = [json.loads(line)["lr"] for line in (out / "loss_history.jsonl").read_text().splitlines()]
     straight_rates = [
-        json.loads(line)["lr"] for line in (tmp_path / "straight" / "loss_history.jsonl").read_text().splitlines()
+        json.loads(line)["lr"]
+        for line in (tmp_path / "straight" / "loss_history.jsonl").read_text().splitlines()
     ]
     assert rates == straight_rates  # the schedule of the whole run, not of a 1-step or 3-step one
 
 
-def test_a_chain_pauses_inside_its_first_stage_and_goes_on_into_the_second(tiny_model_dir, tiny_data_dir, tmp_path):
+def test_a_chain_pauses_inside_its_first_stage_and_goes_on_into_the_second(
+    tiny_model_dir, tiny_data_dir, tmp_path
+):
     recipe, out = RECIPES["r3-two-stage"], tmp_path / "r3"
     options = {"max_steps": 2, "save_steps": 0}
     results = run_recipe(recipe, tiny_run_options(tiny_model_dir, tiny_data_dir, out, pause_at=1, **options))

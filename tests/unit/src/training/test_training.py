@@ -248,8 +248,8 @@ def test_the_loss_is_read_back_every_step_on_the_cpu_and_every_ten_on_gpus(tmp_p
 def test_offloading_turns_recompute_on_unless_asked_otherwise(tmp_path):
     """Offloading moves the block inputs recompute keeps: "auto" becomes on, on the CPU and on a GPU alike,
     without asking the planner."""
-    from src.training.options import RunOptions
     from src.training.levers import resolve_checkpointing
+    from src.training.options import RunOptions
 
     def resolved(device, offload, asked=None):
         opts = RunOptions(

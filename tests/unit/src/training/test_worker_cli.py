@@ -160,8 +160,8 @@ def test_compile_flag_reaches_the_run_options(flag, expected, tmp_path):
 
 def test_compile_auto_is_on_only_for_long_gpu_runs(tmp_path):
     from src.planning.step_time import COMPILE_AUTO_MIN_STEPS
-    from src.training.options import RunOptions
     from src.training.levers import resolve_compile
+    from src.training.options import RunOptions
 
     def resolved(device: str, compile_flag=None, max_steps=-1, records=0) -> bool:
         opts = RunOptions("m", "d", tmp_path, device=device, compile=compile_flag, max_steps=max_steps)
@@ -176,8 +176,8 @@ def test_compile_auto_is_on_only_for_long_gpu_runs(tmp_path):
 
 
 def test_varlen_vision_attention_follows_compilation_unless_asked(tmp_path):
-    from src.training.options import RunOptions
     from src.training.levers import resolve_vision_varlen
+    from src.training.options import RunOptions
 
     def resolved(device: str, asked=None, compiled=False) -> bool:
         opts = RunOptions("m", "d", tmp_path, device=device, vision_varlen_attention=asked)
@@ -189,8 +189,8 @@ def test_varlen_vision_attention_follows_compilation_unless_asked(tmp_path):
 
 
 def test_host_positions_follow_compilation_unless_asked(tmp_path):
-    from src.training.options import RunOptions
     from src.training.levers import resolve_host_positions
+    from src.training.options import RunOptions
 
     def resolved(asked=None, compiled=False) -> bool:
         return resolve_host_positions(RunOptions("m", "d", tmp_path, host_positions=asked), compiled)
