@@ -10,6 +10,7 @@
 #                                                  compilevar7b cands7b final7b final2b r1c2b offload7b
 #                                                  fit7b q2b q7b off7b attn7b r12c7b hp7b r3p7b eager7b
 #                                                  quiet7b mem7b r13q7b mem8 r24q7b low7b
+#                                                  search7b-untuned search7b
 #
 # gputests runs every GPU test of the suite (`pytest tests -m gpu`): run it whenever training, evaluation or
 # the planner change. The placement runs (issue "use every GPU"): r1-r4 queued one at a time on one GPU (queue1: --pack off),
@@ -75,6 +76,12 @@ for part in "$@"; do
       for shape in ${SHAPES:-2b 7b}; do
         [ -f "$work/$shape/config.json" ] || python3 -m src.fixtures.shapes --shape "$shape" --out "$work/$shape"
       done ;;
+    search7b-untuned)  # issue "fair verdict": r1-r4 at their own rates, 7B, one GPU (the cost's reference)
+      launch search7b-untuned --recipes all --gpus 0 --model-id "$work/7b" "${common[@]}" --eval-samples 16 ;;
+    search7b)  # the same launch as a 5-rate search with halving 3, same steps and data, one GPU
+      "${recipe_run[@]}" plan --recipes all --gpus 0 --model-id "$work/7b" "${common[@]}" --lr-search \
+        2>&1 | tail -n 12 | tee "$out/search7b-plan.log"
+      launch search7b --recipes all --gpus 0 --model-id "$work/7b" "${common[@]}" --eval-samples 16 --lr-search ;;
     gputests)  # every test marked gpu (run it whenever training, evaluation or the planner change; ~4 min)
       gpu_tests gputests tests ;;
     2b)  # `make all-recipes` on a pseudo-terminal, so the live status table is drawn; `script` keeps it

@@ -26,6 +26,9 @@ HELP = (
 # at a rate that suits a 1M-parameter model (the recipes' own rates are for 2B-7B models). Measured
 # on 2 CPU cores: about 4 minutes for the four recipes at once; see the README's example report.
 DEMO_MAX_STEPS, DEMO_LEARNING_RATE, DEMO_BATCH_SIZE = 250, 3e-3, 8
+# --lr-search: five rates around the demo's own, a factor of 3 apart (the recipes' own rates, 1e-4 and 2e-4,
+# are for 2B-7B models), the same for every recipe.
+DEMO_GRID = "3.3e-4,1e-3,3e-3,9e-3,2.7e-2"
 
 
 class FixturesFailed(RuntimeError):
@@ -37,6 +40,15 @@ def add_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--recipes", default="all", metavar="R[,R...]", help="default all")
     p.add_argument(
         "--max-steps", type=int, default=DEMO_MAX_STEPS, metavar="N", help=f"default {DEMO_MAX_STEPS}"
+    )
+    p.add_argument(
+        "--lr-search",
+        action="store_true",
+        help=f"each recipe at its own best rate of {DEMO_GRID}, chosen on a validation split by successive "
+        "halving, scored once on the test split (`make demo-search`)",
+    )
+    p.add_argument(
+        "--lr-grid", metavar="LR[,LR...]", help=f"with --lr-search: the rates (default {DEMO_GRID})"
     )
     add_device_flags(p, DEFAULT_MAX_JOBS_PER_GPU)
     add_output_flags(p)
@@ -56,7 +68,11 @@ def launch_argv(args: argparse.Namespace, probe: Callable[[], list[GpuInfo]] = p
     if built.returncode != 0:
         raise FixturesFailed(f"recipe-run demo: building the fixtures failed (exit {built.returncode})")
     launch = ["launch", "--recipes", args.recipes, "--model-id", str(model), "--dataset", str(data)]
-    launch += ["--max-steps", str(args.max_steps), "--learning-rate", str(DEMO_LEARNING_RATE)]
+    launch += ["--max-steps", str(args.max_steps)]
+    if args.lr_search:
+        launch += ["--lr-search", "--lr-grid", args.lr_grid or DEMO_GRID]
+    else:
+        launch += ["--learning-rate", str(DEMO_LEARNING_RATE)]
     launch += ["--batch-size", str(DEMO_BATCH_SIZE), "--no-wandb", "--output-dir", args.output_dir]
     launch += ["--grace", str(args.grace), *_device(args, probe), *(["--plain"] if args.plain else [])]
     print(f"recipe-run demo: recipe-run {shlex.join(launch)}", flush=True)

@@ -111,11 +111,14 @@ def add_backend_flags(p: argparse.ArgumentParser) -> None:
     )
 
 
-def run(args: argparse.Namespace, probe: Callable[[], list[GpuInfo]] = probe_gpus) -> int:
-    """Launch: check, place, run, report (`launch --dry-run` is `plan`: cli/main.py sends it there)."""
+def run(
+    args: argparse.Namespace, probe: Callable[[], list[GpuInfo]] = probe_gpus, launch_id: str | None = None
+) -> int:
+    """Launch: check, place, run, report (`launch --dry-run` is `plan`: cli/main.py sends it there).
+    `launch_id`: go on with that launch (a learning-rate search's `recipe-run resume`)."""
     request, worker = prepare(args)
     request = _with_local_model(request)
-    launch_id, placed, selection, pool = place(args, request, worker, probe)
+    launch_id, placed, selection, pool = place(args, request, worker, probe, launch_id)
     for name, memory in placed.memory.items():
         print(f"recipe-run: {name}: {memory.describe()}")
     if args.lr_search:
@@ -145,10 +148,14 @@ def prepare(args: argparse.Namespace) -> tuple[LaunchRequest, list[str]]:
 
 
 def place(
-    args: argparse.Namespace, request: LaunchRequest, worker: list[str], probe: Callable[[], list[GpuInfo]]
+    args: argparse.Namespace,
+    request: LaunchRequest,
+    worker: list[str],
+    probe: Callable[[], list[GpuInfo]],
+    launch_id: str | None = None,
 ) -> tuple[str, Plan, GpuSelection | None, GpuPool | None]:
     """Ask the GPUs and the memory planner, then place every job: (launch id, Plan, GPUs, their pool)."""
-    launch_id = new_launch_id()
+    launch_id = launch_id or new_launch_id()
     selection = None if request.cpu or request.backend == "ray" else select(args, probe)
     pool = gpu_pool(args, selection, probe, launch_id) if selection else None
     try:

@@ -14,6 +14,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 from recipe_runner.backends.base import Backend
 from recipe_runner.backends.loop import RunPolicy
@@ -25,6 +26,7 @@ from recipe_runner.results.live import LiveReporter, PlainReporter
 from recipe_runner.results.summary import JobResult, read_summary, render_summary
 from recipe_runner.search.run import SearchLaunch, SearchSetup, run_search
 from recipe_runner.search.rungs import DEFAULT_HALVING, default_grid, parse_grid, rung_steps, trial_steps
+from recipe_runner.search.study import SearchMismatch
 from src.contract.flags import AUTO_EFFECTIVE_BATCH, DEFAULT_DATASET
 from src.data.dataset import split_sizes
 from src.planning.step_time import stage_steps
@@ -136,10 +138,10 @@ def with_trial_flags(request: LaunchRequest, setup: SearchSetup) -> LaunchReques
     return replace(request, flags=flags)
 
 
-def cost(setup: SearchSetup, plan: Plan, gpus: int) -> dict[str, dict]:
+def cost(setup: SearchSetup, plan: Plan, gpus: int) -> dict[str, dict[str, Any]]:
     """Per recipe: trials, rungs, predicted GPU-hours of its search against one untuned run; and the
     search's predicted makespan on `gpus` GPUs (rung after rung, each rung's jobs shared over them)."""
-    rows = {}
+    rows: dict[str, dict[str, Any]] = {}
     for key, grid in setup.grids.items():
         estimate = plan.memory.get(key)
         full = setup.full_steps[key]
@@ -183,14 +185,14 @@ def print_cost(setup: SearchSetup, plan: Plan, gpus: int) -> None:
         f"validation split {setup.val_fraction:.0%} of train where the data set has none of its own"
     )
     print_rows(table)
-    hours = [row["gpu_hours"] for row in rows.values()]
-    if None not in hours and gpus:
-        total = sum(hours)
+    searched = [row["gpu_hours"] for row in rows.values()]
+    if None not in searched and gpus:
+        total = sum(searched)
         untuned = sum(row["untuned_gpu_hours"] for row in rows.values())
         makespan = total / gpus  # the rungs' jobs pack and queue over the GPUs; a lower bound
         print(
-            f"predicted: {total:.2f} GPU-hours ({total / untuned:.2f}x the untuned comparison's {untuned:.2f}); "
-            f"makespan about {makespan * 60:.0f} min on {gpus} GPU(s)"
+            f"predicted: {total:.2f} GPU-hours ({total / untuned:.2f}x the untuned comparison's "
+            f"{untuned:.2f}); makespan about {makespan * 60:.0f} min on {gpus} GPU(s)"
         )
     else:
         print("predicted GPU-hours: unknown here (no memory plan: --cpu, Ray, or no local config.json)")
@@ -236,7 +238,10 @@ def run(
         command=["recipe-run", *args.argv],
         splits=splits,
     )
-    code = run_search(launch)
+    try:
+        code = run_search(launch)
+    except SearchMismatch as error:
+        raise UsageError(str(error), "resume it with the settings it was launched with") from None
     summary = read_summary(plan.launch_dir) or {"jobs": []}
     print("\n" + render_summary([JobResult(**job) for job in summary["jobs"]]))
     print(f"\nsummary: {plan.launch_dir / 'summary.json'}; the search: {plan.launch_dir / 'search.json'}")

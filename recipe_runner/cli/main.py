@@ -71,6 +71,11 @@ def main(argv: list[str] | None = None) -> int:
             return main(demo.launch_argv(args))
         if args.command == "launch" and args.dry_run:
             return plan.run(args)
+        if args.command == "resume" and (searched := resume.searched_launch(args)) is not None:
+            launch_dir, argv = searched  # a learning-rate search goes on where it stopped, as launched
+            again = parse_args(argv)
+            again.output_dir, again.argv = str(launch_dir.parent), ["resume", str(launch_dir)]
+            return launch.run(again, launch_id=launch_dir.name)
         return SUBCOMMANDS[args.command].run(args)
     except UsageError as error:
         print(f"recipe-run: error: {error}", file=sys.stderr)

@@ -28,6 +28,16 @@ def add_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--plain", action="store_true", help="plain lines even on a terminal")
 
 
+def searched_launch(args: argparse.Namespace) -> tuple[Path, list[str]] | None:
+    """(launch directory, its recipe-run argv) when LAUNCH_DIR holds a learning-rate search; its study
+    (search.db) keeps every trial's scores, so the search goes on from where it stopped."""
+    launch_dir = Path(args.launch_dir).resolve()
+    summary = read_summary(launch_dir)
+    if summary is None or not (launch_dir / "search.db").is_file():
+        return None
+    return launch_dir, list(summary["command"][1:])
+
+
 def run(args: argparse.Namespace, probe: Callable[[], list[GpuInfo]] = probe_gpus) -> int:
     launch_dir = Path(args.launch_dir).resolve()
     summary = read_summary(launch_dir)

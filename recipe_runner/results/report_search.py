@@ -37,7 +37,8 @@ def _verdict(trials: list[dict], chosen: float | None, metric: str, points: int)
     if others:
         step = max(int(s) for t in others for s in t["val_scores"])
         scored = [t for t in others if str(step) in t["val_scores"]]
-        rival = max(scored, key=lambda t: t["val_scores"][str(step)])
+        # The rung rule's order: the higher score, then the lower validation loss.
+        rival = max(scored, key=lambda t: (t["val_scores"][str(step)], -_loss(t)))
         margin = best["val_scores"][str(step)] - rival["val_scores"][str(step)]
         runner_up = {"learning_rate": rival["learning_rate"], "steps": step}
     edge = None
@@ -48,21 +49,28 @@ def _verdict(trials: list[dict], chosen: float | None, metric: str, points: int)
     return {"chosen": chosen, "margin": margin, "edge": edge, "runner_up": runner_up, "metric": metric}
 
 
+def _loss(trial: dict) -> float:
+    loss = trial.get("val_loss")
+    return math.inf if loss is None else float(loss)
+
+
 def search_lines(search: dict, splits: dict | None) -> list[str]:
     """The Markdown section: how tuned, the trials table, one sentence per recipe on its choice."""
     metric = search["metric"]
     lines = ["", "## How each recipe was tuned", ""]
     lines.append(
-        f"Each recipe trained at every rate of its grid and was scored by `{metric}` on the validation split; "
-        f"by successive halving (halving {search['halving']}) the best third of each rung went on from its "
+        f"Each recipe trained at every rate of its grid and was scored by `{metric}` on the validation "
+        f"split; by successive halving (halving {search['halving']}) the best of each rung went on from its "
         "checkpoint, until one reached the full budget. The test split above was read only by those chosen "
         "runs, once. Every recipe had the same number of trials and the same budget."
     )
     lines += _split_lines(splits)
-    if any(len(grid) for grid in search.get("grids", {}).values()):
+    if chains := search.get("chains"):
+        named = ", ".join(f"`{key}`" for key in chains)
         lines += [
             "",
-            "A chain's stages keep their own rates' ratio: each trial scales all of them by one factor.",
+            f"{named}: a chain's stages keep their own rates' ratio; each trial scales all of them by one "
+            "factor, and the rate shown is the chain's own (reference) rate times that factor.",
         ]
     lines += [
         "",
@@ -79,8 +87,10 @@ def search_lines(search: dict, splits: dict | None) -> list[str]:
             f"{trial['status']}{': ' + trial['error'] if trial.get('error') else ''} |"
         )
     lines.append("")
+    hours = search.get("device_hours", {})
     for recipe, verdict in search.get("verdicts", {}).items():
-        lines.append(f"- {choice_sentence(recipe, verdict)}")
+        cost = f" Its search took {hours[recipe]:.3f} device-hours." if recipe in hours else ""
+        lines.append(f"- {choice_sentence(recipe, verdict)}{cost}")
     return lines
 
 
@@ -91,13 +101,13 @@ def choice_sentence(recipe: str, verdict: dict) -> str:
     if verdict["margin"] is not None:
         rival = verdict["runner_up"]
         text += (
-            f", {verdict['margin']:+.3f} {verdict['metric']} over the next best ({rival['learning_rate']:.3g}) "
-            f"at {rival['steps']} steps"
+            f", {verdict['margin']:+.3f} {verdict['metric']} over the next best "
+            f"({rival['learning_rate']:.3g}) at {rival['steps']} steps"
         )
     if verdict["edge"]:
         text += (
-            f". **It is the {verdict['edge']} rate of the grid: a better one may lie beyond it; widen the grid** "
-            "(--lr-grid)"
+            f". **It is the {verdict['edge']} rate of the grid: a better one may lie beyond it; widen the "
+            "grid** (--lr-grid)"
         )
     return text + "."
 

@@ -84,19 +84,19 @@ def run_search(launch: SearchLaunch) -> int:
     recipes = launch.request.recipes
     for recipe in recipes:
         record.open(recipe, launch.setup.grids[recipe], launch.setup.config(recipe))
-    results: dict[str, JobResult] = {}
+    results: list[JobResult] = []  # every trial job of every rung, for summary.json and the search's cost
     for rung in range(max(len(launch.setup.rungs[r]) for r in recipes)):
         wanted = [(r, t) for r in recipes for t in _due(record, launch.setup, r, rung)]
         if wanted:
             done, signum = _run(launch, [_trial_job(launch, r, t, rung) for r, t in wanted], record, results)
-            if signum is not None:
-                return _finish(launch, record, list(results.values()), signum)
-            _record_scores(launch, record, wanted, done, rung)
+            _record_scores(launch, record, wanted, done, rung, interrupted=signum is not None)
+            if signum is not None:  # the scores so far are in the study: `recipe-run resume` goes on
+                return _finish(launch, record, results, signum)
         for recipe in recipes:
             _decide(record, launch.setup, recipe, rung)
     finals = _final_jobs(launch, record)
     done, signum = _run(launch, finals, record, results, final=True)
-    return _finish(launch, record, [*results.values()], signum, finals=done)
+    return _finish(launch, record, results, signum, finals=done)
 
 
 def _due(record: SearchRecord, setup: SearchSetup, recipe: str, rung: int) -> list[Trial]:
@@ -143,20 +143,20 @@ def _run(
     launch: SearchLaunch,
     specs: list[JobSpec],
     record: SearchRecord,
-    results: dict[str, JobResult],
+    results: list[JobResult],
     final: bool = False,
 ) -> tuple[list[JobResult], int | None]:
     """One round of jobs through the run loop; summary.json stays true while they run."""
 
     def keep_summary_true(now: list[JobResult]) -> None:
-        shown = {**results, **{r.name: r for r in now}}
+        shown = {**{r.name: r for r in results}, **{r.name: r for r in now}}  # each trial's latest
         extra = {"splits": launch.splits, "search": STUDY_SUMMARY}
         write_summary(launch.launch_dir, launch.launch_id, list(shown.values()), None, launch.command, extra)
-        _write_search(launch, record)
+        _write_search(launch, record, [*results, *now])
 
     done, signum = run_jobs(specs, launch.backend(), launch.reporter(), launch.policy, keep_summary_true)
     if not final:
-        results.update({r.name: r for r in done})
+        results.extend(done)
     return done, signum
 
 
@@ -166,8 +166,10 @@ def _record_scores(
     wanted: list[tuple[str, Trial]],
     done: list[JobResult],
     rung: int,
+    interrupted: bool = False,
 ) -> None:
-    """Each trial's validation score at the rung, or its failure (the search goes on without it)."""
+    """Each trial's validation score at the rung, or its failure (the search goes on without it). After a
+    Ctrl-C only the trials that finished are recorded: the others run again on resume."""
     by_name = {r.name: r for r in done}
     for recipe, trial in wanted:
         result = by_name[trial.name]
@@ -175,6 +177,8 @@ def _record_scores(
         metrics = read_json(Path(result.output_dir) / "metrics.json") or {}
         value = metrics.get(launch.setup.metric)
         scored_on = (metrics.get("eval") or {}).get("split")
+        if interrupted and result.status != "succeeded":
+            continue
         if result.status != "succeeded" or scored_on != "validation" or value is None:
             why = result.error or f"{result.status} (exit {result.exit_code})"
             record.fail(recipe, trial.number, f"rung {rung + 1} (step {step}): {why}")
@@ -207,7 +211,7 @@ def chosen(record: SearchRecord, recipe: str) -> Trial | None:
 def _final_jobs(launch: SearchLaunch, record: SearchRecord) -> list[JobSpec]:
     """Each recipe's chosen run, once more, for its one reading of the test split (nothing trains: every
     stage is done); the first also scores the untrained base there, the zero-shot baseline."""
-    jobs = []
+    jobs: list[JobSpec] = []
     for recipe in launch.request.recipes:
         trial = chosen(record, recipe)
         if trial is None:
@@ -223,8 +227,9 @@ def _final_jobs(launch: SearchLaunch, record: SearchRecord) -> list[JobSpec]:
     return jobs
 
 
-def search_summary(launch: SearchLaunch, record: SearchRecord) -> dict:
-    """The search as summary.json and report.json carry it: every trial, the chosen rates, the splits."""
+def search_summary(launch: SearchLaunch, record: SearchRecord, jobs: Sequence[JobResult] = ()) -> dict:
+    """The search as search.json and the report carry it: every trial, the chosen rates, the cost (the
+    device-hours of every trial job so far, per recipe)."""
     trials, picked = [], {}
     for recipe in launch.request.recipes:
         rungs = launch.setup.rungs[recipe]
@@ -252,18 +257,29 @@ def search_summary(launch: SearchLaunch, record: SearchRecord) -> dict:
         "grids": {recipe: list(grid) for recipe, grid in setup.grids.items()},
         "rungs": {recipe: list(steps) for recipe, steps in setup.rungs.items()},
         "full_steps": dict(setup.full_steps),
+        "chains": [key for key in launch.request.recipes if launch.request.recipe(key).stages],
         "trials": trials,
         "chosen": picked,
+        "device_hours": _device_hours(jobs),
     }
+
+
+def _device_hours(jobs: Sequence[JobResult]) -> dict[str, float]:
+    """recipe -> hours its trial jobs held their devices (a CPU job counts as one device)."""
+    hours: dict[str, float] = {}
+    for job in jobs:
+        held = (job.duration_s or 0.0) * max(1, len(job.gpu_uuids)) / 3600
+        hours[job.recipe] = round(hours.get(job.recipe, 0.0) + held, 5)
+    return hours
 
 
 STUDY_SUMMARY = "search.json"  # every trial and the chosen rates, beside summary.json (search.db: the study)
 
 
-def _write_search(launch: SearchLaunch, record: SearchRecord) -> None:
+def _write_search(launch: SearchLaunch, record: SearchRecord, jobs: Sequence[JobResult]) -> None:
     path = launch.launch_dir / STUDY_SUMMARY
     tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(search_summary(launch, record), indent=2) + "\n")
+    tmp.write_text(json.dumps(search_summary(launch, record, jobs), indent=2) + "\n")
     tmp.replace(path)
 
 
@@ -286,7 +302,7 @@ def _finish(
     code = launch_exit_code(jobs, signum) if jobs else (128 + signum if signum else 1)
     extra = {"trials": [asdict(t) for t in trials], "splits": launch.splits, "search": STUDY_SUMMARY}
     write_summary(launch.launch_dir, launch.launch_id, jobs, code, launch.command, extra)
-    _write_search(launch, record)
+    _write_search(launch, record, [*trials, *finals])
     return code
 
 

@@ -20,6 +20,10 @@ STUDY_FILE = "search.db"
 PARAM = "learning_rate"
 
 
+class SearchMismatch(ValueError):
+    """The launch's study was made with other settings than the ones asked now."""
+
+
 @dataclass(frozen=True)
 class Trial:
     """One trial as the search reads it back: which recipe, at which rate, how far it got."""
@@ -77,7 +81,7 @@ class SearchRecord:
         if stored is None:
             study.set_user_attr("config", {**config, "grid": grid})
         elif stored != {**config, "grid": grid}:
-            raise ValueError(f"{recipe}: this launch's search was made with {stored}, not {config}")
+            raise SearchMismatch(f"{recipe}: this launch's search was made with {stored}, not {config}")
         wanted = optuna.distributions.FloatDistribution(min(grid), max(grid), log=True)
         for rate in grid:
             study.enqueue_trial({PARAM: rate}, skip_if_exists=True)

@@ -12,6 +12,13 @@ object from recipe key (or "*" for every recipe) to behaviour:
     oom_first    exit 3 (CUDA OOM) unless run with --resume, i.e. on the first try only (false)
     silent_s     print nothing for this long before the first step (0): a hung worker
     say          one extra line to print at start (e.g. a secret, to test masking)
+    best_scale   the --lr-scale that scores best on the validation split (1.0): a search's trial scores
+                 1 / (1 + |log3(lr-scale / best_scale)|), its validation loss the same, reversed
+    fail_scale   exit 1 when run with this --lr-scale (a trial that fails)
+
+As a learning-rate search's trial (--eval-split validation, --pause-at N) it writes metrics.json with that
+score and the split it stands for, and status.json with the validation loss; --eval-split test writes
+metrics.json of the test split (the chosen run's final scoring).
 
 With env `FAKE_WORKER_RECORDS=DIR` it writes `DIR/<recipe>-<pid>.json` at start (pid, argv, the
 device env, its cores, grandchild pid, start time) and rewrites it with the end time before it exits, so tests
@@ -22,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import signal
 import subprocess
@@ -62,6 +70,11 @@ def behaviour(recipe: str) -> dict:
     }
 
 
+def score_of(scale: float, plan: dict) -> float:
+    """A trial's made-up validation score: best at the behaviour's best_scale, lower a factor of 3 away."""
+    return round(1 / (1 + abs(math.log(scale / plan.get("best_scale", 1.0), 3))), 4)
+
+
 def cpus() -> list[int] | None:
     """The cores this process may run on (the launcher's --pin-cpus), where the OS says."""
     return sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
@@ -79,6 +92,9 @@ def main() -> int:
     parser.add_argument("--recipe", required=True)
     parser.add_argument("--output-dir", required=True)
     parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--lr-scale", type=float, default=1.0)
+    parser.add_argument("--eval-split", default="test")
+    parser.add_argument("--pause-at", type=int)
     argv = sys.argv[1:]
     ranks = 1
     if "--" in argv:  # as src.training.distributed: --nproc-per-node N -- WORKER FLAGS
@@ -148,7 +164,7 @@ def main() -> int:
             flush=True,
         )
 
-    code = plan["exit"]
+    code = 1 if plan.get("fail_scale") == args.lr_scale else plan["exit"]
     status = "succeeded" if code == 0 else "failed"
     if code:
         print(f"fake failure of {recipe.name}: exiting {code}", file=sys.stderr, flush=True)
@@ -164,9 +180,14 @@ def main() -> int:
                     "final_loss": loss,
                     "output": done[-1]["output"],
                     "stages": done,
+                    "val_loss": 1 - score_of(args.lr_scale, plan),
+                    "paused": {"at": args.pause_at} if args.pause_at else None,
                 }
             )
         )
+    if code == 0 and "--eval-split" in argv:  # a search's trial, or its chosen run's final scoring
+        metrics = {"f1": score_of(args.lr_scale, plan), "eval": {"split": args.eval_split}}
+        (out / "metrics.json").write_text(json.dumps(metrics))
     record(rec_path, rec | {"end": time.time(), "exit": code})
     return code
 
