@@ -67,7 +67,7 @@ class Backend(Protocol):
         What follows comes as events: Started, then Lines, then Exited (or Lost)."""
 
     def waiting_for(self) -> str:
-        """Why the last `start` found no room, for the user."""
+        """What the last `start` that found no room waits for, for the user ("a GPU (gpu0 busy: ...)")."""
 
     def poll(self, timeout: float) -> list[Event]:
         """What happened since the last poll, waiting up to `timeout` for something."""

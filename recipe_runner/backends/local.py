@@ -49,10 +49,11 @@ class _Child:
 
 
 class LocalBackend:
-    """Subprocesses on this host; `pool` places GPU jobs (None: every job runs on the CPU at once)."""
+    """Subprocesses on this host; `pool` places GPU jobs (None: CPU jobs, all at once, or at most
+    `max_running` at once: a search's many trials share the cores as a launch's recipes would)."""
 
-    def __init__(self, pool: GpuPool | None) -> None:
-        self.pool = pool
+    def __init__(self, pool: GpuPool | None, max_running: int | None = None) -> None:
+        self.pool, self.max_running = pool, max_running
         self.children: dict[str, _Child] = {}
         self.lines: queue.SimpleQueue[tuple[str, str | None]] = queue.SimpleQueue()
         self.events: list[Event] = []
@@ -64,11 +65,15 @@ class LocalBackend:
         return []
 
     def waiting_for(self) -> str:
-        return self.pool.waiting_for if self.pool else ""
+        if self.pool is None:
+            return f"its turn ({self.max_running} jobs run at once on the CPU)"
+        return f"a GPU ({self.pool.waiting_for})" if self.pool.waiting_for else ""
 
     def start(self, spec: JobSpec) -> bool:
         leases: list[Lease] = []
         shared = False
+        if self.pool is None and self.max_running is not None and len(self.children) >= self.max_running:
+            return False
         if self.pool is not None:
             taken = self.pool.take(spec)
             if taken is None:

@@ -156,7 +156,7 @@ class JobLoop:
     def _note_waiting(self, job: Job) -> None:
         why = self.backend.waiting_for()
         if why and why != self._waiting_note:
-            self.reporter.note(f"recipe-run: {job.spec.key} waits for a GPU ({why})")
+            self.reporter.note(f"recipe-run: {job.spec.key} waits for {why}")
         self._waiting_note = why
 
     def _handle(self, event: Event) -> None:

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import json
 import sys
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -197,3 +199,16 @@ def report_or_say(launch_dir: Path) -> None:
         print(f"  once fixed: recipe-run report {launch_dir}", file=sys.stderr)
         return
     print(f"report:  {written[0]}")
+    print_answer(json.loads((launch_dir / "report.json").read_text()))
+
+
+def print_answer(report: dict) -> None:
+    """The verdict on screen when a launch ends: the winner, how sure, and (a search) the rates chosen."""
+    from recipe_runner.results.report_markdown import answer_lines
+
+    print()
+    for paragraph in answer_lines(report):
+        print(textwrap.fill(paragraph.replace("**", "").replace("`", ""), width=110))
+    if chosen := (report.get("search") or {}).get("chosen"):
+        rates = ", ".join(f"{recipe} {rate:.3g}" for recipe, rate in chosen.items())
+        print(textwrap.fill(f"Learning rates chosen on the validation split: {rates}.", width=110))

@@ -125,7 +125,14 @@ def run(
         _backend(args, pool)  # a Ray head is asked now: a bad one exits 2 before anything is written
         rooms = pool.rooms if pool is not None else None
         return lr_search.run(
-            args, request, worker, launch_id, placed, rooms, lambda: _backend(args, pool), policy_of(args)
+            args,
+            request,
+            worker,
+            launch_id,
+            placed,
+            rooms,
+            lambda: _backend(args, pool, cpu_jobs=request.jobs),  # as many at once as an untuned launch
+            policy_of(args),
         )
     return execute(
         args, launch_id, placed.launch_dir, list(placed.jobs), _backend(args, pool), splits=_splits(request)
@@ -361,10 +368,11 @@ def _make_plan(
     return make_plan(request, launch_id, worker, pool.rooms(), memory, cores)
 
 
-def _backend(args: argparse.Namespace, pool: GpuPool | None) -> Backend:
-    """Where the jobs run; a Ray head is asked once, now, so that a bad one exits 2 before anything starts."""
+def _backend(args: argparse.Namespace, pool: GpuPool | None, cpu_jobs: int | None = None) -> Backend:
+    """Where the jobs run; a Ray head is asked once, now, so that a bad one exits 2 before anything starts.
+    `cpu_jobs`: on the CPU, at most that many at once (a search's trials)."""
     if args.backend != "ray":
-        return LocalBackend(pool)
+        return LocalBackend(pool, cpu_jobs)
     from recipe_runner.backends.ray import RayBackend, RayConnectError, RayUnavailable, connect
 
     try:

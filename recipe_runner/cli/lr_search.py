@@ -124,8 +124,6 @@ def _steps_per_stage(request: LaunchRequest, fraction: float) -> int:
             f"--lr-search: cannot count the steps of an epoch of {dataset} without reading it here",
             "give --max-steps N (the full budget of one trial's stage)",
         )
-    from src.data.dataset import split_sizes
-
     images = split_sizes(dataset, flags.image_root, fraction)["train"]["images"]
     batch, accum = rank_batch(flags, request.gpus_per_recipe)
     samples = AUTO_EFFECTIVE_BATCH if batch == "auto" else int(batch) * accum * request.gpus_per_recipe
@@ -138,9 +136,9 @@ def with_trial_flags(request: LaunchRequest, setup: SearchSetup) -> LaunchReques
     return replace(request, flags=flags)
 
 
-def cost(setup: SearchSetup, plan: Plan, gpus: int) -> dict[str, dict[str, Any]]:
-    """Per recipe: trials, rungs, predicted GPU-hours of its search against one untuned run; and the
-    search's predicted makespan on `gpus` GPUs (rung after rung, each rung's jobs shared over them)."""
+def cost(setup: SearchSetup, plan: Plan) -> dict[str, dict[str, Any]]:
+    """Per recipe: trials, rungs, the steps it trains and its predicted GPU-hours, against one untuned run
+    (the planner's step time; each trial job also pays its start and its validation scoring, STARTUP_S)."""
     rows: dict[str, dict[str, Any]] = {}
     for key, grid in setup.grids.items():
         estimate = plan.memory.get(key)
@@ -160,7 +158,7 @@ def cost(setup: SearchSetup, plan: Plan, gpus: int) -> dict[str, dict[str, Any]]
 
 def print_cost(setup: SearchSetup, plan: Plan, gpus: int) -> None:
     """What `plan --lr-search` adds: the search's trials, rungs and predicted cost, before anything starts."""
-    rows = cost(setup, plan, gpus)
+    rows = cost(setup, plan)
     table = [("recipe", "trials (rates)", "rungs end at step", "steps trained", "x one run", "GPU-hours")]
     for key, row in rows.items():
         rates = ", ".join(f"{rate:.3g}" for rate in setup.grids[key])

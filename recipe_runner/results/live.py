@@ -112,7 +112,8 @@ def describe_event(event: dict[str, Any]) -> str:
     if kind == "eval":
         rate = event.get("images_per_s")
         speed = f", {rate:.2f} images/s" if isinstance(rate, int | float) else ""
-        return f"{stage or 'eval'}: {event.get('done')}/{event.get('total')} test images{speed}"
+        split = event.get("split", "test")
+        return f"{stage or 'eval'}: {event.get('done')}/{event.get('total')} {split} images{speed}"
     if kind == "start":
         return f"started{where} on {event.get('device')} {event.get('device_name') or ''}".rstrip()
     if kind == "stage_start":

@@ -46,20 +46,27 @@ def _metric_cell(row: dict, key: str) -> str:
     return _fmt(row["metrics"][key]) + (f" ({gain:+.3f})" if gain is not None else "")
 
 
-def render_markdown(report: dict, pictures: list[str]) -> str:
-    best, base, rows = report["best"], report["base"], report["recipes"]
-    lines = [f"# Recipe comparison: launch {report['launch_id']}", ""]
+def answer_lines(report: dict) -> list[str]:
+    """The answer the user came for: the winner and how sure that is, one paragraph each (report.md opens
+    with them; the launch prints them when it ends)."""
+    best, rows = report["best"], report["recipes"]
     if HEADLINE in best:
         winner = next(r for r in rows if r["recipe"] == best[HEADLINE])
         gain = winner["gain"].get(HEADLINE)
         over = f", {gain:+.3f} over the zero-shot base" if gain is not None else ""
-        lines.append(
-            f"**Winner by F1 at IoU 0.5: `{winner['recipe']}`** ({_fmt(winner['metrics'][HEADLINE])}{over})."
-        )
+        score = _fmt(winner["metrics"][HEADLINE])
+        lines = [f"**Winner by F1 at IoU 0.5: `{winner['recipe']}`** ({score}{over})."]
     else:
-        lines.append("No recipe produced metrics: see the status column and each recipe's train.log.")
-    for verdict in report.get("verdicts", []):
-        lines += ["", verdict_sentence(verdict, len(report["verdicts"]) > 1)]
+        lines = ["No recipe produced metrics: see the status column and each recipe's train.log."]
+    verdicts = report.get("verdicts", [])
+    return lines + [verdict_sentence(verdict, len(verdicts) > 1) for verdict in verdicts]
+
+
+def render_markdown(report: dict, pictures: list[str]) -> str:
+    best, base, rows = report["best"], report["base"], report["recipes"]
+    lines = [f"# Recipe comparison: launch {report['launch_id']}"]
+    for paragraph in answer_lines(report):
+        lines += ["", paragraph]
     titles = [title for _, title in METRICS]
     head = [
         "recipe",

@@ -54,6 +54,24 @@ def _loss(trial: dict) -> float:
     return math.inf if loss is None else float(loss)
 
 
+def _early_rung_lines(search: dict, metric: str) -> list[str]:
+    """A warning per chain whose rungs come before its last stage: the choice there saw only its first
+    stage(s), which the metric may not tell apart (r3's frozen LLM names nothing new: every rate ties)."""
+    lines = []
+    for key, start in search.get("last_stage_from", {}).items():
+        early = [step for step in search["rungs"].get(key, []) if step <= start]
+        if early:
+            steps = ", ".join(str(step) for step in early)
+            lines += [
+                "",
+                f"**Note:** `{key}`'s rung(s) at step {steps} come before its last stage begins (after "
+                f"step {start}): trials were kept or dropped there on what the earlier stage(s) did, where "
+                f"{metric} may tie for every rate and the validation loss decides; --halving 1 (every rate "
+                "to the full budget) judges them all on the last stage.",
+            ]
+    return lines
+
+
 def search_lines(search: dict, splits: dict | None) -> list[str]:
     """The Markdown section: how tuned, the trials table, one sentence per recipe on its choice."""
     metric = search["metric"]
@@ -62,7 +80,9 @@ def search_lines(search: dict, splits: dict | None) -> list[str]:
         f"Each recipe trained at every rate of its grid and was scored by `{metric}` on the validation "
         f"split; by successive halving (halving {search['halving']}) the best of each rung went on from its "
         "checkpoint, until one reached the full budget. The test split above was read only by those chosen "
-        "runs, once. Every recipe had the same number of trials and the same budget."
+        "runs, once. Every recipe had the same number of trials and the same budget. A recipe's wall time "
+        "and GPU-hours above are its chosen run's (every rung of it, and its test scoring); what each whole "
+        "search took is below."
     )
     lines += _split_lines(splits)
     if chains := search.get("chains"):
@@ -72,6 +92,7 @@ def search_lines(search: dict, splits: dict | None) -> list[str]:
             f"{named}: a chain's stages keep their own rates' ratio; each trial scales all of them by one "
             "factor, and the rate shown is the chain's own (reference) rate times that factor.",
         ]
+        lines += _early_rung_lines(search, metric)
     lines += [
         "",
         "| recipe | learning rate | rung reached | steps | validation " + metric + " | validation loss "

@@ -24,7 +24,7 @@ from pathlib import Path
 from recipe_runner.backends.base import Backend
 from recipe_runner.backends.loop import RunPolicy, run_jobs
 from recipe_runner.planning.estimates import MemoryEstimate
-from recipe_runner.planning.jobs import JobSpec, with_flag, without_flag
+from recipe_runner.planning.jobs import JobSpec, split_threads, with_flag, without_flag
 from recipe_runner.planning.placement import GpuRoom, make_plan
 from recipe_runner.planning.request import LaunchRequest, SweepPoint
 from recipe_runner.results.live import PlainReporter
@@ -131,12 +131,21 @@ def _scale(launch: SearchLaunch, recipe: str, trial: Trial) -> str:
 def _planned(launch: SearchLaunch, recipe: str, number: int) -> JobSpec:
     """The job of one trial as the launch's placement plans it (packing, GPUs, threads), before its rung."""
     point = SweepPoint(tag=f"-lr{number}")
-    request = replace(launch.request, recipes=(recipe,), sweep=(point,))
+    request = replace(launch.request, recipes=(recipe,), sweep=(point,), threads=_trial_threads(launch))
     rooms = launch.rooms() if launch.rooms is not None else None
     plan = make_plan(request, launch.launch_id, launch.worker, rooms, launch.memory, launch.cores)
     (job,) = plan.jobs
     assert job.key == trial_name(recipe, number)
     return job
+
+
+def _trial_threads(launch: SearchLaunch) -> int | None:
+    """--threads of one trial: on this host's CPU as many trials run at once as the launch has recipes,
+    and they share the cores as those would (planned alone, each would take every core)."""
+    request = launch.request
+    if request.cpu and request.backend != "ray":
+        return split_threads(request.threads or launch.cores, request.jobs)
+    return request.threads
 
 
 def _run(
@@ -258,10 +267,22 @@ def search_summary(launch: SearchLaunch, record: SearchRecord, jobs: Sequence[Jo
         "rungs": {recipe: list(steps) for recipe, steps in setup.rungs.items()},
         "full_steps": dict(setup.full_steps),
         "chains": [key for key in launch.request.recipes if launch.request.recipe(key).stages],
+        "last_stage_from": _last_stage_from(launch),
         "trials": trials,
         "chosen": picked,
         "device_hours": _device_hours(jobs),
     }
+
+
+def _last_stage_from(launch: SearchLaunch) -> dict[str, int]:
+    """chain -> the chain step after which its last stage trains (every stage runs the same steps)."""
+    starts = {}
+    for key in launch.request.recipes:
+        stages = launch.request.recipe(key).stages
+        if stages:
+            full = launch.setup.full_steps[key]
+            starts[key] = full - full // len(stages)
+    return starts
 
 
 def _device_hours(jobs: Sequence[JobResult]) -> dict[str, float]:
@@ -292,7 +313,7 @@ def _finish(
 ) -> int:
     """summary.json: the chosen runs as the launch's jobs (what the report compares), a recipe without one
     as failed; every trial's job under `trials`; exit 0 only when every recipe has a scored run."""
-    by_recipe = {r.name: r for r in finals}
+    by_recipe = {r.name: _whole_run(r, record, trials) for r in finals}
     jobs = []
     for recipe in launch.request.recipes:
         if recipe in by_recipe:
@@ -304,6 +325,14 @@ def _finish(
     write_summary(launch.launch_dir, launch.launch_id, jobs, code, launch.command, extra)
     _write_search(launch, record, [*trials, *finals])
     return code
+
+
+def _whole_run(final: JobResult, record: SearchRecord, trials: Sequence[JobResult]) -> JobResult:
+    """A recipe's row: its test scoring with the time of its chosen trial's every rung added, so that the
+    report's wall time and GPU-hours are those of the run that was scored, not of its last job alone."""
+    trial = chosen(record, final.recipe)
+    rungs = [job.duration_s or 0.0 for job in trials if trial is not None and job.name == trial.name]
+    return replace(final, duration_s=round((final.duration_s or 0.0) + sum(rungs), 3))
 
 
 def _no_run(launch: SearchLaunch, record: SearchRecord, recipe: str) -> JobResult:

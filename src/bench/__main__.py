@@ -351,7 +351,7 @@ def planned_settings(target: Target, stage, args, device: str, compile_choices=(
 def _capacity_bytes(device: str) -> int:
     """What the planner may fill: the GPU's usable memory, or (CPU smoke runs) the free RAM."""
     if device == "cuda":
-        from src.training.memory import available_gpu_bytes
+        from src.utils.gpu import available_gpu_bytes
 
         return available_gpu_bytes()
     import psutil

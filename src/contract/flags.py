@@ -459,6 +459,8 @@ def combination_problems(values: Mapping[str, Any]) -> list[str]:
         problems.append("--epochs 0: must be above 0, or come with --max-steps N")
     if values.get("pause_at") and (values.get("max_steps") or -1) <= 0:
         problems.append("--pause-at needs --max-steps: the pause is counted in the run's optimizer steps")
+    if values.get("learning_rate") and values.get("lr_scale", 1.0) != 1.0:
+        problems.append("--learning-rate with --lr-scale: one sets the rate, the other scales it; pass one")
     if values.get("cpu") and values.get("gpu"):
         problems.append("--cpu and --gpu conflict: pass one of them")
     return problems

@@ -11,7 +11,8 @@ others), so the launcher sees one run. Events and their keys:
   start     recipe, stage, device ("cuda" | "cpu"), device_name, device_uuid, pid, world_size
   step      recipe, stage, step, total, loss, lr, epoch, gpu_mem_gib (None on CPU)
   stage_end recipe, stage, final_loss, output
-  eval      stage ("eval" | "baseline"), done, total, elapsed_s, images_per_s (at most one a second)
+  eval      stage ("eval" | "baseline"), split ("test" | "validation" | ...), done, total, elapsed_s,
+            images_per_s (at most one a second)
   end       recipe, status ("succeeded" | "failed"), final_loss, exit_code, error
 """
 

@@ -106,9 +106,9 @@ def evaluate_base(model_id: str, dataset: str, out_dir: str | Path, **options) -
     return evaluate_model(model_id, dataset, out_dir, **options)
 
 
-def progress_reporter(stage: str | None) -> Callable[[int, int], None] | None:
-    """on_progress for predict_records: RR_PROGRESS "eval" events (done, total, rate), at most one a
-    second; None (no events) when stage is None, as for the command line, which logs instead."""
+def progress_reporter(stage: str | None, split: str = "test") -> Callable[[int, int], None] | None:
+    """on_progress for predict_records: RR_PROGRESS "eval" events (done, total, rate, the split's name),
+    at most one a second; None (no events) when stage is None, as for the command line, which logs instead."""
     if stage is None:
         return None
     from src.contract import progress
@@ -121,7 +121,8 @@ def progress_reporter(stage: str | None) -> Callable[[int, int], None] | None:
             return
         last[0] = now
         rate = round(done / now, 3) if done and now > 0 else None
-        progress.emit("eval", stage=stage, done=done, total=total, elapsed_s=round(now, 2), images_per_s=rate)
+        timing = {"elapsed_s": round(now, 2), "images_per_s": rate}
+        progress.emit("eval", stage=stage, split=split, done=done, total=total, **timing)
 
     return report
 
@@ -177,7 +178,7 @@ def evaluate_model(
         sort_by_size=sort_by_size,
         decode=decode,
         stats=stats,
-        on_progress=progress_reporter(progress_stage),
+        on_progress=progress_reporter(progress_stage, split),
     )
     predicted = time.time()
     samples = [(p.boxes, p.truths, p.parsed, p.crowd) for p in predictions]

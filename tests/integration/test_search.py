@@ -26,7 +26,7 @@ def flag(record: dict, name: str) -> str | None:
     return argv[argv.index(name) + 1] if name in argv else None
 
 
-def test_each_recipe_is_tuned_by_halving_and_scored_once_on_the_test_split(host, monkeypatch):
+def test_each_recipe_is_tuned_by_halving_and_scored_once_on_the_test_split(host, monkeypatch, capsys):
     behaviour = {
         "r1-llm-only": {"best_scale": 3.0},
         "r2-vision-only": {"best_scale": 1 / 3, "fail_scale": 9.0},
@@ -35,6 +35,11 @@ def test_each_recipe_is_tuned_by_halving_and_scored_once_on_the_test_split(host,
     host.set_behaviour(monkeypatch, behaviour)
     argv = ["--recipes", "r1,r2", "--lr-search", "--max-steps", "9", "--output-dir", str(host.out), "--plain"]
     assert main(argv) == 0
+    # The answer is on screen when the command ends: the winner, how sure, the rates chosen.
+    end = capsys.readouterr().out.rstrip().splitlines()[-2:]
+    assert end[0].startswith("Winner by F1 at IoU 0.5: r")
+    chosen = "r1-llm-only 0.0006, r2-vision-only 3.33e-05"
+    assert end[1] == f"Learning rates chosen on the validation split: {chosen}."
     (launch,) = host.launch_dirs()
     search = json.loads((launch / "search.json").read_text())
     assert search["rungs"] == {"r1-llm-only": [1, 3, 9], "r2-vision-only": [1, 3, 9]}
@@ -59,12 +64,38 @@ def test_each_recipe_is_tuned_by_halving_and_scored_once_on_the_test_split(host,
     summary = json.loads((launch / "summary.json").read_text())
     assert [j["name"] for j in summary["jobs"]] == ["r1-llm-only", "r2-vision-only"]
     assert len(summary["trials"]) == 16 and summary["exit_code"] == 0
+    # A recipe's row costs its chosen run's every rung and its scoring, not the scoring alone.
+    r1_chosen = next(t["trial"] for t in search["trials"] if t["recipe"] == "r1-llm-only" and t["rung"] == 3)
+    rungs = [t["duration_s"] for t in summary["trials"] if t["name"] == r1_chosen]
+    assert len(rungs) == 3 and summary["jobs"][0]["duration_s"] > sum(rungs)
     report = json.loads((launch / "report.json").read_text())
     assert {t["recipe"] for t in report["search"]["trials"]} == {"r1-llm-only", "r2-vision-only"}
     assert set(report["search"]["trials"][0]) >= {"recipe", "learning_rate", "rung", "val_metric", "status"}
     assert report["search"]["verdicts"]["r1-llm-only"]["edge"] is None
     markdown = (launch / "report.md").read_text()
     assert "## How each recipe was tuned" in markdown and (launch / "search.png").is_file()
+
+
+def test_trials_on_the_cpu_share_the_cores_as_the_launchs_recipes_would(host, monkeypatch):
+    host.set_behaviour(monkeypatch, {"*": {"steps": 1, "step_s": 0.3}})
+    monkeypatch.setattr("os.cpu_count", lambda: 4)
+    argv = ["--recipes", "r1,r2", "--cpu", "--lr-search", "--max-steps", "9", "--output-dir", str(host.out)]
+    assert main([*argv, "--plain"]) == 0
+    trials = [r for r in trial_records(host) if flag(r, "--eval-split") == "validation"]
+    assert len(trials) == 16 and {flag(r, "--threads") for r in trials} == {"2"}  # 4 cores, 2 at once
+    at_once = max(sum(o["start"] <= r["start"] < o["end"] for o in trials) for r in trials)
+    assert at_once == 2
+
+
+def test_a_chain_whose_rungs_come_before_its_last_stage_is_flagged(host, monkeypatch):
+    host.set_behaviour(monkeypatch, {"*": {"steps": 1}})
+    argv = ["--recipes", "r1,r3", "--lr-search", "--max-steps", "9", "--output-dir", str(host.out)]
+    assert main([*argv, "--plain"]) == 0
+    (launch,) = host.launch_dirs()
+    search = json.loads((launch / "search.json").read_text())
+    assert search["rungs"]["r3-two-stage"] == [2, 6, 18] and search["last_stage_from"] == {"r3-two-stage": 9}
+    notes = [line for line in (launch / "report.md").read_text().splitlines() if line.startswith("**Note:**")]
+    assert len(notes) == 1 and "`r3-two-stage`'s rung(s) at step 2, 6 come before its last stage" in notes[0]
 
 
 def test_a_grid_whose_best_rate_is_its_edge_says_to_widen_it(host, monkeypatch):
@@ -178,6 +209,7 @@ def test_a_real_tiny_search_on_the_cpu_chooses_on_validation_and_scores_on_test(
         seen = {json.loads(row)["image"] for row in rows}
         assert seen == validation and not seen & test
     for log in (launch / "logs").glob("*-lr*.log"):
-        assert "on the test split" not in log.read_text(), log
+        text = log.read_text()
+        assert "on the test split" not in text and '"split": "validation"' in text, log
     for recipe in ("r1-llm-only", "r4-joint"):
         assert "evaluation on the test split" in (launch / "logs" / f"{recipe}.log").read_text()

@@ -52,3 +52,17 @@ print("TORCH" if "torch" in sys.modules else "NO-TORCH")
 def test_help_answers_without_loading_ml_libraries() -> None:
     done = subprocess.run([sys.executable, "-c", HELP], cwd=ROOT, capture_output=True, text=True, check=True)
     assert "examples:" in done.stdout and done.stdout.rstrip().endswith("NO-TORCH")
+
+
+def test_the_console_script_points_at_the_entry_function() -> None:
+    # `recipe-run` is installed from pyproject's [project.scripts]; a module moved under it breaks it.
+    import importlib
+    import tomllib
+
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    module, _, name = scripts["recipe-run"].partition(":")
+    assert callable(getattr(importlib.import_module(module), name))
+    installed = Path(sys.executable).parent / "recipe-run"  # make install's, where the suite runs from it
+    if installed.exists():
+        done = subprocess.run([installed, "--help"], capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0 and "examples:" in done.stdout, done.stderr

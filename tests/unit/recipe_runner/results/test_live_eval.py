@@ -38,3 +38,8 @@ def test_baseline_eval_starts_its_own_count_and_prints_compactly():
     assert (view.progress.stage, view.progress.step, view.progress.rate_base) == ("baseline", 0, (101.0, 0))
     line = describe_event({"event": "eval", "stage": "baseline", "done": 8, "total": 32, "images_per_s": 2.5})
     assert line == "baseline: 8/32 test images, 2.50 images/s"
+
+
+def test_a_trials_scoring_names_the_validation_split():
+    line = describe_event({"event": "eval", "stage": "eval", "split": "validation", "done": 2, "total": 6})
+    assert line == "eval: 2/6 validation images"

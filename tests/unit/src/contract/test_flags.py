@@ -87,6 +87,7 @@ def test_train_flags_refuse_what_a_worker_is_not_passed():
         ({"min_pixels": 5000, "max_pixels": 4000}, "--min-pixels 5000 is above --max-pixels 4000"),
         ({"offload_activations": True, "gradient_checkpointing": "off"}, "--offload-activations with"),
         ({"epochs": 0}, "--epochs 0: must be above 0, or come with --max-steps N"),
+        ({"learning_rate": 1e-4, "lr_scale": 3.0}, "--learning-rate with --lr-scale"),
     ],
 )
 def test_one_check_names_the_bad_flag_for_worker_and_launcher(values, message):
