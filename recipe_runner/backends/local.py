@@ -66,7 +66,7 @@ class LocalBackend:
 
     def waiting_for(self) -> str:
         if self.pool is None:
-            return f"its turn ({self.max_running} jobs run at once on the CPU)"
+            return f"its turn ({self.max_running} jobs run at once on the CPU)" if self.max_running else ""
         return f"a GPU ({self.pool.waiting_for})" if self.pool.waiting_for else ""
 
     def start(self, spec: JobSpec) -> bool:
