@@ -16,13 +16,8 @@ from pathlib import Path
 from recipe_runner.host.models import model_dir_for
 from recipe_runner.planning.request import LaunchRequest, PlanError
 from src.contract.flags import AUTO_EFFECTIVE_BATCH, BY_DEST, DEFAULT_DATASET, DEFAULT_MODEL, TrainFlags
-from src.planning.memory import (
-    HEADROOM,
-    ModelShape,
-    choose_checkpointing,
-    estimate_recipe_memory,
-    recompute_asked,
-)
+from src.planning.memory import HEADROOM, choose_checkpointing, estimate_recipe_memory, recompute_asked
+from src.planning.parameters import ModelShape
 from src.planning.pixels import image_grid, limits_from_config, pixel_limits
 from src.planning.step_time import COMPILE_S, compile_chosen, predict_step_seconds, rank_settings, stage_steps
 

@@ -222,27 +222,19 @@ def bind_gpus(
 
 def with_flag(argv: Sequence[str], flag: str, value: str | None = None) -> tuple[str, ...]:
     """argv with `flag` (and its value) set once: replaced where present, else appended."""
+    rest = without_flag(argv, flag, takes_value=value is not None)
+    return (*rest, flag, *([] if value is None else [value]))
+
+
+def without_flag(argv: Sequence[str], flag: str, takes_value: bool = True) -> tuple[str, ...]:
+    """argv without `flag` (and the value after it, when it takes one)."""
     out: list[str] = []
     skip = False
     for word in argv:
         if skip:
             skip = False
         elif word == flag:
-            skip = value is not None
-        else:
-            out.append(word)
-    return (*out, flag, *([] if value is None else [value]))
-
-
-def without_flag(argv: Sequence[str], flag: str) -> tuple[str, ...]:
-    """argv without `flag` and its value."""
-    out: list[str] = []
-    skip = False
-    for word in argv:
-        if skip:
-            skip = False
-        elif word == flag:
-            skip = True
+            skip = takes_value
         else:
             out.append(word)
     return tuple(out)

@@ -46,6 +46,11 @@ def _metric_cell(row: dict, key: str) -> str:
     return _fmt(row["metrics"][key]) + (f" ({gain:+.3f})" if gain is not None else "")
 
 
+def table_head(columns: list[str]) -> list[str]:
+    """A Markdown table's header row and the rule under it."""
+    return ["| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
+
+
 def answer_lines(report: dict) -> list[str]:
     """The answer the user came for: the winner and how sure that is, one paragraph each (report.md opens
     with them; the launch prints them when it ends)."""
@@ -83,8 +88,7 @@ def render_markdown(report: dict, pictures: list[str]) -> str:
         "",
         "Metrics on the test split; in brackets, the gain over the untrained base.",
         "",
-        "| " + " | ".join(head) + " |",
-        "|" + " --- |" * len(head),
+        *table_head(head),
     ]
     if base:
         lines.append(
@@ -182,8 +186,7 @@ def _intervals_table(report: dict) -> list[str]:
         "",
         f"95% intervals by bootstrap over the test images ({RESAMPLES} resamples; value [low, high]):",
         "",
-        "| recipe | images | " + " | ".join(titles) + " |",
-        "|" + " --- |" * (2 + len(titles)),
+        *table_head(["recipe", "images", *titles]),
     ]
     for dataset, intervals in report.get("base_intervals", {}).items():
         name = "base (zero-shot)" + (f" {dataset}" if len(report["base_intervals"]) > 1 else "")
@@ -205,8 +208,7 @@ def _differences_table(report: dict) -> list[str]:
         "",
         "The winner minus the others, on the same resampled images (* : the 95% interval excludes 0):",
         "",
-        "| comparison | " + " | ".join(titles) + " |",
-        "|" + " --- |" * (1 + len(titles)),
+        *table_head(["comparison", *titles]),
     ]
     for verdict in verdicts:
         for comparison in verdict["comparisons"]:
@@ -228,8 +230,7 @@ def _over_seeds_table(groups: list[dict]) -> list[str]:
         "Over seeds: mean ± standard deviation of the seeds that succeeded, then in brackets the 95%",
         "interval of that mean by bootstrap over the test images (seed spread and image sampling, apart):",
         "",
-        "| recipe | data set | seeds | " + " | ".join(titles) + " |",
-        "|" + " --- |" * (3 + len(titles)),
+        *table_head(["recipe", "data set", "seeds", *titles]),
     ]
     for group in groups:
         cells = []
@@ -288,12 +289,13 @@ def _breakdown_tables(report: dict) -> list[str]:
         f"F1@0.5 by label{more}, and by box size as COCO counts it (area in pixels of the original image:",
         "small < 32², medium < 96², large above); n is the number of ground-truth boxes:",
         "",
-        "| model | "
-        + " | ".join(f"{label} (n={support[label]})" for label in labels)
-        + " | "
-        + " | ".join(f"{s} (n={size_support[s]})" for s in sizes)
-        + " |",
-        "|" + " --- |" * (1 + len(labels) + len(sizes)),
+        *table_head(
+            [
+                "model",
+                *(f"{label} (n={support[label]})" for label in labels),
+                *(f"{s} (n={size_support[s]})" for s in sizes),
+            ]
+        ),
     ]
     for name, per_label, per_size in rows:
         cells = [cell(per_label.get(label)) for label in labels] + [cell(per_size.get(s)) for s in sizes]

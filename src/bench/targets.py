@@ -29,7 +29,7 @@ class Target:
     dataset: object  # the training conversations, as the worker builds them
     processor: object
     stats: dict  # mean tokens, patches and labels a sample (sample_stats)
-    memory_shape: object  # src.planning.memory.ModelShape
+    memory_shape: object  # src.planning.parameters.ModelShape
     flop_shape: object  # src.bench.measure.FlopShape
     largest: tuple[int, int]  # (image patches, text tokens) of the largest sample: what the worker plans for
 
@@ -38,7 +38,7 @@ class Target:
         from src.bench.measure import FlopShape
         from src.data.dataset import build_dataset
         from src.models.loader import load_processor, model_family
-        from src.planning.memory import ModelShape
+        from src.planning.parameters import ModelShape
         from src.training.memory import largest_sample
 
         processor = load_processor(str(model_dir))

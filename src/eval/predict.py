@@ -161,7 +161,7 @@ def batching_order(processor, records: list[DetectionRecord]) -> list[int]:
 
 
 def eval_bytes_per_image(shape, prompt_tokens: int, max_new_tokens: int) -> int:
-    """GPU bytes one more image in a generate() batch needs, for a src.planning.memory.ModelShape in bf16.
+    """GPU bytes one more image in a generate() batch needs, for a src.planning.parameters.ModelShape in bf16.
 
     The KV cache of prompt + answer (2 x layers x kv_heads x head_dim x 2 bytes a token), the prefill's
     largest transient per prompt token (one decoder layer's MLP and hidden states, every image at once),
@@ -190,8 +190,8 @@ def eval_batch_size(
 ) -> int:
     """Images per generate() call that fit in `free_bytes` of GPU memory (at least 1, at most `cap`).
 
-    `shape` is the model's src.planning.memory.ModelShape; `prompt_tokens` the longest prompt (text and image
-    tokens); see eval_bytes_per_image. `weights_loaded=False` (free memory read before loading the
+    `shape` is the model's src.planning.parameters.ModelShape; `prompt_tokens` the longest prompt (text and
+    image tokens); see eval_bytes_per_image. `weights_loaded=False` (free memory read before loading the
     model) subtracts the bf16 weights first (src.planning.memory.weight_bytes).
     """
     from src.planning.memory import weight_bytes
@@ -209,7 +209,7 @@ def auto_batch_size(
     if not str(device).startswith("cuda") or not records:
         return CPU_EVAL_BATCH
 
-    from src.planning.memory import ModelShape
+    from src.planning.parameters import ModelShape
 
     shape = ModelShape.from_config(model.config.to_dict())
     from src.utils.gpu import unallocated_gpu_bytes

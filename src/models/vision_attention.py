@@ -18,7 +18,7 @@ cuDNN's Hopper kernels. Otherwise, on a CUDA bf16/fp16 model, it calls torch's f
 kernel (`torch.nn.attention.varlen.varlen_attn`). Both are differentiable, read nothing back from the GPU
 and trace through Dynamo. Anywhere else (the CPU, fp32, an older torch) mixed sizes fall back to one SDPA
 call per image with the boundaries read once a block. All are the same arithmetic as the model's own
-loop (tests/test_vision_attention.py).
+loop (tests/unit/src/models/test_vision_attention.py).
 
     from src.models.vision_attention import use_varlen_vision_attention
     use_varlen_vision_attention(model)        # after loading, before or after PEFT wrapping

@@ -14,7 +14,8 @@ import math
 from dataclasses import dataclass
 
 from src.contract.families import vision_trains
-from src.planning.memory import GIB, HEADROOM, ModelShape, estimate_recipe_memory, parameter_counts
+from src.planning.memory import GIB, HEADROOM, estimate_recipe_memory
+from src.planning.parameters import ModelShape, parameter_counts
 from src.recipes import TrainingRecipe
 
 # --- step time: the cost model -------------------------------------------------------------------------
@@ -27,14 +28,14 @@ from src.recipes import TrainingRecipe
 LAUNCH_S_PER_REGION = 0.31 / 60  # per decoder layer or vision block, forward + backward, one micro-batch
 EFFECTIVE_TFLOPS = 350.0  # the marginal rate of a 7B r4 sample on an H200 (44% of the measured 790 peak)
 RECOMPUTE_FACTOR = 1.67  # a step with gradient checkpointing against one without, same micro-batch
-# Regional compilation fuses each layer's small kernels and the elementwise work around the GEMMs: both
-# terms shrink. Refitted 2026-12-01 (seventh session) on the compiled rows measured on H200s, 16 samples a
-# step (docs/benchmarks.md; tests/test_planner.py lists them): 7B r1, r2, r4 at 16x1, r4 at 8x2, r4 with
-# recompute at 16x1 and 4x4; 2B r1, r2, r3, r4 at 16x1. A launch term of 0.58 x the eager one and 465
-# TFLOP/s put every row within 26%, where the eager constants above predicted the 7B rows up to 73% high.
-# One rate cannot fit both shapes closer: 2B runs at a lower share of the peak (smaller GEMMs), so its rows
-# come out 2-25% low and 7B's up to 26% high. Compile time (126 s cold) is not in a step: the worker's
-# --compile auto weighs it.
+# Regional compilation fuses each layer's small kernels and the elementwise work around the GEMMs: both terms
+# shrink. Refitted 2026-12-01 (seventh session) on the compiled rows measured on H200s, 16 samples a step
+# (docs/benchmarks.md; tests/unit/src/planning/test_memory.py lists them): 7B r1, r2, r4 at 16x1, r4 at 8x2,
+# r4 with recompute at 16x1 and 4x4; 2B r1, r2, r3, r4 at 16x1. A launch term of 0.58 x the eager one and 465
+# TFLOP/s put every row within 26%, where the eager constants above predicted the 7B rows up to 73% high. One
+# rate cannot fit both shapes closer: 2B runs at a lower share of the peak (smaller GEMMs), so its rows come
+# out 2-25% low and 7B's up to 26% high. Compile time (126 s cold) is not in a step: the worker's --compile
+# auto weighs it.
 COMPILE_LAUNCH_FACTOR = 0.58
 COMPILED_EFFECTIVE_TFLOPS = 465.0
 OPTIMIZER_S = 0.01  # fused AdamW over the adapters, once per optimizer step

@@ -11,8 +11,8 @@ tensors by the model's own functions, and handed to the model, which then skips 
 * `vision_lengths_on_host(model)` gives the vision tower its `cu_seqlens` as a CPU tensor (one read of
   `grid_thw` per forward instead of one per block).
 
-The results are bit-identical (tests/test_host_positions.py). `RopePositions(model)` is the first as
-a picklable function of a batch alone, for the training collator: it runs in the data loader's worker
+The results are bit-identical (tests/unit/src/training/test_host_positions.py). `RopePositions(model)` is the
+first as a picklable function of a batch alone, for the training collator: it runs in the data loader's worker
 processes, ahead of the step, on the CPU tensors the processor made.
 
 On by default when the core compiles (`RunOptions.host_positions`, `run.resolve_host_positions`), off

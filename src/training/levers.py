@@ -141,7 +141,7 @@ def sharded() -> bool:
 def planner_inputs_of(model_id: str, dataset, processor) -> tuple:
     """(model shape, image patches and text tokens of the largest sample, usable GPU bytes): what the
     memory planner's choices at training time are made from."""
-    from src.planning.memory import ModelShape
+    from src.planning.parameters import ModelShape
     from src.training.memory import largest_sample
     from src.utils.gpu import available_gpu_bytes
 

@@ -12,6 +12,7 @@ from recipe_runner.cli import main as cli
 from recipe_runner.planning.jobs import WORKER_ENV
 from recipe_runner.planning.request import resolve_recipes
 from src.planning import memory as planner
+from src.planning.parameters import ModelShape, lora_parameters
 from src.recipes import (
     ALIASES,
     BUILT_IN,
@@ -214,16 +215,14 @@ def test_the_worker_resolves_the_same_recipes(tmp_path):
 def test_a_fully_trained_part_costs_its_copy_grad_and_adam_states_in_bf16():
     from src.planning.shapes import SHAPES, VISION
 
-    shape = planner.ModelShape.from_config(
-        {**SHAPES["7b"], "model_type": "qwen2_vl", "vision_config": VISION}
-    )
+    shape = ModelShape.from_config({**SHAPES["7b"], "model_type": "qwen2_vl", "vision_config": VISION})
     use_recipes_file(EXAMPLE)
     r5, r1 = RECIPES["r5-llm-merger"], RECIPES["r1-llm-only"]
     merger = planner.full_parameters(shape, r5)
     d = shape.merger_hidden
     assert merger == d * d + d + d * shape.hidden + shape.hidden + 2 * shape.vision_embed  # linears, ln_q
-    lora = planner.lora_parameters(shape, r5)
-    assert lora == planner.lora_parameters(shape, r1)  # the same LLM adapters, the merger has none
+    lora = lora_parameters(shape, r5)
+    assert lora == lora_parameters(shape, r1)  # the same LLM adapters, the merger has none
     assert planner.trainable_state_bytes(shape, r5) == lora * 4 * 4 + merger * 2 * 4
     head = planner.full_parameters(shape, r5.__class__(**{**r5.__dict__, "train_lm_head": "full"}))
     assert head == merger + shape.vocab * shape.hidden

@@ -232,7 +232,8 @@ def test_answer_lengths_count_up_to_the_first_end_token():
 
 
 def test_eval_batch_is_sized_from_free_memory():
-    from src.planning.memory import ModelShape, weight_bytes
+    from src.planning.memory import weight_bytes
+    from src.planning.parameters import ModelShape
     from src.planning.shapes import SHAPES, VISION
 
     shape = ModelShape.from_config({**SHAPES["7b"], "vision_config": VISION, "model_type": "qwen2_vl"})

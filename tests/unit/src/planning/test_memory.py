@@ -16,14 +16,13 @@ import pytest
 
 from src.planning import memory as planner
 from src.planning.memory import (
-    ModelShape,
     choose_checkpointing,
     choose_dequantized,
     dequantized_copy_bytes,
     estimate_recipe_memory,
     estimate_stage_memory,
-    parameter_counts,
 )
+from src.planning.parameters import ModelShape, lora_parameters, lora_targets, parameter_counts
 from src.planning.pixels import image_grid, limits_from_config
 from src.planning.step_time import predict_step_seconds, rank_settings
 from src.recipes import RECIPES
@@ -90,12 +89,12 @@ def test_model_shape_reads_both_config_layouts(tmp_path):
         }
     )
     assert (qwen25.family, qwen25.vision_embed, qwen25.vision_intermediate) == ("qwen2_5_vl", 1280, 3420)
-    assert sum(planner.parameter_counts(qwen25).values()) == 8_292_166_656  # Qwen2.5-VL-7B's published count
+    assert sum(parameter_counts(qwen25).values()) == 8_292_166_656  # Qwen2.5-VL-7B's published count
 
 
 def test_weights_of_the_7b_shape():
     shape = published_shape("7b")
-    params = sum(planner.parameter_counts(shape).values())
+    params = sum(parameter_counts(shape).values())
     assert params == pytest.approx(8.29e9, rel=0.002)
     assert planner.weight_bytes(shape, quantized=False) == 2 * params
     # nf4 on the LLM's linears only: the tower, embeddings and lm_head stay bf16
@@ -113,7 +112,7 @@ def test_the_planner_counts_exactly_the_lora_weights_peft_adds(key, tiny_model_d
     for stage in RECIPES[key].stages or (RECIPES[key],):
         model = wrapped_model(config, stage, checkpointing=False, frozen_vision_no_grad=False)
         created = sum(p.numel() for name, p in model.named_parameters() if ".lora_" in name)
-        assert created == planner.lora_parameters(shape, stage) > 0, stage.name
+        assert created == lora_parameters(shape, stage) > 0, stage.name
 
 
 @pytest.mark.parametrize("shape_name", ["2b", "7b"])
@@ -505,7 +504,7 @@ def test_one_layer_and_one_block_match_exactly(measure, size, key):
     """The per-token formulas, on a layer and a block whose inputs require grad (not the first)."""
     measured, _, shape, batch = measure(size, key, checkpointing=False)
     stage = RECIPES[key]
-    wrapped = planner.lora_targets(shape, stage)
+    wrapped = lora_targets(shape, stage)
     args = (stage.lora_rank, stage.lora_dropout, planner.adapter_bytes(stage), planner.CPU_KERNELS)
     layer = planner.llm_layer_bytes(shape, wrapped.get("llm", {}), batch, *args)
     block = planner.vision_block_bytes(shape, wrapped.get("vision", {}), batch, *args)
