@@ -10,7 +10,7 @@ import json
 import os
 from pathlib import Path
 
-from src.contract.families import FAMILIES
+from src.contract.families import family_problem
 
 
 def model_and_data_problems(
@@ -21,7 +21,7 @@ def model_and_data_problems(
     evaluate: bool = True,
     val_fraction: float = 0.0,
 ) -> list[str]:
-    """A local model that is not Qwen2-VL/2.5-VL; a data set that is missing, empty or has bad records.
+    """A local model of a family we do not train; a data set that is missing, empty or has bad records.
     With `val_fraction` above 0 the validation split is checked too (too few images to carve it, say).
 
     With `evaluate` (the default: a run evaluates after training unless --skip-eval) the test split is
@@ -82,6 +82,7 @@ def local_model_problem(model_id: str) -> str | None:
     if not config.is_file():
         return f"--model-id {model_id}: no config.json there; pass a model directory or a hub id"
     model_type = json.loads(config.read_text()).get("model_type")
-    if model_type not in FAMILIES:
-        return f"--model-id {model_id}: model_type {model_type!r} is not Qwen2-VL or Qwen2.5-VL"
+    problem = family_problem(model_type)
+    if problem:
+        return f"--model-id {model_id}: {problem}; pass a model directory of one of those"
     return None

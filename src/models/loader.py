@@ -1,4 +1,4 @@
-"""Load a Qwen2-VL / Qwen2.5-VL model and its processor: bf16/fp32, or 4-bit nf4 (QLoRA).
+"""Load a Qwen2-VL / Qwen2.5-VL / Qwen3-VL / Qwen3.5 model and its processor: bf16/fp32, or 4-bit nf4 (QLoRA).
 
 The vision tower and `lm_head` are never quantized: the tower is small next to the LLM and
 its LoRA needs full-precision activations. `load_quantized_model()` keeps the user's plan's name.
@@ -6,21 +6,20 @@ its LoRA needs full-precision activations. `load_quantized_model()` keeps the us
 
 from __future__ import annotations
 
-from src.contract.families import FAMILIES
+from src.contract.families import family_problem
 
 # transformers 5 names the tower `model.visual`; the bare "visual" no longer matches (docs/stack.md).
 NOT_QUANTIZED = ["model.visual", "lm_head"]
 
 
 def model_family(model_id: str) -> str:
-    """'qwen2_vl' or 'qwen2_5_vl' from the model's config; ValueError for anything else."""
+    """The model's family (a `FAMILIES` value) from its config; ValueError for anything else."""
     from transformers import AutoConfig
 
     model_type = AutoConfig.from_pretrained(model_id).model_type
-    if model_type not in FAMILIES:
-        raise ValueError(
-            f"{model_id} is a {model_type!r} model; recipe-runner supports Qwen2-VL and Qwen2.5-VL"
-        )
+    problem = family_problem(model_type)
+    if problem:
+        raise ValueError(f"{model_id}: {problem}")
     return model_type
 
 

@@ -12,7 +12,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from src.contract.families import FAMILIES, LLM_LORA_TARGETS, MERGER_LORA_TARGETS, VISION_LORA_TARGETS
+from src.contract.families import FAMILIES, default_targets
 from src.recipes import TrainingRecipe
 
 
@@ -162,17 +162,12 @@ def parameter_counts(shape: ModelShape) -> dict[str, int]:
 
 def lora_targets(shape: ModelShape, stage: TrainingRecipe) -> dict[str, dict[str, tuple[int, int]]]:
     """Per trained part, the (in, out) of each linear PEFT wraps (as scoped by src/models/lora.py)."""
-    defaults = {
-        "llm": LLM_LORA_TARGETS,
-        "vision": VISION_LORA_TARGETS[shape.family],
-        "merger": MERGER_LORA_TARGETS,
-    }
     modes = {"vision": stage.train_vision, "merger": stage.train_merger, "llm": stage.train_llm}
     wrapped = {}
     for part, mode in modes.items():
         if mode != "lora":
             continue
-        names = stage.lora_target_modules or defaults[part]
+        names = stage.lora_target_modules or default_targets(part, shape.family)
         wrapped[part] = {n: dims for n, dims in PART_LINEARS[part](shape).items() if n in names}
     return wrapped
 

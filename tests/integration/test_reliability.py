@@ -194,5 +194,5 @@ def test_model_that_is_not_qwen2_vl_is_refused(host, monkeypatch, tmp_path, caps
             str(host.out),
         ]
     )
-    assert code == 2 and "model_type 'llama' is not Qwen2-VL or Qwen2.5-VL" in capsys.readouterr().err
+    assert code == 2 and "model_type 'llama' is not a model recipe-runner trains" in capsys.readouterr().err
     assert not host.out.exists()
