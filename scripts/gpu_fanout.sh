@@ -10,7 +10,7 @@
 #                                                  compilevar7b cands7b final7b final2b r1c2b offload7b
 #                                                  fit7b q2b q7b off7b attn7b r12c7b hp7b r3p7b eager7b
 #                                                  quiet7b mem7b r13q7b mem8 r24q7b low7b
-#                                                  search7b-untuned search7b
+#                                                  search7b-untuned search7b q3vl q3vl2 q3vl3
 #
 # gputests runs every GPU test of the suite (`pytest tests -m gpu`): run it whenever training, evaluation or
 # the planner change. The placement runs (issue "use every GPU"): r1-r4 queued one at a time on one GPU (queue1: --pack off),
@@ -67,6 +67,12 @@ step_bench() {  # step_bench NAME ARGS...: one `src.bench` run at 16 samples a s
     | tee "$out/$name.log"
 }
 
+build_shape() {  # build_shape SHAPE: the random model into $work/SHAPE (where src.bench looks), whole or not at all
+  [ -f "$work/$1/config.json" ] && return
+  python3 -m src.fixtures.shapes --shape "$1" --out "$work/$1.part" > "$out/build-$1.log" 2>&1 \
+    && mv "$work/$1.part" "$work/$1"
+}
+
 for part in "$@"; do
   case $part in
     setup)
@@ -82,6 +88,17 @@ for part in "$@"; do
       "${recipe_run[@]}" plan --recipes all --gpus 0 --model-id "$work/7b" "${common[@]}" --lr-search \
         2>&1 | tail -n 12 | tee "$out/search7b-plan.log"
       launch search7b --recipes all --gpus 0 --model-id "$work/7b" "${common[@]}" --eval-samples 16 --lr-search ;;
+    q3vl)  # issue "Qwen3-VL": every GPU test while the random Qwen3-VL-8B is built beside them, then 8B r4
+      # compiled against the bare loop at its best, planned against measured peak in each row (~9 min)
+      build_shape qwen3-vl-8b &
+      built=$!
+      gpu_tests gputests tests
+      wait "$built"
+      step_bench q3vl --shape qwen3-vl-8b --recipes r4 --variants plain,fast+compile ;;
+    q3vl2)  # Qwen3-VL-8B r2 and r1 (QLoRA) compiled against the bare loop (~9 min)
+      step_bench q3vl2 --shape qwen3-vl-8b --recipes r2,r1 --variants plain,fast+compile ;;
+    q3vl3)  # Qwen3-VL-8B r3's two stages compiled against the bare loop (~6 min)
+      step_bench q3vl3 --shape qwen3-vl-8b --recipes r3 --variants plain,fast+compile ;;
     gputests)  # every test marked gpu (run it whenever training, evaluation or the planner change; ~4 min)
       gpu_tests gputests tests ;;
     2b)  # `make all-recipes` on a pseudo-terminal, so the live status table is drawn; `script` keeps it

@@ -285,6 +285,35 @@ def config_only_7b(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_qwen3_vl_dir(tmp_path_factory) -> Path:
+    """A tiny random Qwen3-VL in the hub's layout (sharded safetensors, nested config, patch 16)."""
+    from src.fixtures.tiny_qwen3 import build_tiny_qwen3_vl
+
+    return build_tiny_qwen3_vl(tmp_path_factory.mktemp("qwen3vl") / "tiny-qwen3-vl")
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen3_5_dir(tmp_path_factory) -> Path:
+    """A tiny random Qwen3.5 (three Gated DeltaNet layers, then full attention) in the hub's layout."""
+    from src.fixtures.tiny_qwen3 import build_tiny_qwen3_5
+
+    return build_tiny_qwen3_5(tmp_path_factory.mktemp("qwen35") / "tiny-qwen3.5")
+
+
+@pytest.fixture(scope="session")
+def config_only_qwen3_vl_8b(tmp_path_factory):
+    """Qwen3-VL-8B-Instruct's published config.json and preprocessor_config.json alone (no weights),
+    and 644x476 images (480x640 after resizing: 300 image tokens each)."""
+    from src.fixtures.shapes import write_config_only
+    from src.fixtures.synthetic import write_dataset
+
+    root = tmp_path_factory.mktemp("plan-qwen3-vl-8b")
+    model = write_config_only("qwen3-vl-8b", root / "qwen3-vl-8b")
+    data = write_dataset(root / "data", train=3, test=1, size=(644, 476))
+    return model, data
+
+
+@pytest.fixture(scope="session")
 def ray_address() -> Iterator[str]:
     """A local Ray in this process with two logical GPUs, for the Ray backend's tests (marked `ray`)."""
     ray = pytest.importorskip("ray")
@@ -294,3 +323,44 @@ def ray_address() -> Iterator[str]:
         yield ray.get_runtime_context().gcs_address
     finally:
         ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_coco_dir(tiny_data_dir, tmp_path_factory) -> Path:
+    """The tiny shapes data set in COCO's layout (two instances files: train and a held-out split)."""
+    return write_coco_from_shapes(tiny_data_dir, tmp_path_factory.mktemp("coco") / "coco")
+
+
+def write_coco_from_shapes(data_dir: Path, root: Path) -> Path:
+    """The tiny shapes data set in COCO's layout: annotations/instances_{train,val}2017.json beside the
+    train2017/ and val2017/ image folders; the train split gives train, the test split val."""
+    for split, coco_split in (("train", "train2017"), ("test", "val2017")):
+        rows = [json.loads(line) for line in (data_dir / split / "metadata.jsonl").read_text().splitlines()]
+        labels = sorted({label for row in rows for label in row["objects"]["label"]})
+        category = {label: index + 1 for index, label in enumerate(labels)}
+        (root / coco_split).mkdir(parents=True)
+        images, annotations = [], []
+        for index, row in enumerate(rows):
+            source = data_dir / split / row["file_name"]
+            (root / coco_split / source.name).write_bytes(source.read_bytes())
+            images.append({"id": index + 1, "file_name": source.name, "width": 112, "height": 112})
+            for box, label in zip(row["objects"]["bbox"], row["objects"]["label"], strict=True):
+                x1, y1, x2, y2 = box
+                annotations.append(
+                    {
+                        "id": len(annotations) + 1,
+                        "image_id": index + 1,
+                        "category_id": category[label],
+                        "bbox": [x1, y1, x2 - x1, y2 - y1],
+                        "area": (x2 - x1) * (y2 - y1),
+                        "iscrowd": 0,
+                    }
+                )
+        coco = {
+            "images": images,
+            "annotations": annotations,
+            "categories": [{"id": i, "name": n, "supercategory": "shape"} for n, i in category.items()],
+        }
+        (root / "annotations").mkdir(exist_ok=True)
+        (root / "annotations" / f"instances_{coco_split}.json").write_text(json.dumps(coco))
+    return root

@@ -18,7 +18,7 @@ from recipe_runner.planning.request import LaunchRequest, PlanError
 from src.contract.flags import AUTO_EFFECTIVE_BATCH, BY_DEST, DEFAULT_DATASET, DEFAULT_MODEL, TrainFlags
 from src.planning.memory import HEADROOM, choose_checkpointing, estimate_recipe_memory, recompute_asked
 from src.planning.parameters import ModelShape
-from src.planning.pixels import image_grid, limits_from_config, pixel_limits
+from src.planning.pixels import image_grid, limits_from_config, patch_geometry, pixel_limits
 from src.planning.step_time import COMPILE_S, compile_chosen, predict_step_seconds, rank_settings, stage_steps
 
 TEXT_TOKENS = 128  # prompt + answer of a detection sample; 88 in the synthetic data, more with many boxes
@@ -69,8 +69,9 @@ def workload_for(
     max_pixels: int | None = None,
     image_root: str | None = None,
 ) -> Workload | None:
-    """The largest image of a local data set, in patches, resized as the run will
-    (src.planning.pixels.pixel_limits: the flags, else the model processor's limits with training's cap)."""
+    """The largest image of a local data set, in patches, resized as the run will (by the model's patch and
+    merge sizes; src.planning.pixels.pixel_limits: the flags, else the model processor's limits with
+    training's cap)."""
     from src.data.dataset import load_records
     from src.data.records import DatasetError
 
@@ -80,8 +81,9 @@ def workload_for(
         records, _ = load_records(dataset, "train", skip_bad=True, image_root=image_root)
     except DatasetError:
         return None
-    low, high = pixel_limits(limits_from_config(model_dir), min_pixels, max_pixels)
-    patches = max((image_grid(r.width, r.height, low, high)[0] for r in records), default=0)
+    patch, merge = patch_geometry(model_dir)
+    low, high = pixel_limits(limits_from_config(model_dir), min_pixels, max_pixels, patch * merge)
+    patches = max((image_grid(r.width, r.height, low, high, patch, merge)[0] for r in records), default=0)
     return Workload(patches, records=len(records)) if patches else None
 
 

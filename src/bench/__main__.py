@@ -144,7 +144,12 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     arg = parser.add_argument
-    arg("--shape", action="append", choices=["tiny", "2b", "7b"], help="model shape(s); repeat for several")
+    arg(
+        "--shape",
+        action="append",
+        choices=["tiny", "2b", "7b", "qwen3-vl-8b"],
+        help="model shape(s), random weights: Qwen2-VL 2B/7B, Qwen3-VL 8B; repeat for several",
+    )
     arg("--model-id", help="a local model directory to benchmark instead of a shape")
     arg("--dataset", help="with --model-id: its data set (default: synthetic 644x476 images)")
     arg("--recipes", default="r1,r2,r4", help="recipes (r3 = r2's stage then r1's; default %(default)s)")
@@ -258,7 +263,7 @@ def use_recipes_file_of(args) -> list[str]:
 def check_args(args) -> list[str]:
     problems = []
     if not args.shape and not args.model_id:
-        problems.append("give --shape (tiny, 2b, 7b) or --model-id DIR")
+        problems.append("give --shape (tiny, 2b, 7b, qwen3-vl-8b) or --model-id DIR")
     known = [*PLAIN_VARIANTS, *VARIANTS]
     unknown = [v for v in args.variants.split(",") if v not in known]
     if unknown:

@@ -421,12 +421,13 @@ class FlopShape:
             part = "embed" if "embed_tokens" in name else part_of(name)
             weights[part] = weights.get(part, 0) + param.numel()
         text, vision = config.text_config, config.vision_config
+        head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
         return cls(
             llm_weights=weights.get("llm", 0),
             vision_weights=weights.get("vision", 0) + weights.get("patch_embed", 0),
             merger_weights=weights.get("merger", 0),
             llm_layers=text.num_hidden_layers,
-            llm_attention_width=text.num_attention_heads * (text.hidden_size // text.num_attention_heads),
+            llm_attention_width=text.num_attention_heads * head_dim,
             vision_depth=vision.depth,
             vision_width=getattr(vision, "embed_dim", None) or vision.hidden_size,
             hidden=text.hidden_size,

@@ -34,7 +34,7 @@ LLM_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_pro
 LINEAR_ATTENTION_LORA_TARGETS = ("in_proj_qkv", "in_proj_z", "out_proj")
 
 # Vision-block linear layers per family (the plan's VISION_LORA_TARGETS is the qwen2_vl row).
-VISION_LORA_TARGETS = {
+VISION_LORA_TARGETS: dict[str, tuple[str, ...]] = {
     "qwen2_vl": ("qkv", "proj", "fc1", "fc2"),
     "qwen2_5_vl": ("qkv", "proj", "gate_proj", "up_proj", "down_proj"),
     "qwen3_vl": ("qkv", "proj", "linear_fc1", "linear_fc2"),
@@ -42,14 +42,14 @@ VISION_LORA_TARGETS = {
 }
 
 # The merger's linears: merger.mlp.0 and .2 (mlp.1 is the GELU), or merger.linear_fc1 and _fc2.
-MERGER_LORA_TARGETS = {
+MERGER_LORA_TARGETS: dict[str, tuple[str, ...]] = {
     "qwen2_vl": ("0", "2"),
     "qwen2_5_vl": ("0", "2"),
     "qwen3_vl": ("linear_fc1", "linear_fc2"),
     "qwen3_5": ("linear_fc1", "linear_fc2"),
 }
 
-LLM_TARGETS = {
+LLM_TARGETS: dict[str, tuple[str, ...]] = {
     "qwen2_vl": LLM_LORA_TARGETS,
     "qwen2_5_vl": LLM_LORA_TARGETS,
     "qwen3_vl": LLM_LORA_TARGETS,
@@ -98,7 +98,13 @@ def family_problem(model_type: str | None) -> str | None:
 
 
 def default_targets(part: str, family: str) -> tuple[str, ...]:
-    return {"vision": VISION_LORA_TARGETS, "merger": MERGER_LORA_TARGETS, "llm": LLM_TARGETS}[part][family]
+    """The linear layers LoRA targets in one part of one family when the recipe names none."""
+    tables: dict[str, dict[str, tuple[str, ...]]] = {
+        "vision": VISION_LORA_TARGETS,
+        "merger": MERGER_LORA_TARGETS,
+        "llm": LLM_TARGETS,
+    }
+    return tables[part][family]
 
 
 def target_regex(parts: set[str], family: str, names: tuple[str, ...] | None = None) -> str:

@@ -1,6 +1,6 @@
 """Grounding answers: turn boxes into the text a Qwen-VL model emits, and parse that text back.
 
-Two model families speak two formats:
+Four model families speak three formats:
 
 * ``qwen2_vl`` -- special tokens, coordinates normalised to integers 0-1000::
 
@@ -13,20 +13,29 @@ Two model families speak two formats:
       [{"bbox_2d": [64, 48, 322, 238], "label": "cat"}]
 
   The parser also accepts the list inside ```json fences, as Qwen2.5-VL writes it. No objects is ``[]``.
+* ``qwen3_vl`` and ``qwen3_5`` -- the same JSON, but integers 0-1000 relative to the *original* image
+  (x / width * 1000, y / height * 1000), so any resize keeps the answer valid and ``resized`` is ignored::
 
-:class:`Box` always holds pixel coordinates of the original image, so callers never see either model's
+      [{"bbox_2d": [100, 100, 500, 500], "label": "cat"}]
+
+  Fences are accepted and no objects is ``[]``, as for ``qwen2_5_vl``.
+
+:class:`Box` always holds pixel coordinates of the original image, so callers never see any model's
 coordinate space.
 
 Parsing rules (the parser never raises on any string; a bad ``family`` is a programming error and does):
 
 * A *fragment* is one attempt at an object: for ``qwen2_vl`` a ``<|box_start|>`` (with its optional ref
-  in front) or a ref that no box follows; for ``qwen2_5_vl`` one item of the JSON list, or one ``{...``
+  in front) or a ref that no box follows; for the JSON families one item of the list, or one ``{...``
   object when the list as a whole is not valid JSON (broken or cut off). Each fragment either gives a box
   or adds one to ``malformed``: cut mid-box, wrong number of coordinates, non-numbers, broken JSON.
-* Boxes in the *other* family's format are not read, and each counts as malformed: their coordinate space
-  (0-1000 or resized pixels) would be a guess, and a model answering in the wrong format is a failure
-  the caller should see rather than have papered over.
-* Coordinates outside the image (below 0, above 1000 or the resized size) are clamped to its edge.
+* Boxes in another format (special tokens vs JSON) are not read, and each counts as malformed: their
+  coordinate space would be a guess, and a model answering in the wrong format is a failure the caller
+  should see rather than have papered over. The two JSON formats look alike, so their text is read in
+  the coordinate space of the ``family`` asked for.
+* Coordinates outside the image (below 0, above 1000 or the resized size) are clamped to its edge. On the
+  0-1000 scale 1000 itself is the far edge (some Qwen documents say 0-999; an answer written that way
+  is read as is, at most one unit short of the edge).
   Corners given in the wrong order (x2 < x1 or y2 < y1) are swapped, not dropped: the region meant is
   unambiguous, and dropping it would punish recall for a cosmetic slip.
 * ``parsed`` is True when at least one box was read, or the text is the family's "no objects" answer.
@@ -46,8 +55,9 @@ from dataclasses import dataclass
 from src.contract.families import FAMILIES
 from src.planning.pixels import smart_resize
 
-NORMALISED = 1000  # qwen2_vl's coordinate range
-EMPTY_ANSWER = {"qwen2_vl": "none", "qwen2_5_vl": "[]"}
+NORMALISED = 1000  # the coordinate range of qwen2_vl, qwen3_vl and qwen3_5
+EMPTY_ANSWER = {"qwen2_vl": "none", "qwen2_5_vl": "[]", "qwen3_vl": "[]", "qwen3_5": "[]"}
+RELATIVE_JSON_FAMILIES = ("qwen3_vl", "qwen3_5")  # JSON on the 0-1000 scale of the original image
 
 
 @dataclass(frozen=True)
@@ -134,19 +144,29 @@ def _parse_qwen2(text: str, width: int, height: int) -> ParsedAnswer:
         )
         boxes.append(Box((match["label"] or "").strip(), *coords))
     rest = _QWEN2_OBJECT.sub(" ", text)
-    malformed += len(_QWEN2_DANGLING.findall(rest)) + rest.count('"bbox_2d"')  # qwen2_5_vl boxes: not read
+    malformed += len(_QWEN2_DANGLING.findall(rest)) + rest.count('"bbox_2d"')  # JSON boxes: not read
     is_empty_answer = text.strip().rstrip(".").lower() == EMPTY_ANSWER["qwen2_vl"]
     return ParsedAnswer(boxes, bool(boxes) or is_empty_answer, malformed)
 
 
-# ---------------------------------------------------------------- qwen2_5_vl: JSON, resized pixels
+# ---------------------------------------------------------------- JSON families
+# qwen2_5_vl and qwen3_vl/qwen3_5 differ only in the (h, w) coordinate space the model writes in: the
+# resized image's pixels, or 1000 x 1000 over the original image. Both are a per-axis scale, so one
+# writer and one parser serve both, given that space.
 
 _FENCE = re.compile(r"```(?:json)?", re.I)
 _JSON_OBJECT = re.compile(r"\{[^{}]*\}|\{[^{}]*$")  # flat objects; a trailing one may be cut off
 
 
-def _format_qwen2_5(boxes: list[Box], width: int, height: int, resized: tuple[int, int]) -> str:
-    rh, rw = resized
+def _json_space(family: str, width: int, height: int, resized: tuple[int, int] | None) -> tuple[int, int]:
+    """(h, w) of the coordinate space a JSON family writes in."""
+    if family in RELATIVE_JSON_FAMILIES:
+        return NORMALISED, NORMALISED
+    return resized or smart_resize(height, width)
+
+
+def _format_json(boxes: list[Box], width: int, height: int, space: tuple[int, int]) -> str:
+    rh, rw = space
 
     def scale(value: float, size: int, new_size: int) -> int:
         return int(_clamp(round(value / size * new_size), new_size))
@@ -174,13 +194,13 @@ def _is_number(value: object) -> bool:
     return isinstance(value, int) or (isinstance(value, float) and math.isfinite(value))
 
 
-def _box_from_item(item: object, width: int, height: int, resized: tuple[int, int]) -> Box | None:
+def _box_from_item(item: object, width: int, height: int, space: tuple[int, int]) -> Box | None:
     if not isinstance(item, dict):
         return None
     coords = item.get("bbox_2d")
     if not isinstance(coords, list) or len(coords) != 4 or not all(map(_is_number, coords)):
         return None
-    rh, rw = resized
+    rh, rw = space
     label = item.get("label", "")
     label = label.strip() if isinstance(label, str) else str(label)
     return Box(label, *_to_pixels(coords, width / rw, height / rh, rw, rh))
@@ -207,13 +227,13 @@ def _json_items(text: str) -> tuple[list[object] | None, int]:
     return (items or None), broken
 
 
-def _parse_qwen2_5(text: str, width: int, height: int, resized: tuple[int, int]) -> ParsedAnswer:
+def _parse_json(text: str, width: int, height: int, space: tuple[int, int]) -> ParsedAnswer:
     body = _FENCE.sub("", text).strip()
     items, malformed = _json_items(body)
     is_empty_answer = items == [] and malformed == 0
     boxes: list[Box] = []
     for item in items or []:
-        box = _box_from_item(item, width, height, resized)
+        box = _box_from_item(item, width, height, space)
         if box is None:
             malformed += 1
         else:
@@ -242,7 +262,7 @@ def format_answer(
         return EMPTY_ANSWER[family]
     if family == "qwen2_vl":
         return _format_qwen2(boxes, width, height)
-    return _format_qwen2_5(boxes, width, height, resized or smart_resize(height, width))
+    return _format_json(boxes, width, height, _json_space(family, width, height, resized))
 
 
 def parse_answer(
@@ -258,4 +278,4 @@ def parse_answer(
     text = _strip_chat_tokens(text if isinstance(text, str) else "")
     if family == "qwen2_vl":
         return _parse_qwen2(text, width, height)
-    return _parse_qwen2_5(text, width, height, resized or smart_resize(height, width))
+    return _parse_json(text, width, height, _json_space(family, width, height, resized))

@@ -219,7 +219,8 @@ def convert_to_conversation_format(
     """A detection record as a user/assistant conversation with the answer in the family's format.
 
     Crowd regions are not part of the answer. `pixel_limits` (min, max pixels of the processor) matter
-    for qwen2_5_vl, whose answer is in pixels of the image as the processor resizes it.
+    for qwen2_5_vl only, whose answer is in pixels of the image as the processor resizes it; the other
+    families answer on a 0-1000 scale of the original image, which no resize changes.
     """
     resized = None
     if family == "qwen2_5_vl":
@@ -253,7 +254,8 @@ def _worst_case_answer(labels: list[str], family: str) -> str:
         side = _WORST_COORDINATE
         boxes = [Box(label, side, side, side, side) for label in labels]
         return format_answer(boxes, side, side, family, resized=(side, side))
-    return format_answer([Box(label, 1, 1, 1, 1) for label in labels], 1, 1, family)  # all 1000
+    # The 0-1000 families (qwen2_vl, qwen3_vl, qwen3_5): a box at the far corner of a 1x1 image is 1000 each.
+    return format_answer([Box(label, 1, 1, 1, 1) for label in labels], 1, 1, family)
 
 
 def longest_answer_tokens(label_lists: list[list[str]], tokenizer, family: str = "qwen2_vl") -> int:

@@ -79,12 +79,15 @@ def load_processor(
     keeps a processor's own limits: one saved beside an adapter already holds what training used."""
     from transformers import AutoProcessor
 
-    from src.planning.pixels import limits_of_processor, pixel_limits
+    from src.planning.pixels import factor_of_processor, limits_of_processor, pixel_limits
 
     processor = AutoProcessor.from_pretrained(model_id)
     own = limits_of_processor(processor)
+    factor = factor_of_processor(processor)  # 28 for Qwen2-VL and Qwen2.5-VL, 32 for the Qwen3 families
     wanted = (
-        pixel_limits(own, min_pixels, max_pixels) if cap else (min_pixels or own[0], max_pixels or own[1])
+        pixel_limits(own, min_pixels, max_pixels, factor)
+        if cap
+        else (min_pixels or own[0], max_pixels or own[1])
     )
     if wanted != own:  # the processor's own keyword arguments: its size dict follows them
         processor = AutoProcessor.from_pretrained(model_id, min_pixels=wanted[0], max_pixels=wanted[1])

@@ -17,7 +17,12 @@ from src.contract.families import target_regex
 
 # PEFT matches modules_to_save entries by the end of a module's path; these end one module each.
 FULL_MODULES = {"merger": ("visual.merger",), "lm_head": ("lm_head",)}
-VISION_BLOCK = re.compile(r"(?:^|\.)(visual\.blocks\.\d+)$")
+# Modules held in a ModuleList are copied one by one: the model indexes or iterates the list, which
+# a copy of the whole list would hide behind PEFT's wrapper.
+LISTED_MODULES = {
+    "vision": re.compile(r"(?:^|\.)(visual\.blocks\.\d+)$"),
+    "merger": re.compile(r"(?:^|\.)(visual\.deepstack_merger_list\.\d+)$"),  # Qwen3-VL's DeepStack
+}
 
 
 def full_module_names(recipe, model) -> list[str]:
@@ -25,9 +30,9 @@ def full_module_names(recipe, model) -> list[str]:
     from src.contract.families import full_parts
 
     parts = full_parts(recipe)
-    names = [name for part in sorted(parts - {"vision"}) for name in FULL_MODULES[part]]
-    if "vision" in parts:  # each block on its own: the tower iterates its ModuleList of blocks
-        names += [m.group(1) for key, _ in model.named_modules() if (m := VISION_BLOCK.search(key))]
+    names = [name for part in sorted(parts) for name in FULL_MODULES.get(part, ())]
+    for part in sorted(parts & set(LISTED_MODULES)):
+        names += [m.group(1) for key, _ in model.named_modules() if (m := LISTED_MODULES[part].search(key))]
     if "lm_head" in parts and tied_embeddings(model):
         raise ValueError(
             f"recipe {recipe.name}: train_lm_head = 'full' on a model that ties lm_head to embed_tokens "

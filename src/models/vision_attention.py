@@ -1,6 +1,7 @@
 """The vision tower's attention as one variable-length kernel a block, not one SDPA call per image.
 
-Qwen2-VL's vision attention (and Qwen2.5-VL's) handles the images of a batch in two ways, chosen by
+Qwen2-VL's vision attention (and Qwen2.5-VL's and Qwen3-VL's, whose tower is built the same way) handles
+the images of a batch in two ways, chosen by
 the vision config's attention implementation:
 
 * any name with "flash" in it: one call with the packed tokens and `cu_seqlens`, the images' boundaries;

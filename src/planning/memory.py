@@ -13,6 +13,7 @@ the launcher (which never imports torch) and the worker can both call it.
     estimate_recipe_memory(shape, recipe, 4, patches, text_tokens=100, checkpointing=True).gib
 
     python -m src.planning.memory --shape 7b --batch-size 4       # every recipe, checkpointing on and off
+    python -m src.planning.memory --shape qwen3-vl-8b             # Qwen3-VL-8B-Instruct (planning/shapes.py)
 
 The peak is weights + trainable state + activations + workspace + overhead:
   * weights: every parameter in bf16 (2 B); a quantized stage keeps the LLM's decoder linears in nf4 with
@@ -47,6 +48,17 @@ recomputed layer + its gradients), backward through the vision tower (the LLM's 
 and the LM head's backward. Constants are named below with where they come from; calibrate them against
 GPU measurements (docs/benchmarks.md). tests/unit/src/planning/test_memory.py checks the activation terms
 against the bytes autograd saves on CPU.
+
+Qwen3-VL and Qwen3.5 (src/planning/parameters.py says what differs). What their layers keep was counted from
+the bytes autograd saves on the CPU, like Qwen2-VL's, and is checked the same way: an attention layer's q and
+k are heads x head_dim wide and each keeps its q_norm/k_norm (fp32 copy + rsqrt per head), Qwen3.5's output
+gate keeps its sigmoid and the output it scales; a Gated DeltaNet layer keeps its conv, gated norm and the
+chunked delta rule's fp32 tensors (delta_layer_bytes); the towers' tanh GELU keeps only its input; each
+DeepStack merger keeps what the merger does per merged token, its norm over the merged width, and adding
+its output to the first LLM layers keeps nothing more. What no GPU has measured yet (the 8B shape is to be
+measured on an H100): the CUDA dtypes of those terms (taken as the Qwen2-VL ones), the Gated DeltaNet
+backward workspace (DELTA_BWD_WORKSPACE), DeepStack's gradients held in the tower during the LLM's backward,
+and every fitted constant above (compiled activations, offloading), which these shapes reuse by analogy.
 """
 
 from __future__ import annotations
@@ -56,7 +68,12 @@ from dataclasses import asdict, dataclass
 
 from src.contract.families import vision_trains
 from src.planning.parameters import (
+    FULL_ATTENTION,
+    LINEAR_ATTENTION,
+    QWEN3_FAMILIES,
     ModelShape,
+    all_llm_linears,
+    llm_layer_counts,
     llm_linears,
     lora_parameters,
     lora_targets,
@@ -66,7 +83,14 @@ from src.planning.parameters import (
     vision_block_params,
     vision_linears,
 )
-from src.planning.pixels import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS, image_grid, limits_from_config
+from src.planning.pixels import (
+    DEFAULT_MAX_PIXELS,
+    DEFAULT_MIN_PIXELS,
+    image_grid,
+    limits_from_config,
+    limits_of_preprocessor,
+    pixel_limits,
+)
 from src.recipes import RECIPES, TrainingRecipe
 
 GIB = 2**30
@@ -90,6 +114,9 @@ FULL_COPY_BYTES = BF16
 # --- activations ---------------------------------------------------------------------------------------
 NORM_FP32_STATS = FP32  # RMSNorm keeps rsqrt(variance) per row in fp32
 ROPE_TABLES = 2  # cos and sin, shared by every layer
+# transformers' reference Gated DeltaNet (torch_chunk_gated_delta_rule; no flash-linear-attention in this
+# stack) scans the sequence in chunks of this many tokens, the sequence padded up to a whole chunk.
+DELTA_CHUNK = 64
 
 
 @dataclass(frozen=True)
@@ -123,6 +150,13 @@ BWD_INTER_BUFFERS_FROZEN = 3
 BWD_HIDDEN_BUFFERS = 2
 # The final RMSNorm's backward runs in fp32 (grad, normalised input and product) before the first layer.
 FINAL_NORM_BWD_FP32_BUFFERS = 3
+# By analogy, not yet measured on a GPU (Qwen3.5): the backward of a Gated DeltaNet layer's chunked delta rule
+# holds about as many bytes of fp32 and bf16 gradients as the rule kept for it.
+DELTA_BWD_WORKSPACE = 1.0
+# By analogy, not yet measured on a GPU (Qwen3-VL): each DeepStack merger's gradient reaches the vision block
+# it taps while the LLM's backward runs, and waits there for the main path: bf16 grads of the tower's width
+# per patch, this many a DeepStack merger, held through the tower's backward.
+DEEPSTACK_HELD_GRADS = 1
 # TRL 1.16 fused LM head (trl/kernels/chunked_logprob.py): tiles of TOKEN_CHUNK_SIZE label positions x
 # chunk_size vocabulary entries in the compute dtype, and an fp32 grad of the label positions' hidden states.
 # (With Triton, i.e. on CUDA, only label positions are scored; without it every position is.)
@@ -232,16 +266,98 @@ class Batch:
 
 
 def llm_layer_bytes(shape, linears, batch: Batch, rank, dropout, adapter, kernels=CUDA_KERNELS) -> float:
-    """What one decoder layer keeps for backward (the gradient flows through it)."""
-    h, seq = shape.hidden, batch.seq(shape)
+    """What one attention decoder layer keeps for backward (the gradient flows through it)."""
+    h, q, seq = shape.hidden, shape.q_dim, batch.seq(shape)
     # transformers repeats k/v to every head when it passes a mask (a view when there is one kv head)
-    kv_saved = h if batch.padded and shape.kv_heads > 1 else shape.kv_dim
+    kv_saved = q if batch.padded and shape.kv_heads > 1 else shape.kv_dim
     per_token = 2 * _norm_saved(h, True, kernels)
-    per_token += BF16 * (2 * h + 2 * kv_saved) + FP32 * shape.heads  # q, k, v, out, logsumexp
+    per_token += BF16 * (2 * q + 2 * kv_saved) + FP32 * shape.heads  # q, k, v, out, logsumexp
+    per_token += _head_norms_saved(shape) + _attention_gate_saved(shape)
     per_token += 3 * BF16 * shape.intermediate  # gate output, silu output, up output
     per_token += _lora_saved(linears, rank, dropout, kernels)
     mask = batch.size * seq * _round_up(seq, kernels.attn_bias_align) * BF16 if batch.padded else 0
-    return per_token * batch.tokens(shape) + mask + _lora_weight_casts(linears, rank, adapter)
+    weights = _norm_weight_copies(shape, 2 * h + (2 * shape.head_dim if shape.qk_norm else 0))
+    return per_token * batch.tokens(shape) + mask + _lora_weight_casts(linears, rank, adapter) + weights
+
+
+def _norm_weight_copies(shape: ModelShape, widths: int) -> int:
+    """Qwen3.5's RMSNorms store weight - 1 and keep the fp32 (1 + weight) they scale by: once a norm."""
+    return FP32 * widths if shape.family == "qwen3_5" else 0
+
+
+def _head_norms_saved(shape: ModelShape) -> int:
+    """Qwen3's q_norm and k_norm, python RMSNorms over each head: an fp32 copy of q and k, an rsqrt a head."""
+    if not shape.qk_norm:
+        return 0
+    return FP32 * (shape.q_dim + shape.kv_dim) + NORM_FP32_STATS * (shape.heads + shape.kv_heads)
+
+
+def _attention_gate_saved(shape: ModelShape) -> int:
+    """Qwen3.5's output gate, out * sigmoid(gate): the sigmoid's output and the attention output it scales."""
+    return 2 * BF16 * shape.q_dim if shape.attention_gate else 0
+
+
+def delta_layer_bytes(shape, linears, batch: Batch, rank, dropout, adapter, kernels=CUDA_KERNELS) -> float:
+    """What one Gated DeltaNet layer (Qwen3.5's "linear_attention") keeps for backward.
+
+    Counted from what autograd saves on the CPU (tests/unit/src/planning/test_memory.py); these are plain
+    torch ops, the same on CUDA, but no GPU has measured them yet: calibrate on the GPU.
+    """
+    delta = shape.linear_attention
+    assert delta is not None, "only Qwen3.5 has Gated DeltaNet layers"
+    heads, value_dim = delta.value_heads, delta.value_dim
+    # (its input times the padding mask keeps the mask: the batch's attention_mask, counted as overhead)
+    per_token = 2 * _norm_saved(shape.hidden, True, kernels)
+    per_token += 2 * BF16 * delta.conv_dim  # the causal conv1d's input and its silu's input
+    per_token += (BF16 + FP32) * heads  # beta (a sigmoid's output), the decay's softplus input (fp32)
+    # the gated RMSNorm over each value head: an fp32 copy of its input, an rsqrt a head, the fp32 gate
+    # (silu's input) and silu's output, and the bf16 normalised output the gate multiplies
+    per_token += FP32 * 3 * value_dim + FP32 * heads + BF16 * value_dim
+    per_token += 3 * BF16 * shape.intermediate  # the MLP, as in an attention layer
+    per_token += _lora_saved(linears, rank, dropout, kernels)
+    delta_rule = _delta_rule_saved(shape, batch)
+    weights = _norm_weight_copies(shape, 2 * shape.hidden)
+    return per_token * batch.tokens(shape) + delta_rule + _lora_weight_casts(linears, rank, adapter) + weights
+
+
+def _delta_rule_saved(shape: ModelShape, batch: Batch) -> float:
+    """What the chunked gated delta rule keeps (transformers' torch_chunk_gated_delta_rule), per value head
+    (the key heads are repeated to them) of every padded token, and per chunk its recurrent state."""
+    delta = shape.linear_attention
+    if delta is None:
+        return 0.0
+    dk, dv, chunk = delta.key_head_dim, delta.value_head_dim, DELTA_CHUNK
+    padded = batch.size * _round_up(batch.seq(shape), chunk)
+    l2_norms = FP32 * (2 * dk + 2) * batch.tokens(shape)  # q and k before padding, their inverse norms
+    # fp32, padded: value, beta, key, k*beta, the pairwise decays, the triangular system, its two
+    # solutions, the decayed query, three decay exps
+    fp32 = 4 * dk + 2 * dv + 2 * chunk + 4
+    # bf16 copies autocast makes for the matmuls: the two chunk products' operands and results, and the
+    # scan's slices (k_cumdecay, query, key, the intra-chunk attention, the new values twice)
+    bf16 = 7 * dk + 2 * dv + 3 * chunk
+    # each chunk's recurrent state: two bf16 matmul copies and the fp32 decay product
+    state = (2 * BF16 + FP32) * dk * dv
+    # the first chunk reads a zero state (its k_cumdecay and query slices are not kept); the last chunk's
+    # state update feeds no output, so what it kept is freed with it
+    ends = BF16 * 2 * chunk * dk + FP32 * dk * dv + BF16 * chunk * (dk + dv)
+    per_head = l2_norms + (FP32 * fp32 + BF16 * bf16) * padded + state * padded // chunk - batch.size * ends
+    return delta.value_heads * per_head + chunk * chunk  # and the causal mask of a chunk (bool)
+
+
+LAYER_BYTES = {FULL_ATTENTION: llm_layer_bytes, LINEAR_ATTENTION: delta_layer_bytes}
+
+
+def llm_layers_of_each_kind(shape, wrapped_llm, batch: Batch, *args) -> dict[str, float]:
+    """What one decoder layer of each kind keeps, its own wrapped linears' LoRA terms included."""
+    return {
+        kind: LAYER_BYTES[kind](shape, _kind_linears(shape, wrapped_llm, kind), batch, *args)
+        for kind in llm_layer_counts(shape)
+    }
+
+
+def _kind_linears(shape: ModelShape, wrapped_llm, kind: str) -> dict[str, tuple[int, int]]:
+    own = llm_linears(shape, kind)
+    return {name: dims for name, dims in wrapped_llm.items() if name in own}
 
 
 def vision_block_bytes(shape, linears, batch: Batch, rank, dropout, adapter, kernels=CUDA_KERNELS) -> float:
@@ -250,17 +366,28 @@ def vision_block_bytes(shape, linears, batch: Batch, rank, dropout, adapter, ker
     per_patch = 2 * _norm_saved(e, shape.vision_gated, kernels)
     # q and k after RoPE, the fused qkv output (v is a view of it), the output; lse per head.
     per_patch += BF16 * (e + e + 3 * e + e) + FP32 * shape.vision_heads
-    per_patch += BF16 * m * (3 if shape.vision_gated else 2)  # SwiGLU as above; QuickGELU input and sigmoid
+    per_patch += BF16 * m * _vision_mlp_saved(shape)
     per_patch += _lora_saved(linears, rank, dropout, kernels)
     return per_patch * batch.patches + _lora_weight_casts(linears, rank, adapter)
 
 
+def _vision_mlp_saved(shape: ModelShape) -> int:
+    """bf16 tensors of the MLP's width a vision block keeps: SwiGLU's gate output, silu output and up output
+    (Qwen2.5-VL), QuickGELU's input and sigmoid (Qwen2-VL), the tanh GELU's input (Qwen3 towers)."""
+    if shape.vision_gated:
+        return 3
+    return 1 if shape.family in QWEN3_FAMILIES else 2
+
+
 def merger_bytes(shape, linears, batch: Batch, rank, dropout, adapter, kernels=CUDA_KERNELS) -> float:
-    """The patch merger: its norm per patch, then GELU's input and LoRA terms per merged token."""
+    """The patch merger: its norm per patch, then GELU's input and LoRA terms per merged token. Qwen3-VL's
+    DeepStack mergers keep the same per merged token, their norm over the merged width."""
     tokens = batch.patches // shape.merge_size**2
     norm = _norm_saved(shape.vision_embed, shape.vision_gated, kernels) * batch.patches
     per_token = BF16 * shape.merger_hidden + _lora_saved(linears, rank, dropout, kernels)
-    return norm + per_token * tokens + _lora_weight_casts(linears, rank, adapter)
+    one = per_token * tokens + _lora_weight_casts(linears, rank, adapter)
+    deepstack_norm = _norm_saved(shape.merger_hidden, False, kernels) * tokens
+    return norm + one + shape.deepstack_mergers * (deepstack_norm + one)
 
 
 def _round_up(n: int, multiple: int) -> int:
@@ -302,11 +429,13 @@ def activation_parts(
     args = (stage.lora_rank, stage.lora_dropout, adapter_bytes(stage), kernels)
     tokens, h = batch.tokens(shape), shape.hidden
     seq = batch.seq(shape)
-    layer = llm_layer_bytes(shape, wrapped.get("llm", {}), batch, *args)
+    layers = llm_layers_of_each_kind(shape, wrapped.get("llm", {}), batch, *args)
+    counts = llm_layer_counts(shape)
     parts = {
-        "llm_layers": shape.layers * (BF16 * h * tokens if checkpointing else layer),
-        # final RMSNorm, RoPE tables, the image-scatter and causal masks (bool)
-        "llm_other": tokens * (_norm_saved(h, True, kernels) + ROPE_TABLES * BF16 * shape.head_dim + 1)
+        "llm_layers": sum(n * (BF16 * h * tokens if checkpointing else layers[k]) for k, n in counts.items()),
+        # final RMSNorm, RoPE tables, the image-scatter and causal masks (bool). Qwen3-VL's DeepStack
+        # additions to the first layers' image positions keep nothing more (measured on the CPU).
+        "llm_other": tokens * (_norm_saved(h, True, kernels) + ROPE_TABLES * BF16 * shape.rotary_dim + 1)
         + batch.size * seq * seq,
         "lm_head": batch.size * batch.label_tokens * (BF16 * h + LM_HEAD_BYTES_PER_LABEL) + 2 * tokens,
         "vision_blocks": 0.0,
@@ -324,7 +453,7 @@ def activation_parts(
         parts["merger"] = merger_bytes(shape, wrapped.get("merger", {}), batch, *args)
         if stage.train_merger == "full":
             merged_tokens = batch.patches // shape.merge_size**2
-            parts["merger"] += merged_tokens * _full_saved_per_row(merger_linears(shape))
+            parts["merger"] += shape.mergers * merged_tokens * _full_saved_per_row(merger_linears(shape))
     return parts
 
 
@@ -379,12 +508,15 @@ def _peak_phases(
     kept = sum(parts.values())
 
     llm = wrapped.get("llm", {})
-    recompute = llm_layer_bytes(shape, llm, batch, *args) if checkpointing else 0
-    grads = (
+    layers = llm_layers_of_each_kind(shape, llm, batch, *args)
+    recompute = max(layers.values()) if checkpointing else 0
+    mlp_grads = (
         tokens * BF16 * (_backward_buffers(llm, "down_proj") * shape.intermediate + BWD_HIDDEN_BUFFERS * h)
     )
+    # a Gated DeltaNet layer's mixer runs its backward apart from its MLP's: the larger of the two
+    grads = max(mlp_grads, DELTA_BWD_WORKSPACE * _delta_rule_saved(shape, batch))
     if stage.quantized:  # bitsandbytes dequantizes a whole 4-bit weight to bf16 for each matmul
-        grads += BF16 * max(d_in * d_out for d_in, d_out in llm_linears(shape).values())
+        grads += BF16 * max(d_in * d_out for d_in, d_out in all_llm_linears(shape).values())
     phases = [(kept + recompute, grads)]
 
     labels = min(batch.size * batch.label_tokens, LM_HEAD_TILE_TOKENS)
@@ -393,7 +525,7 @@ def _peak_phases(
 
     if parts["vision_blocks"]:  # the LLM's activations are freed by the time backward reaches the tower
         vision = wrapped.get("vision", {})
-        down = "down_proj" if shape.vision_gated else "fc2"
+        down = list(vision_linears(shape))[-1]  # the MLP's down projection: down_proj, fc2 or linear_fc2
         block = (
             vision_block_bytes(shape, vision, batch, *args) + full_block_bytes(shape, stage, batch)
             if checkpointing
@@ -401,6 +533,7 @@ def _peak_phases(
         )
         m, e = shape.vision_intermediate, shape.vision_embed
         vgrads = batch.patches * BF16 * (_backward_buffers(vision, down) * m + BWD_HIDDEN_BUFFERS * e)
+        vgrads += shape.deepstack_mergers * DEEPSTACK_HELD_GRADS * BF16 * e * batch.patches
         phases.append((parts["vision_blocks"] + parts["vision_other"] + block, vgrads))
     return phases
 
@@ -516,13 +649,37 @@ def choose_dequantized(
     return stage.total + copies <= headroom * capacity_bytes
 
 
+def _qwen2_vl_shape(name: str) -> tuple[ModelShape, tuple[int, int]]:
+    from src.planning.shapes import SHAPES, VISION  # torch-free at import
+
+    config = {**SHAPES[name], "model_type": "qwen2_vl", "vision_config": VISION}
+    return ModelShape.from_config(config), (DEFAULT_MIN_PIXELS, DEFAULT_MAX_PIXELS)
+
+
+def _qwen3_vl_8b_shape() -> tuple[ModelShape, tuple[int, int]]:
+    """Qwen3-VL-8B-Instruct, its images capped as training caps them (1280 tokens of 32 x 32 pixels)."""
+    from src.planning.shapes import QWEN3_VL_8B_CONFIG, QWEN3_VL_PREPROCESSOR
+
+    shape = ModelShape.from_config(QWEN3_VL_8B_CONFIG)
+    factor = shape.patch_size * shape.merge_size
+    return shape, pixel_limits(limits_of_preprocessor(QWEN3_VL_PREPROCESSOR), factor=factor)
+
+
+# --shape NAME: (shape, pixel limits) of a published model
+PUBLISHED_SHAPES = {
+    "2b": lambda: _qwen2_vl_shape("2b"),
+    "7b": lambda: _qwen2_vl_shape("7b"),
+    "qwen3-vl-8b": _qwen3_vl_8b_shape,
+}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m src.planning.memory", description=__doc__.splitlines()[0]
     )
     where = parser.add_mutually_exclusive_group(required=True)
     where.add_argument("--model-dir", help="a model directory (config.json, preprocessor_config.json)")
-    where.add_argument("--shape", choices=("2b", "7b"), help="a published Qwen2-VL shape")
+    where.add_argument("--shape", choices=tuple(PUBLISHED_SHAPES), help="a published model's shape")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--width", type=int, default=644)
     parser.add_argument("--height", type=int, default=476)
@@ -531,11 +688,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.model_dir:
         shape, limits = ModelShape.from_model_dir(args.model_dir), limits_from_config(args.model_dir)
     else:
-        from src.planning.shapes import SHAPES, VISION  # torch-free at import
-
-        config = {**SHAPES[args.shape], "model_type": "qwen2_vl", "vision_config": VISION}
-        shape = ModelShape.from_config(config)
-        limits = (DEFAULT_MIN_PIXELS, DEFAULT_MAX_PIXELS)
+        shape, limits = PUBLISHED_SHAPES[args.shape]()
     patches, _ = image_grid(args.width, args.height, *limits, shape.patch_size, shape.merge_size)
     for key, recipe in RECIPES.items():
         for checkpointing in (True, False):

@@ -14,8 +14,15 @@ import math
 from dataclasses import dataclass
 
 from src.contract.families import vision_trains
-from src.planning.memory import GIB, HEADROOM, estimate_recipe_memory
-from src.planning.parameters import ModelShape, parameter_counts
+from src.planning.memory import DELTA_CHUNK, GIB, HEADROOM, estimate_recipe_memory
+from src.planning.parameters import (
+    FULL_ATTENTION,
+    LINEAR_ATTENTION,
+    ModelShape,
+    deepstack_params,
+    llm_layer_counts,
+    parameter_counts,
+)
 from src.recipes import TrainingRecipe
 
 # --- step time: the cost model -------------------------------------------------------------------------
@@ -48,6 +55,18 @@ OFFLOAD_STEP_FACTOR = 1.074
 COMPILE_AUTO_MIN_STEPS = 500
 COMPILE_S = 110.0  # a stage's first compiled step, cold: the longest measured (7B r4, 108-109 s on H200s)
 
+# --- the Qwen3-VL and Qwen3.5 shapes: by analogy until the GPU measures them --------------------------------
+# Every constant above was fitted on Qwen2-VL; the newer shapes reuse them unchanged (the same effective rate,
+# the same launch cost a decoder layer or vision block, the same recompute and compile factors), and their
+# FLOPs count what differs: heads x head_dim for the attention scores, the DeepStack mergers at the merged
+# tokens they run on, and the Gated DeltaNet layers' chunked delta rule. A Gated DeltaNet layer runs
+# transformers' reference delta rule: about as many kernels again as a decoder layer before its scan, then
+# a Python loop over the micro-batch's chunks, ~12 kernels forward and ~24 backward each (at the ~21 us a
+# kernel the launch constant above implies for a LoRA-wrapped 7B layer). Its elementwise fp32 traffic is not
+# modelled. To be calibrated on the GPU (the 8B Qwen3-VL shape on an H100 first).
+DELTA_EXTRA_REGIONS = 1.0  # the delta rule's own kernels before its scan, in decoder layers' worth
+DELTA_S_PER_CHUNK = 36 * 21e-6  # forward and backward of one chunk of the scan
+
 
 def stage_steps(max_steps: int | None, epochs: float, samples: int, samples_per_step: int) -> int:
     """Optimizer steps of one stage: `max_steps` when set, else `epochs` over `samples` (the worker's count
@@ -76,13 +95,34 @@ def sample_flops(shape: ModelShape, stage: TrainingRecipe, image_patches: int, t
     """
     counts = parameter_counts(shape)
     tokens = image_patches // shape.merge_size**2 + text_tokens
-    llm = 2 * counts["llm_linear"] * tokens + 2 * tokens**2 * shape.hidden * shape.layers
+    attention_layers = llm_layer_counts(shape).get(FULL_ATTENTION, 0)
+    llm = 2 * counts["llm_linear"] * tokens + 2 * tokens**2 * shape.q_dim * attention_layers
+    llm += delta_rule_flops(shape, tokens)
     head = 2 * shape.hidden * shape.vocab * text_tokens
+    # The tower's weights once per patch (the merger's too, as the constants were fitted), except what
+    # runs elsewhere: the DeepStack mergers on the merged tokens; the position table is a lookup.
+    deepstack = deepstack_params(shape)
+    per_patch = counts["vision"] - deepstack - shape.vision_positions * shape.vision_embed
+    merged = image_patches // shape.merge_size**2
     vision = (
-        2 * counts["vision"] * image_patches + 4 * image_patches**2 * shape.vision_embed * shape.vision_depth
+        2 * per_patch * image_patches
+        + 2 * deepstack * merged
+        + 4 * image_patches**2 * shape.vision_embed * shape.vision_depth
     )
     backward = llm + head + (vision if vision_trains(stage) else 0)
     return float(llm + head + vision + backward)
+
+
+def delta_rule_flops(shape: ModelShape, tokens: int) -> int:
+    """Forward FLOPs of the Gated DeltaNet layers' chunked delta rule for one sample (linear in its tokens):
+    per token and value head, the chunk's two key products and its triangular solves, then the scan's
+    reads and write of the recurrent state (key x value head widths) and its intra-chunk product."""
+    delta = shape.linear_attention
+    if delta is None:
+        return 0
+    dk, dv, chunk = delta.key_head_dim, delta.value_head_dim, DELTA_CHUNK
+    macs = 2 * chunk * dk + chunk * (dk + dv) // 2 + chunk * dv + 3 * dk * dv
+    return 2 * macs * delta.value_heads * tokens * delta.layers
 
 
 def predict_step_seconds(
@@ -102,8 +142,7 @@ def predict_step_seconds(
     counts only with recompute, as the worker offloads only then.
     """
     stages = recipe.stages or (recipe,)
-    regions = shape.layers + shape.vision_depth
-    launch = regions * LAUNCH_S_PER_REGION * (COMPILE_LAUNCH_FACTOR if compiled else 1.0)
+    launch = launch_seconds(shape, image_patches, text_tokens) * (COMPILE_LAUNCH_FACTOR if compiled else 1.0)
     rate = (COMPILED_EFFECTIVE_TFLOPS if compiled else EFFECTIVE_TFLOPS) * 1e12
     total = 0.0
     for stage in stages:
@@ -111,6 +150,19 @@ def predict_step_seconds(
         micro = (launch + compute) * (RECOMPUTE_FACTOR if checkpointing else 1.0)
         total += grad_accum * micro + OPTIMIZER_S
     return total / len(stages) * (OFFLOAD_STEP_FACTOR if offloaded and checkpointing else 1.0)
+
+
+def launch_seconds(shape: ModelShape, image_patches: int, text_tokens: int) -> float:
+    """The fixed cost of one micro-batch: its decoder layers and vision blocks, and the Gated DeltaNet
+    layers' own kernels, whose scan is a Python loop over the chunks of the (padded) sequence."""
+    regions = shape.layers + shape.vision_depth
+    delta_layers = llm_layer_counts(shape).get(LINEAR_ATTENTION, 0)
+    if not delta_layers:
+        return regions * LAUNCH_S_PER_REGION
+    seq = image_patches // shape.merge_size**2 + text_tokens
+    chunks = -(-seq // DELTA_CHUNK)
+    scan = delta_layers * chunks * DELTA_S_PER_CHUNK
+    return (regions + delta_layers * DELTA_EXTRA_REGIONS) * LAUNCH_S_PER_REGION + scan
 
 
 @dataclass(frozen=True)

@@ -17,10 +17,12 @@ def largest_sample(dataset, processor, limit: int = SAMPLES_TO_SIZE) -> tuple[in
     from src.planning.pixels import image_grid, limits_of_processor
 
     low, high = limits_of_processor(processor)
+    patch = getattr(processor.image_processor, "patch_size", 14)  # 16 in the Qwen3 families
+    merge = getattr(processor.image_processor, "merge_size", 2)
     patches = text_tokens = 0
     for row in dataset.select(range(min(limit, len(dataset)))):
         sizes = [_image_size(image) for image in row.get("images") or []]
-        patches = max(patches, sum(image_grid(w, h, low, high)[0] for w, h in sizes))
+        patches = max(patches, sum(image_grid(w, h, low, high, patch, merge)[0] for w, h in sizes))
         text = processor.apply_chat_template(row["messages"], tokenize=False)
         text_tokens = max(text_tokens, len(processor.tokenizer(text)["input_ids"]))
     return patches, text_tokens

@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from recipe_runner.cli.main import main
 from recipe_runner.planning.jobs import JobSpec, oom_retry
 from src.contract.flags import flag_value
@@ -176,10 +178,23 @@ def test_bad_dataset_is_refused_before_any_worker_starts(host, monkeypatch, tmp_
     assert not host.out.exists()
 
 
-def test_model_that_is_not_qwen2_vl_is_refused(host, monkeypatch, tmp_path, capsys, tiny_data_dir):
+@pytest.mark.parametrize(
+    "model_type, why",
+    [
+        ("llama", "model_type 'llama' is not a model recipe-runner trains"),
+        (
+            "qwen3_vl_moe",
+            "model_type 'qwen3_vl_moe' is not supported: Qwen3-VL MoE keeps its experts in fused",
+        ),
+        ("qwen3_5_moe", "model_type 'qwen3_5_moe' is not supported"),
+    ],
+)
+def test_a_model_we_do_not_train_is_refused_before_anything_starts(
+    host, monkeypatch, tmp_path, capsys, tiny_data_dir, model_type, why
+):
     monkeypatch.delenv("RECIPE_RUNNER_WORKER")
-    (tmp_path / "llama").mkdir()
-    (tmp_path / "llama" / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    (tmp_path / model_type).mkdir()
+    (tmp_path / model_type / "config.json").write_text(json.dumps({"model_type": model_type}))
     code = main(
         [
             "--recipes",
@@ -187,12 +202,14 @@ def test_model_that_is_not_qwen2_vl_is_refused(host, monkeypatch, tmp_path, caps
             "--gpus",
             "0",
             "--model-id",
-            str(tmp_path / "llama"),
+            str(tmp_path / model_type),
             "--dataset",
             str(tiny_data_dir),
             "--output-dir",
             str(host.out),
         ]
     )
-    assert code == 2 and "model_type 'llama' is not a model recipe-runner trains" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert code == 2 and why in err
+    assert "Qwen2-VL, Qwen2.5-VL, Qwen3-VL (dense) and Qwen3.5 (dense)" in err  # what is supported
     assert not host.out.exists()

@@ -1,7 +1,10 @@
-"""Grounding answers: formats of both model families, round trips, and a parser that never raises."""
+"""Grounding answers: formats of every model family, round trips, and a parser that never raises."""
+
+import random
 
 import pytest
 
+from src.contract.families import FAMILIES
 from src.data.boxes import Box, ParsedAnswer, format_answer, parse_answer
 from src.planning.pixels import smart_resize
 
@@ -175,7 +178,110 @@ def test_qwen2_5_parse_does_not_read_qwen2_boxes():
     assert answer == ParsedAnswer([Box("cat", 1, 2, 3, 4)], parsed=True, malformed=1)
 
 
-# ---------------------------------------------------------------- both families
+# ---------------------------------------------------------------- qwen3_vl and qwen3_5: JSON, 0-1000
+
+
+def test_qwen3_format_is_json_on_0_1000_of_the_original_image():
+    cat, dog = (
+        '{"bbox_2d": [100, 100, 500, 500], "label": "cat"}',
+        '{"bbox_2d": [0, 500, 1000, 1000], "label": "dog"}',
+    )
+    expected = f"[{cat}, {dog}]"
+    assert format_answer([CAT, DOG], 640, 480, family="qwen3_vl") == expected
+    # No resize changes it: a `resized` meant for qwen2_5_vl is ignored.
+    assert format_answer([CAT, DOG], 640, 480, family="qwen3_vl", resized=(240, 320)) == expected
+
+
+def test_qwen3_format_clamps_outside_image():
+    answer = format_answer([Box("cat", -10, -5, 700, 500)], 640, 480, family="qwen3_vl")
+    assert answer == '[{"bbox_2d": [0, 0, 1000, 1000], "label": "cat"}]'
+
+
+def test_qwen3_parse_maps_back_to_pixels_and_accepts_fences():
+    text = '```json\n[\n  {"bbox_2d": [100, 100, 500, 500], "label": "cat"}\n]\n```'
+    answer = parse_answer(text, 640, 480, family="qwen3_vl")
+    assert answer == ParsedAnswer([Box("cat", 64.0, 48.0, 320.0, 240.0)], parsed=True, malformed=0)
+
+
+def test_qwen3_parse_clamps_to_0_1000_and_swaps_corners():
+    text = '[{"bbox_2d": [-5, 1001, 1200, 300], "label": "cat"}, {"bbox_2d": [0, 0, 1' + "0" * 400 + ", 5]}]"
+    answer = parse_answer(text, 640, 480, family="qwen3_vl")
+    assert answer.boxes == [Box("cat", 0.0, 144.0, 640.0, 480.0), Box("", 0.0, 0.0, 640.0, 2.4)]
+
+
+def test_qwen3_parse_reads_a_0_999_answer_within_one_unit_of_the_edge():
+    answer = parse_answer('[{"bbox_2d": [0, 0, 999, 999], "label": "cat"}]', 640, 480, family="qwen3_vl")
+    (box,) = answer.boxes
+    assert (box.x1, box.y1) == (0, 0)
+    assert 640 - 640 / 1000 <= box.x2 < 640 and 480 - 480 / 1000 <= box.y2 < 480
+
+
+def test_qwen3_empty_answer_round_trips():
+    assert format_answer([], 640, 480, family="qwen3_vl") == "[]"
+    expected = ParsedAnswer([], parsed=True, malformed=0)
+    assert parse_answer("[]", 640, 480, family="qwen3_vl") == expected
+    assert parse_answer("```json\n[]\n```<|im_end|>", 640, 480, family="qwen3_vl") == expected
+
+
+@pytest.mark.parametrize(
+    ("text", "n_boxes", "malformed"),
+    [
+        (f'[{GOOD}, {{"bbox_2d": [10, 20, 3', 1, 1),  # truncated after a good object
+        (f'```json\n[{GOOD}, {{"bbox_2d": [5, 6, 7, 8], "label": "dog"}}', 2, 0),  # cut before "]"
+        ('[{"bbox_2d": [1, 2, 3], "label": "cat"}]', 0, 1),  # wrong number of coordinates
+        (f'[{GOOD}, {{"bbox_2d": [1, 2, 3, 4] "label": "dog"}}]', 1, 1),  # broken JSON in one object
+        (qwen2("dog", "(100,100),(500,500)"), 0, 1),  # qwen2_vl's format: not read
+        (f"[{GOOD}]" + qwen2("dog", "(100,100),(500,500)"), 1, 1),
+        ("No objects here.", 0, 0),
+    ],
+)
+def test_qwen3_parse_counts_malformed_fragments(text, n_boxes, malformed):
+    answer = parse_answer(text, 1000, 1000, family="qwen3_vl")
+    assert (len(answer.boxes), answer.malformed, answer.parsed) == (n_boxes, malformed, n_boxes > 0)
+
+
+def test_qwen2_parse_does_not_read_qwen3_boxes():
+    text = format_answer([CAT], 640, 480, family="qwen3_vl")
+    assert parse_answer(text, 640, 480) == ParsedAnswer([], parsed=False, malformed=1)
+
+
+def _random_box(rng: random.Random, width: int, height: int) -> Box:
+    x1, x2 = sorted(rng.uniform(0, width) for _ in range(2))
+    y1, y2 = sorted(rng.uniform(0, height) for _ in range(2))
+    return Box(rng.choice(["cat", "dog", "traffic light"]), x1, y1, x2, y2)
+
+
+def test_qwen3_round_trip_is_within_one_unit_for_random_boxes_and_sizes():
+    rng = random.Random(0)
+    for _ in range(300):
+        width, height = rng.randint(1, 8000), rng.randint(1, 8000)  # any aspect ratio: no resize involved
+        boxes = [_random_box(rng, width, height) for _ in range(rng.randint(1, 8))]
+        answer = parse_answer(format_answer(boxes, width, height, "qwen3_vl"), width, height, "qwen3_vl")
+        assert answer.parsed and answer.malformed == 0 and len(answer.boxes) == len(boxes)
+        for got, want in zip(answer.boxes, boxes, strict=True):
+            assert got.label == want.label
+            for axis, size in (("x1", width), ("x2", width), ("y1", height), ("y2", height)):
+                assert abs(getattr(got, axis) - getattr(want, axis)) <= size / 1000
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        format_answer([CAT, DOG], 640, 480, family="qwen3_vl"),
+        f'```json\n[{GOOD}, {{"bbox_2d": [10, 20, 3',
+        '[{"bbox_2d": [-5, 0, 1200, 999]}]',
+        qwen2("dog", "(100,100),(500,500)"),
+        "[]",
+        "prose",
+    ],
+)
+def test_qwen3_5_behaves_exactly_like_qwen3_vl(text):
+    assert parse_answer(text, 640, 480, "qwen3_5") == parse_answer(text, 640, 480, "qwen3_vl")
+    for boxes in ([], [CAT, DOG], BOXES):
+        assert format_answer(boxes, 1237, 911, "qwen3_5") == format_answer(boxes, 1237, 911, "qwen3_vl")
+
+
+# ---------------------------------------------------------------- every family
 
 
 BOXES = [
@@ -185,7 +291,7 @@ BOXES = [
 ]
 
 
-@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_round_trip_within_quantisation_error(family):
     width, height = 1237, 911
     answer = parse_answer(format_answer(BOXES, width, height, family), width, height, family)
@@ -196,7 +302,7 @@ def test_round_trip_within_quantisation_error(family):
             assert abs(getattr(got, axis) - getattr(want, axis)) <= size / 1000
 
 
-@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_every_truncation_reads_a_prefix_of_the_boxes(family):
     width, height = 1237, 911
     text = format_answer(BOXES, width, height, family)
@@ -207,7 +313,7 @@ def test_every_truncation_reads_a_prefix_of_the_boxes(family):
         assert answer.parsed == bool(answer.boxes)
 
 
-@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
+@pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize(
     "text",
     [

@@ -59,6 +59,20 @@ def test_qwen2_5_vl_answer_is_json_in_resized_pixels(tmp_path):
     assert items[0]["label"] == "cat" and len(items[0]["bbox_2d"]) == 4
 
 
+@pytest.mark.parametrize("family", ["qwen3_vl", "qwen3_5"])
+def test_qwen3_answer_is_json_on_0_1000_of_the_original_image_whatever_the_resize(tmp_path, family):
+    root = _folder(tmp_path, [([[10, 10, 60, 50]], ["cat"])], size=(100, 80))
+    (record,), _ = load_records(str(root), "train")
+    samples = [
+        convert_to_conversation_format(record, family, pixel_limits=limits)
+        for limits in (None, (56 * 56, 112 * 112), (56 * 56, 28 * 28 * 16384))
+    ]
+    answers = {sample["messages"][1]["content"][0]["text"] for sample in samples}
+    assert answers == {'[{"bbox_2d": [100, 125, 600, 625], "label": "cat"}]'}
+    (box,) = parse_answer(answers.pop(), record.width, record.height, family).boxes
+    assert (box.label, box.x1, box.y1, box.x2, box.y2) == ("cat", 10, 10, 60, 50)
+
+
 @pytest.mark.parametrize(
     "bbox, label, message",
     [

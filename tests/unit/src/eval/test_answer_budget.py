@@ -2,11 +2,13 @@
 whole answers; and crowd regions are ignored through the whole evaluation."""
 
 import json
+import random
 
 import pytest
 import torch
 
-from src.data.boxes import format_answer
+from src.contract.families import FAMILIES
+from src.data.boxes import Box, format_answer
 from src.data.dataset import (
     answer_budget,
     answer_labels,
@@ -36,7 +38,7 @@ def _tokens(tokenizer, text: str) -> int:
     return len(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
-@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_budget_holds_every_real_answer_with_room_to_spare(dense_coco, tiny_processor, family):
     tokenizer = tiny_processor.tokenizer
     records = load_records(str(dense_coco), "train")[0] + load_records(str(dense_coco), "test")[0]
@@ -55,6 +57,25 @@ def test_budget_holds_every_real_answer_with_room_to_spare(dense_coco, tiny_proc
     assert max(real) <= longest  # an upper bound of what the model is taught
     assert answer_budget(longest) >= longest * 1.25 + 1  # a margin, and the end token
     assert answer_budget(longest) > DEFAULT_MAX_NEW_TOKENS  # 20 boxes do not fit the old fixed 256
+
+
+@pytest.mark.parametrize("family", ["qwen3_vl", "qwen3_5"])
+def test_qwen3_budget_covers_many_boxes_at_their_longest(tiny_processor, family):
+    tokenizer = tiny_processor.tokenizer
+    rng = random.Random(0)
+    width, height = 1237, 911
+    labels = [rng.choice(["cat", "traffic light", "person", "fire hydrant"]) for _ in range(60)]
+    corners = [
+        (sorted(rng.uniform(0, width) for _ in "xx"), sorted(rng.uniform(0, height) for _ in "yy"))
+        for _ in labels
+    ]
+    boxes = [Box(label, x1, y1, x2, y2) for label, ((x1, x2), (y1, y2)) in zip(labels, corners, strict=True)]
+    edge = [Box(label, width, height, width, height) for label in labels]  # every coordinate 1000
+    longest = longest_answer_tokens([labels], tokenizer, family)
+    worst = format_answer(edge, width, height, family)
+    assert longest == _tokens(tokenizer, worst)  # the worst case, exactly
+    assert longest >= _tokens(tokenizer, format_answer(boxes, width, height, family))
+    assert answer_budget(longest) >= longest + 1
 
 
 def test_budget_counts_answers_not_crowd_regions(tmp_path, tiny_processor):

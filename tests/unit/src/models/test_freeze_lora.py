@@ -9,6 +9,7 @@ from src.models.freeze import apply_freeze_policy
 from src.models.lora import create_lora_config
 from src.recipes import RECIPES
 from tests.conftest import tiny_qwen2_5_vl
+from tests.tiny_models import tiny_qwen3_5, tiny_qwen3_vl
 
 
 def test_part_of_uses_transformers5_paths():
@@ -139,3 +140,74 @@ def test_frozen_vision_runs_outside_autograd_and_the_llm_still_learns(
     assert (not backward_calls) is applied
     lora_b_grads = [p.grad for n, p in model.named_parameters() if "lora_B" in n and p.requires_grad]
     assert lora_b_grads and all(g is not None and g.abs().sum() > 0 for g in lora_b_grads)
+
+
+# ---------------------------------------------------------------- every family, every recipe, by part
+def piece_of(name: str) -> str:
+    """The finest part a trainable parameter belongs to, read from its path independently of part_of."""
+    for piece, marker in (
+        ("deepstack", ".deepstack_merger_list."),
+        ("merger", ".visual.merger."),
+        ("vision", ".visual.blocks."),
+        ("llm", ".language_model.layers."),
+        ("lm_head", "lm_head."),
+    ):
+        if marker in f".{name}":
+            return piece
+    return name  # anything else (embeddings, patch_embed, pos_embed) must never train
+
+
+# What each recipe trains, by piece: DeepStack mergers go with the merger (src/contract/families.py says why).
+EXPECTED_PIECES = {
+    "r1-llm-only": {"llm"},
+    "r2-vision-only": {"vision", "merger", "deepstack"},
+    "stage1-vision": {"vision", "merger", "deepstack"},
+    "stage2-llm": {"llm"},
+    "r4-joint": {"vision", "merger", "deepstack", "llm"},
+    "full-merger-and-head": {"llm", "merger", "deepstack", "lm_head"},
+}
+BUILDERS = {"qwen2_5_vl": tiny_qwen2_5_vl, "qwen3_vl": tiny_qwen3_vl, "qwen3_5": tiny_qwen3_5}
+
+
+def _stages():
+    from dataclasses import replace
+
+    r3 = RECIPES["r3-two-stage"]
+    full = replace(
+        RECIPES["r1-llm-only"], name="full-merger-and-head", train_merger="full", train_lm_head="full"
+    )
+    return [RECIPES["r1-llm-only"], RECIPES["r2-vision-only"], *r3.stages, RECIPES["r4-joint"], full]
+
+
+@pytest.mark.parametrize("family", sorted(BUILDERS))
+@pytest.mark.parametrize("stage", _stages(), ids=lambda s: s.name)
+def test_each_recipe_trains_exactly_its_pieces_in_every_family(family, stage):
+    """Vision blocks, merger, DeepStack mergers, LLM and lm_head, checked on the trainable parameters of
+    the wrapped model; the patch and position embeddings never train; every linear of a trained LoRA part
+    is wrapped (Qwen3.5's Gated DeltaNet projections included)."""
+    from peft import get_peft_model
+
+    model = BUILDERS[family]()
+    model.config.tie_word_embeddings = False
+    peft_model = get_peft_model(model, create_lora_config(stage, family, model))
+    apply_freeze_policy(peft_model, stage)
+    trainable = [n for n, p in peft_model.named_parameters() if p.requires_grad]
+    expected = EXPECTED_PIECES[stage.name] - ({"deepstack"} if family != "qwen3_vl" else set())
+    assert {piece_of(n) for n in trainable} == expected
+    assert not any(re.search(r"patch_embed|pos_embed|embed_tokens", n) for n in trainable)
+    if stage.train_llm == "lora" and family == "qwen3_5":
+        wrapped = {m.group(1) for n in trainable if (m := re.search(r"\.linear_attn\.(\w+)\.lora_A\.", n))}
+        assert wrapped == {"in_proj_qkv", "in_proj_z", "out_proj"}
+
+
+@pytest.mark.parametrize("family", ["qwen3_vl", "qwen3_5"])
+def test_qwen3_vision_targets_hit_every_linear_of_the_tower_and_mergers(family):
+    model = BUILDERS[family]()
+    linears = [
+        n
+        for n, m in model.named_modules()
+        if type(m).__name__ == "Linear" and re.search(r"visual\.(blocks|merger|deepstack_merger_list)\.", n)
+    ]
+    wrapped, _ = _wrapped_modules(model, RECIPES["r2-vision-only"], family)
+    assert sorted(n.removeprefix("base_model.model.") for n in wrapped) == sorted(linears)
+    assert any("deepstack_merger_list" in n for n in linears) is (family == "qwen3_vl")

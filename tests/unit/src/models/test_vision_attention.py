@@ -19,6 +19,7 @@ from src.models.vision_attention import (
     varlen_vision_attention,
     vision_configs,
 )
+from tests.tiny_models import tiny_qwen3_vl
 
 pytestmark = pytest.mark.slow
 SAME_SIZE = [[1, 4, 6], [1, 4, 6], [1, 4, 6]]
@@ -88,10 +89,13 @@ def _count_calls(monkeypatch, *names) -> dict:
     [(SAME_SIZE, "_sdpa_batched"), (MIXED_SIZES, "_sdpa_per_image")],
     ids=["one-size", "mixed-sizes"],
 )
-def test_same_outputs_and_gradients_as_the_models_own_attention(cpu_model, grid, path, monkeypatch):
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen3_vl"])
+def test_same_outputs_and_gradients_as_the_models_own_attention(cpu_model, family, grid, path, monkeypatch):
+    """Qwen3-VL's tower (patch 16, learned positions, DeepStack) takes the same one-call-a-block path."""
+    model = cpu_model if family == "qwen2_vl" else tiny_qwen3_vl()
     calls = _count_calls(monkeypatch, "_sdpa_batched", "_sdpa_per_image")
-    own, varlen = _own_then_varlen(cpu_model, grid)
-    assert calls[path] == cpu_model.config.vision_config.depth  # one call a block, all images in it
+    own, varlen = _own_then_varlen(model, grid)
+    assert calls[path] == model.config.vision_config.depth  # one call a block, all images in it
     assert sum(calls.values()) == calls[path]
     _assert_close(own, varlen, atol=1e-5, rtol=1e-5)
 

@@ -1,6 +1,7 @@
 """The memory planner: as data (shapes, images, weights, batch choice) and against what autograd saves.
 
-The activation terms are checked on CPU: small random Qwen2-VL / Qwen2.5-VL models with the real structure,
+The activation terms are checked on CPU: small random Qwen2-VL / Qwen2.5-VL / Qwen3-VL / Qwen3.5 models with
+the real structure,
 wrapped like src/training/run.py does (scoped LoRA, freeze policy, TRL's fused LM head), run one forward under
 bf16 autocast, and every tensor autograd saves is counted once per storage (parameters excluded), per part.
 The CPU's kernel dtypes (planner.CPU_KERNELS) stand in for CUDA's; the structure is the same.
@@ -10,6 +11,7 @@ import collections
 import json
 import subprocess
 import sys
+import weakref
 from pathlib import Path
 
 import pytest
@@ -323,9 +325,21 @@ SIZES = {
     "larger": (("qwen2_vl", 128, 352, 3, 8, 2, 3, 96, 4), (3, 10, 12, 30)),
     "qwen2.5": (("qwen2_5_vl", 96, 256, 2, 4, 2, 2, 64, 4), (2, 8, 8, 20)),
 }
+# The newer families: heads x head_dim is not the hidden width (QWEN3_HEAD_DIM), Qwen3-VL taps DeepStack
+# features after vision blocks 0 and 1 of 3, Qwen3.5 has three Gated DeltaNet layers, then one attention
+# layer (transformers' default layer_types), or five and two (its larger size, sequences over one chunk).
+QWEN3_SIZES = {
+    "qwen3-vl": (("qwen3_vl", 64, 160, 4, 4, 2, 3, 64, 4), (2, 8, 8, 20)),
+    "qwen3-vl-larger": (("qwen3_vl", 96, 224, 3, 4, 2, 3, 96, 4), (3, 10, 12, 30)),
+    "qwen3.5": (("qwen3_5", 64, 160, 4, 4, 2, 2, 64, 4), (2, 8, 8, 20)),
+    "qwen3.5-larger": (("qwen3_5", 96, 224, 8, 4, 2, 2, 96, 4), (2, 16, 12, 40)),
+}
+QWEN3_HEAD_DIM, DEEPSTACK_AFTER = 24, [0, 1]
 
 
 def tiny_config(family, hidden, inter, layers, heads, kv_heads, depth, embed, vision_heads):
+    if family.startswith("qwen3"):
+        return tiny_qwen3_config(family, hidden, inter, layers, heads, kv_heads, depth, embed, vision_heads)
     half = hidden // heads // 2
     text = {
         "vocab_size": VOCAB,
@@ -364,7 +378,52 @@ def tiny_config(family, hidden, inter, layers, heads, kv_heads, depth, embed, vi
     return Config(text_config=text, vision_config=vision, attn_implementation="sdpa", **ids)
 
 
-def tiny_batch(size, grid_h, grid_w, text):
+def tiny_qwen3_config(family, hidden, inter, layers, heads, kv_heads, depth, embed, vision_heads):
+    """A tiny Qwen3-VL or Qwen3.5 config (patch 16), its LLM heads QWEN3_HEAD_DIM wide."""
+    rotary_half = QWEN3_HEAD_DIM // (2 if family == "qwen3_vl" else 8)  # Qwen3.5 rotates a quarter
+    text = {
+        "vocab_size": VOCAB,
+        "hidden_size": hidden,
+        "intermediate_size": inter,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads,
+        "head_dim": QWEN3_HEAD_DIM,
+        "rope_parameters": {
+            "rope_type": "default",
+            "rope_theta": 1e4,
+            "mrope_section": [rotary_half - 2 * (rotary_half // 3), rotary_half // 3, rotary_half // 3],
+            "mrope_interleaved": True,
+        },
+    }
+    vision = {
+        "depth": depth,
+        "hidden_size": embed,
+        "intermediate_size": 2 * embed + 8,
+        "num_heads": vision_heads,
+        "out_hidden_size": hidden,
+        "num_position_embeddings": 64,
+    }
+    if family == "qwen3_vl":
+        from transformers import Qwen3VLConfig as Config
+
+        vision["deepstack_visual_indexes"] = DEEPSTACK_AFTER
+    else:
+        from transformers import Qwen3_5Config as Config
+
+        text["rope_parameters"]["partial_rotary_factor"] = 0.25
+        text.update(linear_key_head_dim=16, linear_value_head_dim=24, linear_num_key_heads=2)
+        text["linear_num_value_heads"] = 4
+    ids = {
+        "image_token_id": IMAGE_PAD,
+        "video_token_id": VIDEO_PAD,
+        "vision_start_token_id": VISION_START,
+        "vision_end_token_id": VISION_END,
+    }
+    return Config(text_config=text, vision_config=vision, attn_implementation="sdpa", **ids)
+
+
+def tiny_batch(size, grid_h, grid_w, text, patch=14):
     """One image per sample; texts of different lengths, so the batch is padded as in training."""
     import torch
 
@@ -385,7 +444,7 @@ def tiny_batch(size, grid_h, grid_w, text):
         "attention_mask": attention,
         "mm_token_type_ids": image_types,
         "labels": input_ids.masked_fill(not_text, -100),
-        "pixel_values": torch.randn(size * grid_h * grid_w, 3 * 2 * 14 * 14),
+        "pixel_values": torch.randn(size * grid_h * grid_w, 3 * 2 * patch * patch),
         "image_grid_thw": torch.tensor([[1, grid_h, grid_w]] * size),
     }
 
@@ -415,7 +474,8 @@ def wrapped_model(config, stage, checkpointing, frozen_vision_no_grad):
 
 
 def saved_bytes_per_part(model, inputs) -> collections.Counter:
-    """Bytes of every storage autograd saves in one forward, by the layer/block that saved it first."""
+    """Bytes of every storage autograd saves in one forward, by the layer/block that saved it first
+    (Qwen3-VL's DeepStack mergers as "deepstack0", ...)."""
     import torch
 
     inner = model.base_model.model.model
@@ -426,27 +486,41 @@ def saved_bytes_per_part(model, inputs) -> collections.Counter:
         ("llm", inner.language_model.layers),
         ("vision", inner.visual.blocks),
         ("merger", [inner.visual.merger]),
+        ("deepstack", getattr(inner.visual, "deepstack_merger_list", [])),
     ):
         for index, module in enumerate(modules):
             handles.append(module.register_forward_pre_hook(lambda *_, n=f"{part}{index}": where.append(n)))
             handles.append(module.register_forward_hook(lambda *_: where.pop() and None))
-    seen = {}
+    # What is still saved once the forward is done: a branch of the graph the output does not depend on
+    # (Qwen3.5's final recurrent state) frees what it saved, and its addresses may be reused meanwhile.
+    saved = []
 
     def pack(tensor):
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in owned:
-            seen.setdefault(storage.data_ptr(), (where[-1], storage.nbytes()))
+        saved.append((where[-1], weakref.ref(tensor)))
         return tensor
 
     with torch.autocast("cpu", dtype=torch.bfloat16):
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            model(**inputs, fused_lm_head=True)
+            output = model(**inputs, fused_lm_head=True)
     for handle in handles:
         handle.remove()
+    seen = {}
+    for part, ref in saved:
+        tensor = ref()
+        if tensor is not None and tensor.untyped_storage().data_ptr() not in owned:
+            seen.setdefault(tensor.untyped_storage().data_ptr(), (part, tensor.untyped_storage().nbytes()))
+    del output
     parts = collections.Counter()
     for part, nbytes in seen.values():
         parts[part] += nbytes
     return parts
+
+
+def model_batch(size: str):
+    """(config, inputs) of one of SIZES or QWEN3_SIZES."""
+    model_args, batch_args = {**SIZES, **QWEN3_SIZES}[size]
+    patch = 16 if model_args[0].startswith("qwen3") else 14
+    return tiny_config(*model_args), tiny_batch(*batch_args, patch=patch)
 
 
 def planner_batch(config, inputs) -> tuple[ModelShape, planner.Batch]:
@@ -464,8 +538,7 @@ def measure():
     cache = {}
 
     def run(size, key, checkpointing, frozen_vision_no_grad=True):
-        model_args, batch_args = SIZES[size]
-        config, inputs = tiny_config(*model_args), tiny_batch(*batch_args)
+        config, inputs = model_batch(size)
         stage = RECIPES[key]
         shape, batch = planner_batch(config, inputs)
         if (size, key, checkpointing, frozen_vision_no_grad) not in cache:
@@ -531,3 +604,64 @@ def test_the_planner_counts_2_bytes_a_quantized_weight_for_4bit_stages_only():
     assert not choose_dequantized(
         shape, RECIPES["r4-joint"], 1, 139 * 2**30, PATCHES_644x476, TEXT_TOKENS, False
     )
+
+
+# --- Qwen3-VL and Qwen3.5 against what autograd saves (CPU) ---------------------------------------------
+
+
+def layer_kinds(size: str) -> list[str]:
+    text = model_batch(size)[0].text_config
+    return list(getattr(text, "layer_types", None) or ["full_attention"] * text.num_hidden_layers)
+
+
+def deepstack_shared(shape: ModelShape, batch: planner.Batch) -> int:
+    """Bytes counted once on the CPU that CUDA keeps twice: a CPU LayerNorm keeps its bf16 input itself (CUDA
+    an fp32 copy), so each DeepStack merger's norm keeps the very output of the block it taps, which the
+    next block keeps too."""
+    return shape.deepstack_mergers * planner.BF16 * shape.vision_embed * batch.patches
+
+
+@pytest.mark.parametrize("key", RECIPES)
+@pytest.mark.parametrize("size", ["qwen3-vl", "qwen3.5"])
+def test_the_planner_counts_exactly_the_lora_weights_peft_adds_to_qwen3_models(size, key):
+    """Scoped LoRA on Qwen3-VL (DeepStack mergers in the part "merger") and Qwen3.5 (Gated DeltaNet
+    layers' in_proj_qkv, in_proj_z, out_proj besides the attention layers' projections)."""
+    config, _ = model_batch(size)
+    shape = ModelShape.from_config(config.to_dict())
+    for stage in RECIPES[key].stages or (RECIPES[key],):
+        model = wrapped_model(config, stage, checkpointing=False, frozen_vision_no_grad=False)
+        created = sum(p.numel() for name, p in model.named_parameters() if ".lora_" in name)
+        assert created == lora_parameters(shape, stage) > 0, stage.name
+
+
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["full", "checkpointed"])
+@pytest.mark.parametrize("key", ["r1-llm-only", "r2-vision-only", "r4-joint"])
+@pytest.mark.parametrize("size", QWEN3_SIZES)
+def test_qwen3_activation_parts_match_saved_tensors(measure, size, key, checkpointing):
+    measured, predicted, shape, batch = measure(size, key, checkpointing)
+    shared = deepstack_shared(shape, batch) if predicted["merger"] else 0
+    assert part_sum(measured, "llm") == pytest.approx(predicted["llm_layers"], rel=0.05)
+    assert part_sum(measured, "vision") == pytest.approx(predicted["vision_blocks"] - shared, rel=0.05)
+    mergers = measured["merger0"] + part_sum(measured, "deepstack")
+    assert mergers == pytest.approx(predicted["merger"], rel=0.01)
+    assert sum(measured.values()) == pytest.approx(sum(predicted.values()) - shared, rel=0.10)
+    if RECIPES[key].train_vision == "frozen":
+        assert part_sum(measured, "vision") == mergers == 0  # the tower ran under no_grad
+
+
+@pytest.mark.parametrize("key", ["r2-vision-only", "r4-joint"])
+@pytest.mark.parametrize("size", QWEN3_SIZES)
+def test_qwen3_each_kind_of_layer_and_a_block_match_exactly(measure, size, key):
+    """Per kind of decoder layer (attention with q/k norms and Qwen3.5's gate; Gated DeltaNet with the
+    chunked delta rule) the last such layer, and the last vision block (tanh GELU, patch 16)."""
+    measured, _, shape, batch = measure(size, key, checkpointing=False)
+    stage = RECIPES[key]
+    wrapped = lora_targets(shape, stage)
+    args = (stage.lora_rank, stage.lora_dropout, planner.adapter_bytes(stage), planner.CPU_KERNELS)
+    kinds = layer_kinds(size)
+    for kind, layer in planner.llm_layers_of_each_kind(shape, wrapped.get("llm", {}), batch, *args).items():
+        last = max(index for index, each in enumerate(kinds) if each == kind)
+        assert measured[f"llm{last}"] == pytest.approx(layer, rel=0.01), kind
+    block = planner.vision_block_bytes(shape, wrapped.get("vision", {}), batch, *args)
+    tapped = deepstack_shared(shape, batch) // max(shape.deepstack_mergers, 1)  # block 1 feeds DeepStack
+    assert measured[f"vision{shape.vision_depth - 1}"] == pytest.approx(block - tapped, rel=0.01)
