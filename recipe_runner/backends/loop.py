@@ -3,9 +3,11 @@
 `run_jobs(specs, backend, reporter, policy, on_change)` starts the jobs longest predicted first as the
 backend finds room, reads every line they print (to the job's log, the reporter and its live table),
 and returns one `JobResult` per job and the signal that stopped the launch, if one did. The policy:
-  * a job that runs out of GPU memory beside other jobs is run again alone on a GPU with the same
-    settings (its plan was right, its neighbours took the memory); one that ran alone is run again with
-    half the micro-batch and twice the accumulation, from its last checkpoint; `oom_retries` times;
+  * a packed job (held to its reservation: BUDGET_ENV, which its worker caps its memory at) or one that
+    shared a GPU, that runs out of GPU memory, is run again alone on a GPU, uncapped, with the same
+    settings (the OOM was its own reservation's, or its neighbours'; a whole GPU may hold it); one that
+    ran alone is run again with half the micro-batch and twice the accumulation, from its last
+    checkpoint; `oom_retries` times;
   * a job silent for `hang_timeout_s` is reported as hung, and ended with `kill_hung`;
   * a job whose node was lost (Ray) runs again `lost_retries` times, its partial output moved aside;
   * SIGINT/SIGTERM are forwarded to every running job, queued ones are cancelled, and after `grace_s`
@@ -26,10 +28,11 @@ from pathlib import Path
 from typing import IO, Any
 
 from recipe_runner.backends.base import Backend, Event, Exited, Line, Lost, Started
-from recipe_runner.planning.jobs import JobSpec, oom_retry, resumed
+from recipe_runner.planning.jobs import JobSpec, alone, oom_retry, resumed
 from recipe_runner.planning.placement import start_order
 from recipe_runner.results.live import PlainReporter, Progress, apply_event, clean_line, fmt_duration
 from recipe_runner.results.summary import TAIL_LINES, JobResult, build_result, job_status
+from src.contract.env import budget_mib
 from src.contract.flags import flag_name, flag_value
 from src.contract.progress import parse_line
 from src.utils.secrets import redact, secret_values
@@ -244,18 +247,26 @@ class JobLoop:
         self.reporter.note(f"{self.reporter.prefix(job)} {progress.state} (exit {exit_code}) in {took}")
 
     def _retry_after_oom(self, job: Job) -> None:
-        """Queue the job again, if allowed: alone on a GPU when it shared one (its plan was right, its
-        neighbours took the memory), else with half the micro-batch and twice the accumulation."""
+        """Queue the job again, if allowed: alone on a GPU, uncapped, when it was held to a reservation (the
+        OOM was its own: its worker capped its memory there) or shared a GPU (its neighbours may have taken
+        the memory), else with half the micro-batch and twice the accumulation."""
         if len(job.attempts) >= self.policy.oom_retries:
             return
         attempt = {"status": "oom", "exit_code": job.exit_code, "duration_s": _took(job)}
-        if job.shared_gpu:
-            job.attempts.append({**attempt, "shared_gpu": True, "retry": "alone on a GPU"})
-            self.reporter.note(
-                f"{self.reporter.prefix(job)} out of GPU memory beside other jobs: retry {len(job.attempts)} "
-                f"of {self.policy.oom_retries} alone on a GPU, same settings"
+        budget = budget_mib(job.spec.env)
+        if job.shared_gpu or budget is not None:
+            held = {"reservation_gib": round(budget / 1024, 2)} if budget is not None else {}
+            job.attempts.append({**attempt, "shared_gpu": job.shared_gpu, **held, "retry": "alone on a GPU"})
+            why = (
+                f"under its {budget / 1024:.1f} GiB reservation"
+                if budget is not None
+                else "beside other jobs"
             )
-            self._requeue(job, resumed(replace(job.spec, reserve_mib=None)))
+            self.reporter.note(
+                f"{self.reporter.prefix(job)} out of GPU memory {why}: retry {len(job.attempts)} of "
+                f"{self.policy.oom_retries} alone on a GPU, uncapped, same settings"
+            )
+            self._requeue(job, resumed(alone(job.spec)))
             return
         retry = oom_retry(job.spec)
         if retry is None:
@@ -368,6 +379,7 @@ def _result(job: Job) -> JobResult:
         job.tail,
         started=job.progress.started is not None,
         interrupted=job.interrupted,
+        planned=job.planned,  # its reservation as planned, also after a retry alone
     )
     if job.progress.state in ("queued", "running"):
         result.status = "not started" if job.progress.state == "queued" else "running"

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from recipe_runner.host.gpus import GpuInfo
 from recipe_runner.planning.request import SweepPoint
-from src.contract.env import BASE_ENV
+from src.contract.env import BASE_ENV, BUDGET_ENV
 from src.contract.flags import TrainFlags, flag_name, flag_text, flag_value, worker_default
 
 WORKER_ENV = "RECIPE_RUNNER_WORKER"
@@ -245,7 +245,9 @@ def resume_spec(result) -> JobSpec:
 
     A worker that never wrote status.json had nothing to resume: it starts afresh.
     """
-    env = {k: v for k, v in result.env.items() if k not in ("CUDA_VISIBLE_DEVICES", "CUDA_DEVICE_ORDER")}
+    # Its GPUs whole again (a resume does not pack), so not held to a reservation either.
+    dropped = ("CUDA_VISIBLE_DEVICES", "CUDA_DEVICE_ORDER", BUDGET_ENV)
+    env = {k: v for k, v in result.env.items() if k not in dropped}
     job = JobSpec(
         result.recipe,
         tuple(result.argv),
@@ -262,6 +264,13 @@ def resume_spec(result) -> JobSpec:
 def as_cpu_job(job: JobSpec, threads: int) -> JobSpec:
     argv = with_flag(with_flag(job.argv, flag_name("cpu")), flag_name("threads"), str(threads))
     return replace(job, argv=argv, env={**job.env, **cpu_env(threads)}, threads=threads, gpus=())
+
+
+def alone(job: JobSpec) -> JobSpec:
+    """The job on GPUs of its own: it reserves them whole, so it is no longer held to a packed reservation
+    (no BUDGET_ENV: its worker does not cap its memory)."""
+    env = {k: v for k, v in job.env.items() if k != BUDGET_ENV}
+    return replace(job, reserve_mib=None, env=env)
 
 
 def resumed(job: JobSpec) -> JobSpec:

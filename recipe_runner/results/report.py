@@ -45,6 +45,10 @@ class RecipeRow:
     wall_s: float | None = None
     gpu_hours: float | None = None
     peak_gpu_mem_gib: float | None = None
+    # A packed job's GPU memory reservation (GiB) beside what its allocator held at its peak (summary.json)
+    reservation_gib: float | None = None
+    peak_gpu_reserved_gib: float | None = None
+    over_reservation_gib: float | None = None
     final_loss: float | None = None
     output_dir: str = ""
     error: str | None = None
@@ -83,6 +87,9 @@ def recipe_row(job: dict, base: dict) -> RecipeRow:
         wall_s=wall,
         gpu_hours=round(wall * gpus / 3600, 4) if wall and gpus else None,
         peak_gpu_mem_gib=status.get("peak_gpu_mem_gib"),
+        reservation_gib=job.get("reservation_gib"),
+        peak_gpu_reserved_gib=job.get("peak_gpu_reserved_gib"),
+        over_reservation_gib=job.get("over_reservation_gib"),
         final_loss=job.get("final_loss"),
         output_dir=str(out),
         error=job.get("error") or status.get("error"),

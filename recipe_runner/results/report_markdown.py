@@ -67,12 +67,26 @@ def answer_lines(report: dict) -> list[str]:
     return lines + [verdict_sentence(verdict, len(verdicts) > 1) for verdict in verdicts]
 
 
+def reservation_cell(row: dict) -> str:
+    """A packed job's GPU memory: held at its peak / reserved (GiB), and by how much it went over."""
+    held, reserved, over = (
+        row.get("peak_gpu_reserved_gib"),
+        row.get("reservation_gib"),
+        row.get("over_reservation_gib"),
+    )
+    if reserved is None:
+        return "-"
+    cell = f"{_fmt(held, 2)} / {_fmt(reserved, 2)}"
+    return cell + (f" (**{over:.2f} over**)" if over else "")
+
+
 def render_markdown(report: dict, pictures: list[str]) -> str:
     best, base, rows = report["best"], report["base"], report["recipes"]
     lines = [f"# Recipe comparison: launch {report['launch_id']}"]
     for paragraph in answer_lines(report):
         lines += ["", paragraph]
     titles = [title for _, title in METRICS]
+    packed = any(row.get("reservation_gib") is not None for row in rows)  # only GPU launches that packed
     head = [
         "recipe",
         "status",
@@ -82,11 +96,18 @@ def render_markdown(report: dict, pictures: list[str]) -> str:
         "wall time",
         "GPU-hours",
         "peak GPU GiB",
+        *(["GPU GiB held / reserved"] if packed else []),
         "final loss",
     ]
     lines += [
         "",
-        "Metrics on the test split; in brackets, the gain over the untrained base.",
+        "Metrics on the test split; in brackets, the gain over the untrained base."
+        + (
+            " Held / reserved: a packed job's peak GPU memory (what its allocator held) against its "
+            "reservation less the CUDA context, where its worker was capped while packed."
+            if packed
+            else ""
+        ),
         "",
         *table_head(head),
     ]
@@ -94,7 +115,9 @@ def render_markdown(report: dict, pictures: list[str]) -> str:
         lines.append(
             "| base (zero-shot) | - | "
             + " | ".join(_fmt(base.get(k)) for k, _ in METRICS)
-            + " | 0 | - | - | - | - | - |"
+            + " | 0 | - | - | - | - |"
+            + (" - |" if packed else "")
+            + " - |"
         )
     for row in rows:
         cells = [
@@ -106,6 +129,7 @@ def render_markdown(report: dict, pictures: list[str]) -> str:
             _fmt(row["wall_s"], 1) + (" s" if row["wall_s"] else ""),
             _fmt(row["gpu_hours"], 4),
             _fmt(row["peak_gpu_mem_gib"], 2),
+            *([reservation_cell(row)] if packed else []),
             _fmt(row["final_loss"], 4),
         ]
         lines.append("| " + " | ".join(cells) + " |")

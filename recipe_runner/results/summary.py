@@ -2,7 +2,9 @@
 
 A job's final loss and output come from the worker's own `status.json` when it wrote one, else
 from its progress lines; its status comes from its exit code (worker contract: 0 succeeded,
-1 failed, 2 bad usage or input, 3 CUDA out of memory).
+1 failed, 2 bad usage or input, 3 CUDA out of memory). A packed job's GPU memory reservation (as
+planned; its worker was capped there) stands beside the peak its worker measured, and a job that held
+more than it reserved is flagged (`over_reservation_gib`) and named under the table; null on the CPU.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from typing import Any
 
 from recipe_runner.planning.jobs import JobSpec
 from recipe_runner.results.live import Progress, fmt_duration, fmt_loss
+from src.contract.env import budget_mib
 from src.contract.flags import flag_name, flag_value
 
 OOM_EXIT_CODE = 3
@@ -49,6 +52,12 @@ class JobResult:
     name: str = ""  # the job's name: the recipe, or recipe-<dataset>-seed<N> in a sweep
     seed: int | None = None  # the seed it ran with (None: the worker's default)
     dataset: str | None = None  # the data set it ran on (None: the worker's default)
+    # GPU memory, GiB a GPU: what the job reserved as planned (less the CUDA context: what its worker's
+    # allocator was capped at; None when it had its GPUs whole), what that allocator held at its peak
+    # (status.json), and by how much the peak went over the reservation (None when it did not).
+    reservation_gib: float | None = None
+    peak_gpu_reserved_gib: float | None = None
+    over_reservation_gib: float | None = None
 
     def __post_init__(self) -> None:
         self.name = self.name or self.recipe
@@ -90,12 +99,19 @@ def build_result(
     *,
     started: bool,
     interrupted: bool,
+    planned: JobSpec | None = None,
 ) -> JobResult:
+    """The job's result from what the launcher saw and its worker wrote; `planned`: the job as planned, whose
+    reservation counts (a retry alone has none)."""
     worker = read_worker_status(spec.output_dir)
     status = job_status(exit_code, started=started, interrupted=interrupted)
     final_loss = worker.get("final_loss")
     if not isinstance(final_loss, int | float):
         final_loss = progress.final_loss if progress.final_loss is not None else progress.loss
+    budget = budget_mib((planned or spec).env)
+    reservation = round(budget / 1024, 2) if budget is not None else None
+    peak = worker.get("peak_gpu_reserved_gib")
+    peak = peak if isinstance(peak, int | float) else None
     return JobResult(
         recipe=spec.recipe,
         name=spec.key,
@@ -118,7 +134,18 @@ def build_result(
         argv=list(spec.argv),
         env={k: v for k, v in spec.env.items() if k != "CUDA_VISIBLE_DEVICES" or spec.threads is not None},
         threads=spec.threads,
+        reservation_gib=reservation,
+        peak_gpu_reserved_gib=peak,
+        over_reservation_gib=over_reservation(peak, reservation),
     )
+
+
+def over_reservation(peak_gib: float | None, reservation_gib: float | None) -> float | None:
+    """GiB by which a measured peak went over the reservation; None when it did not, or either is unknown."""
+    if peak_gib is None or reservation_gib is None:
+        return None
+    over = round(peak_gib - reservation_gib, 2)
+    return over if over > 0 else None
 
 
 def launch_exit_code(results: Sequence[JobResult], signum: int | None) -> int:
@@ -175,6 +202,15 @@ def render_summary(results: Sequence[JobResult]) -> str:
     rows = [header, *(_summary_row(r) for r in results)]
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows]
+    over = [r for r in results if r.over_reservation_gib]
+    if over:
+        lines.append("")
+    for r in over:
+        lines.append(
+            f"{r.name} went {r.over_reservation_gib:.2f} GiB over its GPU memory reservation: held "
+            f"{r.peak_gpu_reserved_gib:.2f} GiB at its peak, reserved {r.reservation_gib:.2f} GiB "
+            "(its memory plan was low)"
+        )
     for r in results:
         if r.last_lines:
             lines += ["", f"{r.name} {r.status} (exit {_exit_text(r.exit_code)}); last lines of {r.log}:"]

@@ -44,7 +44,8 @@ class StageResult:
     steps: int
     trainable: dict = field(default_factory=dict)
     skipped_records: int = 0
-    peak_gpu_mem_gib: float | None = None
+    peak_gpu_mem_gib: float | None = None  # torch's peak allocation (what the memory planner predicts)
+    peak_gpu_reserved_gib: float | None = None  # what the caching allocator held at most (what a cap bounds)
     train_seconds: float | None = None
     samples_per_step: int | None = None  # per optimizer step, over all data-parallel ranks
     paused: bool = False  # stopped at --pause-at, checkpointed; not finished
@@ -129,8 +130,9 @@ def inject_fault(stage: str, step: int) -> None:
     raise RuntimeError(f"injected fault at {stage} step {step} ({FAULT_ENV})")
 
 
-def _gpu_memory_gib() -> float | None:
-    """Peak memory allocated on the fullest GPU this process uses (a sharded model spreads over several).
+def _gpu_memory_gib(reserved: bool = False) -> float | None:
+    """Peak memory allocated (`reserved`: held by the caching allocator) on the fullest GPU this process
+    uses (a sharded model spreads over several).
 
     A data-parallel rank asks about its own GPU only: asking about the others would open a CUDA
     context on each of them.
@@ -140,7 +142,8 @@ def _gpu_memory_gib() -> float | None:
     if not torch.cuda.is_available() or not torch.cuda.is_initialized():
         return None
     devices = [torch.cuda.current_device()] if world_size() > 1 else range(torch.cuda.device_count())
-    peak = max(torch.cuda.max_memory_allocated(i) for i in devices)
+    measure = torch.cuda.max_memory_reserved if reserved else torch.cuda.max_memory_allocated
+    peak = max(measure(i) for i in devices)
     return round(peak / 2**30, 2)
 
 
@@ -239,6 +242,7 @@ def train_stage(
         prepared.trainable,
         prepared.skipped_records,
         peak_gpu_mem_gib=_gpu_memory_gib(),
+        peak_gpu_reserved_gib=_gpu_memory_gib(reserved=True),
         train_seconds=round(time.monotonic() - started, 3),
         samples_per_step=samples_per_step(prepared.trainer.args),
         paused=paused,

@@ -216,7 +216,7 @@ def run_worker(args, recipe, output: Path) -> int:
 
     from src.training.run import run_recipe
     from src.training.tracking import finish_wandb
-    from src.utils.gpu import describe_device, resolve_device
+    from src.utils.gpu import cap_gpu_memory, describe_device, resolve_device
 
     hf_logging.disable_progress_bar()  # weight loading/saving bars: noise in a log file
     signal.signal(signal.SIGTERM, _raise_interrupted)
@@ -225,6 +225,7 @@ def run_worker(args, recipe, output: Path) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.cpu)
+    cap = cap_gpu_memory(device)  # a packed job: held to its reservation before anything is allocated
     if world_size() > 1:
         from src.training.config import join_process_group
 
@@ -232,6 +233,7 @@ def run_worker(args, recipe, output: Path) -> int:
     device_info = describe_device(device)
     main_process = is_main_process()
     status, done_stages = initial_status(args, recipe, output, device_info)
+    status["reservation_gib"] = round(cap[0] / 1024, 2) if cap else None
 
     def write_status() -> None:
         if main_process:  # one status.json per run, whatever the number of ranks
@@ -256,6 +258,12 @@ def run_worker(args, recipe, output: Path) -> int:
         device_info["uuid"] or "",
         world_size(),
     )
+    if cap:
+        log.info(
+            "GPU memory capped at this job's reservation: %.2f GiB (%.1f%% of the GPU), as it may share it",
+            cap[0] / 1024,
+            cap[1] * 100,
+        )
     wandb_on = main_process and not args.no_wandb and _start_tracking(recipe, args, output)
     opts = run_options(args, device, output, wandb_on)
 
@@ -265,11 +273,11 @@ def run_worker(args, recipe, output: Path) -> int:
             status["paused"] = {**record, "status": "paused", "at": opts.pause_at}
         else:
             status["stages"].append(record)
-        peaks = [s["peak_gpu_mem_gib"] for s in [*status["stages"], record] if s.get("peak_gpu_mem_gib")]
         status.update(
             final_loss=result.final_loss,
             output=str(result.output),
-            peak_gpu_mem_gib=max(peaks) if peaks else None,
+            peak_gpu_mem_gib=_peak([*status["stages"], record], "peak_gpu_mem_gib"),
+            peak_gpu_reserved_gib=_peak([*status["stages"], record], "peak_gpu_reserved_gib"),
             val_loss=result.val_loss,
         )
         write_status()
@@ -283,7 +291,13 @@ def run_worker(args, recipe, output: Path) -> int:
     except Exception as failure:  # a failed run is reported, never silent
         code, error = exit_code_for(failure), f"{type(failure).__name__}: {failure}"
         log.error("training failed:\n%s", traceback.format_exc())
-        if code == exits.OOM:
+        if code == exits.OOM and cap:
+            log.error(
+                "out of GPU memory under this job's reservation cap (%.2f GiB): its own OOM, not a "
+                "neighbour's; the launcher runs it again alone on a GPU, uncapped",
+                cap[0] / 1024,
+            )
+        elif code == exits.OOM:
             log.error("out of GPU memory: try a smaller --batch-size with a larger --grad-accum")
     finally:
         if wandb_on:
@@ -402,10 +416,17 @@ def stage_record(result) -> dict:
         "trainable": result.trainable,
         "skipped_records": result.skipped_records,
         "peak_gpu_mem_gib": result.peak_gpu_mem_gib,
+        "peak_gpu_reserved_gib": result.peak_gpu_reserved_gib,
         "train_seconds": result.train_seconds,
         "samples_per_step": result.samples_per_step,
         "val_loss": result.val_loss,
     }
+
+
+def _peak(stages: list[dict], key: str) -> float | None:
+    """The largest of the stages' measured peaks (GiB), None where none was measured (the CPU)."""
+    peaks = [stage[key] for stage in stages if stage.get(key)]
+    return max(peaks) if peaks else None
 
 
 def _start_tracking(recipe, args, output: Path) -> bool:

@@ -1,7 +1,8 @@
 """GPU selection for a worker: set CUDA_VISIBLE_DEVICES before torch loads, and the device once.
 
 `setup_gpus("0,1")` must run before `import torch` anywhere in the process: CUDA reads the
-variable once, when it initialises. `resolve_device()` then names the one device the run uses.
+variable once, when it initialises. `resolve_device()` then names the one device the run uses, and
+`cap_gpu_memory(device)` holds a packed job's caching allocator to its reservation (BUDGET_ENV) on it.
 
 Under data parallelism (`python -m src.training.distributed`) each process is one rank of
 `world_size()`: every rank sees all N GPUs in CUDA_VISIBLE_DEVICES but uses only GPU
@@ -14,7 +15,7 @@ from __future__ import annotations
 import os
 import sys
 
-from src.contract.env import BUDGET_ENV
+from src.contract.env import budget_mib
 
 
 def setup_gpus(gpu: str | None) -> list[str]:
@@ -87,8 +88,36 @@ def describe_device(device: str) -> dict:
     }
 
 
-# Set by the launcher for a job packed beside others on one GPU: the MiB it reserved there (less the CUDA
-# context). The worker stays inside it, so that its evaluation, say, never takes a neighbour's memory.
+def memory_cap(budget: int | None, total_bytes: int) -> float | None:
+    """The fraction of a GPU of `total_bytes` that a job held to `budget` MiB may fill; None: no cap (no
+    budget, i.e. the job has its GPU whole, or a budget as large as the GPU). Pure."""
+    if budget is None or total_bytes <= 0:
+        return None
+    fraction = budget * 2**20 / total_bytes
+    return fraction if fraction < 1.0 else None
+
+
+def cap_gpu_memory(device: str) -> tuple[int, float] | None:
+    """Hold this process's CUDA caching allocator to the launcher's reservation for it (BUDGET_ENV, set only
+    for a packed job), on its one GPU; once, right after the device is resolved. Returns (budget MiB, the
+    fraction of the GPU) when capped, None when not (CPU, or a job with its GPU whole).
+
+    Past the cap an allocation raises torch.cuda.OutOfMemoryError (exit 3) instead of taking a neighbour's
+    memory; the launcher then runs the job again alone on a GPU, uncapped (recipe_runner/backends/loop.py).
+    """
+    budget = budget_mib(os.environ)
+    if device != "cuda" or budget is None:
+        return None
+    import torch
+
+    index = torch.cuda.current_device()  # this rank's own GPU under data parallelism (resolve_device)
+    fraction = memory_cap(budget, torch.cuda.get_device_properties(index).total_memory)
+    if fraction is None:
+        return None
+    torch.cuda.set_per_process_memory_fraction(fraction, index)
+    return budget, fraction
+
+
 def available_gpu_bytes() -> int:
     """GPU memory this process may fill: what is free plus what its own allocator already holds, and no
     more than the launcher's reservation for it (BUDGET_ENV) when it shares the GPU."""
@@ -96,8 +125,8 @@ def available_gpu_bytes() -> int:
 
     free, _total = torch.cuda.mem_get_info()
     usable = free + torch.cuda.memory_reserved()
-    budget = os.environ.get(BUDGET_ENV)
-    return min(usable, int(budget) * 2**20) if budget else usable
+    budget = budget_mib(os.environ)
+    return min(usable, budget * 2**20) if budget else usable
 
 
 def unallocated_gpu_bytes() -> int:

@@ -15,6 +15,9 @@ object from recipe key (or "*" for every recipe) to behaviour:
     best_scale   the --lr-scale that scores best on the validation split (1.0): a search's trial scores
                  1 / (1 + |log3(lr-scale / best_scale)|), its validation loss the same, reversed
     fail_scale   exit 1 when run with this --lr-scale (a trial that fails)
+    peak_gib     the GPU memory its allocator holds at its peak: status.json's `peak_gpu_reserved_gib`;
+                 held to a RECIPE_RUNNER_GPU_BUDGET_MIB below it (a packed job, capped there) it exits 3
+                 (CUDA OOM under its cap) at its first step instead, as the real worker does (none)
 
 As a learning-rate search's trial (--eval-split validation, --pause-at N) it writes metrics.json with that
 score and the split it stands for, and status.json with the validation loss; --eval-split test writes
@@ -119,8 +122,13 @@ def main() -> int:
         print(plan["say"], flush=True)
     time.sleep(plan.get("silent_s", 0))
     first_try = "--resume" not in argv
-    if (plan.get("oom_above") is not None and args.batch_size > plan["oom_above"]) or (
-        plan.get("oom_first") and first_try
+    budget = os.environ.get("RECIPE_RUNNER_GPU_BUDGET_MIB")
+    peak = plan.get("peak_gib")
+    over_cap = peak is not None and budget is not None and peak * 1024 > int(budget)
+    if (
+        (plan.get("oom_above") is not None and args.batch_size > plan["oom_above"])
+        or (plan.get("oom_first") and first_try)
+        or over_cap
     ):
         print(f"torch.OutOfMemoryError: CUDA out of memory at batch {args.batch_size}", flush=True)
         record(rec_path, rec | {"end": time.time(), "exit": 3})
@@ -182,6 +190,8 @@ def main() -> int:
                     "stages": done,
                     "val_loss": 1 - score_of(args.lr_scale, plan),
                     "paused": {"at": args.pause_at} if args.pause_at else None,
+                    "reservation_gib": round(int(budget) / 1024, 2) if budget else None,
+                    "peak_gpu_reserved_gib": peak,
                 }
             )
         )

@@ -5,6 +5,7 @@ Run on the GPU machine: `python -m pytest tests/gpu -m gpu` (see docs/benchmarks
 
 import json
 import subprocess
+import sys
 
 import pytest
 
@@ -81,3 +82,54 @@ def test_bench_on_cuda_measures_memory_utilisation_and_mfu(tiny_fixtures, tmp_pa
     assert report["environment"]["bf16_peak_tflops"] > 50
     for row in report["rows"]:
         assert row["peak_gib"] > 0 and row["mfu_pct"] is not None and row["gpu_util_pct"] is not None
+
+
+@pytest.mark.parametrize("key", ["r1-llm-only", "r3-two-stage", "r4-joint"])
+def test_qwen3_vl_recipe_trains_on_cuda(key, tiny_qwen3_vl_dir, tiny_coco_dir, tmp_path):
+    """Qwen3-VL on a GPU: r1's 4-bit LLM with the tower and every merger (DeepStack's too) kept bf16, r3's
+    merge between stages, r4 compiled with one attention call a vision block."""
+    import torch
+
+    from src.models.loader import count_quantized_layers, load_quantized_model
+    from src.training.run import run_recipe
+
+    options = tiny_run_options(tiny_qwen3_vl_dir, tiny_coco_dir, tmp_path, device="cuda")
+    results = run_recipe(RECIPES[key], options)
+    assert all(r.final_loss is not None for r in results)
+    if key == "r1-llm-only":
+        model = load_quantized_model(str(tiny_qwen3_vl_dir), "cuda")
+        assert set(count_quantized_layers(model)) == {"llm"}
+        assert model.model.visual.deepstack_merger_list[0].linear_fc1.weight.dtype == torch.bfloat16
+
+
+CAP_PROBE = """
+import torch
+from src.utils.gpu import cap_gpu_memory
+budget, fraction = cap_gpu_memory("cuda")
+within = torch.empty(budget // 2 * 2**20, dtype=torch.uint8, device="cuda")
+try:
+    beyond = torch.empty(budget * 2**20, dtype=torch.uint8, device="cuda")
+except torch.OutOfMemoryError:
+    print("out of memory at the cap")
+print("reserved MiB", torch.cuda.max_memory_reserved() // 2**20)
+"""
+
+
+def test_a_packed_job_runs_out_of_memory_at_its_reservation_not_its_neighbours():
+    """The cap on a real allocator, with the launcher's allocator setting: half the reservation fits, the
+    other half more does not, though the GPU has room (a process of its own: the cap stays for its life)."""
+    import os
+
+    env = {
+        **os.environ,
+        "RECIPE_RUNNER_GPU_BUDGET_MIB": "2048",
+        "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True",
+    }
+    done = subprocess.run(
+        [sys.executable, "-c", CAP_PROBE], cwd=REPO, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = done.stdout.splitlines()
+    assert "out of memory at the cap" in lines
+    reserved = int(lines[-1].split()[-1])
+    assert 1024 <= reserved <= 2048

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -9,9 +10,17 @@ import pytest
 
 from recipe_runner.host.gpus import GpuInfo, NvmlUnavailable, parse_fake_gpus, probe_gpus, probe_nvml
 from recipe_runner.planning.gpu_choice import select_gpus
-from recipe_runner.planning.jobs import bind_gpus, build_jobs, split_threads, worker_command
+from recipe_runner.planning.jobs import (
+    alone,
+    bind_gpus,
+    build_jobs,
+    resume_spec,
+    split_threads,
+    worker_command,
+)
 from recipe_runner.planning.placement import GpuRoom, first_wave
 from recipe_runner.planning.request import parse_gpu_ids, resolve_recipes
+from src.contract.env import BUDGET_ENV
 from src.contract.flags import TrainFlags, flag_value
 
 WORKER = ["py", "-m", "src.training.worker"]
@@ -91,6 +100,24 @@ def test_gpu_job_gets_its_device_by_uuid_and_the_multicast_switches() -> None:
     assert two.env["CUDA_VISIBLE_DEVICES"] == "GPU-00000002-aaaa,GPU-00000003-aaaa"
     assert two.device == "gpu2,3"
     assert "CUDA_VISIBLE_DEVICES" not in job.env  # binding makes a new spec
+
+
+def test_a_job_run_alone_or_resumed_has_its_gpu_whole_and_no_budget(tmp_path: Path) -> None:
+    (job,) = build_jobs(["r1-llm-only"], tmp_path, TrainFlags(), WORKER)
+    packed = replace(bind_gpus(job, [gpu(0)]), env={**job.env, BUDGET_ENV: "20480"}, reserve_mib=21_504)
+    solo = alone(packed)
+    assert solo.reserve_mib is None and BUDGET_ENV not in solo.env  # its worker is not capped
+    assert solo.argv == packed.argv and solo.env["NCCL_NVLS_ENABLE"] == "0"  # otherwise the same job
+    result = SimpleNamespace(
+        recipe=job.recipe,
+        name=job.recipe,
+        argv=list(packed.argv),
+        env=packed.env,
+        output_dir=str(tmp_path / "r1"),
+        log=str(tmp_path / "r1.log"),
+        gpu_uuids=["GPU-0"],
+    )
+    assert BUDGET_ENV not in resume_spec(result).env  # a resume does not pack
 
 
 def test_cpu_jobs_split_threads_and_set_the_thread_env() -> None:

@@ -16,6 +16,7 @@ from recipe_runner.cli.main import main
 from recipe_runner.host.gpus import GpuInfo
 from recipe_runner.host.leases import WHOLE_GPU, reservations, reserve, try_acquire
 from recipe_runner.planning.placement import GpuRoom, choose_gpus, first_wave, reservation_mib, start_order
+from src.contract.env import BUDGET_ENV
 from src.contract.flags import flag_value
 
 ROOT = Path(__file__).resolve().parents[4]
@@ -174,8 +175,62 @@ def test_a_packed_job_that_runs_out_of_memory_is_retried_alone(host, monkeypatch
     assert len(tries) == 2 and overlaps(tries[0], other)  # it first ran beside r2
     assert not overlaps(tries[1], other)  # the retry had the GPU to itself
     assert flag_value(tries[1]["argv"], "--batch-size") == "4"  # same settings, not halved
+    assert tries[0]["env"][BUDGET_ENV] is not None and tries[1]["env"][BUDGET_ENV] is None  # alone: uncapped
     r1 = next(j for j in host.summary()["jobs"] if j["recipe"] == "r1-llm-only")
     assert r1["status"] == "succeeded" and r1["attempts"][0]["retry"] == "alone on a GPU"
+
+
+def test_a_packed_job_over_its_reservation_runs_out_under_its_cap_and_is_retried_alone_uncapped(
+    host, monkeypatch, one_h200, capsys
+):
+    # r1 is alone on the GPU but holds a reservation, so its worker is capped there: the OOM is its own, and
+    # the retry gets the GPU whole without the cap (not half the micro-batch, as for a job that ran whole).
+    host.set_behaviour(monkeypatch, {"r1-llm-only": {"peak_gib": 100.0}})
+    assert main(["--recipes", "r1", "--batch-size", "4", "--oom-retries", "1", *one_h200]) == 0
+    first, retry = sorted(host.records(), key=lambda r: r["start"])
+    budget = int(first["env"][BUDGET_ENV])
+    assert first["exit"] == 3 and retry["exit"] == 0
+    assert retry["env"][BUDGET_ENV] is None and "--resume" in retry["argv"]
+    assert flag_value(retry["argv"], "--batch-size") == "4"
+    (r1,) = host.summary()["jobs"]
+    reserved = round(budget / 1024, 2)
+    assert r1["status"] == "succeeded"
+    assert r1["attempts"][0]["retry"] == "alone on a GPU" and r1["attempts"][0]["shared_gpu"] is False
+    assert r1["attempts"][0]["reservation_gib"] == reserved
+    # planned against measured: the reservation as planned, the uncapped retry's peak, and the excess
+    assert (r1["reservation_gib"], r1["peak_gpu_reserved_gib"]) == (reserved, 100.0)
+    assert r1["over_reservation_gib"] == round(100.0 - reserved, 2) > 0
+    out = capsys.readouterr().out
+    assert f"under its {budget / 1024:.1f} GiB reservation: retry 1 of 1 alone on a GPU, uncapped" in out
+    assert f"r1-llm-only went {100.0 - reserved:.2f} GiB over its GPU memory reservation" in out
+
+
+def test_packed_jobs_report_their_peak_beside_their_reservation(host, monkeypatch, one_h200, capsys):
+    host.set_behaviour(monkeypatch, {"*": {"peak_gib": 12.5}})
+    assert main(["--recipes", "r1,r2", "--batch-size", "4", *one_h200]) == 0
+    budgets = {r["recipe"]: int(r["env"][BUDGET_ENV]) for r in host.records()}
+    summary = host.summary()
+    for job in summary["jobs"]:
+        assert job["reservation_gib"] == round(budgets[job["recipe"]] / 1024, 2) > 12.5
+        assert job["peak_gpu_reserved_gib"] == 12.5 and job["over_reservation_gib"] is None
+        assert job["attempts"] == []
+    assert "over its GPU memory reservation" not in capsys.readouterr().out
+    report = (Path(summary["launch_dir"]) / "report.md").read_text()
+    assert "GPU GiB held / reserved" in report
+    assert f"| 12.50 / {budgets['r1-llm-only'] / 1024:.2f} |" in report
+
+
+def test_ray_jobs_take_their_gpus_whole_and_would_pass_a_budget_unchanged() -> None:
+    from recipe_runner.backends.ray import worker_env
+    from recipe_runner.planning.placement import make_plan
+    from recipe_runner.planning.request import LaunchRequest
+    from src.contract.flags import TrainFlags
+
+    request = LaunchRequest(("r1-llm-only", "r4-joint"), TrainFlags(), backend="ray")
+    plan = make_plan(request, "L1", ["worker"], None, {}, cores=16)
+    assert all(job.reserve_mib is None and BUDGET_ENV not in worker_env(job) for job in plan.jobs)
+    packed = replace(plan.jobs[0], env={**plan.jobs[0].env, BUDGET_ENV: "20480"})
+    assert worker_env(packed)[BUDGET_ENV] == "20480"  # the same contract as the local backend's
 
 
 def test_gpus_per_recipe_runs_data_parallel_with_the_same_samples_a_step(host, monkeypatch, config_only_7b):

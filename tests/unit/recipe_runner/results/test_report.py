@@ -233,3 +233,32 @@ def test_without_predictions_the_report_has_no_intervals_but_stands(tmp_path, ti
     report = build_report(launch)
     assert report["verdicts"] == [] and report["recipes"][0]["intervals"] == {}
     assert "Winner by F1" in _markdown(launch)
+
+
+def test_a_packed_launch_shows_each_peak_beside_its_reservation_and_flags_the_excess(tmp_path, tiny_data_dir):
+    launch = _launch(tmp_path, tiny_data_dir)
+    write_report(launch)
+    assert "held / reserved" not in (launch / "report.md").read_text()  # unpacked (or CPU): no such column
+    summary = json.loads((launch / "summary.json").read_text())
+    good, bad = summary["jobs"]
+    good.update(reservation_gib=40.0, peak_gpu_reserved_gib=41.3, over_reservation_gib=1.3)
+    bad.update(reservation_gib=20.0, peak_gpu_reserved_gib=None, over_reservation_gib=None)
+    _write(launch / "summary.json", summary)
+    write_report(launch)
+    markdown = (launch / "report.md").read_text()
+    assert "GPU GiB held / reserved" in markdown
+    assert "| 1.50 | 41.30 / 40.00 (**1.30 over**) | 1.0000 |" in markdown  # after the allocated peak
+    assert "| - / 20.00 | - |" in markdown
+    base = next(line for line in markdown.splitlines() if line.startswith("| base (zero-shot)"))
+    head = next(line for line in markdown.splitlines() if line.startswith("| recipe |"))
+    assert base.count("|") == head.count("|")  # the base row keeps the table's shape
+    rows = json.loads((launch / "report.json").read_text())["recipes"]
+    assert (
+        rows[0]["reservation_gib"],
+        rows[0]["peak_gpu_reserved_gib"],
+        rows[0]["over_reservation_gib"],
+    ) == (
+        40.0,
+        41.3,
+        1.3,
+    )

@@ -232,3 +232,49 @@ def test_bad_lora_sizes_are_refused_naming_the_flag(tiny_model_dir, tiny_data_di
     assert done.returncode == 2
     assert "--lora-rank 0: must be at least 1" in done.stderr and "--lora-dropout 1.5" in done.stderr
     assert not out.exists()
+
+
+def test_a_packed_worker_is_capped_at_its_reservation_and_an_oom_there_is_its_own(
+    monkeypatch, tmp_path, caplog
+):
+    """The one call site: the device resolved, the cap set once, status.json and the log say so, and an OOM
+    under it exits 3 naming the cap (the launcher then runs it alone, uncapped)."""
+    import logging
+    import signal
+    from types import SimpleNamespace
+
+    import torch
+
+    from src.contract import exits
+    from src.contract.env import BUDGET_ENV
+    from src.training import run as run_module
+    from src.training.worker import parse_worker_args, run_worker
+
+    fractions: list[tuple[float, int]] = []
+    props = SimpleNamespace(name="NVIDIA H100", uuid="h100", total_memory=80 * 2**30)
+    monkeypatch.setenv(BUDGET_ENV, str(20 * 1024))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: props)
+    monkeypatch.setattr(
+        torch.cuda, "set_per_process_memory_fraction", lambda f, d=None: fractions.append((f, d))
+    )
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(run_module, "run_recipe", out_of_memory)
+    args, recipe = parse_worker_args(["--recipe", "r1", "--output-dir", str(tmp_path), "--no-wandb"])
+    term = signal.getsignal(signal.SIGTERM)  # run_worker installs its own
+    try:
+        with caplog.at_level(logging.INFO, logger="recipe-worker"):
+            code = run_worker(args, recipe, tmp_path)
+    finally:
+        signal.signal(signal.SIGTERM, term)
+    assert code == exits.OOM
+    assert fractions == [(0.25, 0)]  # 20 GiB of 80, on its GPU, once
+    status = json.loads((tmp_path / "status.json").read_text())
+    assert status["reservation_gib"] == 20.0 and status["status"] == "failed" and status["exit_code"] == 3
+    assert "GPU memory capped at this job's reservation: 20.00 GiB (25.0% of the GPU)" in caplog.text
+    assert "under this job's reservation cap (20.00 GiB): its own OOM" in caplog.text
