@@ -17,7 +17,10 @@ the launcher (which never imports torch) and the worker can both call it.
 
 The peak is weights + trainable state + activations + workspace + overhead:
   * weights: every parameter in bf16 (2 B); a quantized stage keeps the LLM's decoder linears in nf4 with
-    double quantization (0.5 B + 1/64 B of 8-bit absmax + fp32 second-level absmax per 256 blocks).
+    double quantization (0.5 B + 1/64 B of 8-bit absmax + fp32 second-level absmax per 256 blocks); one
+    dequantized once (src/models/dequantize.py) keeps bf16 copies of them beside (2 B), and its layers then
+    compile as bf16 ones do. Measured, r1 compiled at 8x2 dequantized once (one H100, 2026-12-07): Qwen3-VL-8B
+    45.45 GiB, Qwen2-VL-7B 43.7 GiB (2026-12-01), where the plan without the copies said 37.07 and 36.5.
   * trainable state: LoRA parameters fp32 (PEFT upcasts adapters of a bf16 model), their fp32 gradients and
     AdamW's two fp32 moments: 16 B per parameter. On a 4-bit model TRL casts the adapters to bf16, and the
     grads and moments follow: 8 B per parameter. A part trained "full" (PEFT modules_to_save) adds a bf16
@@ -496,7 +499,7 @@ def _offloaded(parts: dict[str, float], shape: ModelShape) -> dict[str, float]:
 
 
 def _peak_phases(
-    shape, stage, batch, checkpointing, frozen_vision_no_grad, kernels, offloaded
+    shape, stage, batch, checkpointing, frozen_vision_no_grad, kernels, offloaded, dequantized=False
 ) -> list[tuple]:
     """(activations, workspace) at each moment the peak can happen."""
     parts = activation_parts(shape, stage, batch, checkpointing, frozen_vision_no_grad, kernels)
@@ -515,7 +518,7 @@ def _peak_phases(
     )
     # a Gated DeltaNet layer's mixer runs its backward apart from its MLP's: the larger of the two
     grads = max(mlp_grads, DELTA_BWD_WORKSPACE * _delta_rule_saved(shape, batch))
-    if stage.quantized:  # bitsandbytes dequantizes a whole 4-bit weight to bf16 for each matmul
+    if stage.quantized and not dequantized:  # bitsandbytes dequantizes a whole 4-bit weight for each matmul
         grads += BF16 * max(d_in * d_out for d_in, d_out in all_llm_linears(shape).values())
     phases = [(kept + recompute, grads)]
 
@@ -557,6 +560,7 @@ def estimate_stage_memory(
     kernels: KernelBytes = CUDA_KERNELS,
     compiled: bool = False,
     offloaded: bool = False,
+    dequantized: bool = False,
 ) -> MemoryEstimate:
     """Peak memory of one stage (a recipe without stages) at this micro-batch.
 
@@ -564,17 +568,24 @@ def estimate_stage_memory(
     tokens) are the positions the fused LM head scores. `frozen_vision_no_grad=False` models the worker
     before frozen towers ran under no_grad. `compiled`: the worker compiles its layers, which saves fewer
     activations (COMPILED_ACTIVATIONS) when nothing is recomputed. `offloaded`: with recompute, the
-    blocks' inputs wait in host memory (OFFLOAD_RESIDENT_BLOCKS).
+    blocks' inputs wait in host memory (OFFLOAD_RESIDENT_BLOCKS). `dequantized`: a 4-bit stage keeps bf16
+    copies of its weights (dequantized_copy_bytes), so its layers compile as bf16 ones do and no weight is
+    dequantized per matmul.
     """
     if stage.stages:
         raise ValueError(f"{stage.name} is a chain; pass one of its stages or use estimate_recipe_memory")
     labels = text_tokens if label_tokens is None else label_tokens
     batch = Batch(batch_size, image_patches, text_tokens, labels, padded)
-    phases = _peak_phases(shape, stage, batch, checkpointing, frozen_vision_no_grad, kernels, offloaded)
+    dequantized = dequantized and stage.quantized
+    phases = _peak_phases(
+        shape, stage, batch, checkpointing, frozen_vision_no_grad, kernels, offloaded, dequantized
+    )
     activations, workspace = max(phases, key=sum)
-    if compiled and not checkpointing and not stage.quantized:
+    if compiled and not checkpointing and (dequantized or not stage.quantized):
         activations *= COMPILED_ACTIVATIONS
-    weights = weight_bytes(shape, stage.quantized)
+    weights = weight_bytes(shape, stage.quantized) + (
+        dequantized_copy_bytes(shape, stage) if dequantized else 0
+    )
     trainable = trainable_state_bytes(shape, stage)
     subtotal = weights + trainable + activations + workspace
     overhead = _overhead(shape, batch) + ALLOCATOR_ROUNDING * subtotal
@@ -640,13 +651,13 @@ def choose_dequantized(
 ) -> bool:
     """Whether a 4-bit stage keeps its weights dequantized once: when the copies fit beside the stage's
     estimate at the setting already chosen (recomputation is decided first: it is worth more)."""
-    copies = dequantized_copy_bytes(shape, recipe)
-    if not copies:
+    if not dequantized_copy_bytes(shape, recipe):
         return False
+    options = {**options, "dequantized": True}
     stage = estimate_recipe_memory(
         shape, recipe, batch_size, image_patches, text_tokens, checkpointing, **options
     )
-    return stage.total + copies <= headroom * capacity_bytes
+    return stage.total <= headroom * capacity_bytes
 
 
 def _qwen2_vl_shape(name: str) -> tuple[ModelShape, tuple[int, int]]:

@@ -141,3 +141,39 @@ def test_recipe_run_plan_answers_for_a_config_only_qwen3_vl_8b_folder(tmp_path, 
     assert all(peak > 0 for peak in peaks.values()) and all(row[2] == "fits" for row in rows)
     assert peaks["r4-joint"] > peaks["r1-llm-only"]
     assert all(re.match(r"\d+ x \d+, recompute o", row[3]) for row in rows)  # what --batch-size auto runs
+
+
+# The core's peaks at Qwen3-VL-8B (random weights), 8 x 2, compiled, recompute off, 644x476 images, 100 text
+# tokens a sample, one H100 80GB (docs/benchmarks.md, 2026-12-07). r1 and r3's stage 2 dequantized their
+# 4-bit weights once (12.94 GiB of bf16 copies); r3's stages measured what r2 and r1 did.
+H100_8B_PEAKS = [
+    ("r4-joint", False, 55.45),
+    ("r2-vision-only", False, 42.13),
+    ("r1-llm-only", True, 45.45),
+]
+
+
+@pytest.mark.parametrize(("key", "dequantized", "gib"), H100_8B_PEAKS)
+def test_the_8b_plan_is_within_5_percent_of_the_measured_peak(key, dequantized, gib):
+    estimate = estimate_recipe_memory(
+        qwen3_vl_8b(), RECIPES[key], 8, PATCHES_644x476, 100, False, compiled=True, dequantized=dequantized
+    )
+    assert estimate.gib == pytest.approx(gib, rel=0.05)
+
+
+def test_copies_dequantized_once_are_planned_and_compile_as_bf16_layers_do():
+    r1 = RECIPES["r1-llm-only"]
+
+    def estimate(**options):
+        return estimate_recipe_memory(qwen3_vl_8b(), r1, 8, PATCHES_644x476, 100, False, **options)
+
+    eager, copies = estimate(), estimate(dequantized=True)
+    assert (copies.weights - eager.weights) / GIB == pytest.approx(
+        12.94, abs=0.01
+    )  # the copies the run logged
+    assert estimate(compiled=True).activations == eager.activations  # 4-bit layers stay eager uncompiled
+    assert estimate(compiled=True, dequantized=True).activations < copies.activations
+    # A bf16 stage has nothing to dequantize: the option changes nothing.
+    r4 = RECIPES["r4-joint"]
+    args = (qwen3_vl_8b(), r4, 8, PATCHES_644x476, 100, False)
+    assert estimate_recipe_memory(*args, dequantized=True) == estimate_recipe_memory(*args)
