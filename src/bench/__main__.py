@@ -4,12 +4,20 @@ own best setting, all at the same samples per optimizer step.
 
     python -m src.bench --shape 7b --recipes r2,r4 --candidates --out bench-out   # on a GPU machine
     python -m src.bench --shape 7b --recipes r4 --variants fast,fast+loader2 --rounds 3   # levers of ~5%
+    python -m src.bench --shape 7b --recipes r4 --image-sizes mixed \
+        --variants plain,fast+compile,fast+compile-ungrouped                    # images of COCO's sizes
     python -m src.bench --shape tiny --cpu --steps 2 --warmup 1                   # the CI smoke run
     recipe-run bench ...                                                          # the same, via the launcher
 
 Models of the published 2B/7B shapes get random weights (src/fixtures/shapes.py; nothing is
 downloaded); `--model-id DIR --dataset DIR` benchmarks a model and data of your own instead.
 Every row runs `--samples-per-step` samples an optimizer step (micro-batch x accumulation).
+`--image-sizes mixed` trains on images of COCO's frequent sizes in turn instead of one size (644x476;
+src/bench/targets.py): the bare loop takes them in file order, as a user's loop would, and the core
+groups micro-batches by size on a GPU (src/training/size_groups.py). Each row records its data's image
+sizes and the share of its timed micro-batches whose images are of one size (`uniform_micro_batches_pct`).
+Tokens a step, MFU and the planned peak come from the samples a row's timed steps took: the core's grouped
+order takes a window's largest images first (patches_per_sample says how large), not the data's mean.
 Variants per recipe:
   plain            the bare loop (src/bench/plain.py) at ITS best setting that fits: recompute off
                    where it fits, the largest micro-batch that fits (tried from the largest down,
@@ -34,6 +42,8 @@ Variants per recipe:
   fast+compile-log1  compiled, the loss read back from the GPU every step, not every 10, and the host
                    waiting for each batch's copy (the default before 2026-12-01)
   fast+compile4bit compiled, the 4-bit (QLoRA) decoder layers too (left eager by default)
+  fast-ungrouped   micro-batches in plain shuffled order where images are of mixed sizes, not grouped
+                   by size (what grouping buys); fast+compile-ungrouped the same, compiled
   fast-dequant     4-bit stages (r1, r3's stage 2) with bitsandbytes dequantizing the weights on every
                    forward and backward, as before src/models/dequantize.py (fast: once, where it fits)
   fast+compile-dequant  the same, compiled (its 4-bit layers stay eager: the compiled default before)
@@ -73,7 +83,7 @@ from pathlib import Path
 from src.bench.end_to_end import end_to_end
 from src.bench.measure import mfu_pct, peak_gib, release_gpu_memory, round_or_none
 from src.bench.tables import combine_rounds, render_table, write_results
-from src.bench.targets import PROFILED_STEPS, Target, targets
+from src.bench.targets import IMAGE_SIZES, PROFILED_STEPS, Target, targets
 from src.recipes import resolve_recipe
 
 log = logging.getLogger("bench")
@@ -107,6 +117,8 @@ VARIANTS = {
     # before 2026-12-01; fast+compile reads it every 10 steps, run.resolve_logging_steps)
     "fast+compile-log1": {"non_blocking_copies": False, "logging_steps": 1},
     "fast+compile4bit": {"compile_quantized": True},  # compiled, 4-bit decoder layers too (r1, r3 stage 2)
+    "fast-ungrouped": {"group_by_size": False},  # plain shuffled micro-batches on images of mixed sizes
+    "fast+compile-ungrouped": {"group_by_size": False},  # the same, compiled
     # 4-bit stages (r1, r3 stage 2) with bitsandbytes dequantizing on every use, not once (dequantize.py)
     "fast-dequant": {"dequantize_once": False},
     "fast+compile-dequant": {"dequantize_once": False},  # compiled: the 4-bit layers then stay eager
@@ -151,7 +163,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="model shape(s), random weights: Qwen2-VL 2B/7B, Qwen3-VL 8B; repeat for several",
     )
     arg("--model-id", help="a local model directory to benchmark instead of a shape")
-    arg("--dataset", help="with --model-id: its data set (default: synthetic 644x476 images)")
+    arg("--dataset", help="with --model-id: its data set (default: synthetic images, --image-sizes)")
+    arg(
+        "--image-sizes",
+        choices=IMAGE_SIZES,
+        default="one",
+        help="the synthetic images: one size (644x476; the tiny shape: its fixtures' 112x112), or mixed: "
+        "COCO's frequent sizes in turn (default %(default)s)",
+    )
     arg("--recipes", default="r1,r2,r4", help="recipes (r3 = r2's stage then r1's; default %(default)s)")
     arg("--recipes-file", metavar="FILE", help="a TOML file of recipes of your own (README.md) to bench too")
     arg(
@@ -213,7 +232,10 @@ def main(argv: list[str] | None = None) -> int:
 
     device = "cpu" if args.cpu or not torch.cuda.is_available() else "cuda"
     out = Path(args.out)
-    env = environment(device, argv)
+    env = {
+        **environment(device, argv),
+        "image_sizes": "the data set's own" if args.dataset else args.image_sizes,
+    }
     report = {"environment": env, "rows": [], "end_to_end": []}
     loaded = list(targets(args, device))
     plan = bench_plan(loaded, args, device)
@@ -264,6 +286,8 @@ def check_args(args) -> list[str]:
     problems = []
     if not args.shape and not args.model_id:
         problems.append("give --shape (tiny, 2b, 7b, qwen3-vl-8b) or --model-id DIR")
+    if args.dataset and args.image_sizes != "one":
+        problems.append("--image-sizes sets the synthetic images; --dataset brings its own: pass one of them")
     known = [*PLAIN_VARIANTS, *VARIANTS]
     unknown = [v for v in args.variants.split(",") if v not in known]
     if unknown:
@@ -384,7 +408,8 @@ def bench_one(target: Target, stage, variant: str, setting: Setting | None, args
     step_s = median(timer.measured())
     first_s = timer.first_step_s()
     n = args.samples_per_step
-    tokens = target.stats["tokens"] * n
+    stats = timed_stats(target, measured.timed_rows)
+    tokens = stats["tokens"] * n
     compiled = compile_report() if setting.compile else {}
     row = {
         "shape": target.label,
@@ -410,7 +435,11 @@ def bench_one(target: Target, stage, variant: str, setting: Setting | None, args
         "gpu_idle_share": measured.idle_share,
         "tried": measured.tried,
         "wall_s": round(time.monotonic() - started, 1),
-        **_predicted_and_flops(target, stage, variant, setting, step_s, n, env),
+        "image_sizes": target.image_sizes,
+        "patches_per_sample": round(stats["patches"], 1),
+        "uniform_micro_batches_pct": uniform_pct(target.patch_keys, measured.timed_rows, setting.micro_batch),
+        "dequantized": measured.dequantized,
+        **_predicted_and_flops(target, stats, stage, measured, variant, step_s, n, env),
     }
     release_gpu_memory()
     return row
@@ -427,6 +456,8 @@ class Measured:
     utilisation: float | None
     idle_share: float | None = None
     tried: list | None = None  # the plain search's settings that ran out of memory first
+    timed_rows: list[int] | None = None  # the samples of the timed steps' micro-batches, in order
+    dequantized: bool = False  # a 4-bit stage ran on bf16 copies of its weights (src/models/dequantize.py)
 
 
 def _timed(args, variant: str, stage, target: Target, train) -> tuple[object, float | None, float | None]:
@@ -458,6 +489,7 @@ def _run_core(target: Target, stage, variant: str, setting: Setting, args, devic
     """The worker's own path: prepare_stage (collator, trainer, freeze, LoRA, quantization, compile)."""
     from src.training.options import RunOptions
     from src.training.run import prepare_stage
+    from src.training.size_groups import plain_order
 
     out = Path(args.work) / "runs" / f"{stage.name}-{variant}"
     out.mkdir(parents=True, exist_ok=True)
@@ -477,14 +509,43 @@ def _run_core(target: Target, stage, variant: str, setting: Setting, args, devic
         raise SkipRow(f"RunOptions has no compile option here ({error})") from error
     opts = replace(opts, **VARIANTS.get(variant, {}))
 
+    order: list[int] = []  # the first epoch's, as the trainer draws it
+    dequantized: list[bool] = [False]  # what the core chose for a 4-bit stage, read off the trained model
+
     def train(timer, total_steps):
         run_opts = replace(opts, max_steps=total_steps)
         callbacks = [timer.as_trainer_callback()]
         prepared = prepare_stage(stage.name, stage, run_opts.model_id, run_opts, out, callbacks=callbacks)
+        sampler = prepared.size_sampler
+        order[:] = sampler.order(0) if sampler else plain_order(len(target.patch_keys), run_opts.seed)
         prepared.trainer.train()
+        if stage.quantized:
+            from src.models.dequantize import is_dequantized
+
+            dequantized[0] = is_dequantized(prepared.trainer.model)
 
     timer, utilisation, idle = _timed(args, variant, stage, target, train)
-    return Measured(setting, timer, utilisation, idle)
+    per_step = setting.micro_batch * setting.grad_accum
+    timed = order[args.warmup * per_step : (args.warmup + args.steps) * per_step]
+    return Measured(setting, timer, utilisation, idle, timed_rows=timed, dequantized=dequantized[0])
+
+
+def uniform_pct(keys: list[int], rows: list[int] | None, micro_batch: int) -> float | None:
+    """The share of micro-batches (`rows` cut as the trainer cuts them) whose images are of one size."""
+    from src.training.size_groups import uniform_micro_batches
+
+    uniform, total = uniform_micro_batches(keys, rows or [], micro_batch)
+    return round(100 * uniform / total, 1) if total else None
+
+
+def timed_stats(target: Target, rows: list[int] | None) -> dict:
+    """Mean tokens, image patches and label tokens a sample of the timed steps: the data's mean text and
+    labels (sample_stats), with the image patches of the samples those steps took."""
+    if not rows:
+        return target.stats
+    patches = sum(target.patch_keys[i] for i in rows) / len(rows)
+    text = target.stats["tokens"] - target.stats["patches"] / 4  # an LLM token covers 2x2 patches
+    return {**target.stats, "patches": patches, "tokens": text + patches / 4}
 
 
 def plain_search_order(samples_per_step: int, recompute: tuple[bool, ...]) -> list[Setting]:
@@ -498,7 +559,7 @@ def _run_plain(target: Target, stage, variant: str, args, device) -> Measured:
     """The bare loop at its best setting that fits: try settings best first, skipping CUDA OOM."""
     import torch
 
-    from src.bench.plain import prebuilt_batches, train_plain
+    from src.bench.plain import batch_rows, prebuilt_batches, train_plain
     from src.models.loader import model_family
     from src.training.run import load_wrapped_model, use_cudnn_attention
 
@@ -524,7 +585,12 @@ def _run_plain(target: Target, stage, variant: str, args, device) -> Measured:
                 )
 
             timer, utilisation, idle = _timed(args, variant, stage, target, train)
-            return Measured(setting, timer, utilisation, idle, tried)
+            rows = batch_rows(len(target.dataset), setting.micro_batch)  # cycled, a micro-batch at a time
+            micro_steps = range(
+                args.warmup * setting.grad_accum, (args.warmup + args.steps) * setting.grad_accum
+            )
+            timed = [i for step in micro_steps for i in rows[step % len(rows)]]
+            return Measured(setting, timer, utilisation, idle, tried, timed)
         except torch.cuda.OutOfMemoryError:
             log.info("%s %s: %s ran out of memory; trying the next", stage.name, variant, setting.label())
             tried.append(setting.label())
@@ -535,13 +601,14 @@ def _run_plain(target: Target, stage, variant: str, args, device) -> Measured:
 
 
 def _predicted_and_flops(
-    target: Target, stage, variant, setting: Setting, step_s, samples_per_step, env
+    target: Target, stats: dict, stage, measured: Measured, variant, step_s, samples_per_step, env
 ) -> dict:
-    """The planner's peak for this row's micro-batch, and the model FLOPs of a step behind MFU."""
+    """The planner's peak for this row's micro-batch (and 4-bit weights dequantized once or not, as the row
+    ran), and the model FLOPs of a step behind MFU, for samples as `stats` has them (timed_stats)."""
     from src.bench.measure import step_flops
     from src.planning.memory import estimate_stage_memory
 
-    stats = target.stats
+    setting = measured.setting
     patches = round(stats["patches"])
     text = round(stats["tokens"] - patches // 4)
     estimate = estimate_stage_memory(
@@ -553,6 +620,7 @@ def _predicted_and_flops(
         setting.checkpointing,
         compiled=setting.compile,
         offloaded=VARIANTS.get(variant, {}).get("offload_activations", False),
+        dequantized=measured.dequantized,
     )
     flops = step_flops(target.flop_shape, stage, samples_per_step, patches, text, stats["labels"])
     return {

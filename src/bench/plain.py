@@ -3,24 +3,35 @@
 The same model (loaded as the recipe loads it), the same LoRA and freeze policy, bf16 autocast,
 fused AdamW on GPUs, and a bare forward/backward/step loop over micro-batches built once and kept on
 the device, so it never waits for data; gradient accumulation to the same samples per optimizer
-step as the core. Recompute (gradient checkpointing) is a parameter: the benchmark searches for the
-loop's own best setting that fits the card (src/bench/__main__.py, `_run_plain`). Nothing of the
-training core's speed work.
+step as the core. The micro-batches take the data set's samples in file order, as a user's own loop
+over the data would: on images of mixed sizes (`python -m src.bench --image-sizes mixed`) they mix
+sizes as they come, where the core groups them (src/training/size_groups.py). Recompute (gradient
+checkpointing) is a parameter: the benchmark searches for the loop's own best setting that fits the
+card (src/bench/__main__.py, `_run_plain`). Nothing of the training core's speed work.
 """
 
 from __future__ import annotations
 
+PREBUILT_BATCHES = 4
 
-def prebuilt_batches(dataset, processor, batch_size: int, device: str, count: int = 4) -> list[dict]:
+
+def prebuilt_batches(
+    dataset, processor, batch_size: int, device: str, count: int = PREBUILT_BATCHES
+) -> list[dict]:
     """`count` batches collated once by the training collator and moved to the device."""
     from src.data.collators import AssistantOnlyCollator
 
     collate = AssistantOnlyCollator(processor)
     batches = []
-    for index in range(count):
-        rows = [dataset[(index * batch_size + i) % len(dataset)] for i in range(batch_size)]
-        batches.append({key: value.to(device) for key, value in collate(rows).items()})
+    for rows in batch_rows(len(dataset), batch_size, count):
+        collated = collate([dataset[i] for i in rows])
+        batches.append({key: value.to(device) for key, value in collated.items()})
     return batches
+
+
+def batch_rows(dataset_size: int, batch_size: int, count: int = PREBUILT_BATCHES) -> list[list[int]]:
+    """The samples of each prebuilt batch: the data set's first ones in file order (wrapping round)."""
+    return [[(index * batch_size + i) % dataset_size for i in range(batch_size)] for index in range(count)]
 
 
 def set_recompute(model, checkpointing: bool) -> None:

@@ -82,6 +82,7 @@ COLUMNS = (
     ("GPU busy %", "gpu_util_pct"),
     ("compile s", "compile_s"),
     ("recompiles", "recompiles"),
+    ("one-size micro-batches %", "uniform_micro_batches_pct"),  # images of one size: the batched vision path
 )
 
 
@@ -96,6 +97,8 @@ def render_table(report: dict) -> str:
         f"{env['bf16_peak_tflops']} TFLOP/s, {env['date']}, "
         + ", ".join(f"{k} {v}" for k, v in env["versions"].items()),
         "",
+        image_sizes_line(env, rows),
+        "",
         "| " + " | ".join(name for name, _ in COLUMNS) + " |",
         "|" + " --- |" * len(COLUMNS),
     ]
@@ -109,6 +112,16 @@ def render_table(report: dict) -> str:
             lines.append(f"\n{r['shape']} {r['recipe']} {r['variant']}: skipped ({r['skipped']})")
     lines += candidates_table(rows) + end_to_end_table(report.get("end_to_end") or [])
     return "\n".join(lines)
+
+
+def image_sizes_line(env: dict, rows: list[dict]) -> str:
+    """Which images the rows trained on: --image-sizes, and each shape's sizes with their counts."""
+    sizes: dict[str, str] = {}
+    for r in rows:
+        found = r.get("image_sizes") or {}
+        sizes.setdefault(r["shape"], ", ".join(f"{size} x {count}" for size, count in found.items()))
+    each = "; ".join(f"{shape}: {listed}" for shape, listed in sizes.items() if listed)
+    return f"Images: {env.get('image_sizes', 'one')}" + (f" ({each})" if each else "")
 
 
 def candidates_table(rows: list[dict]) -> list[str]:

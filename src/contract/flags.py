@@ -215,6 +215,18 @@ FLAGS: tuple[Flag, ...] = (
         run_option=True,
     ),
     Flag(
+        "--group-by-size",
+        "draw each micro-batch from images of one size (one number of vision patches) where the data "
+        "set mixes sizes, so the vision tower attends in one batched call: the shuffled order is sorted by "
+        "size within windows of up to 50 optimizer steps, as transformers' group_by_length does for text; "
+        "every image once an epoch, the same samples a step (auto: on a GPU when the training images are "
+        "of more than one size; a data set of one size keeps the plain shuffled order either way)",
+        default="auto",
+        choices=ON_OFF_AUTO,
+        passed=True,
+        run_option=True,
+    ),
+    Flag(
         "--offload-activations",
         "with recompute (implied): the checkpointed blocks' inputs wait in pinned host "
         "memory, copied on a side stream while the GPU computes. For the least GPU memory at a larger "

@@ -21,6 +21,7 @@ from src.planning.parameters import (
     ModelShape,
     deepstack_params,
     llm_layer_counts,
+    lora_targets,
     parameter_counts,
 )
 from src.recipes import TrainingRecipe
@@ -35,16 +36,25 @@ from src.recipes import TrainingRecipe
 LAUNCH_S_PER_REGION = 0.31 / 60  # per decoder layer or vision block, forward + backward, one micro-batch
 EFFECTIVE_TFLOPS = 350.0  # the marginal rate of a 7B r4 sample on an H200 (44% of the measured 790 peak)
 RECOMPUTE_FACTOR = 1.67  # a step with gradient checkpointing against one without, same micro-batch
-# Regional compilation fuses each layer's small kernels and the elementwise work around the GEMMs: both terms
-# shrink. Refitted 2026-12-01 (seventh session) on the compiled rows measured on H200s, 16 samples a step
-# (docs/benchmarks.md; tests/unit/src/planning/test_memory.py lists them): 7B r1, r2, r4 at 16x1, r4 at 8x2,
-# r4 with recompute at 16x1 and 4x4; 2B r1, r2, r3, r4 at 16x1. A launch term of 0.58 x the eager one and 465
-# TFLOP/s put every row within 26%, where the eager constants above predicted the 7B rows up to 73% high. One
-# rate cannot fit both shapes closer: 2B runs at a lower share of the peak (smaller GEMMs), so its rows come
-# out 2-25% low and 7B's up to 26% high. Compile time (126 s cold) is not in a step: the worker's --compile
-# auto weighs it.
-COMPILE_LAUNCH_FACTOR = 0.58
-COMPILED_EFFECTIVE_TFLOPS = 465.0
+# Regional compilation fuses each layer's small kernels and the elementwise work around the GEMMs, so a
+# compiled micro-batch has its own model, by part: a fixed cost a decoder layer, one a LoRA-wrapped linear
+# (LLM and tower apart: LoRA's dropout, two small matmuls and the add, forward and backward), and the FLOPs
+# of the LLM and of the tower at two rates. Fitted 2026-12-07 (tenth session), least squares on relative
+# error, on the 15 compiled rows measured at 16 samples a step (tests/unit/src/planning/test_memory.py lists
+# them): H200, Qwen2-VL 7B r1, r2 (twice), r4 at 16x1, r4 at 8x2, r4 with recompute at 16x1 and 4x4, 2B r1,
+# r2, r3, r4 at 16x1; H100, Qwen3-VL-8B r1, r2, r3, r4 at 8x2. Every row within 10.3%; left out one at a
+# time, each is predicted within 12%, except 7B r4 at 4x4 with recompute (+27%: the only row of four
+# micro-batches). What the parts say: r2's LLM (no LoRA) and r1's tower (forward only, no LoRA) are what
+# made one rate for everything predict r1 and r2 25-45% slow. The LLM's rate comes out at the card's peak
+# because the per-layer and per-LoRA costs hold the rest of its time; the tower's low rate is its narrow
+# GEMMs and fp32 norms. (The fit of 2026-12-01, 0.58 x the eager launch term and 465 TFLOP/s for
+# everything, put its H200 rows within 26%.) Compile time (126 s cold) is not in a step: the worker's
+# --compile auto weighs it.
+COMPILED_S_PER_LAYER = 2.84e-3  # a decoder layer, forward and backward, one micro-batch
+COMPILED_S_PER_LORA_LLM = 0.218e-3  # a LoRA-wrapped linear of the LLM
+COMPILED_S_PER_LORA_VISION = 0.028e-3  # a LoRA-wrapped linear of the vision tower
+COMPILED_LLM_TFLOPS = 796.0
+COMPILED_VISION_TFLOPS = 201.0
 OPTIMIZER_S = 0.01  # fused AdamW over the adapters, once per optimizer step
 # Activation offloading (with recompute): the copies run on a side stream, yet the step slowed by this
 # factor, measured once (7B r4, 8x2, compiled, H200, 2026-12-01 eighth session: 1.4174 s against 1.3200).
@@ -88,7 +98,14 @@ def compile_chosen(flag: str | bool | None, on_gpu: bool, steps: int) -> bool:
 
 
 def sample_flops(shape: ModelShape, stage: TrainingRecipe, image_patches: int, text_tokens: int) -> float:
-    """Model FLOPs of one sample, forward and backward (2 per weight per token; no recomputation).
+    """Model FLOPs of one sample, forward and backward (2 per weight per token; no recomputation)."""
+    return sum(flops_by_part(shape, stage, image_patches, text_tokens))
+
+
+def flops_by_part(
+    shape: ModelShape, stage: TrainingRecipe, image_patches: int, text_tokens: int
+) -> tuple[float, float]:
+    """(LLM and LM head, vision tower and mergers): model FLOPs of one sample, forward and backward.
 
     The gradient always flows back through the LLM (every recipe trains in or below it), through the
     vision tower only when it or the merger trains. LoRA's own weight gradients are under 1%.
@@ -109,8 +126,7 @@ def sample_flops(shape: ModelShape, stage: TrainingRecipe, image_patches: int, t
         + 2 * deepstack * merged
         + 4 * image_patches**2 * shape.vision_embed * shape.vision_depth
     )
-    backward = llm + head + (vision if vision_trains(stage) else 0)
-    return float(llm + head + vision + backward)
+    return float(2 * (llm + head)), float(vision * (2 if vision_trains(stage) else 1))
 
 
 def delta_rule_flops(shape: ModelShape, tokens: int) -> int:
@@ -142,27 +158,51 @@ def predict_step_seconds(
     counts only with recompute, as the worker offloads only then.
     """
     stages = recipe.stages or (recipe,)
-    launch = launch_seconds(shape, image_patches, text_tokens) * (COMPILE_LAUNCH_FACTOR if compiled else 1.0)
-    rate = (COMPILED_EFFECTIVE_TFLOPS if compiled else EFFECTIVE_TFLOPS) * 1e12
     total = 0.0
     for stage in stages:
-        compute = micro_batch * sample_flops(shape, stage, image_patches, text_tokens) / rate
-        micro = (launch + compute) * (RECOMPUTE_FACTOR if checkpointing else 1.0)
-        total += grad_accum * micro + OPTIMIZER_S
+        if compiled:
+            micro = compiled_micro_seconds(shape, stage, micro_batch, image_patches, text_tokens)
+        else:
+            flops = micro_batch * sample_flops(shape, stage, image_patches, text_tokens)
+            micro = launch_seconds(shape, image_patches, text_tokens) + flops / (EFFECTIVE_TFLOPS * 1e12)
+        total += grad_accum * micro * (RECOMPUTE_FACTOR if checkpointing else 1.0) + OPTIMIZER_S
     return total / len(stages) * (OFFLOAD_STEP_FACTOR if offloaded and checkpointing else 1.0)
+
+
+def compiled_micro_seconds(
+    shape: ModelShape, stage: TrainingRecipe, micro_batch: int, image_patches: int, text_tokens: int
+) -> float:
+    """One compiled micro-batch of a stage, forward and backward, without recompute (the COMPILED_* fit)."""
+    wrapped = lora_targets(shape, stage)
+    fixed = (
+        shape.layers * COMPILED_S_PER_LAYER
+        + len(wrapped.get("llm", {})) * shape.layers * COMPILED_S_PER_LORA_LLM
+        + len(wrapped.get("vision", {})) * shape.vision_depth * COMPILED_S_PER_LORA_VISION
+        + delta_seconds(shape, image_patches, text_tokens, COMPILED_S_PER_LAYER)
+    )
+    llm, vision = flops_by_part(shape, stage, image_patches, text_tokens)
+    compute = llm / (COMPILED_LLM_TFLOPS * 1e12) + vision / (COMPILED_VISION_TFLOPS * 1e12)
+    return fixed + micro_batch * compute
 
 
 def launch_seconds(shape: ModelShape, image_patches: int, text_tokens: int) -> float:
     """The fixed cost of one micro-batch: its decoder layers and vision blocks, and the Gated DeltaNet
     layers' own kernels, whose scan is a Python loop over the chunks of the (padded) sequence."""
     regions = shape.layers + shape.vision_depth
+    return regions * LAUNCH_S_PER_REGION + delta_seconds(
+        shape, image_patches, text_tokens, LAUNCH_S_PER_REGION
+    )
+
+
+def delta_seconds(shape: ModelShape, image_patches: int, text_tokens: int, per_layer: float) -> float:
+    """The Gated DeltaNet layers' own fixed cost (0 without them): their kernels before the scan, in decoder
+    layers of `per_layer` seconds, and the scan, a Python loop over the chunks of the (padded) sequence."""
     delta_layers = llm_layer_counts(shape).get(LINEAR_ATTENTION, 0)
     if not delta_layers:
-        return regions * LAUNCH_S_PER_REGION
+        return 0.0
     seq = image_patches // shape.merge_size**2 + text_tokens
     chunks = -(-seq // DELTA_CHUNK)
-    scan = delta_layers * chunks * DELTA_S_PER_CHUNK
-    return (regions + delta_layers * DELTA_EXTRA_REGIONS) * LAUNCH_S_PER_REGION + scan
+    return delta_layers * (DELTA_EXTRA_REGIONS * per_layer + chunks * DELTA_S_PER_CHUNK)
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,8 @@
 """Which speed and memory levers a stage uses: compilation, recompute, 4-bit weights dequantized once, the
-vision attention path, positions on the host, how often the loss is read. Each `resolve_*` applies the
-flag as asked, else its rule for "auto" (the planner's where memory decides, measured gains elsewhere);
-src/training/run.py's prepare_stage asks them in turn. docs/benchmarks.md has what each lever bought.
+vision attention path, positions on the host, how often the loss is read, micro-batches grouped by image
+size. Each `resolve_*` applies the flag as asked, else its rule for "auto" (the planner's where memory
+decides, measured gains elsewhere); src/training/run.py's prepare_stage asks them in turn.
+docs/benchmarks.md has what each lever bought.
 """
 
 from __future__ import annotations
@@ -32,6 +33,17 @@ def resolve_vision_varlen(opts: RunOptions, compile_on: bool) -> bool:
     if opts.device != "cuda":
         return False
     return compile_on if opts.vision_varlen_attention is None else opts.vision_varlen_attention
+
+
+def resolve_group_by_size(opts: RunOptions, image_keys) -> bool:
+    """Whether micro-batches are drawn from images of one size (src/training/size_groups.py): as asked; for
+    "auto", on a GPU when the training images are of more than one size (`image_keys()`: each sample's
+    vision patches, read from the files' headers only then). The batched vision attention that uniform
+    micro-batches allow is a GPU path; on the CPU, and on data of one size, the order stays the plain
+    shuffled one."""
+    if opts.group_by_size is not None:
+        return opts.group_by_size
+    return opts.device == "cuda" and len(set(image_keys())) > 1
 
 
 GPU_LOGGING_STEPS = 10  # TRL's default interval too

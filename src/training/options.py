@@ -52,6 +52,9 @@ class RunOptions:
     max_pixels: int | None = None
     compile: bool | None = None  # torch.compile the model's repeated regions; None: resolve_compile decides
     compile_quantized: bool = False  # compile 4-bit (QLoRA) decoder layers too (compile.py says why not)
+    # Micro-batches drawn from images of one size (src/training/size_groups.py). None: on a GPU when the
+    # training images are of more than one size (levers.resolve_group_by_size).
+    group_by_size: bool | None = None
     # What recompute keeps (the blocks' inputs) waits in host memory (offload.py); implies recompute.
     offload_activations: bool = False
     # 4-bit (QLoRA) weights dequantized once and kept in bf16 (src/models/dequantize.py); None: where the

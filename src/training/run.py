@@ -179,6 +179,8 @@ class PreparedStage:
     skipped_records: int
     reporter: ProgressCallback
     family: str = "qwen2_vl"
+    # size_groups.SizeGroupedSampler where the stage draws micro-batches of one image size, else None
+    size_sampler: object | None = None
 
 
 def load_wrapped_model(stage, model_id: str, device: str, family: str):
@@ -307,6 +309,7 @@ def prepare_stage(
     from src.models.loader import load_processor, model_family
     from src.models.vision_attention import use_varlen_vision_attention
     from src.training.host_positions import RopePositions, language_backbone, vision_lengths_on_host
+    from src.training.size_groups import size_sampler_for, sized_trainer
 
     set_seed(opts.seed)  # before LoRA init, so the same seed gives the same adapter
     processor = load_processor(model_id, opts.min_pixels, opts.max_pixels)
@@ -374,7 +377,9 @@ def prepare_stage(
         logging_steps=levers.resolve_logging_steps(opts),
     )
     reporter = ProgressCallback(recipe_name, stage.name, opts.output_dir / "loss_history.jsonl")
-    trainer = SFTTrainer(
+    size_sampler = size_sampler_for(stage.name, opts, dataset, processor)  # None: the plain shuffle
+    trainer_class = SFTTrainer if size_sampler is None else sized_trainer(SFTTrainer, size_sampler)
+    trainer = trainer_class(
         model=model,
         args=create_training_config(settings),
         train_dataset=dataset,
@@ -393,7 +398,7 @@ def prepare_stage(
         args.gradient_accumulation_steps,
         args.world_size,
     )
-    return PreparedStage(trainer, model, processor, dict(trainable), skipped, reporter, family)
+    return PreparedStage(trainer, model, processor, dict(trainable), skipped, reporter, family, size_sampler)
 
 
 def use_cudnn_attention(enabled: bool) -> None:

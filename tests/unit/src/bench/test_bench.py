@@ -94,10 +94,62 @@ def test_the_ladder_switches_one_lever_on_at_a_time():
     assert ladder == ["plain", "plain-recompute", *LADDER, "fast+compile"]
 
 
+@pytest.mark.slow
+def test_mixed_image_sizes_run_the_bare_loop_in_file_order_beside_the_core(tmp_path):
+    """`--image-sizes mixed`: COCO's sizes in turn, recorded in bench.json, bench.md and synthetic.json; the
+    bare loop's micro-batches take the files in order, so they mix sizes (the core groups them on GPUs)."""
+    from src.fixtures.synthetic import COCO_SIZES, SETTINGS_FILE
+
+    out, work = tmp_path / "out", tmp_path / "work"
+    argv = ["--shape", "tiny", "--cpu", "--image-sizes", "mixed", "--steps", "2", "--warmup", "1"]
+    argv += ["--recipes", "r4", "--variants", "plain,fast,fast-ungrouped", "--samples-per-step", "4"]
+    argv += ["--work", str(work), "--out", str(out)]
+    done = subprocess.run([sys.executable, "-m", "src.bench", *argv], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    report = json.loads((out / "bench.json").read_text())
+    assert report["environment"]["image_sizes"] == "mixed"
+    rows = {row["variant"]: row for row in report["rows"]}
+    assert list(rows) == ["plain", "fast", "fast-ungrouped"] and all(r["step_s"] for r in rows.values())
+    coco = {f"{w}x{h}" for w, h in COCO_SIZES}
+    assert all(set(row["image_sizes"]) == coco for row in rows.values())
+    assert rows["plain"]["uniform_micro_batches_pct"] == 0.0  # file order: every micro-batch mixes sizes
+    assert all(row["patches_per_sample"] > 0 for row in rows.values())
+    assert "Images: mixed (tiny: 640x480 x " in (out / "bench.md").read_text()
+    (data,) = work.glob("data-coco-sizes-*")
+    assert json.loads((data / SETTINGS_FILE).read_text())["sizes"] == [list(size) for size in COCO_SIZES]
+
+
+def test_a_rows_tokens_come_from_the_images_its_timed_steps_took():
+    """The grouped order takes a window's largest images first: the row counts those, not the data's mean."""
+    from types import SimpleNamespace
+
+    from src.bench.__main__ import timed_stats, uniform_pct
+
+    stats = {"tokens": 100.0 + 1200 / 4, "patches": 1200.0, "labels": 20.0}  # 100 text tokens a sample
+    target = SimpleNamespace(stats=stats, patch_keys=[1936, 1936, 936, 936])
+    assert timed_stats(target, [0, 1]) == {"tokens": 100 + 1936 / 4, "patches": 1936, "labels": 20.0}
+    assert timed_stats(target, None) is stats
+    assert uniform_pct(target.patch_keys, [0, 1, 2, 3], 2) == 100.0
+    assert uniform_pct(target.patch_keys, [0, 2, 1, 3], 2) == 0.0
+
+
+def test_mixed_sizes_bring_enough_images_for_the_samplers_longest_windows():
+    from types import SimpleNamespace
+
+    from src.bench.targets import synthetic_images
+    from src.training.size_groups import WINDOW_STEPS
+
+    one = SimpleNamespace(samples_per_step=16, warmup=3, steps=8, image_sizes="one")
+    mixed = SimpleNamespace(**{**vars(one), "image_sizes": "mixed"})
+    assert synthetic_images(mixed) == 4 * WINDOW_STEPS * 16 > synthetic_images(one)
+
+
 @pytest.mark.parametrize(
     "argv, wanted",
     [
         ([], "give --shape"),
+        (["--model-id", "m", "--dataset", "d", "--image-sizes", "mixed"], "--image-sizes sets the synthetic"),
         (["--shape", "tiny", "--variants", "plain,turbo"], "--variants: unknown ['turbo']"),
         (["--shape", "tiny", "--recipes", "r9"], "--recipes"),
         (["--shape", "tiny", "--steps", "0"], "--steps 0"),
@@ -169,10 +221,12 @@ def _report(rows: list[dict], end_to_end=()) -> dict:
 
 
 def test_table_compares_with_the_plain_row_of_the_same_recipe():
-    rows = [_row("plain", 1000.0), _row("fast+compile", 2500.0, compile=True, compile_s=40.1, recompiles=3)]
-    table = render_table(_report(rows))
+    fast = _row(
+        "fast+compile", 2500.0, compile=True, compile_s=40.1, recompiles=3, uniform_micro_batches_pct=93.8
+    )
+    table = render_table(_report([_row("plain", 1000.0), fast]))
     assert "| 7b | r4-joint | fast+compile | 8x2 | off | on | 0.5 | - | 2500.0 | 32.0 | 2.50 |" in table
-    assert table.rstrip().endswith("| 40.1 | 3 |")
+    assert table.rstrip().endswith("| 40.1 | 3 | 93.8 |")  # the share of micro-batches of one image size
 
 
 def test_rounds_make_one_row_at_the_median_step_time_and_the_worst_peak():

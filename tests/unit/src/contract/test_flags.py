@@ -57,6 +57,19 @@ def test_the_worker_builds_run_options_from_its_flags_by_the_table(tmp_path):
     assert (opts.output_dir, opts.device) == (tmp_path, "cpu")
 
 
+@pytest.mark.parametrize(
+    "given, wanted", [([], None), (["--group-by-size", "on"], True), (["--group-by-size", "off"], False)]
+)
+def test_group_by_size_is_auto_unless_given_and_reaches_run_options(tmp_path, given, wanted):
+    from src.training.worker import run_options
+
+    args = worker_parser().parse_args(["--recipe", "r4", *given])
+    assert run_options(args, "cuda", tmp_path, wandb_on=False).group_by_size is wanted
+    if given:  # recipe-run passes it through to every worker as given
+        parsed = launch_parser().parse_args(["--recipes", "r4", *given])
+        assert TrainFlags.from_args(parsed).argv() == given
+
+
 def test_train_flags_pass_to_the_worker_as_the_worker_reads_them():
     given = TrainFlags(
         max_steps=5,
@@ -108,7 +121,8 @@ def test_recipe_run_and_the_worker_refuse_a_bad_value_with_the_same_words(tmp_pa
 
 
 @pytest.mark.parametrize(
-    "literal", ['"--offload-activations"', '"--max-pixels"', '"--compile"', '"--dequantize-once"']
+    "literal",
+    ['"--offload-activations"', '"--max-pixels"', '"--compile"', '"--dequantize-once"', '"--group-by-size"'],
 )
 def test_a_flag_name_is_written_in_one_source_file(literal):
     sources = [p for folder in ("recipe_runner", "src", "scripts") for p in (REPO / folder).rglob("*.py")]

@@ -26,6 +26,7 @@ from src.planning.memory import (
 )
 from src.planning.parameters import ModelShape, lora_parameters, lora_targets, parameter_counts
 from src.planning.pixels import image_grid, limits_from_config
+from src.planning.shapes import QWEN3_VL_8B_CONFIG
 from src.planning.step_time import predict_step_seconds, rank_settings
 from src.recipes import RECIPES
 
@@ -181,8 +182,10 @@ def test_step_time_grows_with_recompute_and_accumulation_and_shrinks_when_compil
     assert abs(step(micro=16, accum=1, ckpt=True) - 1.853) / 1.853 < 0.10
 
 
-# Compiled steps measured on H200s, 16 samples a step (docs/benchmarks.md, 2026-11-30 to 2026-12-01):
-# (shape, recipe, micro-batch, accumulation, recompute, seconds).
+# Compiled steps measured at 16 samples a step (docs/benchmarks.md): on H200s, Qwen2-VL at 644x476 images
+# (2026-11-30 to 2026-12-01); on one H100, Qwen3-VL-8B at 8 x 2 (2026-12-07: 1,200 patches, ~100 text
+# tokens). (shape, recipe, micro-batch, accumulation, recompute, seconds). The COMPILED_* constants of
+# src/planning/step_time.py were fitted on these rows.
 COMPILED_STEPS = (
     ("7b", "r1-llm-only", 16, 1, False, 0.5695),
     ("7b", "r2-vision-only", 16, 1, False, 0.726),
@@ -195,15 +198,23 @@ COMPILED_STEPS = (
     ("2b", "r2-vision-only", 16, 1, False, 0.533),
     ("2b", "r3-two-stage", 16, 1, False, (0.5647 + 0.3811) / 2),  # a chain: the mean of its stages
     ("2b", "r4-joint", 16, 1, False, 0.605),
+    ("qwen3-vl-8b", "r1-llm-only", 8, 2, False, 0.666),
+    ("qwen3-vl-8b", "r2-vision-only", 8, 2, False, 0.6765),
+    ("qwen3-vl-8b", "r3-two-stage", 8, 2, False, (0.6478 + 0.6809) / 2),
+    ("qwen3-vl-8b", "r4-joint", 8, 2, False, 0.8531),
 )
 
 
-def test_compiled_step_times_are_predicted_within_a_quarter_of_what_was_measured():
-    for shape, recipe, micro, accum, ckpt, measured in COMPILED_STEPS:
+def test_compiled_step_times_are_predicted_within_15_percent_of_what_was_measured():
+    for name, recipe, micro, accum, ckpt, measured in COMPILED_STEPS:
+        if name == "qwen3-vl-8b":
+            shape, patches, text = ModelShape.from_config(QWEN3_VL_8B_CONFIG), 1200, 100
+        else:
+            shape, patches, text = published_shape(name), PATCHES_644x476, TEXT_TOKENS
         predicted = predict_step_seconds(
-            published_shape(shape), RECIPES[recipe], micro, accum, PATCHES_644x476, 88, ckpt, compiled=True
+            shape, RECIPES[recipe], micro, accum, patches, text, ckpt, compiled=True
         )
-        assert abs(predicted - measured) / measured < 0.27, (shape, recipe, micro, ckpt, predicted, measured)
+        assert abs(predicted - measured) / measured < 0.15, (name, recipe, micro, ckpt, predicted, measured)
 
 
 def test_the_fastest_fitting_setting_comes_first():
@@ -337,11 +348,10 @@ QWEN3_SIZES = {
 QWEN3_HEAD_DIM, DEEPSTACK_AFTER = 24, [0, 1]
 
 
-def tiny_config(family, hidden, inter, layers, heads, kv_heads, depth, embed, vision_heads):
-    if family.startswith("qwen3"):
-        return tiny_qwen3_config(family, hidden, inter, layers, heads, kv_heads, depth, embed, vision_heads)
-    half = hidden // heads // 2
-    text = {
+def text_config(hidden, inter, layers, heads, kv_heads, rotary_half, **extra) -> dict:
+    """A tiny LLM's text_config, its M-RoPE sections splitting `rotary_half` frequencies (t, h, w)."""
+    third = rotary_half // 3
+    return {
         "vocab_size": VOCAB,
         "hidden_size": hidden,
         "intermediate_size": inter,
@@ -351,9 +361,16 @@ def tiny_config(family, hidden, inter, layers, heads, kv_heads, depth, embed, vi
         "rope_parameters": {
             "rope_type": "default",
             "rope_theta": 1e4,
-            "mrope_section": [half - 2 * (half // 3), half // 3, half // 3],
+            "mrope_section": [rotary_half - 2 * third, third, third],
         },
+        **extra,
     }
+
+
+def tiny_config(family, hidden, inter, layers, heads, kv_heads, depth, embed, vision_heads):
+    if family.startswith("qwen3"):
+        return tiny_qwen3_config(family, hidden, inter, layers, heads, kv_heads, depth, embed, vision_heads)
+    text = text_config(hidden, inter, layers, heads, kv_heads, rotary_half=hidden // heads // 2)
     if family == "qwen2_vl":
         from transformers import Qwen2VLConfig as Config
 
@@ -381,21 +398,8 @@ def tiny_config(family, hidden, inter, layers, heads, kv_heads, depth, embed, vi
 def tiny_qwen3_config(family, hidden, inter, layers, heads, kv_heads, depth, embed, vision_heads):
     """A tiny Qwen3-VL or Qwen3.5 config (patch 16), its LLM heads QWEN3_HEAD_DIM wide."""
     rotary_half = QWEN3_HEAD_DIM // (2 if family == "qwen3_vl" else 8)  # Qwen3.5 rotates a quarter
-    text = {
-        "vocab_size": VOCAB,
-        "hidden_size": hidden,
-        "intermediate_size": inter,
-        "num_hidden_layers": layers,
-        "num_attention_heads": heads,
-        "num_key_value_heads": kv_heads,
-        "head_dim": QWEN3_HEAD_DIM,
-        "rope_parameters": {
-            "rope_type": "default",
-            "rope_theta": 1e4,
-            "mrope_section": [rotary_half - 2 * (rotary_half // 3), rotary_half // 3, rotary_half // 3],
-            "mrope_interleaved": True,
-        },
-    }
+    text = text_config(hidden, inter, layers, heads, kv_heads, rotary_half, head_dim=QWEN3_HEAD_DIM)
+    text["rope_parameters"]["mrope_interleaved"] = True
     vision = {
         "depth": depth,
         "hidden_size": embed,
