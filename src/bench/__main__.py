@@ -83,7 +83,7 @@ from pathlib import Path
 from src.bench.end_to_end import end_to_end
 from src.bench.measure import mfu_pct, peak_gib, release_gpu_memory, round_or_none
 from src.bench.tables import combine_rounds, render_table, write_results
-from src.bench.targets import IMAGE_SIZES, PROFILED_STEPS, Target, targets
+from src.bench.targets import IMAGE_SIZES, PROFILED_STEPS, Target, targets, timed_stats, uniform_pct
 from src.recipes import resolve_recipe
 
 log = logging.getLogger("bench")
@@ -528,24 +528,6 @@ def _run_core(target: Target, stage, variant: str, setting: Setting, args, devic
     per_step = setting.micro_batch * setting.grad_accum
     timed = order[args.warmup * per_step : (args.warmup + args.steps) * per_step]
     return Measured(setting, timer, utilisation, idle, timed_rows=timed, dequantized=dequantized[0])
-
-
-def uniform_pct(keys: list[int], rows: list[int] | None, micro_batch: int) -> float | None:
-    """The share of micro-batches (`rows` cut as the trainer cuts them) whose images are of one size."""
-    from src.training.size_groups import uniform_micro_batches
-
-    uniform, total = uniform_micro_batches(keys, rows or [], micro_batch)
-    return round(100 * uniform / total, 1) if total else None
-
-
-def timed_stats(target: Target, rows: list[int] | None) -> dict:
-    """Mean tokens, image patches and label tokens a sample of the timed steps: the data's mean text and
-    labels (sample_stats), with the image patches of the samples those steps took."""
-    if not rows:
-        return target.stats
-    patches = sum(target.patch_keys[i] for i in rows) / len(rows)
-    text = target.stats["tokens"] - target.stats["patches"] / 4  # an LLM token covers 2x2 patches
-    return {**target.stats, "patches": patches, "tokens": text + patches / 4}
 
 
 def plain_search_order(samples_per_step: int, recompute: tuple[bool, ...]) -> list[Setting]:

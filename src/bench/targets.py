@@ -47,15 +47,16 @@ class Target:
         from src.data.dataset import build_dataset
         from src.models.loader import load_processor, model_family
         from src.planning.parameters import ModelShape
-        from src.training.memory import image_patches, largest_sample
+        from src.training.memory import image_patches, largest_sample, sample_image_sizes
 
         processor = load_processor(str(model_dir))
         dataset, _ = build_dataset(str(data_dir), "train", model_family(str(model_dir)), processor)
         stats = sample_stats(dataset, processor)
         shapes = ModelShape.from_model_dir(model_dir), FlopShape.from_model_dir(model_dir)
         largest = largest_sample(dataset, processor)
-        keys, sizes = image_patches(dataset, processor), image_size_counts(dataset)
-        return cls(label, model_dir, data_dir, dataset, processor, stats, *shapes, largest, keys, sizes)
+        sizes = sample_image_sizes(dataset)  # every file's header read once, for both
+        keys, counts = image_patches(dataset, processor, sizes), image_size_counts(sizes)
+        return cls(label, model_dir, data_dir, dataset, processor, stats, *shapes, largest, keys, counts)
 
 
 def targets(args, device: str):
@@ -112,15 +113,12 @@ def _synthetic_data(work: Path, images: int, mixed: bool = False) -> Path:
     return data
 
 
-def image_size_counts(dataset, listed: int = LISTED_SIZES) -> dict[str, int]:
-    """{"WxH": images} of the data set, most frequent first: `listed` sizes, the rest as "other"."""
+def image_size_counts(sizes: list[list[tuple[int, int]]], listed: int = LISTED_SIZES) -> dict[str, int]:
+    """{"WxH": images} of the samples' image sizes, most frequent first: `listed` sizes, the rest as
+    "other"."""
     from collections import Counter
 
-    from src.training.memory import image_size
-
-    counts = Counter(
-        "{}x{}".format(*image_size(image)) for images in dataset["images"] for image in images or []
-    )
+    counts = Counter(f"{width}x{height}" for sample in sizes for width, height in sample)
     ranked = counts.most_common()
     kept = dict(ranked[:listed])
     if rest := sum(count for _, count in ranked[listed:]):
@@ -141,3 +139,21 @@ def sample_stats(dataset, processor, count: int = SAMPLE_STATS_SAMPLES) -> dict:
         "patches": float(grid.prod(-1).sum()) / count,
         "labels": float((batch["labels"] != -100).sum()) / count,
     }
+
+
+def uniform_pct(keys: list[int], rows: list[int] | None, micro_batch: int) -> float | None:
+    """The share of micro-batches (`rows` cut as the trainer cuts them) whose images are of one size."""
+    from src.training.size_groups import uniform_micro_batches
+
+    uniform, total = uniform_micro_batches(keys, rows or [], micro_batch)
+    return round(100 * uniform / total, 1) if total else None
+
+
+def timed_stats(target: Target, rows: list[int] | None) -> dict:
+    """Mean tokens, image patches and label tokens a sample of the timed steps: the data's mean text and
+    labels (sample_stats), with the image patches of the samples those steps took."""
+    if not rows:
+        return target.stats
+    patches = sum(target.patch_keys[i] for i in rows) / len(rows)
+    text = target.stats["tokens"] - target.stats["patches"] / 4  # an LLM token covers 2x2 patches
+    return {**target.stats, "patches": patches, "tokens": text + patches / 4}

@@ -97,14 +97,12 @@ def family_problem(model_type: str | None) -> str | None:
     return f"model_type {model_type!r} is not a model recipe-runner trains; {supported}"
 
 
+PART_TARGETS = {"vision": VISION_LORA_TARGETS, "merger": MERGER_LORA_TARGETS, "llm": LLM_TARGETS}
+
+
 def default_targets(part: str, family: str) -> tuple[str, ...]:
     """The linear layers LoRA targets in one part of one family when the recipe names none."""
-    tables: dict[str, dict[str, tuple[str, ...]]] = {
-        "vision": VISION_LORA_TARGETS,
-        "merger": MERGER_LORA_TARGETS,
-        "llm": LLM_TARGETS,
-    }
-    return tables[part][family]
+    return PART_TARGETS[part][family]
 
 
 def target_regex(parts: set[str], family: str, names: tuple[str, ...] | None = None) -> str:

@@ -87,13 +87,10 @@ from src.planning.parameters import (
     vision_linears,
 )
 from src.planning.pixels import (
-    DEFAULT_MAX_PIXELS,
-    DEFAULT_MIN_PIXELS,
     image_grid,
     limits_from_config,
-    limits_of_preprocessor,
-    pixel_limits,
 )
+from src.planning.shapes import PUBLISHED_NAMES, published_shape
 from src.recipes import RECIPES, TrainingRecipe
 
 GIB = 2**30
@@ -660,37 +657,13 @@ def choose_dequantized(
     return stage.total <= headroom * capacity_bytes
 
 
-def _qwen2_vl_shape(name: str) -> tuple[ModelShape, tuple[int, int]]:
-    from src.planning.shapes import SHAPES, VISION  # torch-free at import
-
-    config = {**SHAPES[name], "model_type": "qwen2_vl", "vision_config": VISION}
-    return ModelShape.from_config(config), (DEFAULT_MIN_PIXELS, DEFAULT_MAX_PIXELS)
-
-
-def _qwen3_vl_8b_shape() -> tuple[ModelShape, tuple[int, int]]:
-    """Qwen3-VL-8B-Instruct, its images capped as training caps them (1280 tokens of 32 x 32 pixels)."""
-    from src.planning.shapes import QWEN3_VL_8B_CONFIG, QWEN3_VL_PREPROCESSOR
-
-    shape = ModelShape.from_config(QWEN3_VL_8B_CONFIG)
-    factor = shape.patch_size * shape.merge_size
-    return shape, pixel_limits(limits_of_preprocessor(QWEN3_VL_PREPROCESSOR), factor=factor)
-
-
-# --shape NAME: (shape, pixel limits) of a published model
-PUBLISHED_SHAPES = {
-    "2b": lambda: _qwen2_vl_shape("2b"),
-    "7b": lambda: _qwen2_vl_shape("7b"),
-    "qwen3-vl-8b": _qwen3_vl_8b_shape,
-}
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m src.planning.memory", description=__doc__.splitlines()[0]
     )
     where = parser.add_mutually_exclusive_group(required=True)
     where.add_argument("--model-dir", help="a model directory (config.json, preprocessor_config.json)")
-    where.add_argument("--shape", choices=tuple(PUBLISHED_SHAPES), help="a published model's shape")
+    where.add_argument("--shape", choices=PUBLISHED_NAMES, help="a published model's shape")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--width", type=int, default=644)
     parser.add_argument("--height", type=int, default=476)
@@ -699,7 +672,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.model_dir:
         shape, limits = ModelShape.from_model_dir(args.model_dir), limits_from_config(args.model_dir)
     else:
-        shape, limits = PUBLISHED_SHAPES[args.shape]()
+        shape, limits = published_shape(args.shape)
     patches, _ = image_grid(args.width, args.height, *limits, shape.patch_size, shape.merge_size)
     for key, recipe in RECIPES.items():
         for checkpointing in (True, False):

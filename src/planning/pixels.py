@@ -111,7 +111,13 @@ def patch_geometry(model_dir) -> tuple[int, int]:
     return int(patch), int(merge)
 
 
+def geometry_of_processor(processor) -> tuple[int, int]:
+    """(patch_size, merge_size) of a loaded processor (Qwen2-VL's 14 and 2 where it does not say)."""
+    image_processor = processor.image_processor
+    return getattr(image_processor, "patch_size", 14), getattr(image_processor, "merge_size", 2)
+
+
 def factor_of_processor(processor) -> int:
     """The resize factor (patch_size x merge_size) of a loaded processor."""
-    image_processor = processor.image_processor
-    return getattr(image_processor, "patch_size", 14) * getattr(image_processor, "merge_size", 2)
+    patch, merge = geometry_of_processor(processor)
+    return patch * merge

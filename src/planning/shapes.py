@@ -1,5 +1,6 @@
-"""The published Qwen2-VL 2B and 7B shapes, as config values (torch-free): what the planner's own CLI,
-the benchmark and the random-weight models of src/fixtures/shapes.py are built from.
+"""The published Qwen2-VL 2B and 7B and Qwen3-VL 8B shapes, as config values (torch-free): what the
+planner's own CLI, the benchmark and the random-weight models of src/fixtures/shapes.py are built from;
+`published_shape(name)` gives one as the planner sees it.
 """
 
 from __future__ import annotations
@@ -96,3 +97,25 @@ QWEN3_VL_PREPROCESSOR = {
     "image_mean": [0.5, 0.5, 0.5],
     "image_std": [0.5, 0.5, 0.5],
 }
+
+
+PUBLISHED_NAMES = ("2b", "7b", "qwen3-vl-8b")
+
+
+def published_shape(name: str):
+    """(ModelShape, (min, max) pixels) of a published model: its images capped as training caps them
+    (1280 image tokens; Qwen2-VL's shapes keep Qwen's default limits)."""
+    from src.planning.parameters import ModelShape
+    from src.planning.pixels import (
+        DEFAULT_MAX_PIXELS,
+        DEFAULT_MIN_PIXELS,
+        limits_of_preprocessor,
+        pixel_limits,
+    )
+
+    if name == "qwen3-vl-8b":
+        shape = ModelShape.from_config(QWEN3_VL_8B_CONFIG)
+        factor = shape.patch_size * shape.merge_size
+        return shape, pixel_limits(limits_of_preprocessor(QWEN3_VL_PREPROCESSOR), factor=factor)
+    config = {**SHAPES[name], "model_type": "qwen2_vl", "vision_config": VISION}
+    return ModelShape.from_config(config), (DEFAULT_MIN_PIXELS, DEFAULT_MAX_PIXELS)

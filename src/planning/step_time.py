@@ -38,18 +38,17 @@ EFFECTIVE_TFLOPS = 350.0  # the marginal rate of a 7B r4 sample on an H200 (44% 
 RECOMPUTE_FACTOR = 1.67  # a step with gradient checkpointing against one without, same micro-batch
 # Regional compilation fuses each layer's small kernels and the elementwise work around the GEMMs, so a
 # compiled micro-batch has its own model, by part: a fixed cost a decoder layer, one a LoRA-wrapped linear
-# (LLM and tower apart: LoRA's dropout, two small matmuls and the add, forward and backward), and the FLOPs
-# of the LLM and of the tower at two rates. Fitted 2026-12-07 (tenth session), least squares on relative
-# error, on the 15 compiled rows measured at 16 samples a step (tests/unit/src/planning/test_memory.py lists
+# (LLM and tower apart: LoRA's dropout, two small matmuls and the add, forward and backward), and the FLOPs of
+# the LLM and of the tower at two rates. Fitted 2026-12-07 (tenth session), least squares on relative error,
+# on the 15 compiled rows measured at 16 samples a step (tests/unit/src/planning/test_step_time.py lists
 # them): H200, Qwen2-VL 7B r1, r2 (twice), r4 at 16x1, r4 at 8x2, r4 with recompute at 16x1 and 4x4, 2B r1,
-# r2, r3, r4 at 16x1; H100, Qwen3-VL-8B r1, r2, r3, r4 at 8x2. Every row within 10.3%; left out one at a
-# time, each is predicted within 12%, except 7B r4 at 4x4 with recompute (+27%: the only row of four
-# micro-batches). What the parts say: r2's LLM (no LoRA) and r1's tower (forward only, no LoRA) are what
-# made one rate for everything predict r1 and r2 25-45% slow. The LLM's rate comes out at the card's peak
-# because the per-layer and per-LoRA costs hold the rest of its time; the tower's low rate is its narrow
-# GEMMs and fp32 norms. (The fit of 2026-12-01, 0.58 x the eager launch term and 465 TFLOP/s for
-# everything, put its H200 rows within 26%.) Compile time (126 s cold) is not in a step: the worker's
-# --compile auto weighs it.
+# r2, r3, r4 at 16x1; H100, Qwen3-VL-8B r1, r2, r3, r4 at 8x2. Every row within 10.3%; left out one at a time,
+# each is predicted within 12%, except 7B r4 at 4x4 with recompute (+27%: the only row of four micro-batches).
+# What the parts say: r2's LLM (no LoRA) and r1's tower (forward only, no LoRA) are what made one rate for
+# everything predict r1 and r2 25-45% slow. The LLM's rate comes out at the card's peak because the per-layer
+# and per-LoRA costs hold the rest of its time; the tower's low rate is its narrow GEMMs and fp32 norms. (The
+# fit of 2026-12-01, 0.58 x the eager launch term and 465 TFLOP/s for everything, put its H200 rows within
+# 26%.) Compile time (126 s cold) is not in a step: the worker's --compile auto weighs it.
 COMPILED_S_PER_LAYER = 2.84e-3  # a decoder layer, forward and backward, one micro-batch
 COMPILED_S_PER_LORA_LLM = 0.218e-3  # a LoRA-wrapped linear of the LLM
 COMPILED_S_PER_LORA_VISION = 0.028e-3  # a LoRA-wrapped linear of the vision tower

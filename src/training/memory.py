@@ -21,28 +21,33 @@ def largest_sample(dataset, processor, limit: int = SAMPLES_TO_SIZE) -> tuple[in
     count = patch_counter(processor)
     patches = text_tokens = 0
     for row in dataset.select(range(min(limit, len(dataset)))):
-        patches = max(patches, sum(count(image) for image in row.get("images") or []))
+        patches = max(patches, sum(count(*image_size(image)) for image in row.get("images") or []))
         text = processor.apply_chat_template(row["messages"], tokenize=False)
         text_tokens = max(text_tokens, len(processor.tokenizer(text)["input_ids"]))
     return patches, text_tokens
 
 
-def image_patches(dataset, processor) -> list[int]:
+def image_patches(dataset, processor, sizes: list[list[tuple[int, int]]] | None = None) -> list[int]:
     """Vision patches of every sample (its images' together; each sample of a detection set has one),
-    in the data set's order, from the files' headers."""
+    in the data set's order, from `sizes` (sample_image_sizes) or the files' headers."""
     count = patch_counter(processor)
-    return [sum(count(image) for image in images or []) for images in dataset["images"]]
+    sizes = sample_image_sizes(dataset) if sizes is None else sizes
+    return [sum(count(width, height) for width, height in sample) for sample in sizes]
 
 
-def patch_counter(processor) -> Callable[[object], int]:
-    """A function giving the vision patches of one image (a path or a PIL image) as this processor
-    resizes it: its pixel limits, patch size and merge size (16 and 2 in the Qwen3 families)."""
-    from src.planning.pixels import image_grid, limits_of_processor
+def sample_image_sizes(dataset) -> list[list[tuple[int, int]]]:
+    """(width, height) of each sample's images, in the data set's order, from the files' headers."""
+    return [[image_size(image) for image in images or []] for images in dataset["images"]]
+
+
+def patch_counter(processor) -> Callable[[int, int], int]:
+    """A function giving the vision patches of an image of (width, height) as this processor resizes it:
+    its pixel limits, patch size and merge size (16 and 2 in the Qwen3 families)."""
+    from src.planning.pixels import geometry_of_processor, image_grid, limits_of_processor
 
     low, high = limits_of_processor(processor)
-    patch = getattr(processor.image_processor, "patch_size", 14)
-    merge = getattr(processor.image_processor, "merge_size", 2)
-    return lambda image: image_grid(*image_size(image), low, high, patch, merge)[0]
+    patch, merge = geometry_of_processor(processor)
+    return lambda width, height: image_grid(width, height, low, high, patch, merge)[0]
 
 
 def image_size(image) -> tuple[int, int]:

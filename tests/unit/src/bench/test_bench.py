@@ -124,7 +124,7 @@ def test_a_rows_tokens_come_from_the_images_its_timed_steps_took():
     """The grouped order takes a window's largest images first: the row counts those, not the data's mean."""
     from types import SimpleNamespace
 
-    from src.bench.__main__ import timed_stats, uniform_pct
+    from src.bench.targets import timed_stats, uniform_pct
 
     stats = {"tokens": 100.0 + 1200 / 4, "patches": 1200.0, "labels": 20.0}  # 100 text tokens a sample
     target = SimpleNamespace(stats=stats, patch_keys=[1936, 1936, 936, 936])
