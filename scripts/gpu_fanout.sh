@@ -11,6 +11,7 @@
 #                                                  fit7b q2b q7b off7b attn7b r12c7b hp7b r3p7b eager7b
 #                                                  quiet7b mem7b r13q7b mem8 r24q7b low7b
 #                                                  search7b-untuned search7b q3vl q3vl2 q3vl3
+#                                                  mixed7b mixed7bu trial7b underload
 #
 # gputests runs every GPU test of the suite (`pytest tests -m gpu`): run it whenever training, evaluation or
 # the planner change. The placement runs (issue "use every GPU"): r1-r4 queued one at a time on one GPU (queue1: --pack off),
@@ -99,6 +100,30 @@ for part in "$@"; do
       step_bench q3vl2 --shape qwen3-vl-8b --recipes r2,r1 --variants plain,fast+compile ;;
     q3vl3)  # Qwen3-VL-8B r3's two stages compiled against the bare loop (~6 min)
       step_bench q3vl3 --shape qwen3-vl-8b --recipes r3 --variants plain,fast+compile ;;
+    mixed7b)  # issue "speed on real data": 7B r4 on COCO's common sizes, the bare loop at its best (file order)
+      # against the core compiled with micro-batches of one size, profiled (~9 min)
+      step_bench mixed7b --shape 7b --recipes r4 --image-sizes mixed --variants plain,fast+compile \
+        --profile fast+compile ;;
+    mixed7bu)  # the same core compiled in plain shuffled order (what grouping buys), and one size (~8 min)
+      step_bench mixed7bu --shape 7b --recipes r4 --image-sizes mixed --variants fast+compile-ungrouped
+      step_bench one7b --shape 7b --recipes r4 --variants fast+compile ;;
+    trial7b)  # issue "fair verdict": where a search trial's time goes: 7B r4 and r1 as one first-rung trial each
+      # (3 of 30 steps, then scored on the validation split), every log line stamped with seconds since start
+      for recipe in r4 r1; do
+        python3 -m src.training.worker --recipe "$recipe" --gpu 0 --model-id "$work/7b" --dataset "$work/data" \
+          --max-steps 30 --pause-at 3 --batch-size 4 --eval-split validation --val-fraction 0.1 --no-wandb \
+          --save-steps 0 --output-dir "$work/trial-$recipe" 2>&1 | python3 scripts/stamp_lines.py \
+          | grep -v Warning | tee "$out/trial7b-$recipe.log"
+      done ;;
+    underload)  # issue "packing you can trust": r1-r4 with --batch-size auto packed on GPU 0, and 20 s later a
+      # second launcher packing r2 and r4 onto the same GPU (SHAPE, default 2b; STEPS steps; evaluation on 16
+      # images): every job should succeed, none retried for a neighbour, each peak within its reservation
+      flags=(--gpus 0 --model-id "$work/${SHAPE:-2b}" --dataset "$work/data" --max-steps "$steps" --batch-size auto
+        --no-wandb --save-steps 0 --eval-samples 16 --plain)
+      launch underload-a --recipes all "${flags[@]}" &
+      sleep 20
+      launch underload-b --recipes r2,r4 "${flags[@]}"
+      wait ;;
     gputests)  # every test marked gpu (run it whenever training, evaluation or the planner change; ~4 min)
       gpu_tests gputests tests ;;
     2b)  # `make all-recipes` on a pseudo-terminal, so the live status table is drawn; `script` keeps it

@@ -16,7 +16,14 @@ from pathlib import Path
 from recipe_runner.host.models import model_dir_for
 from recipe_runner.planning.request import LaunchRequest, PlanError
 from src.contract.flags import AUTO_EFFECTIVE_BATCH, BY_DEST, DEFAULT_DATASET, DEFAULT_MODEL, TrainFlags
-from src.planning.memory import HEADROOM, choose_checkpointing, estimate_recipe_memory, recompute_asked
+from src.planning.memory import (
+    HEADROOM,
+    choose_checkpointing,
+    choose_dequantized,
+    dequantized_copy_bytes,
+    estimate_recipe_memory,
+    recompute_asked,
+)
 from src.planning.parameters import ModelShape
 from src.planning.pixels import image_grid, limits_from_config, patch_geometry, pixel_limits
 from src.planning.step_time import COMPILE_S, compile_chosen, predict_step_seconds, rank_settings, stage_steps
@@ -46,6 +53,7 @@ class MemoryEstimate:
     why: str = ""  # how the setting was chosen, for `plan`
     compiled: bool = False  # the worker will torch.compile (src.planning.step_time.compile_chosen)
     offloaded: bool = False  # recompute's block inputs wait in host memory (--offload-activations)
+    dequantized: bool = False  # a 4-bit recipe keeps bf16 copies of its weights (counted in predicted_gib)
 
     @property
     def fits(self) -> bool:
@@ -57,7 +65,8 @@ class MemoryEstimate:
             f"predicted peak {self.predicted_gib:.1f} GiB of {self.capacity_gib:.1f} GiB: {verdict} "
             f"(micro-batch {self.batch_size} x accumulation {self.grad_accum}, "
             f"gradient checkpointing {'on' if self.checkpointing else 'off'}"
-            f"{', compiled' if self.compiled else ''}{', offloaded' if self.offloaded else ''}); "
+            f"{', compiled' if self.compiled else ''}{', offloaded' if self.offloaded else ''}"
+            f"{', 4-bit weights dequantized once' if self.dequantized else ''}); "
             f"about {self.predicted_step_s:.2f} s a step{self.why}"
         )
 
@@ -98,6 +107,7 @@ def estimate_memory(
     samples_per_step: int = AUTO_EFFECTIVE_BATCH,
     compiled: bool = False,
     offloaded: bool = False,
+    dequantize: bool | None = None,
 ) -> MemoryEstimate | None:
     """The plan for one recipe (one rank of it) on a GPU of `capacity_mib`; None when --batch-size auto
     finds no fit.
@@ -106,7 +116,10 @@ def estimate_memory(
     decides). `batch_size` "auto" picks, of every micro-batch x accumulation x recompute setting of
     `samples_per_step`, the one the planner's cost model predicts fastest among those that fit.
     `compiled`: whether the worker will compile, which the step times count. `offloaded`: the worker
-    offloads what recompute keeps, which memory and step times count.
+    offloads what recompute keeps, which memory and step times count. `dequantize`: whether a 4-bit recipe
+    keeps bf16 copies of its weights (--dequantize-once on/off), or None to decide as the worker alone on
+    the GPU would: when they fit. The plan's choice is passed to the worker (placement.place_job), so a
+    packed job's reservation holds what it runs.
     """
     checkpointing = recompute_asked(checkpointing, offloaded)
     capacity = capacity_mib * 2**20
@@ -123,6 +136,7 @@ def estimate_memory(
             checkpointing_choices=choices,
             compile_choices=(compiled,),
             offloaded=offloaded,
+            dequantize_choices=(True, False) if dequantize is None else (dequantize,),
         )
         best = ranked[0]
         if not best.fits:
@@ -130,19 +144,38 @@ def estimate_memory(
         others = [c for c in ranked[1:3] if c.fits]
         why = "; fastest that fits, before " + ", ".join(c.describe() for c in others) if others else ""
         setting = (best.micro_batch, best.grad_accum, best.checkpointing)
-        return _plan(recipe, shape, workload, capacity_mib, *setting, compiled, offloaded, why)
+        return _plan(
+            recipe, shape, workload, capacity_mib, *setting, compiled, offloaded, best.dequantized, why
+        )
     micro = int(batch_size)
     ckpt = checkpointing
     if ckpt is None:
         ckpt = choose_checkpointing(*sizes, micro, capacity, *work, HEADROOM, compiled=compiled)
-    return _plan(recipe, shape, workload, capacity_mib, micro, grad_accum, ckpt, compiled, offloaded)
+    if dequantize is None:
+        dequantize = choose_dequantized(*sizes, micro, capacity, *work, ckpt, HEADROOM, compiled=compiled)
+    return _plan(
+        recipe, shape, workload, capacity_mib, micro, grad_accum, ckpt, compiled, offloaded, dequantize
+    )
 
 
 def _plan(
-    recipe, shape, workload, capacity_mib, batch_size, grad_accum, checkpointing, compiled, offloaded, why=""
+    recipe,
+    shape,
+    workload,
+    capacity_mib,
+    batch_size,
+    grad_accum,
+    checkpointing,
+    compiled,
+    offloaded,
+    dequantized,
+    why="",
 ) -> MemoryEstimate:
     work = (workload.patches, workload.text_tokens)
-    how = {"compiled": compiled, "offloaded": offloaded}
+    dequantized = dequantized and bool(
+        dequantized_copy_bytes(shape, recipe)
+    )  # only a 4-bit recipe has copies
+    how = {"compiled": compiled, "offloaded": offloaded, "dequantized": dequantized}
     estimate = estimate_recipe_memory(shape, recipe, batch_size, *work, checkpointing, **how)
     seconds = predict_step_seconds(shape, recipe, batch_size, grad_accum, *work, checkpointing, **how)
     return MemoryEstimate(
@@ -156,6 +189,7 @@ def _plan(
         why=why,
         compiled=compiled,
         offloaded=offloaded,
+        dequantized=dequantized,
     )
 
 
@@ -232,6 +266,7 @@ def estimate_recipe(request: LaunchRequest, recipe, inputs, capacity_mib: int) -
         per_rank,
         compiled=compiled,
         offloaded=flags.offload_activations,
+        dequantize=BY_DEST["dequantize_once"].option_value(flags.effective("dequantize_once")),
     )
     if plan is None:
         return None

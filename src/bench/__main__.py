@@ -142,6 +142,7 @@ class Setting:
     checkpointing: bool
     compile: bool = False
     predicted_step_s: float | None = None
+    dequantized: bool | None = None  # a 4-bit stage's bf16 copies as planned (None: the core's own rule)
 
     def label(self) -> str:
         return f"{self.micro_batch}x{self.grad_accum} recompute {'on' if self.checkpointing else 'off'}" + (
@@ -370,10 +371,12 @@ def planned_settings(target: Target, stage, args, device: str, compile_choices=(
         patches,
         text_tokens,
         compile_choices=compile_choices,
+        dequantize_choices=(True, False),  # as the launcher plans a 4-bit stage
     )
     fitting = [c for c in ranked if c.fits] or ranked[-1:]
     return [
-        Setting(c.micro_batch, c.grad_accum, c.checkpointing, c.compile, c.predicted_step_s) for c in fitting
+        Setting(c.micro_batch, c.grad_accum, c.checkpointing, c.compile, c.predicted_step_s, c.dequantized)
+        for c in fitting
     ]
 
 
@@ -504,6 +507,7 @@ def _run_core(target: Target, stage, variant: str, setting: Setting, args, devic
             gradient_checkpointing=setting.checkpointing,
             save_steps=0,
             compile=setting.compile,
+            dequantize_once=setting.dequantized if stage.quantized else None,
         )
     except TypeError as error:  # a RunOptions without `compile` (the worker's option not merged yet)
         raise SkipRow(f"RunOptions has no compile option here ({error})") from error
@@ -586,7 +590,12 @@ def _predicted_and_flops(
     target: Target, stats: dict, stage, measured: Measured, variant, step_s, samples_per_step, env
 ) -> dict:
     """The planner's peak for this row's micro-batch (and 4-bit weights dequantized once or not, as the row
-    ran), and the model FLOPs of a step behind MFU, for samples as `stats` has them (timed_stats)."""
+    ran), and the model FLOPs of a step behind MFU, for samples as `stats` has them (timed_stats).
+
+    The peak is planned as the worker plans it: every sample of a micro-batch at the data set's largest image
+    (`target.largest`), which is the micro-batch that sets the peak when micro-batches are of one size, and
+    an upper bound otherwise (the language model pads every sample to the longest); on images of one size
+    that is the mean. The text tokens are the timed samples' mean."""
     from src.bench.measure import step_flops
     from src.planning.memory import estimate_stage_memory
 
@@ -597,7 +606,7 @@ def _predicted_and_flops(
         target.memory_shape,
         stage,
         setting.micro_batch,
-        patches,
+        max(patches, target.largest[0]),
         text,
         setting.checkpointing,
         compiled=setting.compile,

@@ -10,6 +10,7 @@ setting that fits.
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 
@@ -63,6 +64,12 @@ OFFLOAD_STEP_FACTOR = 1.074
 # 0.19-0.32 s a step (2B and 7B, r2 and r4) for 40-110 s on the first step, repaid within 500 steps.
 COMPILE_AUTO_MIN_STEPS = 500
 COMPILE_S = 110.0  # a stage's first compiled step, cold: the longest measured (7B r4, 108-109 s on H200s)
+# A 4-bit stage that dequantizes each weight for every matmul instead of keeping bf16 copies
+# (--dequantize-once off, or the copies do not fit): its step against the same stage dequantized once.
+# Measured compiled, where its 4-bit decoder layers also stay eager: 2B r1, 16x1, one H200, 0.5356 s
+# against 0.3718 s (docs/benchmarks.md, 2026-12-01 fifth session). One measurement; eager steps are assumed
+# to slow alike.
+PER_USE_DEQUANTIZE_FACTOR = 0.5356 / 0.3718
 
 # --- the Qwen3-VL and Qwen3.5 shapes: by analogy until the GPU measures them --------------------------------
 # Every constant above was fitted on Qwen2-VL; the newer shapes reuse them unchanged (the same effective rate,
@@ -150,11 +157,14 @@ def predict_step_seconds(
     checkpointing: bool,
     compiled: bool = False,
     offloaded: bool = False,
+    dequantized: bool = True,
 ) -> float:
     """Predicted seconds of one optimizer step on the card the constants were fitted on (see above).
 
     A chain's stages run one after the other: its step is the mean of its stages' steps. `offloaded`
-    counts only with recompute, as the worker offloads only then.
+    counts only with recompute, as the worker offloads only then. `dequantized=False`: a 4-bit stage
+    dequantizes its weights on every use (PER_USE_DEQUANTIZE_FACTOR); the fits above are of stages
+    dequantized once.
     """
     stages = recipe.stages or (recipe,)
     total = 0.0
@@ -164,6 +174,8 @@ def predict_step_seconds(
         else:
             flops = micro_batch * sample_flops(shape, stage, image_patches, text_tokens)
             micro = launch_seconds(shape, image_patches, text_tokens) + flops / (EFFECTIVE_TFLOPS * 1e12)
+        if stage.quantized and not dequantized:
+            micro *= PER_USE_DEQUANTIZE_FACTOR
         total += grad_accum * micro * (RECOMPUTE_FACTOR if checkpointing else 1.0) + OPTIMIZER_S
     return total / len(stages) * (OFFLOAD_STEP_FACTOR if offloaded and checkpointing else 1.0)
 
@@ -215,11 +227,13 @@ class Candidate:
     predicted_gib: float
     predicted_step_s: float
     fits: bool
+    dequantized: bool = False  # a 4-bit stage keeps bf16 copies of its weights (counted in predicted_gib)
 
     def describe(self) -> str:
         return (
             f"micro-batch {self.micro_batch} x accumulation {self.grad_accum}, recompute "
-            f"{'on' if self.checkpointing else 'off'}{', compiled' if self.compile else ''}: "
+            f"{'on' if self.checkpointing else 'off'}{', compiled' if self.compile else ''}"
+            f"{', dequantized once' if self.dequantized else ''}: "
             f"{self.predicted_step_s:.2f} s a step, {self.predicted_gib:.1f} GiB"
             f"{'' if self.fits else ' (does not fit)'}"
         )
@@ -237,45 +251,34 @@ def rank_settings(
     checkpointing_choices: tuple[bool, ...] = (False, True),
     compile_choices: tuple[bool, ...] = (False,),
     offloaded: bool = False,
+    dequantize_choices: tuple[bool, ...] = (False,),
 ) -> list[Candidate]:
-    """Every micro-batch x accumulation x recompute x compile setting of `samples_per_step`, fitting ones
-    first and each group fastest first: the head of the list is the setting to run. `offloaded`: the
-    settings with recompute offload its blocks' inputs."""
+    """Every micro-batch x accumulation x recompute x compile (x dequantized once, for a 4-bit stage)
+    setting of `samples_per_step`, fitting ones first and each group fastest first: the head of the list is
+    the setting to run. `offloaded`: the settings with recompute offload its blocks' inputs.
+    `dequantize_choices` (True, False) also weighs a 4-bit recipe's bf16 copies: faster, and larger."""
     budget = headroom * capacity_bytes
+    quantized = any(stage.quantized for stage in recipe.stages or (recipe,))
     found = []
     for micro in (d for d in range(1, samples_per_step + 1) if samples_per_step % d == 0):
-        for ckpt in checkpointing_choices:
-            for compiled in compile_choices:
-                peak = estimate_recipe_memory(
-                    shape,
-                    recipe,
+        for ckpt, compiled, dequantized in itertools.product(
+            checkpointing_choices, compile_choices, dequantize_choices if quantized else (False,)
+        ):
+            how = {"compiled": compiled, "offloaded": offloaded, "dequantized": dequantized}
+            accum = samples_per_step // micro
+            work = (image_patches, text_tokens, ckpt)
+            peak = estimate_recipe_memory(shape, recipe, micro, *work, **how).total
+            seconds = predict_step_seconds(shape, recipe, micro, accum, *work, **how)
+            found.append(
+                Candidate(
                     micro,
-                    image_patches,
-                    text_tokens,
-                    ckpt,
-                    compiled=compiled,
-                    offloaded=offloaded,
-                ).total
-                seconds = predict_step_seconds(
-                    shape,
-                    recipe,
-                    micro,
-                    samples_per_step // micro,
-                    image_patches,
-                    text_tokens,
+                    accum,
                     ckpt,
                     compiled,
-                    offloaded,
+                    round(peak / GIB, 2),
+                    round(seconds, 4),
+                    peak <= budget,
+                    dequantized,
                 )
-                found.append(
-                    Candidate(
-                        micro,
-                        samples_per_step // micro,
-                        ckpt,
-                        compiled,
-                        round(peak / GIB, 2),
-                        round(seconds, 4),
-                        peak <= budget,
-                    )
-                )
+            )
     return sorted(found, key=lambda c: (not c.fits, c.predicted_step_s))

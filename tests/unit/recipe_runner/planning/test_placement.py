@@ -320,3 +320,43 @@ def test_on_ray_a_recipe_with_several_gpus_runs_data_parallel_in_its_one_actor()
     assert flag_value(job.argv, "--grad-accum") == "2" and job.gpu_count == 2
     sharded = make_plan(replace(request, shard=True), "L", ["w"], None, {}, cores=8).jobs[0]
     assert "--nproc-per-node" not in sharded.argv
+
+
+def _planned(out: str, recipe: str) -> tuple[str, str]:
+    """(command, memory line) of one recipe's job in `recipe-run plan`'s output."""
+    block = out.split(f"\n{recipe}")[1].split("\n\n")[0]
+    command = next(line for line in block.splitlines() if "command:" in line)
+    memory = next(line for line in block.splitlines() if "memory:" in line)
+    return command, memory
+
+
+def _peak_gib(memory_line: str) -> float:
+    return float(memory_line.split("predicted peak ")[1].split(" GiB")[0])
+
+
+def test_the_plan_decides_whether_4bit_weights_are_dequantized_and_reserves_the_copies(
+    host, monkeypatch, one_h200, capsys
+):
+    assert main(["plan", "--recipes", "r1,r2", *one_h200]) == 0
+    out = capsys.readouterr().out
+    command, memory = _planned(out, "r1-llm-only")
+    assert "--dequantize-once on" in command and "dequantized once" in memory  # the copies fit an H200
+    r2_command, _ = _planned(out, "r2-vision-only")
+    assert "--dequantize-once" not in r2_command  # a bf16 recipe has nothing to dequantize
+    assert main(["plan", "--recipes", "r1", "--dequantize-once", "off", *one_h200]) == 0
+    command_off, memory_off = _planned(capsys.readouterr().out, "r1-llm-only")
+    assert "--dequantize-once off" in command_off and "dequantized once" not in memory_off
+    # 7B's LLM linears as bf16 copies: 2 bytes each of about 6.5 billion weights
+    assert 10 < _peak_gib(memory) - _peak_gib(memory_off) < 16
+
+
+def test_copies_that_do_not_fit_are_planned_away_and_the_step_predicted_slower(
+    host, monkeypatch, config_only_7b, capsys
+):
+    host.set_gpus(monkeypatch, json.dumps([{"memory_total_mib": 24 * 1024, "name": "NVIDIA L4"}]))
+    model, data = config_only_7b
+    flags = ["--gpus", "0", "--model-id", str(model), "--dataset", str(data), "--output-dir", str(host.out)]
+    assert main(["plan", "--recipes", "r1", *flags]) == 0
+    command, memory = _planned(capsys.readouterr().out, "r1-llm-only")
+    assert "--dequantize-once off" in command and "dequantized once" not in memory
+    assert _peak_gib(memory) < 24

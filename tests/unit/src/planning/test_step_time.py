@@ -95,3 +95,20 @@ def test_the_fastest_fitting_setting_comes_first():
     small = rank_settings(shape, r4, 16, 24 * GIB, PATCHES_644x476, 88)
     assert small[0].fits and small[0].checkpointing  # on a 24 GB card only recomputation fits
     assert not rank_settings(shape, r4, 16, 8 * GIB, PATCHES_644x476, 88)[0].fits
+
+
+def test_a_4bit_stage_dequantized_on_every_use_is_predicted_slower_and_ranked_by_its_copies():
+    shape, r1, r2 = published_shape("7b"), RECIPES["r1-llm-only"], RECIPES["r2-vision-only"]
+    once = predict_step_seconds(shape, r1, 8, 2, PATCHES_644x476, 88, False, True, dequantized=True)
+    every = predict_step_seconds(shape, r1, 8, 2, PATCHES_644x476, 88, False, True, dequantized=False)
+    assert every > 1.3 * once  # measured 1.44x at 2B (PER_USE_DEQUANTIZE_FACTOR)
+    bf16 = [
+        predict_step_seconds(shape, r2, 8, 2, PATCHES_644x476, 88, False, True, dequantized=d) for d in (1, 0)
+    ]
+    assert bf16[0] == bf16[1]  # nothing to dequantize
+    both = (True, False)
+    roomy = rank_settings(shape, r1, 16, 80 * GIB, PATCHES_644x476, 88, dequantize_choices=both)
+    assert roomy[0].fits and roomy[0].dequantized  # faster, and the copies fit
+    tight = rank_settings(shape, r1, 16, 24 * GIB, PATCHES_644x476, 88, dequantize_choices=both)
+    assert tight[0].fits and not tight[0].dequantized  # 13 GiB of copies do not fit beside it
+    assert not any(c.dequantized for c in rank_settings(shape, r1, 16, 80 * GIB, PATCHES_644x476, 88))
