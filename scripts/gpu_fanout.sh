@@ -11,7 +11,7 @@
 #                                                  fit7b q2b q7b off7b attn7b r12c7b hp7b r3p7b eager7b
 #                                                  quiet7b mem7b r13q7b mem8 r24q7b low7b
 #                                                  search7b-untuned search7b q3vl q3vl2 q3vl3
-#                                                  mixed7b mixed7bu trial7b underload
+#                                                  mixed7b mixed7bu trial7b underload plan2b
 #
 # gputests runs every GPU test of the suite (`pytest tests -m gpu`): run it whenever training, evaluation or
 # the planner change. The placement runs (issue "use every GPU"): r1-r4 queued one at a time on one GPU (queue1: --pack off),
@@ -124,6 +124,9 @@ for part in "$@"; do
       sleep 20
       launch underload-b --recipes r2,r4 "${flags[@]}"
       wait ;;
+    plan2b)  # issue "packing you can trust": 2B, every recipe and stage eager at the planner's setting (fast) and
+      # with recompute (lean), planned against measured peak and step in each row (~4 min)
+      step_bench plan2b --shape 2b --recipes r1,r2,r3,r4 --variants fast,lean ;;
     gputests)  # every test marked gpu (run it whenever training, evaluation or the planner change; ~4 min)
       gpu_tests gputests tests ;;
     2b)  # `make all-recipes` on a pseudo-terminal, so the live status table is drawn; `script` keeps it

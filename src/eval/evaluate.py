@@ -143,9 +143,12 @@ def evaluate_model(
     image_root: str | Path | None = None,
     pixels: tuple[int | None, int | None] = (None, None),
     val_fraction: float = 0.0,
+    loaded: tuple | None = None,
 ) -> dict:
     """Predict on `split` (its first `max_samples` records; None or 0: all), score, write both files.
     `val_fraction` above 0 puts a validation split in use (src.data.dataset.read_raw_records).
+    `loaded` (model, processor, family): the model of `model_path` already in memory, used instead of
+    loading it (the worker's trained model, src.training.run.ready_for_generation).
 
     progress_stage names the RR_PROGRESS stage of the "eval" events sent while predicting (None: none).
     max_new_tokens "auto" sizes the answer budget from the data (answer_budget_for).
@@ -157,14 +160,17 @@ def evaluate_model(
     records, _ = load_records(dataset, split, image_root=image_root, val_fraction=val_fraction)
     records = records[:max_samples] if max_samples else records
     started = time.time()
-    model, processor, family = load_for_eval(model_path, device, search_root=out_dir, pixels=pixels)
+    if loaded is None:
+        model, processor, family = load_for_eval(model_path, device, search_root=out_dir, pixels=pixels)
+    else:
+        model, processor, family = loaded
     longest = None
     if max_new_tokens == "auto":
         max_new_tokens, longest = answer_budget_for(
             dataset, records, processor, family, image_root, val_fraction
         )
         log.info("max_new_tokens %d: the longest answer is at most %d tokens", max_new_tokens, longest)
-    loaded = time.time()
+    ready = time.time()
     stats = GenerationStats()
     predictions = predict_records(
         model,
@@ -211,8 +217,9 @@ def evaluate_model(
             "decode": decode,
             "max_new_tokens": max_new_tokens,
             "longest_answer_tokens": longest,  # None: max_new_tokens was given, not sized
-            "load_seconds": round(loaded - started, 2),
-            "predict_seconds": round(predicted - loaded, 2),
+            "in_memory": loaded is not None,
+            "load_seconds": round(ready - started, 2),
+            "predict_seconds": round(predicted - ready, 2),
             "seconds": round(time.time() - started, 2),
             **stats.summary(),
         },

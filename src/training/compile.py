@@ -127,6 +127,18 @@ def compile_regions(
     return total
 
 
+def uncompile_regions(model) -> int:
+    """Undo compile_regions in place: each region runs eagerly again (nn.Module.compile keeps the compiled
+    callable beside the module's own); returns how many were compiled."""
+    undone = 0
+    for layers in find_regions(model).values():
+        for layer in layers:
+            if getattr(layer, "_compiled_call_impl", None) is not None:
+                layer._compiled_call_impl = None
+                undone += 1
+    return undone
+
+
 def compile_report() -> dict:
     """What Dynamo did so far in this process: frames compiled, recompilations, graph breaks, seconds.
 

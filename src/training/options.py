@@ -66,3 +66,7 @@ class RunOptions:
     pause_at: int | None = None  # optimizer steps over every stage of a chain; needs max_steps
     lr_scale: float = 1.0
     validation_loss: bool = False
+    # The last stage's trained model stays in memory for the worker to score (a search trial's validation
+    # scoring), instead of being loaded again from what was saved. 4-bit stages are always loaded again:
+    # evaluation scores an adapter on the bf16 base (src/eval/predict.py load_for_eval).
+    keep_trained: bool = False

@@ -50,6 +50,8 @@ class StageResult:
     samples_per_step: int | None = None  # per optimizer step, over all data-parallel ranks
     paused: bool = False  # stopped at --pause-at, checkpointed; not finished
     val_loss: float | None = None  # mean loss on the validation split (a search's tie-break)
+    # (model, processor, family) as trained, where RunOptions.keep_trained asked for it (ready_for_generation)
+    trained: tuple | None = field(default=None, repr=False, compare=False)
 
 
 class ProgressCallback:
@@ -233,6 +235,9 @@ def train_stage(
     wait_for_every_rank()  # the next stage (or the caller) may read what rank 0 just wrote
     final_loss = prepared.reporter.final_loss
     final_loss = final_loss if final_loss is None or math.isfinite(final_loss) else None
+    trained = None
+    if opts.keep_trained and not merge and not stage.quantized:
+        trained = (prepared.model, prepared.processor, prepared.family)
     progress.emit(
         "stage_end", recipe=recipe_name, stage=stage.name, final_loss=final_loss, output=str(output)
     )
@@ -249,6 +254,7 @@ def train_stage(
         samples_per_step=samples_per_step(prepared.trainer.args),
         paused=paused,
         val_loss=val_loss,
+        trained=trained,
     )
 
 
@@ -289,6 +295,37 @@ def validation_loss(prepared: PreparedStage, opts: RunOptions) -> float | None:
     loss = prepared.trainer.evaluate(eval_dataset=dataset).get("eval_loss")
     log.info("validation loss %.4f over %d images", loss, len(dataset))
     return float(loss) if loss is not None else None
+
+
+def ready_for_generation(model):
+    """A trained PEFT model as evaluation would load it from what was saved: the adapter merged into the
+    base, its layers eager, in eval mode, and the training's gradients and cached blocks freed.
+
+    Training's speed levers are undone where generation cannot use them: compiled regions would compile
+    again for every new KV-cache shape, and adapters fed bf16 inputs without their cast expect autocast,
+    which generation does not run under. Merging does what loading the adapter onto its base does
+    (src/eval/predict.py load_for_eval), so the answers are the same.
+    """
+    import gc
+
+    import torch
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    from src.training.compile import uncompile_regions
+
+    uncompile_regions(model)
+    for module in model.modules():
+        if isinstance(module, BaseTunerLayer):
+            module.cast_input_dtype_enabled = True
+    model.zero_grad(set_to_none=True)
+    merged = model.merge_and_unload()
+    if getattr(merged, "is_gradient_checkpointing", False):
+        merged.gradient_checkpointing_disable()
+    merged.eval()
+    gc.collect()  # the trainer, its optimizer state and gradients
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return merged
 
 
 def samples_per_step(args) -> int:

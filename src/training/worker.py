@@ -266,8 +266,11 @@ def run_worker(args, recipe, output: Path) -> int:
         )
     wandb_on = main_process and not args.no_wandb and _start_tracking(recipe, args, output)
     opts = run_options(args, device, output, wandb_on)
+    kept: dict = {}  # the last stage's trained model, where the worker scores it in memory
 
     def stage_done(result) -> None:
+        if result.trained is not None:
+            kept["trained"] = result.trained
         record = stage_record(result)
         if result.paused:  # not finished: a later --resume trains it on; evaluation reads its adapter
             status["paused"] = {**record, "status": "paused", "at": opts.pause_at}
@@ -312,8 +315,9 @@ def run_worker(args, recipe, output: Path) -> int:
     if not main_process:  # training is over for this rank; rank 0 evaluates alone, no collectives
         return code
     if code == exits.OK:  # evaluation reads the finished run's status.json to find its model
-        status["eval"] = evaluate_after_training(args, output, device)
+        status["eval"] = evaluate_after_training(args, output, device, kept.pop("trained", None))
         write_status()
+    kept.clear()
     if code == exits.OK and args.baseline_dir and not args.skip_eval:
         status["baseline"] = evaluate_baseline(args, device)
         write_status()
@@ -328,10 +332,12 @@ def run_worker(args, recipe, output: Path) -> int:
     return code
 
 
-def evaluate_after_training(args, output: Path, device: str) -> dict:
+def evaluate_after_training(args, output: Path, device: str, trained: tuple | None = None) -> dict:
     """Detection metrics of the trained model on --eval-split (the test split, or a search trial's validation
     split), written beside its outputs.
 
+    `trained` (model, processor, family): the model still in memory (a search trial, run_options), scored
+    as it is instead of loaded again from the saved adapter; the same answers, one model load fewer.
     A failed evaluation is recorded (and logged with its traceback) but does not undo a finished
     training run: the adapter is there, and `recipe-run eval` can try again.
     """
@@ -341,6 +347,12 @@ def evaluate_after_training(args, output: Path, device: str) -> dict:
 
     progress.emit("stage_start", recipe=args.recipe, stage="eval", model=str(output))
     try:
+        if trained is not None:
+            from src.training.run import ready_for_generation
+
+            model, processor, family = trained
+            trained = (ready_for_generation(model), processor, family)
+            log.info("scoring the trained model in memory (not loaded again)")
         metrics = evaluate_output(
             output,
             args.dataset,
@@ -349,6 +361,7 @@ def evaluate_after_training(args, output: Path, device: str) -> dict:
             device=device,
             image_root=args.image_root,
             val_fraction=args.val_fraction,
+            loaded=trained,
         )
     except Exception as failure:  # reported in status.json and the log, never silent
         log.error("evaluation failed:\n%s", traceback.format_exc())
@@ -402,6 +415,9 @@ def run_options(args, device: str, output: Path, wandb_on: bool):
         device=device,
         wandb=wandb_on,
         validation_loss=args.eval_split == "validation",  # the search breaks ties by it
+        # a search trial is scored in memory: its validation scoring then loads no model (one rank only:
+        # rank 0 scores alone after training, and the others' copies are not kept)
+        keep_trained=args.eval_split == "validation" and not args.skip_eval and world_size() == 1,
     )
 
 

@@ -83,6 +83,56 @@ def test_a_search_trial_trains_without_its_validation_split_and_is_scored_on_it(
     assert metrics["num_images"] == len(validation)
 
 
+def test_a_trial_scored_in_memory_answers_as_its_saved_adapter_does(tiny_model_dir, tiny_data_dir, tmp_path):
+    from src.eval.evaluate import evaluate_output
+
+    out = tmp_path / "trial"
+    trial = [
+        "--cpu",
+        "--val-fraction",
+        "0.2",
+        "--eval-split",
+        "validation",
+        "--learning-rate",
+        "3e-3",
+        "--max-steps",
+        "6",
+    ]
+    done = subprocess.run(
+        [*worker_argv("r4", tiny_model_dir, tiny_data_dir, out, *trial), "--pause-at", "2"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "scoring the trained model in memory" in done.stderr
+    assert json.loads((out / "status.json").read_text())["paused"]["at"] == 2  # a rung: step 2 of 6
+    in_memory = json.loads((out / "metrics.json").read_text())
+    assert in_memory["eval"]["in_memory"] is True
+    answers = [json.loads(line)["text"] for line in (out / "predictions.jsonl").read_text().splitlines()]
+    # the same split scored from the saved adapter, loaded onto its base as `recipe-run eval` does
+    reloaded = evaluate_output(out, str(tiny_data_dir), split="validation", device="cpu", val_fraction=0.2)
+    assert reloaded["eval"]["in_memory"] is False
+    again = [json.loads(line)["text"] for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert len(answers) == reloaded["num_images"] > 0 and answers == again
+    assert (in_memory["f1"], in_memory["precision"]) == (reloaded["f1"], reloaded["precision"])
+
+
+def test_a_4bit_trial_is_scored_from_its_saved_adapter_on_the_bf16_base(
+    tiny_model_dir, tiny_data_dir, tmp_path
+):
+    out = tmp_path / "trial"
+    trial = ["--cpu", "--val-fraction", "0.2", "--eval-split", "validation"]
+    done = subprocess.run(
+        [*worker_argv("r1", tiny_model_dir, tiny_data_dir, out, *trial), "--pause-at", "1"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads((out / "metrics.json").read_text())["eval"]["in_memory"] is False
+
+
 def test_lr_scale_multiplies_every_stages_own_rate(tiny_model_dir, tiny_data_dir, tmp_path):
     def rates(name: str, scale: float) -> list[float]:
         out = tmp_path / name
