@@ -40,21 +40,20 @@ RECOMPUTE_FACTOR = 1.67  # a step with gradient checkpointing against one withou
 # Regional compilation fuses each layer's small kernels and the elementwise work around the GEMMs, so a
 # compiled micro-batch has its own model, by part: a fixed cost a decoder layer, one a LoRA-wrapped linear
 # (LLM and tower apart: LoRA's dropout, two small matmuls and the add, forward and backward), and the FLOPs of
-# the LLM and of the tower at two rates. Fitted 2026-12-07 (tenth session), least squares on relative error,
-# on the 15 compiled rows measured at 16 samples a step (tests/unit/src/planning/test_step_time.py lists
-# them): H200, Qwen2-VL 7B r1, r2 (twice), r4 at 16x1, r4 at 8x2, r4 with recompute at 16x1 and 4x4, 2B r1,
-# r2, r3, r4 at 16x1; H100, Qwen3-VL-8B r1, r2, r3, r4 at 8x2. Every row within 10.3%; left out one at a time,
-# each is predicted within 12%, except 7B r4 at 4x4 with recompute (+27%: the only row of four micro-batches).
-# What the parts say: r2's LLM (no LoRA) and r1's tower (forward only, no LoRA) are what made one rate for
-# everything predict r1 and r2 25-45% slow. The LLM's rate comes out at the card's peak because the per-layer
-# and per-LoRA costs hold the rest of its time; the tower's low rate is its narrow GEMMs and fp32 norms. (The
-# fit of 2026-12-01, 0.58 x the eager launch term and 465 TFLOP/s for everything, put its H200 rows within
-# 26%.) Compile time (126 s cold) is not in a step: the worker's --compile auto weighs it.
-COMPILED_S_PER_LAYER = 2.84e-3  # a decoder layer, forward and backward, one micro-batch
-COMPILED_S_PER_LORA_LLM = 0.218e-3  # a LoRA-wrapped linear of the LLM
-COMPILED_S_PER_LORA_VISION = 0.028e-3  # a LoRA-wrapped linear of the vision tower
-COMPILED_LLM_TFLOPS = 796.0
-COMPILED_VISION_TFLOPS = 201.0
+# the LLM and of the tower at two rates; recompute redoes the compiled forward (COMPILED_RECOMPUTE_FACTOR).
+# Fitted 2026-12-07 (eleventh session), least squares on relative error, on the 17 rows of the current core
+# (its levers as they are now: tests/unit/src/planning/test_step_time.py lists them): H200, Qwen2-VL 2B r1,
+# r2, r3's stages, r4 at 16x1 and 7B r1, r2, r3's stages, r4 at 16x1 and with recompute at 8x2 and 4x4; H100,
+# Qwen3-VL-8B r1, r2, r3's stages, r4 at 8x2. Every row within 6.9%; left out one at a time, each within 9.4%.
+# (The tenth session's fit mixed in rows of older cores, 2B ones 13-21% slower than the core runs now, and
+# predicted the current 2B rows 17-21% slow and 7B r4 8x2 with recompute 17% slow.) Compile time (126 s
+# cold) is not in a step: the worker's --compile auto weighs it.
+COMPILED_S_PER_LAYER = 2.456e-3  # a decoder layer, forward and backward, one micro-batch
+COMPILED_S_PER_LORA_LLM = 0.2645e-3  # a LoRA-wrapped linear of the LLM
+COMPILED_S_PER_LORA_VISION = 0.2015e-3  # a LoRA-wrapped linear of the vision tower
+COMPILED_LLM_TFLOPS = 662.0
+COMPILED_VISION_TFLOPS = 278.0
+COMPILED_RECOMPUTE_FACTOR = 1.52  # a compiled step with gradient checkpointing against one without
 OPTIMIZER_S = 0.01  # fused AdamW over the adapters, once per optimizer step
 # Activation offloading (with recompute): the copies run on a side stream, yet the step slowed by this
 # factor, measured once (7B r4, 8x2, compiled, H200, 2026-12-01 eighth session: 1.4174 s against 1.3200).
@@ -176,7 +175,8 @@ def predict_step_seconds(
             micro = launch_seconds(shape, image_patches, text_tokens) + flops / (EFFECTIVE_TFLOPS * 1e12)
         if stage.quantized and not dequantized:
             micro *= PER_USE_DEQUANTIZE_FACTOR
-        total += grad_accum * micro * (RECOMPUTE_FACTOR if checkpointing else 1.0) + OPTIMIZER_S
+        recompute = COMPILED_RECOMPUTE_FACTOR if compiled else RECOMPUTE_FACTOR
+        total += grad_accum * micro * (recompute if checkpointing else 1.0) + OPTIMIZER_S
     return total / len(stages) * (OFFLOAD_STEP_FACTOR if offloaded and checkpointing else 1.0)
 
 
