@@ -166,14 +166,15 @@ LM_HEAD_BYTES_PER_LABEL = 8 + FP32 + FP32
 
 # --- compiled regions (src/training/compile.py) --------------------------------------------------------
 # Inductor fuses the norms, activations, rotary and LoRA's elementwise work inside each compiled layer, so
-# fewer intermediates are saved for backward. Measured on H200s without recompute (2026-11-30, fourth
-# session: the compiled rows' peak less the bf16 weights, against this planner's uncompiled activations):
-# 7B r4 8x2 x0.81 (to the core's own uncompiled 8x2 peak), 7B r2 16x1 x0.71, 2B r2 x0.72, 2B r4 x0.76. The
-# largest is taken. With recompute on nothing changed (7B r4 4x4: 18.1 GiB measured, 18.2 planned); 4-bit
-# stages keep their LLM layers eager unless dequantized, and are not counted as compiled. Since images of
-# one size attend in one batched call (2026-12-01, sixth session), 7B r4 16x1 measured 109.1 GiB (105.2
-# before) against 110.5 planned, a thin margin: likely SDPA keeping `v`, a view of the fused qkv output.
-COMPILED_ACTIVATIONS = 0.82
+# fewer intermediates are saved for backward: the decoder layers (and the LLM's other parts) keep this share
+# of what this planner counts uncompiled, the vision blocks this one. Fitted 2026-12-07 (eleventh session),
+# minimax relative error of the peak, on the 13 compiled rows of the current core without recompute (H200:
+# Qwen2-VL 2B and 7B r1, r2, r3's stages, r4 at 16x1; H100: Qwen3-VL-8B r1, r2, r4 at 8x2;
+# docs/measured_rows.json): every row within 3.7% (one factor for both, 0.82, left r2 and r3's first stage
+# 6.4-7.2% high, and Qwen3-VL-8B r4 3.9% low). With recompute nothing changes (7B r4 4x4: 18.1 GiB measured,
+# 18.2 planned); 4-bit stages keep their LLM layers eager unless dequantized, and are not counted as compiled.
+COMPILED_LLM_ACTIVATIONS = 0.865
+COMPILED_VISION_ACTIVATIONS = 0.735
 
 # --- activation offloading (src/training/offload.py) -----------------------------------------------------
 # With recompute, offloading moves the checkpointed blocks' inputs to pinned host memory; backward holds
@@ -496,10 +497,25 @@ def _offloaded(parts: dict[str, float], shape: ModelShape) -> dict[str, float]:
 
 
 def _peak_phases(
-    shape, stage, batch, checkpointing, frozen_vision_no_grad, kernels, offloaded, dequantized=False
+    shape,
+    stage,
+    batch,
+    checkpointing,
+    frozen_vision_no_grad,
+    kernels,
+    offloaded,
+    dequantized=False,
+    compiled=False,
 ) -> list[tuple]:
-    """(activations, workspace) at each moment the peak can happen."""
+    """(activations, workspace) at each moment the peak can happen. `compiled`: the parts are what compiled
+    layers keep (COMPILED_LLM_ACTIVATIONS, COMPILED_VISION_ACTIVATIONS)."""
     parts = activation_parts(shape, stage, batch, checkpointing, frozen_vision_no_grad, kernels)
+    if compiled:
+        parts = {
+            name: size
+            * (COMPILED_VISION_ACTIVATIONS if name.startswith("vision") else COMPILED_LLM_ACTIVATIONS)
+            for name, size in parts.items()
+        }
     if offloaded and checkpointing:  # without recompute the worker does not offload (run.resolve_...)
         parts = _offloaded(parts, shape)
     wrapped = lora_targets(shape, stage)
@@ -564,7 +580,7 @@ def estimate_stage_memory(
     `image_patches` and `text_tokens` are per sample (see image_grid); `label_tokens` (default: all text
     tokens) are the positions the fused LM head scores. `frozen_vision_no_grad=False` models the worker
     before frozen towers ran under no_grad. `compiled`: the worker compiles its layers, which saves fewer
-    activations (COMPILED_ACTIVATIONS) when nothing is recomputed. `offloaded`: with recompute, the
+    activations (COMPILED_LLM_ACTIVATIONS, COMPILED_VISION_ACTIVATIONS) when nothing is recomputed. `offloaded`: with recompute, the
     blocks' inputs wait in host memory (OFFLOAD_RESIDENT_BLOCKS). `dequantized`: a 4-bit stage keeps bf16
     copies of its weights (dequantized_copy_bytes), so its layers compile as bf16 ones do and no weight is
     dequantized per matmul.
@@ -574,12 +590,11 @@ def estimate_stage_memory(
     labels = text_tokens if label_tokens is None else label_tokens
     batch = Batch(batch_size, image_patches, text_tokens, labels, padded)
     dequantized = dequantized and stage.quantized
+    fused = compiled and not checkpointing and (dequantized or not stage.quantized)
     phases = _peak_phases(
-        shape, stage, batch, checkpointing, frozen_vision_no_grad, kernels, offloaded, dequantized
+        shape, stage, batch, checkpointing, frozen_vision_no_grad, kernels, offloaded, dequantized, fused
     )
     activations, workspace = max(phases, key=sum)
-    if compiled and not checkpointing and (dequantized or not stage.quantized):
-        activations *= COMPILED_ACTIVATIONS
     weights = weight_bytes(shape, stage.quantized) + (
         dequantized_copy_bytes(shape, stage) if dequantized else 0
     )

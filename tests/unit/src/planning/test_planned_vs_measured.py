@@ -165,7 +165,7 @@ def test_a_rows_planned_peak_and_step_are_the_planners_own(rows):
     r1 = RECIPES["r1-llm-only"]
     expected = estimate_stage_memory(shape, r1, 8, 1200, 100, False, compiled=True, dequantized=True)
     assert pvm.planned_gib(row) == expected.gib
-    assert expected.gib == pytest.approx(44.69, abs=0.01)  # what the tenth session's table planned
+    assert expected.gib == pytest.approx(46.01, abs=0.01)  # measured 45.45; planned 44.69 before the refit
     assert pvm.planned_step_s(row) == predict_step_seconds(shape, r1, 8, 2, 1200, 122, False, True)
     # 7B r4 offloaded (eighth session): 1564 patches (391 image tokens) and 76 text tokens a sample
     row = _row(rows, shape="7b", recipe="r4", offloaded=True, measured_step_s=1.4174)
