@@ -16,7 +16,7 @@ frozen towers ran under no_grad), `date`, `note`, and `caveat` (the text says th
 distorted, e.g. by the bench's data loader restarting every other step).
 
 For each row this prints what the repository's planner gives today for that setting, the way the benchmark
-computes its own columns (src/bench/__main__.py):
+computes its columns (src/bench/rows.py `_predicted_and_flops`, src/bench/__main__.py `planned_settings`):
   * planned peak: `_predicted_and_flops`, i.e. src.planning.memory.estimate_stage_memory(shape, stage,
     micro_batch, patches, text, recompute, compiled=, offloaded=, dequantized=) with the patches and text
     tokens of the bench's mean sample (a chain's row without a stage: estimate_recipe_memory, its largest

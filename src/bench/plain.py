@@ -7,7 +7,7 @@ step as the core. The micro-batches take the data set's samples in file order, a
 over the data would: on images of mixed sizes (`python -m src.bench --image-sizes mixed`) they mix
 sizes as they come, where the core groups them (src/training/size_groups.py). Recompute (gradient
 checkpointing) is a parameter: the benchmark searches for the loop's own best setting that fits the
-card (src/bench/__main__.py, `_run_plain`). Nothing of the training core's speed work.
+card (src/bench/rows.py, `_run_plain`). Nothing of the training core's speed work.
 """
 
 from __future__ import annotations

@@ -580,10 +580,10 @@ def estimate_stage_memory(
     `image_patches` and `text_tokens` are per sample (see image_grid); `label_tokens` (default: all text
     tokens) are the positions the fused LM head scores. `frozen_vision_no_grad=False` models the worker
     before frozen towers ran under no_grad. `compiled`: the worker compiles its layers, which saves fewer
-    activations (COMPILED_LLM_ACTIVATIONS, COMPILED_VISION_ACTIVATIONS) when nothing is recomputed. `offloaded`: with recompute, the
-    blocks' inputs wait in host memory (OFFLOAD_RESIDENT_BLOCKS). `dequantized`: a 4-bit stage keeps bf16
-    copies of its weights (dequantized_copy_bytes), so its layers compile as bf16 ones do and no weight is
-    dequantized per matmul.
+    activations (COMPILED_LLM_ACTIVATIONS, COMPILED_VISION_ACTIVATIONS) when nothing is recomputed.
+    `offloaded`: with recompute, the blocks' inputs wait in host memory (OFFLOAD_RESIDENT_BLOCKS).
+    `dequantized`: a 4-bit stage keeps bf16 copies of its weights (dequantized_copy_bytes), so its layers
+    compile as bf16 ones do and no weight is dequantized per matmul.
     """
     if stage.stages:
         raise ValueError(f"{stage.name} is a chain; pass one of its stages or use estimate_recipe_memory")

@@ -9,16 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from src.bench.__main__ import (
-    LADDER,
-    VARIANTS,
-    build_parser,
-    check_args,
-    plain_search_order,
-    variants,
-)
+from src.bench.__main__ import LADDER, build_parser, check_args, variants
 from src.bench.end_to_end import split_phases
 from src.bench.measure import gpu_idle_share
+from src.bench.rows import VARIANTS, plain_search_order
 from src.bench.tables import combine_rounds, render_table
 from src.contract.progress import format_event
 
@@ -273,7 +267,7 @@ def test_plain_row_falls_back_to_a_smaller_micro_batch_on_cuda_oom(monkeypatch, 
     import torch
 
     from src.bench import __main__ as bench
-    from src.bench import plain
+    from src.bench import plain, rows
 
     tried = []
 
@@ -289,7 +283,7 @@ def test_plain_row_falls_back_to_a_smaller_micro_batch_on_cuda_oom(monkeypatch, 
     target = bench.Target.load("tiny", *tiny_fixtures)
     args = build_parser().parse_args(["--shape", "tiny", "--samples-per-step", "8", "--steps", "2"])
     args.out, args.warmup = str(tmp_path), 1
-    measured = bench._run_plain(target, bench.resolve_recipe("r2"), "plain", args, "cpu")
+    measured = rows._run_plain(target, bench.resolve_recipe("r2"), "plain", args, "cpu")
     assert tried == [(8, 1, False), (4, 2, False), (2, 4, False)]
     assert (measured.setting.micro_batch, measured.setting.grad_accum) == (2, 4)
     assert measured.tried == ["8x1 recompute off", "4x2 recompute off"]
