@@ -28,15 +28,23 @@ from src.planning.parameters import (
 from src.recipes import TrainingRecipe
 
 # --- step time: the cost model -------------------------------------------------------------------------
-# One micro-batch costs a fixed launch overhead (Python launching a few thousand small kernels: LoRA adds
-# several per wrapped linear) plus its FLOPs at an effective rate; recomputation redoes the forward, which
-# adds both. Fitted on one H200, 7B shape, r4, 644x476 images, the core with recompute off (docs/stack.md,
-# 2026-11-30): micro-batch 4 -> 0.499 s, 8 -> 0.689 s a micro-batch, i.e. 0.31 s fixed + 0.047 s a sample;
-# recompute on at micro-batch 4 -> 0.836 s (x1.67; the bare loop showed x1.88). The 2B bench rows
-# (0.34 s at micro-batch 4) agree with a fixed cost that scales with layers, not with width.
-LAUNCH_S_PER_REGION = 0.31 / 60  # per decoder layer or vision block, forward + backward, one micro-batch
-EFFECTIVE_TFLOPS = 350.0  # the marginal rate of a 7B r4 sample on an H200 (44% of the measured 790 peak)
-RECOMPUTE_FACTOR = 1.67  # a step with gradient checkpointing against one without, same micro-batch
+# One micro-batch costs a fixed launch overhead (Python launching a few thousand small kernels) for each
+# decoder layer and vision block and for each LoRA-wrapped linear (LLM and tower apart: dropout, two small
+# matmuls and the add, forward and backward), plus the FLOPs of the LLM and of the tower at two effective
+# rates; recomputation redoes the forward (RECOMPUTE_FACTOR). Eager, fitted 2026-12-07 (eleventh session),
+# least squares on relative error, on the eager rows of the current core: 2B r1, r2, r3's stages, r4 at the
+# planner's setting and at 4x4 with recompute (one H100, this session), 7B r4 at 8x2 (one H200, 2026-12-01
+# fifth session) and at 16x1 with recompute (one H200, 2026-11-30): every row within 8.1%; left out one at a
+# time within 13.1% for the 2B rows, 12.9% and 15.4% for the two 7B rows (the only rows of their shape).
+# Two shapes and two cards pin five rates loosely: the rates are a fit, not a claim about the GEMMs.
+# (The fit of 2026-11-30, one launch cost a region and 350 TFLOP/s, predicted the 2B rows 5-70% slow: it
+# was fitted on 7B r4 alone, before the loader and the levers of the current core.)
+EAGER_S_PER_REGION = 1.852e-3  # a decoder layer or vision block, forward and backward, one micro-batch
+EAGER_S_PER_LORA_LLM = 0.435e-3  # a LoRA-wrapped linear of the LLM
+EAGER_S_PER_LORA_VISION = 0.828e-3  # a LoRA-wrapped linear of the vision tower
+EAGER_LLM_TFLOPS = 318.0
+EAGER_VISION_TFLOPS = 386.0
+RECOMPUTE_FACTOR = 1.48  # an eager step with gradient checkpointing against one without, same micro-batch
 # Regional compilation fuses each layer's small kernels and the elementwise work around the GEMMs, so a
 # compiled micro-batch has its own model, by part: a fixed cost a decoder layer, one a LoRA-wrapped linear
 # (LLM and tower apart: LoRA's dropout, two small matmuls and the add, forward and backward), and the FLOPs of
@@ -76,8 +84,8 @@ PER_USE_DEQUANTIZE_FACTOR = 0.5356 / 0.3718
 # FLOPs count what differs: heads x head_dim for the attention scores, the DeepStack mergers at the merged
 # tokens they run on, and the Gated DeltaNet layers' chunked delta rule. A Gated DeltaNet layer runs
 # transformers' reference delta rule: about as many kernels again as a decoder layer before its scan, then
-# a Python loop over the micro-batch's chunks, ~12 kernels forward and ~24 backward each (at the ~21 us a
-# kernel the launch constant above implies for a LoRA-wrapped 7B layer). Its elementwise fp32 traffic is not
+# a Python loop over the micro-batch's chunks, ~12 kernels forward and ~24 backward each (at ~21 us a kernel,
+# what the 2026-11-30 launch cost of a LoRA-wrapped 7B layer implied). Its elementwise fp32 traffic is not
 # modelled. To be calibrated on the GPU (the 8B Qwen3-VL shape on an H100 first).
 DELTA_EXTRA_REGIONS = 1.0  # the delta rule's own kernels before its scan, in decoder layers' worth
 DELTA_S_PER_CHUNK = 36 * 21e-6  # forward and backward of one chunk of the scan
@@ -171,8 +179,7 @@ def predict_step_seconds(
         if compiled:
             micro = compiled_micro_seconds(shape, stage, micro_batch, image_patches, text_tokens)
         else:
-            flops = micro_batch * sample_flops(shape, stage, image_patches, text_tokens)
-            micro = launch_seconds(shape, image_patches, text_tokens) + flops / (EFFECTIVE_TFLOPS * 1e12)
+            micro = eager_micro_seconds(shape, stage, micro_batch, image_patches, text_tokens)
         if stage.quantized and not dequantized:
             micro *= PER_USE_DEQUANTIZE_FACTOR
         recompute = COMPILED_RECOMPUTE_FACTOR if compiled else RECOMPUTE_FACTOR
@@ -196,13 +203,26 @@ def compiled_micro_seconds(
     return fixed + micro_batch * compute
 
 
-def launch_seconds(shape: ModelShape, image_patches: int, text_tokens: int) -> float:
-    """The fixed cost of one micro-batch: its decoder layers and vision blocks, and the Gated DeltaNet
-    layers' own kernels, whose scan is a Python loop over the chunks of the (padded) sequence."""
-    regions = shape.layers + shape.vision_depth
-    return regions * LAUNCH_S_PER_REGION + delta_seconds(
-        shape, image_patches, text_tokens, LAUNCH_S_PER_REGION
+def eager_micro_seconds(
+    shape: ModelShape, stage: TrainingRecipe, micro_batch: int, image_patches: int, text_tokens: int
+) -> float:
+    """One eager micro-batch of a stage, forward and backward, without recompute (the EAGER_* fit)."""
+    wrapped = lora_targets(shape, stage)
+    llm, vision = flops_by_part(shape, stage, image_patches, text_tokens)
+    compute = llm / (EAGER_LLM_TFLOPS * 1e12) + vision / (EAGER_VISION_TFLOPS * 1e12)
+    return (
+        launch_seconds(shape, image_patches, text_tokens)
+        + len(wrapped.get("llm", {})) * shape.layers * EAGER_S_PER_LORA_LLM
+        + len(wrapped.get("vision", {})) * shape.vision_depth * EAGER_S_PER_LORA_VISION
+        + micro_batch * compute
     )
+
+
+def launch_seconds(shape: ModelShape, image_patches: int, text_tokens: int) -> float:
+    """The fixed eager cost of one micro-batch's regions: its decoder layers and vision blocks, and the Gated
+    DeltaNet layers' own kernels, whose scan is a Python loop over the chunks of the (padded) sequence."""
+    regions = shape.layers + shape.vision_depth
+    return regions * EAGER_S_PER_REGION + delta_seconds(shape, image_patches, text_tokens, EAGER_S_PER_REGION)
 
 
 def delta_seconds(shape: ModelShape, image_patches: int, text_tokens: int, per_layer: float) -> float:

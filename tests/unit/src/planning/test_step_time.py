@@ -118,3 +118,29 @@ def test_a_4bit_stage_dequantized_on_every_use_is_predicted_slower_and_ranked_by
     tight = rank_settings(shape, r1, 16, 24 * GIB, PATCHES_644x476, 88, dequantize_choices=both)
     assert tight[0].fits and not tight[0].dequantized  # 13 GiB of copies do not fit beside it
     assert not any(c.dequantized for c in rank_settings(shape, r1, 16, 80 * GIB, PATCHES_644x476, 88))
+
+
+# Eager steps of the current core at 16 samples a step, 644x476 images (docs/benchmarks.md): 2B on one H100
+# (2026-12-07, eleventh session: the planner's setting and 4x4 with recompute), 7B r4 on H200s (2026-12-01
+# fifth session at 8x2; 2026-11-30 at 16x1 with recompute). The EAGER_* constants were fitted on these rows.
+EAGER_STEPS = (
+    ("2b", "r1-llm-only", 16, 1, False, 0.4392),
+    ("2b", "r1-llm-only", 4, 4, True, 1.6542),
+    ("2b", "r2-vision-only", 8, 2, False, 0.8155),
+    ("2b", "r2-vision-only", 4, 4, True, 1.8283),
+    ("2b", "r3-two-stage/0", 8, 2, False, 0.7969),
+    ("2b", "r3-two-stage/0", 4, 4, True, 1.696),
+    ("2b", "r3-two-stage/1", 16, 1, False, 0.4231),
+    ("2b", "r3-two-stage/1", 4, 4, True, 1.4578),
+    ("2b", "r4-joint", 8, 2, False, 0.9284),
+    ("2b", "r4-joint", 4, 4, True, 2.3896),
+    ("7b", "r4-joint", 8, 2, False, 1.376),
+    ("7b", "r4-joint", 16, 1, True, 1.853),
+)
+
+
+def test_eager_step_times_are_predicted_within_10_percent_of_what_was_measured():
+    for name, key, micro, accum, ckpt, measured in EAGER_STEPS:
+        shape = published_shape(name)
+        predicted = predict_step_seconds(shape, _stage(key), micro, accum, PATCHES_644x476, 88, ckpt)
+        assert abs(predicted - measured) / measured < 0.10, (name, key, micro, ckpt, predicted, measured)
