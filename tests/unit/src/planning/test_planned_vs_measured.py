@@ -204,3 +204,14 @@ def test_the_text_token_constants_are_what_the_bench_derives(tmp_path):
         assert stats["tokens"] == pvm.TOKENS_A_SAMPLE[name]
         assert stats["patches"] == sample.patches
         assert largest_sample(dataset, processor) == (sample.patches, pvm.LARGEST_TEXT_TOKENS[name])
+
+
+def test_the_table_in_the_benchmarks_is_what_the_planner_gives_today():
+    """docs/benchmarks.md keeps the script's table: a change to the planner regenerates it
+    (`python scripts/planned_vs_measured.py --markdown`), so the page never shows an old planner's columns."""
+    done = subprocess.run(
+        [sys.executable, str(SCRIPT), "--markdown"], capture_output=True, text=True, cwd=REPO, timeout=120
+    )
+    table = [line for line in done.stdout.splitlines() if line.startswith("| ")]
+    page = (REPO / "docs" / "benchmarks.md").read_text()
+    assert len(table) > 100 and "\n".join(table) in page
