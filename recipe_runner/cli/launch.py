@@ -37,10 +37,11 @@ from recipe_runner.cli.common import (
 from recipe_runner.host.gpus import GpuInfo, NvmlUnavailable, probe_cores, probe_gpus
 from recipe_runner.host.leases import lease_dir, reservations
 from recipe_runner.host.models import ModelUnavailable, local_model
-from recipe_runner.planning.estimates import estimate_recipes
+from recipe_runner.planning.estimates import estimate_settings
 from recipe_runner.planning.gpu_choice import GpuSelection, select_gpus
 from recipe_runner.planning.jobs import WORKER_ENV, JobSpec, new_launch_id, worker_command
 from recipe_runner.planning.lora import lora_problems, lora_sizes_from_args
+from recipe_runner.planning.makespan import makespan_line, quickest_plan
 from recipe_runner.planning.placement import Plan, core_slices, make_plan
 from recipe_runner.planning.request import (
     DEFAULT_MAX_JOBS_PER_GPU,
@@ -121,6 +122,8 @@ def run(
     launch_id, placed, selection, pool = place(args, request, worker, probe, launch_id)
     for name, memory in placed.memory.items():
         print(f"recipe-run: {name}: {memory.describe()}")
+    if line := makespan_line(placed):
+        print(f"recipe-run: {line}")
     if args.lr_search:
         _backend(args, pool)  # a Ray head is asked now: a bad one exits 2 before anything is written
         rooms = pool.rooms if pool is not None else None
@@ -364,8 +367,8 @@ def _make_plan(
     cores = os.cpu_count() or 1
     if selection is None or pool is None:
         return make_plan(request, launch_id, worker, None, {}, cores)
-    memory = estimate_recipes(request, min(gpu.memory_total_mib for gpu in selection.pool))
-    return make_plan(request, launch_id, worker, pool.rooms(), memory, cores)
+    settings = estimate_settings(request, min(gpu.memory_total_mib for gpu in selection.pool))
+    return quickest_plan(request, launch_id, worker, pool.rooms(), settings, cores)
 
 
 def _backend(args: argparse.Namespace, pool: GpuPool | None, cpu_jobs: int | None = None) -> Backend:

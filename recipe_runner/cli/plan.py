@@ -21,6 +21,7 @@ from recipe_runner.host.gpus import GpuInfo, cpu_list_text, probe_gpus
 from recipe_runner.planning.estimates import estimate_recipe, planner_inputs
 from recipe_runner.planning.gpu_choice import GpuSelection
 from recipe_runner.planning.jobs import bind_gpus
+from recipe_runner.planning.makespan import makespan_line
 from recipe_runner.planning.placement import Plan, sharing
 from recipe_runner.planning.request import LaunchRequest, PlanError
 
@@ -96,6 +97,8 @@ def print_plan(plan: Plan, selection: GpuSelection | None) -> None:
             print(f"  memory:  {plan.memory[job.recipe].describe()}")
         if plan.on_gpus:
             print(f"  placed:  {plan.reason(job)}")
+    if line := makespan_line(plan):
+        print(f"\n{line}")
 
 
 def print_sizes(request: LaunchRequest, sizes_gib: Sequence[float]) -> int:

@@ -54,6 +54,7 @@ class MemoryEstimate:
     compiled: bool = False  # the worker will torch.compile (src.planning.step_time.compile_chosen)
     offloaded: bool = False  # recompute's block inputs wait in host memory (--offload-activations)
     dequantized: bool = False  # a 4-bit recipe keeps bf16 copies of its weights (counted in predicted_gib)
+    share: int = 1  # planned to fit 1/share of the GPU, so that jobs run side by side (estimate_settings)
 
     @property
     def fits(self) -> bool:
@@ -274,14 +275,40 @@ def estimate_recipe(request: LaunchRequest, recipe, inputs, capacity_mib: int) -
     return replace(plan, train_s=round(per_stage * len(recipe.stages or (recipe,)), 1))
 
 
-def estimate_recipes(request: LaunchRequest, capacity_mib: int) -> dict[str, MemoryEstimate]:
+# With packing, each recipe is also planned as if it had this share of the GPU: the fastest setting in half,
+# a third and a quarter of it (recompute, no bf16 copies, and with --batch-size auto smaller micro-batches;
+# never against a flag the user set), for the makespan to weigh (recipe_runner/planning/makespan.py).
+SHARES = (2, 3, 4)
+
+
+def estimate_settings(request: LaunchRequest, capacity_mib: int) -> dict[str, list[MemoryEstimate]]:
+    """recipe -> its plans, the fastest that fits a GPU of `capacity_mib` first, then (packing) the fastest
+    that fit in each of SHARES of it, each smaller than the one before."""
+    inputs = None if request.shard else planner_inputs(request)
+    plans = estimate_recipes(request, capacity_mib, inputs)
+    if request.pack != "auto" or not plans:
+        return {recipe: [plan] for recipe, plan in plans.items()}
+    settings = {}
+    for name, best in plans.items():
+        found = [best]
+        for share in SHARES:
+            plan = estimate_recipe(request, request.recipe(name), inputs, capacity_mib // share)
+            if plan is not None and plan.fits and plan.predicted_gib < found[-1].predicted_gib:
+                why = f"; the fastest in 1/{share} of the GPU, so that jobs run side by side"
+                found.append(replace(plan, capacity_gib=best.capacity_gib, share=share, why=why))
+        settings[name] = found
+    return settings
+
+
+def estimate_recipes(request: LaunchRequest, capacity_mib: int, inputs=None) -> dict[str, MemoryEstimate]:
     """recipe -> the memory planner's plan of one rank on a GPU of `capacity_mib` (the pool's smallest).
 
     Empty where nothing can be planned (no local config.json or data set, --shard); with --batch-size
-    auto such a launch is refused, since the worker needs a number.
+    auto such a launch is refused, since the worker needs a number. `inputs`: planner_inputs, when read.
     """
     auto = request.flags.batch_size == "auto"
-    inputs = None if request.shard else planner_inputs(request)
+    if inputs is None and not request.shard:
+        inputs = planner_inputs(request)
     if inputs is None:
         if auto:
             raise PlanError(

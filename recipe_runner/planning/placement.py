@@ -157,6 +157,10 @@ class Plan:
     first_wave: tuple[tuple[GpuInfo, ...] | None, ...] = ()  # where each job starts; None: it queues
     memory: Mapping[str, MemoryEstimate] = field(default_factory=dict)  # recipe -> one rank's plan
     on_gpus: bool = False
+    # seconds from the first start to the last end (planning/makespan.py), and with every recipe at its
+    # fastest setting; None where not predicted
+    makespan_s: float | None = None
+    fastest_makespan_s: float | None = None
 
     def reason(self, job: JobSpec) -> str:
         """Why the job is placed as it is, in one line."""
