@@ -60,23 +60,35 @@ def test_a_chain_pauses_inside_its_first_stage_and_goes_on_into_the_second(
     assert (out / "stage1-vision" / "merged").is_dir()
 
 
-def test_a_search_trial_trains_without_its_validation_split_and_is_scored_on_it(
-    tiny_model_dir, tiny_data_dir, tmp_path
-):
-    out = tmp_path / "trial"
-    trial = ["--cpu", "--val-fraction", "0.2", "--eval-split", "validation", "--lr-scale", "3"]
+def _trial(recipe: str, tiny_model_dir, tiny_data_dir, out, *flags: str) -> subprocess.CompletedProcess:
+    """One search trial of the worker on the CPU, scored on its validation split; it must succeed."""
+    trial = ["--cpu", "--val-fraction", "0.2", "--eval-split", "validation", *flags]
     done = subprocess.run(
-        [*worker_argv("r1", tiny_model_dir, tiny_data_dir, out, *trial), "--pause-at", "1"],
+        worker_argv(recipe, tiny_model_dir, tiny_data_dir, out, *trial),
         capture_output=True,
         text=True,
         timeout=300,
     )
     assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+def _answers(out) -> list[str]:
+    return [json.loads(line)["text"] for line in (out / "predictions.jsonl").read_text().splitlines()]
+
+
+def test_a_search_trial_trains_without_its_validation_split_and_is_scored_on_it(
+    tiny_model_dir, tiny_data_dir, tmp_path
+):
+    out = tmp_path / "trial"
+    _trial("r1", tiny_model_dir, tiny_data_dir, out, "--lr-scale", "3", "--pause-at", "1")
     status = json.loads((out / "status.json").read_text())
     assert status["status"] == "succeeded" and status["paused"]["at"] == 1 and status["stages"] == []
     assert isinstance(status["val_loss"], float)
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["eval"]["split"] == "validation" and metrics["eval"]["val_fraction"] == 0.2
+    # a 4-bit trial is scored from its saved adapter on the bf16 base, as every QLoRA evaluation is
+    assert metrics["eval"]["in_memory"] is False
     from src.data.dataset import read_raw_records
 
     validation = read_raw_records(str(tiny_data_dir), "validation", val_fraction=0.2)
@@ -87,50 +99,18 @@ def test_a_trial_scored_in_memory_answers_as_its_saved_adapter_does(tiny_model_d
     from src.eval.evaluate import evaluate_output
 
     out = tmp_path / "trial"
-    trial = [
-        "--cpu",
-        "--val-fraction",
-        "0.2",
-        "--eval-split",
-        "validation",
-        "--learning-rate",
-        "3e-3",
-        "--max-steps",
-        "6",
-    ]
-    done = subprocess.run(
-        [*worker_argv("r4", tiny_model_dir, tiny_data_dir, out, *trial), "--pause-at", "2"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
+    flags = ("--learning-rate", "3e-3", "--max-steps", "6", "--pause-at", "2")
+    done = _trial("r4", tiny_model_dir, tiny_data_dir, out, *flags)
     assert "scoring the trained model in memory" in done.stderr
     assert json.loads((out / "status.json").read_text())["paused"]["at"] == 2  # a rung: step 2 of 6
     in_memory = json.loads((out / "metrics.json").read_text())
     assert in_memory["eval"]["in_memory"] is True
-    answers = [json.loads(line)["text"] for line in (out / "predictions.jsonl").read_text().splitlines()]
+    answers = _answers(out)
     # the same split scored from the saved adapter, loaded onto its base as `recipe-run eval` does
     reloaded = evaluate_output(out, str(tiny_data_dir), split="validation", device="cpu", val_fraction=0.2)
     assert reloaded["eval"]["in_memory"] is False
-    again = [json.loads(line)["text"] for line in (out / "predictions.jsonl").read_text().splitlines()]
-    assert len(answers) == reloaded["num_images"] > 0 and answers == again
+    assert len(answers) == reloaded["num_images"] > 0 and answers == _answers(out)
     assert (in_memory["f1"], in_memory["precision"]) == (reloaded["f1"], reloaded["precision"])
-
-
-def test_a_4bit_trial_is_scored_from_its_saved_adapter_on_the_bf16_base(
-    tiny_model_dir, tiny_data_dir, tmp_path
-):
-    out = tmp_path / "trial"
-    trial = ["--cpu", "--val-fraction", "0.2", "--eval-split", "validation"]
-    done = subprocess.run(
-        [*worker_argv("r1", tiny_model_dir, tiny_data_dir, out, *trial), "--pause-at", "1"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert json.loads((out / "metrics.json").read_text())["eval"]["in_memory"] is False
 
 
 def test_lr_scale_multiplies_every_stages_own_rate(tiny_model_dir, tiny_data_dir, tmp_path):
