@@ -57,7 +57,7 @@ class _Running:
 
 def predict_makespan(jobs: Sequence[TimedJob], rooms: Sequence[GpuRoom], max_jobs: int) -> float:
     """Seconds from the first start to the last end; infinite when some job can never be placed."""
-    waiting = [jobs[i] for i in start_order([job.fixed_s + job.train_s for job in jobs])]
+    waiting = [jobs[i] for i in start_order([job.train_s for job in jobs])]  # as the executor orders them
     running: list[_Running] = []
     now = 0.0
     while waiting or running:
