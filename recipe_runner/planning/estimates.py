@@ -173,9 +173,7 @@ def _plan(
     why="",
 ) -> MemoryEstimate:
     work = (workload.patches, workload.text_tokens)
-    dequantized = dequantized and bool(
-        dequantized_copy_bytes(shape, recipe)
-    )  # only a 4-bit recipe has copies
+    dequantized = dequantized and dequantized_copy_bytes(shape, recipe) > 0  # only a 4-bit recipe has copies
     how = {"compiled": compiled, "offloaded": offloaded, "dequantized": dequantized}
     estimate = estimate_recipe_memory(shape, recipe, batch_size, *work, checkpointing, **how)
     seconds = predict_step_seconds(shape, recipe, batch_size, grad_accum, *work, checkpointing, **how)
