@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -20,12 +20,20 @@ from recipe_runner.backends.base import Backend
 from recipe_runner.backends.loop import RunPolicy
 from recipe_runner.cli.common import UsageError, print_rows, report_or_say
 from recipe_runner.planning.estimates import rank_batch
+from recipe_runner.planning.makespan import TimedJob, predict_makespan
 from recipe_runner.planning.placement import GpuRoom, Plan
 from recipe_runner.planning.request import LaunchRequest
 from recipe_runner.results.live import LiveReporter, PlainReporter
 from recipe_runner.results.summary import JobResult, read_summary, render_summary
 from recipe_runner.search.run import SearchLaunch, SearchSetup, run_search
-from recipe_runner.search.rungs import DEFAULT_HALVING, default_grid, parse_grid, rung_steps, trial_steps
+from recipe_runner.search.rungs import (
+    DEFAULT_HALVING,
+    default_grid,
+    keep,
+    parse_grid,
+    rung_steps,
+    trial_steps,
+)
 from recipe_runner.search.study import SearchMismatch
 from src.contract.flags import AUTO_EFFECTIVE_BATCH, DEFAULT_DATASET
 from src.data.dataset import split_sizes
@@ -156,7 +164,34 @@ def cost(setup: SearchSetup, plan: Plan) -> dict[str, dict[str, Any]]:
     return rows
 
 
-def print_cost(setup: SearchSetup, plan: Plan, gpus: int) -> None:
+def search_makespan(setup: SearchSetup, plan: Plan, rooms: Sequence[GpuRoom], max_jobs: int) -> float | None:
+    """Seconds the search is predicted to take on these GPUs (planning/makespan.py): rung after rung, each
+    rung's trials of every recipe placed as the executor places them (a recipe's next rung waits for its own
+    trials' scores; recipes are taken to wait for each other too, so this errs long), then each recipe's
+    scoring on the test split. None without a memory plan."""
+    jobs = {job.recipe: job for job in plan.jobs}
+    rungs: dict[int, list[TimedJob]] = {}
+    for key, grid in setup.grids.items():
+        estimate, job = plan.memory.get(key), jobs.get(key)
+        if estimate is None or job is None or not estimate.train_s:
+            return None
+        step_s = estimate.train_s / setup.full_steps[key]
+        alive, done = len(grid), 0
+        for index, step in enumerate(setup.rungs[key]):
+            trial = TimedJob(job.reserve_mib, STARTUP_S, (step - done) * step_s, job.gpu_count)
+            rungs.setdefault(index, []).extend([trial] * alive)
+            done, alive = step, keep(alive, setup.eta)
+    scorings = [TimedJob(jobs[key].reserve_mib, STARTUP_S, 0.0, jobs[key].gpu_count) for key in setup.grids]
+    return sum(predict_makespan(trials, rooms, max_jobs) for trials in [*rungs.values(), scorings])
+
+
+def print_cost(
+    setup: SearchSetup,
+    plan: Plan,
+    gpus: int,
+    rooms: Sequence[GpuRoom] | None = None,
+    max_jobs: int = 1,
+) -> None:
     """What `plan --lr-search` adds: the search's trials, rungs and predicted cost, before anything starts."""
     rows = cost(setup, plan)
     table = [("recipe", "trials (rates)", "rungs end at step", "steps trained", "x one run", "GPU-hours")]
@@ -187,10 +222,14 @@ def print_cost(setup: SearchSetup, plan: Plan, gpus: int) -> None:
     if None not in searched and gpus:
         total = sum(searched)
         untuned = sum(row["untuned_gpu_hours"] for row in rows.values())
-        makespan = total / gpus  # the rungs' jobs pack and queue over the GPUs; a lower bound
+        simulated = search_makespan(setup, plan, rooms, max_jobs) if rooms else None
+        makespan = simulated / 3600 if simulated else total / gpus  # else a lower bound: all GPUs always busy
+        untuned_line = (
+            f" (the untuned comparison about {plan.makespan_s / 60:.0f} min)" if plan.makespan_s else ""
+        )
         print(
             f"predicted: {total:.2f} GPU-hours ({total / untuned:.2f}x the untuned comparison's "
-            f"{untuned:.2f}); makespan about {makespan * 60:.0f} min on {gpus} GPU(s)"
+            f"{untuned:.2f}); makespan about {makespan * 60:.0f} min on {gpus} GPU(s){untuned_line}"
         )
     else:
         print("predicted GPU-hours: unknown here (no memory plan: --cpu, Ray, or no local config.json)")

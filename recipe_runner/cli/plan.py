@@ -60,10 +60,12 @@ def run(args: argparse.Namespace, probe: Callable[[], list[GpuInfo]] = probe_gpu
 def show(
     args: argparse.Namespace, request: LaunchRequest, worker: list[str], probe: Callable[[], list[GpuInfo]]
 ) -> int:
-    _launch_id, placed, selection, _pool = launch.place(args, request, worker, probe)
+    _launch_id, placed, selection, pool = launch.place(args, request, worker, probe)
     print_plan(placed, selection)
     if args.lr_search:  # the jobs above are one untuned run of each recipe; the search's cost follows
-        lr_search.print_cost(lr_search.setup(args, request), placed, len(selection.pool) if selection else 0)
+        gpus = len(selection.pool) if selection else 0
+        rooms = pool.rooms() if pool is not None else None
+        lr_search.print_cost(lr_search.setup(args, request), placed, gpus, rooms, request.max_jobs)
     return 0
 
 

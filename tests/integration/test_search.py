@@ -173,6 +173,11 @@ def test_plan_shows_the_search_its_rungs_and_what_it_costs(host, config_only_7b,
     shown = capsys.readouterr().out
     assert "learning-rate search: halving 3" in shown and "100, 300, 900" in shown
     assert "1.67" in shown and "GPU-hours" in shown and "makespan about" in shown
+    # rung by rung, as the executor places the trials: never shorter than every GPU-hour on the one GPU
+    line = next(row for row in shown.splitlines() if row.startswith("predicted:"))
+    hours = float(line.split("predicted: ")[1].split(" GPU-hours")[0])
+    minutes = float(line.split("makespan about ")[1].split(" min")[0])
+    assert minutes >= hours * 60 - 1 and "(the untuned comparison about" in line
     assert not host.out.exists()
 
 
