@@ -306,7 +306,7 @@ def place_job(
                 with_flag(argv, flag_name("batch_size"), str(batch)), flag_name("grad_accum"), str(accum)
             )
         argv = with_flag(argv, flag_name("gradient_checkpointing"), "on" if plan.checkpointing else "off")
-        if _quantized(request.recipe(job.recipe)):  # bf16 copies or not, as reserved
+        if request.recipe(job.recipe).quantized:  # a 4-bit recipe (a chain: one of its stages): copies or not
             argv = with_flag(argv, flag_name("dequantize_once"), "on" if plan.dequantized else "off")
     elif ranks > 1:
         batch, accum = rank_batch(request.flags, ranks)
@@ -327,10 +327,6 @@ def place_job(
         reserve_mib=reserve,
         predicted_s=plan.train_s / split + _startup_s(ranks),
     )
-
-
-def _quantized(recipe) -> bool:
-    return any(stage.quantized for stage in recipe.stages or (recipe,))
 
 
 def _startup_s(ranks: int) -> float:

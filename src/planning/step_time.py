@@ -278,11 +278,10 @@ def rank_settings(
     the setting to run. `offloaded`: the settings with recompute offload its blocks' inputs.
     `dequantize_choices` (True, False) also weighs a 4-bit recipe's bf16 copies: faster, and larger."""
     budget = headroom * capacity_bytes
-    quantized = any(stage.quantized for stage in recipe.stages or (recipe,))
     found = []
     for micro in (d for d in range(1, samples_per_step + 1) if samples_per_step % d == 0):
         for ckpt, compiled, dequantized in itertools.product(
-            checkpointing_choices, compile_choices, dequantize_choices if quantized else (False,)
+            checkpointing_choices, compile_choices, dequantize_choices if recipe.quantized else (False,)
         ):
             how = {"compiled": compiled, "offloaded": offloaded, "dequantized": dequantized}
             accum = samples_per_step // micro

@@ -26,17 +26,25 @@ def only_launch(out: Path) -> Path:
     return launch
 
 
+def launched(
+    *args: str, out: Path, tmp_path: Path, timeout: float
+) -> tuple[subprocess.CompletedProcess, Path]:
+    """`recipe-run ARGS --output-dir OUT` with the real worker, which must succeed: (its run, its launch)."""
+    done = recipe_run(*args, "--output-dir", str(out), tmp_path=tmp_path, timeout=timeout)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
+    return done, only_launch(out)
+
+
 @pytest.mark.slow
 def test_r1_and_r3_on_cpu_with_the_real_worker(tiny_model_dir, tiny_data_dir, tmp_path) -> None:
     out = tmp_path / "out"
-    done = recipe_run(
+    done, launch = launched(
         *("--recipes", "r1,r3", "--cpu", "--model-id", str(tiny_model_dir), "--dataset", str(tiny_data_dir)),
-        *("--max-steps", "2", "--batch-size", "2", "--no-wandb", "--output-dir", str(out)),
+        *("--max-steps", "2", "--batch-size", "2", "--no-wandb"),
+        out=out,
         tmp_path=tmp_path,
         timeout=600,
     )
-    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
-    launch = only_launch(out)
     summary = json.loads((launch / "summary.json").read_text())
     jobs = {j["recipe"]: j for j in summary["jobs"]}
     assert [j["status"] for j in jobs.values()] == ["succeeded", "succeeded"]
@@ -83,20 +91,18 @@ def test_r1_and_r3_on_cpu_with_the_real_worker(tiny_model_dir, tiny_data_dir, tm
 @pytest.mark.slow
 def test_demo_builds_fixtures_and_runs_every_recipe(tmp_path) -> None:
     fixtures, out = tmp_path / "fixtures", tmp_path / "out"
-    done = recipe_run(
+    _, launch = launched(
         # A guard against a hang, not the speed target: `make demo` took 6 min 15 s on 2 idle cores
         # (README); a CI machine shared with other work must not fail it.
         "demo",
         "--fixtures",
         str(fixtures),
-        "--output-dir",
-        str(out),
+        out=out,
         tmp_path=tmp_path,
         timeout=1500,
     )
-    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
     assert (fixtures / "tiny-qwen2-vl" / "config.json").is_file()
-    summary = json.loads((only_launch(out) / "summary.json").read_text())
+    summary = json.loads((launch / "summary.json").read_text())
     assert [j["status"] for j in summary["jobs"]] == ["succeeded"] * 4
     assert "--max-steps" in summary["command"] and "--no-wandb" in summary["command"]
     launch = only_launch(out)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.test_end_to_end import ROOT, only_launch, recipe_run
+from tests.integration.test_end_to_end import ROOT, launched
 
 pytestmark = pytest.mark.slow
 
@@ -56,14 +56,13 @@ def piece_of(name: str) -> str:
 def test_every_recipe_trains_a_hub_layout_qwen3_vl_on_a_coco_set(tiny_qwen3_vl_dir, tiny_coco_dir, tmp_path):
     coco = tiny_coco_dir
     out = tmp_path / "out"
-    done = recipe_run(
+    _, launch = launched(
         *("--recipes", "all", "--cpu", "--model-id", str(tiny_qwen3_vl_dir), "--dataset", str(coco)),
-        *("--max-steps", "2", "--batch-size", "2", "--no-wandb", "--output-dir", str(out)),
+        *("--max-steps", "2", "--batch-size", "2", "--no-wandb"),
+        out=out,
         tmp_path=tmp_path,
         timeout=900,
     )
-    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
-    launch = only_launch(out)
     summary = json.loads((launch / "summary.json").read_text())
     assert {j["recipe"]: j["status"] for j in summary["jobs"]} == {
         "r1-llm-only": "succeeded",
@@ -100,7 +99,7 @@ def test_qwen3_5_trains_its_hybrid_llm_and_its_tower(tiny_qwen3_5_dir, tiny_data
     """Qwen3.5: r1's adapter reaches the Gated DeltaNet layers beside full attention; r4's the tower and the
     merger too (Qwen3.5 has no DeepStack)."""
     out = tmp_path / "out"
-    done = recipe_run(
+    _, launch = launched(
         *(
             "--recipes",
             "r1,r4",
@@ -110,12 +109,11 @@ def test_qwen3_5_trains_its_hybrid_llm_and_its_tower(tiny_qwen3_5_dir, tiny_data
             "--dataset",
             str(tiny_data_dir),
         ),
-        *("--max-steps", "2", "--batch-size", "2", "--no-wandb", "--output-dir", str(out)),
+        *("--max-steps", "2", "--batch-size", "2", "--no-wandb"),
+        out=out,
         tmp_path=tmp_path,
         timeout=900,
     )
-    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
-    launch = only_launch(out)
     assert adapter_pieces(launch / "r1-llm-only" / "adapter") == {"llm"}
     assert adapter_pieces(launch / "r4-joint" / "adapter") == {"vision", "merger", "llm"}
     from safetensors import safe_open

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from safetensors import safe_open
 
-from tests.integration.test_end_to_end import ROOT, only_launch, recipe_run
+from tests.integration.test_end_to_end import ROOT, launched
 
 
 @pytest.mark.slow
@@ -17,15 +17,14 @@ def test_r5_from_the_example_file_trains_and_saves_its_merger(
     tiny_model_dir, tiny_data_dir, tmp_path
 ) -> None:
     out = tmp_path / "out"
-    done = recipe_run(
+    _, launch = launched(
         *("--recipes-file", str(ROOT / "examples" / "r5.toml"), "--recipes", "r5", "--cpu"),
-        *("--model-id", str(tiny_model_dir), "--dataset", str(tiny_data_dir), "--output-dir", str(out)),
+        *("--model-id", str(tiny_model_dir), "--dataset", str(tiny_data_dir)),
         *("--max-steps", "2", "--batch-size", "2", "--no-wandb", "--skip-eval"),
+        out=out,
         tmp_path=tmp_path,
         timeout=300,
     )
-    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
-    launch = only_launch(out)
     (job,) = json.loads((launch / "summary.json").read_text())["jobs"]
     assert (job["recipe"], job["status"]) == ("r5-llm-merger", "succeeded")
     assert job["argv"][job["argv"].index("--recipes-file") + 1] == str(ROOT / "examples" / "r5.toml")

@@ -186,18 +186,24 @@ def test_a_real_tiny_search_on_the_cpu_chooses_on_validation_and_scores_on_test(
     tiny_model_dir, tiny_data_dir, tmp_path
 ):
     from src.data.dataset import read_raw_records
-    from tests.integration.test_end_to_end import only_launch, recipe_run
+    from tests.integration.test_end_to_end import launched
 
     out = tmp_path / "out"
-    done = recipe_run(
+    _, launch = launched(
         *("--recipes", "r1,r4", "--cpu", "--lr-search", "--lr-grid", "1e-3,3e-3,1e-2", "--max-steps", "3"),
-        *("--model-id", str(tiny_model_dir), "--dataset", str(tiny_data_dir), "--no-wandb"),
-        *("--batch-size", "2", "--output-dir", str(out)),
+        *(
+            "--model-id",
+            str(tiny_model_dir),
+            "--dataset",
+            str(tiny_data_dir),
+            "--no-wandb",
+            "--batch-size",
+            "2",
+        ),
+        out=out,
         tmp_path=tmp_path,
         timeout=900,
     )
-    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
-    launch = only_launch(out)
     report = json.loads((launch / "report.json").read_text())
     trials = report["search"]["trials"]
     assert len(trials) == 6 and set(report["search"]["chosen"]) == {"r1-llm-only", "r4-joint"}

@@ -39,6 +39,13 @@ def test_r3_is_vision_then_llm_as_data():
     assert (stage2.trains(), stage2.quantized) == (["llm"], True)
 
 
+def test_a_chain_is_quantized_when_one_of_its_stages_is():
+    # the planner asks a recipe, not its stages, whether it has 4-bit weights to dequantize
+    for recipe in RECIPES.values():
+        if recipe.stages:
+            assert recipe.quantized == any(stage.quantized for stage in recipe.stages), recipe.name
+
+
 def test_recipes_are_frozen_and_problems_name_the_field():
     with pytest.raises(FrozenInstanceError):
         RECIPES["r1-llm-only"].learning_rate = 1.0
