@@ -4,13 +4,14 @@
 # two recipes on two GPUs against the longer alone (pair, pairalone), one 7B recipe sharded over two
 # GPUs, and a real out-of-memory retry. Run from the repo root:
 #
-#   scripts/gpu_fanout.sh OUT_DIR PART...   PART: gputests setup bench7b bench2b 2b 7b alone pair pairalone shard oom
+#   scripts/gpu_fanout.sh OUT_DIR PART...   PART: gputests setup setuptests bench7b bench2b 2b 7b alone pair pairalone shard oom
 #                                                  queue1 pack1 both1 pack2 ddp ddpalone pack1mps pairs pairoff
 #                                                  step7b step2b compile7b varlen7b varlen2b
 #                                                  compilevar7b cands7b final7b final2b r1c2b offload7b
 #                                                  fit7b q2b q7b off7b attn7b r12c7b hp7b r3p7b eager7b
 #                                                  quiet7b mem7b r13q7b mem8 r24q7b low7b
-#                                                  search7b-untuned search7b q3vl q3vl2 q3vl3
+#                                                  search7b-untuned search7b search2b-untuned search2b
+#                                                  evalmixed7b ttr7b q3vl q3vl2 q3vl3
 #                                                  mixed7b mixed7bu trial7b underload plan2b
 #
 # gputests runs every GPU test of the suite (`pytest tests -m gpu`): run it whenever training, evaluation or
@@ -83,12 +84,21 @@ for part in "$@"; do
       for shape in ${SHAPES:-2b 7b}; do
         [ -f "$work/$shape/config.json" ] || python3 -m src.fixtures.shapes --shape "$shape" --out "$work/$shape"
       done ;;
-    search7b-untuned)  # issue "fair verdict": r1-r4 at their own rates, 7B, one GPU (the cost's reference)
-      launch search7b-untuned --recipes all --gpus 0 --model-id "$work/7b" "${common[@]}" --eval-samples 16 ;;
-    search7b)  # the same launch as a 5-rate search with halving 3, same steps and data, one GPU
-      "${recipe_run[@]}" plan --recipes all --gpus 0 --model-id "$work/7b" "${common[@]}" --lr-search \
-        2>&1 | tail -n 12 | tee "$out/search7b-plan.log"
-      launch search7b --recipes all --gpus 0 --model-id "$work/7b" "${common[@]}" --eval-samples 16 --lr-search ;;
+    search7b-untuned|search2b-untuned)  # issue "fair verdict": r1-r4 at their own rates, one GPU (the cost's
+      # reference), at the shape the part names
+      shape=${part#search}
+      launch "$part" --recipes all --gpus 0 --model-id "$work/${shape%-untuned}" "${common[@]}" --eval-samples 16 ;;
+    search7b|search2b)  # the same launch as a 5-rate search with halving 3, same steps and data, one GPU
+      "${recipe_run[@]}" plan --recipes all --gpus 0 --model-id "$work/${part#search}" "${common[@]}" --lr-search \
+        2>&1 | tail -n 12 | tee "$out/$part-plan.log"
+      launch "$part" --recipes all --gpus 0 --model-id "$work/${part#search}" "${common[@]}" --eval-samples 16 \
+        --lr-search ;;
+    evalmixed7b)  # issue "speed on real data": evaluation of 256 images of COCO's sizes with 64-token answers
+      # (the 7B of `setup`), batched by size with the dynamic cache and with the static one, each profiled
+      python3 -m src.bench.decoding --model-dir "$work/7b" --image-sizes mixed --samples 256 --max-new-tokens 64 \
+        --paths sorted,static --profile sorted,static --out "$work/evalmixed7b" 2>&1 | tee "$out/evalmixed7b.log" || true
+      mkdir -p "$out/evalmixed7b"
+      cp "$work"/evalmixed7b/eval_bench.* "$work"/evalmixed7b/profile-decode-* "$out/evalmixed7b/" || true ;;
     q3vl)  # issue "Qwen3-VL": every GPU test while the random Qwen3-VL-8B is built beside them, then 8B r4
       # compiled against the bare loop at its best, planned against measured peak in each row (~9 min)
       build_shape qwen3-vl-8b &
@@ -127,6 +137,17 @@ for part in "$@"; do
     plan2b)  # issue "packing you can trust": 2B, every recipe and stage eager at the planner's setting (fast) and
       # with recompute (lean), planned against measured peak and step in each row (~4 min)
       step_bench plan2b --shape 2b --recipes r1,r2,r3,r4 --variants fast,lean ;;
+    ttr7b)  # issue "speed on real data": a user's whole run at the defaults, evaluation on: r1-r4 at 7B packed
+      # onto GPU 0, then queued one at a time (--pack off); STEPS steps (60 for the issue's figure; ~8 min)
+      user=(--recipes all --gpus 0 --model-id "$work/7b" --dataset "$work/data" --max-steps "$steps" --no-wandb
+        --save-steps 0 --plain)
+      "${recipe_run[@]}" plan "${user[@]}" 2>&1 | tail -n 3 | tee "$out/ttr7b-plan.log"
+      launch ttr7b-pack "${user[@]}"
+      launch ttr7b-off "${user[@]}" --pack off ;;
+    setuptests)  # setup (building the random models on the GPU) beside every GPU test, to save a call's minutes
+      "$0" "$out" setup > "$out/setup.log" 2>&1 &
+      gpu_tests gputests tests
+      wait ;;
     gputests)  # every test marked gpu (run it whenever training, evaluation or the planner change; ~4 min)
       gpu_tests gputests tests ;;
     2b)  # `make all-recipes` on a pseudo-terminal, so the live status table is drawn; `script` keeps it

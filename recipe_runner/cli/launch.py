@@ -148,6 +148,8 @@ def prepare(args: argparse.Namespace) -> tuple[LaunchRequest, list[str]]:
     if problems := validate(args):
         raise UsageError("\n  ".join(problems), f"see 'recipe-run {args.command} --help'")
     request = request_from_args(args)
+    if args.lr_search:
+        request = lr_search.eager_trials(request)
     try:
         worker = worker_command()
     except ValueError as error:

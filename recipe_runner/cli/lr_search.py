@@ -20,7 +20,7 @@ from recipe_runner.backends.base import Backend
 from recipe_runner.backends.loop import RunPolicy
 from recipe_runner.cli.common import UsageError, print_rows, report_or_say
 from recipe_runner.planning.estimates import rank_batch
-from recipe_runner.planning.makespan import TimedJob, predict_makespan
+from recipe_runner.planning.makespan import TimedJob, fixed_seconds, predict_makespan
 from recipe_runner.planning.placement import GpuRoom, Plan
 from recipe_runner.planning.request import LaunchRequest
 from recipe_runner.results.live import LiveReporter, PlainReporter
@@ -32,6 +32,7 @@ from recipe_runner.search.rungs import (
     keep,
     parse_grid,
     rung_steps,
+    trial_jobs,
     trial_steps,
 )
 from recipe_runner.search.study import SearchMismatch
@@ -41,7 +42,6 @@ from src.planning.step_time import stage_steps
 
 DEFAULT_VAL_FRACTION = 0.1
 SELECTABLE = ("f1", "precision", "recall", "map_50", "map_50_95", "mean_iou")  # keys of metrics.json
-STARTUP_S = 30.0  # a job's start and its validation scoring, for the cost shown before a search
 
 
 def add_flags(p: argparse.ArgumentParser) -> None:
@@ -138,6 +138,15 @@ def _steps_per_stage(request: LaunchRequest, fraction: float) -> int:
     return stage_steps(-1, flags.effective("epochs"), images, samples)
 
 
+def eager_trials(request: LaunchRequest) -> LaunchRequest:
+    """A search's jobs train eager unless --compile on was asked. --compile auto compiles stages of 500 steps
+    or more, where one compile (about 110 s cold) repays itself over a whole run; but every trial job would
+    compile again for the part of the run its rung trains (36 jobs for four recipes at five rates)."""
+    if request.flags.effective("compile") == "auto":
+        return replace(request, flags=request.flags.replace(compile="off"))
+    return request
+
+
 def with_trial_flags(request: LaunchRequest, setup: SearchSetup) -> LaunchRequest:
     """Every trial trains at the full budget's schedule without its validation split (the rung pauses it)."""
     flags = request.flags.replace(max_steps=setup.stage_steps, val_fraction=setup.val_fraction)
@@ -145,23 +154,48 @@ def with_trial_flags(request: LaunchRequest, setup: SearchSetup) -> LaunchReques
 
 
 def cost(setup: SearchSetup, plan: Plan) -> dict[str, dict[str, Any]]:
-    """Per recipe: trials, rungs, the steps it trains and its predicted GPU-hours, against one untuned run
-    (the planner's step time; each trial job also pays its start and its validation scoring, STARTUP_S)."""
+    """Per recipe: trials, rungs, the steps it trains, its jobs and its predicted GPU-hours, against one
+    untuned run (the planner's step time; every job, each trial's at each rung and the test scoring, also
+    pays a job's fixed seconds: its start, loading its model, its scoring)."""
     rows: dict[str, dict[str, Any]] = {}
     for key, grid in setup.grids.items():
         estimate = plan.memory.get(key)
         full = setup.full_steps[key]
         step_s = estimate.train_s / full if estimate and estimate.train_s else None
         trained = trial_steps(full, len(grid), setup.eta)
+        jobs = trial_jobs(len(grid), setup.eta) + 1  # and the chosen run's one scoring on the test split
+        fixed = _fixed_s(setup, key)
         rows[key] = {
             "trials": len(grid),
             "rungs": setup.rungs[key],
             "trained_steps": trained,
             "x_untuned": trained / full,
-            "gpu_hours": None if step_s is None else (trained * step_s + STARTUP_S * len(grid)) / 3600,
-            "untuned_gpu_hours": None if step_s is None else (full * step_s + STARTUP_S) / 3600,
+            "jobs": jobs,
+            "fixed_s": fixed,
+            "step_s": step_s,
+            "gpu_hours": None if step_s is None else (trained * step_s + fixed * jobs) / 3600,
+            "untuned_gpu_hours": None if step_s is None else (full * step_s + fixed) / 3600,
         }
     return rows
+
+
+def _fixed_s(setup: SearchSetup, recipe: str) -> float:
+    """A job's fixed seconds for this recipe (a chain loads a model for each of its stages)."""
+    return fixed_seconds(setup.full_steps[recipe] // setup.stage_steps)
+
+
+def twice_untuned_steps(setup: SearchSetup, rows: dict[str, dict[str, Any]]) -> int | None:
+    """--max-steps from which the search costs at most 2x the untuned comparison's GPU-hours: its jobs'
+    fixed seconds weigh less as the runs grow, and its steps stay x_untuned (1.67) of the untuned runs'.
+    None where it never does (halving 1 trains every rate to the full budget: 5x the steps)."""
+    fixed_excess = sum((row["jobs"] - 2) * row["fixed_s"] for row in rows.values())
+    per_step = sum(
+        (2 - row["x_untuned"]) * row["step_s"] * setup.full_steps[key] / setup.stage_steps
+        for key, row in rows.items()
+    )
+    if per_step <= 0:
+        return None
+    return max(1, round(fixed_excess / per_step))
 
 
 def search_makespan(setup: SearchSetup, plan: Plan, rooms: Sequence[GpuRoom], max_jobs: int) -> float | None:
@@ -178,10 +212,12 @@ def search_makespan(setup: SearchSetup, plan: Plan, rooms: Sequence[GpuRoom], ma
         step_s = estimate.train_s / setup.full_steps[key]
         alive, done = len(grid), 0
         for index, step in enumerate(setup.rungs[key]):
-            trial = TimedJob(job.reserve_mib, STARTUP_S, (step - done) * step_s, job.gpu_count)
+            trial = TimedJob(job.reserve_mib, _fixed_s(setup, key), (step - done) * step_s, job.gpu_count)
             rungs.setdefault(index, []).extend([trial] * alive)
             done, alive = step, keep(alive, setup.eta)
-    scorings = [TimedJob(jobs[key].reserve_mib, STARTUP_S, 0.0, jobs[key].gpu_count) for key in setup.grids]
+    scorings = [
+        TimedJob(jobs[key].reserve_mib, _fixed_s(setup, key), 0.0, jobs[key].gpu_count) for key in setup.grids
+    ]
     return sum(predict_makespan(trials, rooms, max_jobs) for trials in [*rungs.values(), scorings])
 
 
@@ -231,8 +267,28 @@ def print_cost(
             f"predicted: {total:.2f} GPU-hours ({total / untuned:.2f}x the untuned comparison's "
             f"{untuned:.2f}); makespan about {makespan * 60:.0f} min on {gpus} GPU(s){untuned_line}"
         )
+        _print_budget_line(setup, rows, total / untuned)
     else:
         print("predicted GPU-hours: unknown here (no memory plan: --cpu, Ray, or no local config.json)")
+
+
+def _print_budget_line(setup: SearchSetup, rows: dict[str, dict[str, Any]], ratio: float) -> None:
+    """Why a short search costs over 2x (each job pays a fixed start), and from where it does not."""
+    if ratio <= 2:
+        return
+    jobs = sum(row["jobs"] for row in rows.values())
+    fixed = sorted({round(row["fixed_s"]) for row in rows.values()})
+    seconds = f"{fixed[0]}" if len(fixed) == 1 else f"{fixed[0]}-{fixed[-1]}"
+    steps = twice_untuned_steps(setup, rows)
+    where = (
+        f"at most 2x from about --max-steps {steps}"
+        if steps is not None
+        else "never 2x: with --halving 1 every rate trains the full budget"
+    )
+    print(
+        f"  the search starts {jobs} jobs where the untuned comparison starts {len(rows)}, each paying about "
+        f"{seconds} s besides its training (start, model, scoring); that weighs less as runs grow: {where}"
+    )
 
 
 def run(

@@ -91,3 +91,13 @@ def trial_steps(full_steps: int, trials: int, eta: int) -> int:
         total += alive * (step - done)
         done, alive = step, keep(alive, eta)
     return total
+
+
+def trial_jobs(trials: int, eta: int) -> int:
+    """Jobs one recipe's search starts before its test scoring: one for each live trial at each rung (5 trials
+    at eta 3: 5 + 2 + 1). Each pays a job's fixed cost (its start, its model, its validation scoring)."""
+    alive, jobs = trials, 0
+    for _ in range(rung_count(trials, eta)):
+        jobs += alive
+        alive = keep(alive, eta)
+    return jobs

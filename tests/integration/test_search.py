@@ -179,6 +179,22 @@ def test_plan_shows_the_search_its_rungs_and_what_it_costs(host, config_only_7b,
     minutes = float(line.split("makespan about ")[1].split(" min")[0])
     assert minutes >= hours * 60 - 1 and "(the untuned comparison about" in line
     assert not host.out.exists()
+    # 900 steps is long enough for --compile auto to compile a whole run, but each trial job would compile
+    # again for its part: every job of the search is planned and run eager
+    commands = [row for row in shown.splitlines() if row.strip().startswith("command:")]
+    assert len(commands) == 4 and all("--compile off" in row for row in commands)
+    # every trial job at every rung pays a job's fixed seconds (5 + 2 + 1 and the test scoring, per recipe)
+    assert "the search starts 36 jobs where the untuned comparison starts 4" in shown
+    assert "at most 2x from about --max-steps" in shown
+
+
+def test_a_search_keeps_compile_on_where_it_was_asked(host, config_only_7b, capsys, monkeypatch):
+    model, data = config_only_7b
+    host.set_gpus(monkeypatch, '[{"memory_total_mib": 81559}]')
+    argv = ["plan", "--recipes", "r4", "--lr-search", "--model-id", str(model), "--dataset", str(data)]
+    assert main([*argv, "--max-steps", "90", "--batch-size", "4", "--gpus", "0", "--compile", "on"]) == 0
+    command = next(row for row in capsys.readouterr().out.splitlines() if "command:" in row)
+    assert "--compile on" in command
 
 
 @pytest.mark.slow

@@ -14,6 +14,7 @@ from recipe_runner.search.rungs import (
     promoted,
     rung_count,
     rung_steps,
+    trial_jobs,
     trial_steps,
 )
 
@@ -85,3 +86,10 @@ def test_the_search_costs_five_thirds_of_one_full_run_per_recipe():
     assert trial_steps(900, 5, 3) == 1500
     assert trial_steps(900, 5, 1) == 4500
     assert trial_steps(27, 3, 3) == 3 * 9 + 1 * 18
+
+
+def test_every_live_trial_is_a_job_at_every_rung():
+    # 5 trials at eta 3: 5 jobs to the first rung, 2 to the second, 1 to the full budget
+    assert trial_jobs(5, 3) == 8
+    assert trial_jobs(5, 1) == 5  # no halving: one job each, to the full budget
+    assert trial_jobs(3, 3) == 3 + 1
