@@ -54,7 +54,7 @@ def add_flags(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="try each recipe at several learning rates by successive halving on the validation split; "
         "the report compares each at its chosen rate, on the test split only (`plan --lr-search` shows the "
-        "cost first)",
+        "cost first); its jobs train eager unless --compile on",
     )
     search.add_argument(
         "--lr-grid",
