@@ -16,6 +16,8 @@ import statistics
 import time
 from pathlib import Path
 
+from src.bench.measure import synchronize
+
 TOP_OPS = 15
 TABLE_ROWS = 30
 
@@ -30,11 +32,11 @@ def step_clock():
             self.calls: list[list[float]] = []  # per generate() call: its start, then each step's end
 
         def begin(self) -> None:
-            _synchronize()
+            synchronize()
             self.calls.append([time.perf_counter()])
 
         def __call__(self, input_ids, scores):
-            _synchronize()
+            synchronize()
             self.calls[-1].append(time.perf_counter())
             return scores
 
@@ -89,12 +91,12 @@ def profile_path(name: str, model, processor, records: list, run: dict, batch: i
     if cuda:
         activities.append(torch.profiler.ProfilerActivity.CUDA)
     stats, syncs = GenerationStats(), SyncSites()
-    _synchronize()
+    synchronize()
     with torch.profiler.profile(activities=activities) as profiler:
         syncs.start()
         started = time.perf_counter()
         predict_records(model, processor, chunk, stats=stats, **once)
-        _synchronize()
+        synchronize()
         wall = time.perf_counter() - started
         syncs.stop()
     averages = profiler.key_averages()
@@ -179,10 +181,3 @@ def _top(averages, attribute: str, count: int = TOP_OPS) -> list[dict]:
 
 def _share(busy_us: float | None, seconds: float) -> float | None:
     return round(min(1.0, busy_us / (seconds * 1e6)), 4) if busy_us is not None and seconds else None
-
-
-def _synchronize() -> None:
-    import torch
-
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()

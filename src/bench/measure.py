@@ -52,7 +52,7 @@ class StepTimer:
         done = len(self.ends) + 1
         last_measured = self.warmup + self.measured_steps if self.measured_steps is not None else None
         if done in (1, last_measured) or not self.events:
-            _synchronize()
+            synchronize()
         self.ends.append(time.perf_counter())
         if len(self.ends) == self.warmup and self.on_warm:
             self.on_warm()
@@ -67,7 +67,7 @@ class StepTimer:
         """Durations of the steps after warm-up (each includes its data loading and logging), up to
         `measured_steps` of them (steps after those, such as profiled ones, are not counted)."""
         if self.events:
-            _synchronize()  # every event recorded so far has happened
+            synchronize()  # every event recorded so far has happened
             durations = [a.elapsed_time(b) / 1000 for a, b in zip(self.events, self.events[1:], strict=False)]
         else:
             edges = [self.started, *self.ends]
@@ -82,7 +82,7 @@ class StepTimer:
 
         class _Callback(TrainerCallback):
             def on_train_begin(self, args, state, control, **kwargs):
-                _synchronize()
+                synchronize()
                 timer.begin()
 
             def on_step_end(self, args, state, control, **kwargs):
@@ -105,7 +105,8 @@ def _record_event():
     return event
 
 
-def _synchronize() -> None:
+def synchronize() -> None:
+    """Wait for the GPU's queued work, where there is a GPU."""
     import torch
 
     if torch.cuda.is_available():
@@ -154,7 +155,7 @@ class StepProfiler:
             self.syncs.start()
             self.profiler.start()
         elif steps_done == self.warmup + self.steps and self.profiler is not None:
-            _synchronize()  # the profiled steps' kernels have all run before the trace closes
+            synchronize()  # the profiled steps' kernels have all run before the trace closes
             self.profiler.stop()
             self.syncs.stop()
             self._export()
