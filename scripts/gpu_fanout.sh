@@ -94,9 +94,11 @@ for part in "$@"; do
       launch "$part" --recipes all --gpus 0 --model-id "$work/${part#search}" "${common[@]}" --eval-samples 16 \
         --lr-search ;;
     evalmixed7b)  # issue "speed on real data": evaluation of 256 images of COCO's sizes with 64-token answers
-      # (the 7B of `setup`), batched by size with the dynamic cache and with the static one, each profiled
+      # (the 7B of `setup`), batched by size: the models' own attention and the fast attention (both profiled),
+      # then the fast attention with the static cache (~5 min)
       python3 -m src.bench.decoding --model-dir "$work/7b" --image-sizes mixed --samples 256 --max-new-tokens 64 \
-        --paths sorted,static --profile sorted,static --out "$work/evalmixed7b" 2>&1 | tee "$out/evalmixed7b.log" || true
+        --paths sorted,fast,fast-static --profile sorted,fast --out "$work/evalmixed7b" 2>&1 \
+        | tee "$out/evalmixed7b.log" || true
       mkdir -p "$out/evalmixed7b"
       cp "$work"/evalmixed7b/eval_bench.* "$work"/evalmixed7b/profile-decode-* "$out/evalmixed7b/" || true ;;
     q3vl)  # issue "Qwen3-VL": every GPU test while the random Qwen3-VL-8B is built beside them, then 8B r4

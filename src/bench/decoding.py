@@ -17,7 +17,10 @@ evaluation on COCO decodes them. A data set of your own (--dataset) has its own 
 Paths (--paths): `today` (batch 8, images in file order, dynamic cache: what evaluation did before),
 `sorted` (batch sized from free GPU memory, images grouped by size), `static` (as sorted, with a static
 KV cache, so transformers compiles the decoding step on a GPU; its first batch of each shape pays the
-compile, so it runs once untimed first). The model is loaded once and every path decodes the same images.
+compile, so it runs once untimed first), `fast` and `fast-static` (as sorted and static, with the fast
+attention calls: the LLM's decoding steps with query heads grouped onto their key/value heads, no copy of
+the KV cache, and the vision tower in one call a block; src/eval/predict.py FAST_ATTENTION). The model is
+loaded once and every path decodes the same images.
 
 `--profile sorted[,static...]` (paths among --paths): after that path's timed run, its first batch is
 decoded once more step by step (prefill vs decoding-step ms, no profiler) and once under torch.profiler;
@@ -26,7 +29,8 @@ self CUDA and CPU time, host syncs): src/bench/decode_profile.py.
 
 Prints and writes OUT/eval_bench.json and OUT/eval_bench.md: per path images/s (whole predict loop:
 image loading, processor, generate), decoded tokens/s (answer tokens up to each end token), decoding
-steps, batch size, peak GPU memory, and how many answers equal today's. Random weights never emit the end
+steps, batch size, peak GPU memory, and how many answers equal the reference path's (today when it runs,
+else the first of --paths). Random weights never emit the end
 token, so every answer runs to --max-new-tokens: the worst case, which is what the target measures
 (issue 14: >= 16 images/s for the 7B shape, 256 images, 64-token answers, one H200).
 """
@@ -47,9 +51,16 @@ from src.utils.files import write_json_atomic, write_text_atomic
 
 log = logging.getLogger("eval-bench")
 PATHS = {
-    "today": {"batch_size": CPU_EVAL_BATCH, "sort_by_size": False, "decode": "plain"},
-    "sorted": {"batch_size": "auto", "sort_by_size": True, "decode": "plain"},
-    "static": {"batch_size": "auto", "sort_by_size": True, "decode": "static"},
+    "today": {
+        "batch_size": CPU_EVAL_BATCH,
+        "sort_by_size": False,
+        "decode": "plain",
+        "fast_attention": False,
+    },
+    "sorted": {"batch_size": "auto", "sort_by_size": True, "decode": "plain", "fast_attention": False},
+    "static": {"batch_size": "auto", "sort_by_size": True, "decode": "static", "fast_attention": False},
+    "fast": {"batch_size": "auto", "sort_by_size": True, "decode": "plain", "fast_attention": True},
+    "fast-static": {"batch_size": "auto", "sort_by_size": True, "decode": "static", "fast_attention": True},
 }
 TARGET_IMAGES_PER_S = 16.0
 
@@ -198,8 +209,18 @@ def time_path(
 
 
 def render(rows: list[dict], meta: dict) -> str:
-    head = ["path", "batch", "sorted", "decode", "images/s", "decoded tokens/s", "steps", "tokens/image"]
-    head += ["seconds", "peak GiB", "same answers as today"]
+    head = [
+        "path",
+        "batch",
+        "sorted",
+        "decode",
+        "fast attention",
+        "images/s",
+        "decoded tokens/s",
+        "steps",
+        "tokens/image",
+    ]
+    head += ["seconds", "peak GiB", f"same answers as {meta['reference']}"]
     lines = [
         f"# Evaluation decoding speed: {meta['model']}",
         "",
@@ -213,9 +234,16 @@ def render(rows: list[dict], meta: dict) -> str:
         "|" + " --- |" * len(head),
     ]
     for r in rows:
-        cells = [r["path"], r["batch_size"], r["sort_by_size"], r["decode"], r["images_per_s"]]
+        cells = [
+            r["path"],
+            r["batch_size"],
+            r["sort_by_size"],
+            r["decode"],
+            r["fast_attention"],
+            r["images_per_s"],
+        ]
         cells += [r["decoded_tokens_per_s"], r["decoding_steps"], r["decoded_tokens_per_image"], r["seconds"]]
-        cells += [r["peak_gpu_mem_gib"] if r["peak_gpu_mem_gib"] is not None else "-", r["same_as_today"]]
+        cells += [r["peak_gpu_mem_gib"] if r["peak_gpu_mem_gib"] is not None else "-", r["same_as_reference"]]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     lines += ["", meta["note"], ""]
     for r in rows:
@@ -253,12 +281,16 @@ def main(argv: list[str] | None = None) -> int:
     records = load_records(dataset, "test")[0][: args.samples]
     model, processor, family = load_for_eval(model_dir, device)
     predict_records(model, processor, records[:2], family, device, 2, max_new_tokens=2)  # warm-up
-    rows, today = [], None
-    for name in args.paths.split(","):
+    paths = args.paths.split(",")
+    reference = "today" if "today" in paths else paths[0]
+    rows, expected = [], None
+    for name in paths:
         row, answers = time_path(name, model, processor, family, records, device, args, out)
-        today = answers if name == "today" else today
-        row["same_as_today"] = (
-            f"{sum(a == b for a, b in zip(answers, today, strict=True))}/{len(answers)}" if today else "-"
+        expected = answers if name == reference else expected
+        row["same_as_reference"] = (
+            f"{sum(a == b for a, b in zip(answers, expected, strict=True))}/{len(answers)}"
+            if expected
+            else "-"
         )
         rows.append(row)
     capped = all(r["decoded_tokens_per_image"] >= args.max_new_tokens for r in rows)
@@ -279,6 +311,7 @@ def main(argv: list[str] | None = None) -> int:
         "image_sizes": args.image_sizes or ("own (--dataset)" if args.dataset else "one"),
         "image_size_counts": image_size_counts([[(r.width, r.height)] for r in records]),
         "max_new_tokens": args.max_new_tokens,
+        "reference": reference,
         "device": device,
         "device_name": describe_device(device)["name"],
         "transformers": transformers.__version__,

@@ -44,6 +44,10 @@ EVAL_MEMORY_HEADROOM = 0.8  # of the free GPU memory: the allocator's fragmentat
 # with which transformers compiles the decoding step on a GPU (torch.compile; the first batch of each
 # shape pays the compile). Measure with `python -m src.bench.decoding` before making it a default.
 DECODE_MODES = ("plain", "static")
+# fast attention: the LLM's decoding steps attend with query heads grouped onto their key/value heads (no
+# 7x copy of the KV cache a step under a padding mask; src/models/decode_attention.py) and the vision
+# tower attends in one call a block (src/models/vision_attention.py); off: the models' own SDPA calls.
+FAST_ATTENTION = False
 
 
 @dataclass
@@ -290,14 +294,18 @@ def generate_answers(
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
     stats: GenerationStats | None = None,
     decode: str = "plain",
+    fast_attention: bool = FAST_ATTENTION,
 ) -> list[str]:
     """Greedy answers (special tokens kept) for one batch of PIL images.
 
     generate() stops at the step where every row has produced an end token (<|im_end|> or
     <|endoftext|>); rows that ended earlier are padded. decode="static" asks for a static KV cache,
-    with which transformers compiles the decoding step on a GPU (see DECODE_MODES).
+    with which transformers compiles the decoding step on a GPU (see DECODE_MODES); fast_attention: see
+    FAST_ATTENTION (it switches the model's attention functions, and leaves them switched).
     """
     import torch
+
+    use_fast_attention(model, fast_attention)
 
     tokenizer = processor.tokenizer
     previous_side, tokenizer.padding_side = tokenizer.padding_side, "left"  # new tokens follow the prompt
@@ -364,12 +372,13 @@ def predict_records(
     decode: str = "plain",
     stats: GenerationStats | None = None,
     on_progress: Callable[[int, int], None] | None = None,
+    fast_attention: bool = FAST_ATTENTION,
 ) -> list[Prediction]:
     """One Prediction per record, in the records' order; answers nothing can be read from count as unparsed.
 
     batch_size "auto" sizes batches from free GPU memory (eval_batch_size; CPU_EVAL_BATCH on the CPU).
     sort_by_size batches images of similar token counts together (batching_order). on_progress(done,
-    total) is called before the first batch and after each one.
+    total) is called before the first batch and after each one. fast_attention: see generate_answers.
     """
     from src.data.collators import load_image
 
@@ -389,7 +398,15 @@ def predict_records(
         images = [_load(records[i], load_image) for i in chunk]
         before = len(stats.cut)
         answers = generate_answers(
-            model, processor, images, device, prompt, max_new_tokens, stats=stats, decode=decode
+            model,
+            processor,
+            images,
+            device,
+            prompt,
+            max_new_tokens,
+            stats=stats,
+            decode=decode,
+            fast_attention=fast_attention,
         )
         texts.update(zip(chunk, answers, strict=True))
         flags = stats.cut[before:]
@@ -398,6 +415,20 @@ def predict_records(
         if on_progress:
             on_progress(len(texts), len(records))
     return [_prediction(record, texts[i], processor, family, cut[i]) for i, record in enumerate(records)]
+
+
+def use_fast_attention(model, on: bool) -> None:
+    """Switch `model`'s LLM and vision attention to the fast calls (on) or to their own SDPA (off)."""
+    from src.models.decode_attention import use_packed_decode_attention
+    from src.models.vision_attention import VARLEN_NAMES, use_varlen_vision_attention, vision_configs
+
+    use_packed_decode_attention(model, on)
+    if on:
+        use_varlen_vision_attention(model)
+        return
+    for config in vision_configs(model):
+        if config._attn_implementation in VARLEN_NAMES:
+            config._attn_implementation = "sdpa"
 
 
 def _load(record: DetectionRecord, load_image):

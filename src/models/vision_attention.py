@@ -44,6 +44,7 @@ log = logging.getLogger(__name__)
 # "flash" in the name is what makes Qwen2-VL's vision attention pass `cu_seqlens` instead of splitting.
 VARLEN_ATTENTION = "recipe_runner_flash_varlen"
 VARLEN_ONLY_ATTENTION = "recipe_runner_flash_varlen_only"  # never the batched call
+VARLEN_NAMES = (VARLEN_ATTENTION, VARLEN_ONLY_ATTENTION)
 FLASH_MAX_HEAD_DIM = 256
 
 

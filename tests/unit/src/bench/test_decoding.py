@@ -14,7 +14,7 @@ def test_bench_times_today_and_the_sorted_path_on_the_same_images(
     result = json.loads((out / "eval_bench.json").read_text())
     today, new = result["rows"]
     assert (today["path"], today["batch_size"], today["sort_by_size"]) == ("today", 8, False)
-    assert (new["path"], new["sort_by_size"], new["same_as_today"]) == ("sorted", True, "3/3")
+    assert (new["path"], new["sort_by_size"], new["same_as_reference"]) == ("sorted", True, "3/3")
     for row in (today, new):
         assert row["images"] == 3 and row["images_per_s"] > 0 and row["decoded_tokens_per_s"] > 0
         assert row["decoding_steps"] <= 3
@@ -54,6 +54,23 @@ def test_bench_decodes_coco_sizes_and_profiles_a_path(tiny_model_dir, tmp_path):
     assert not (out / "profile-decode-today.json").exists()
     markdown = (out / "eval_bench.md").read_text()
     assert "Image sizes: mixed (640x480 x1" in markdown and "Profile of sorted's first batch" in markdown
+
+
+def test_fast_attention_paths_answer_as_today_on_coco_sizes(tiny_model_dir, tmp_path):
+    out = tmp_path / "bench"
+    argv = ["--model-dir", str(tiny_model_dir), "--cpu", "--out", str(out), "--image-sizes", "mixed"]
+    argv += ["--samples", "5", "--max-new-tokens", "4", "--paths", "today,fast,fast-static,sorted"]
+    assert main(argv) == 0
+    rows = {row["path"]: row for row in json.loads((out / "eval_bench.json").read_text())["rows"]}
+    assert [rows[p]["fast_attention"] for p in ("today", "fast", "fast-static", "sorted")] == [
+        False,
+        True,
+        True,
+        False,
+    ]
+    assert rows["fast"]["same_as_reference"] == rows["fast-static"]["same_as_reference"] == "5/5"
+    assert rows["fast-static"]["decode"] == "static"
+    assert "| fast | 8 | True | plain | True |" in (out / "eval_bench.md").read_text()
 
 
 def test_bench_keeps_the_synthetic_data_while_it_holds_what_is_asked(tmp_path):
