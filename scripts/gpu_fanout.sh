@@ -113,12 +113,12 @@ for part in "$@"; do
     q3vl3)  # Qwen3-VL-8B r3's two stages compiled against the bare loop (~6 min)
       step_bench q3vl3 --shape qwen3-vl-8b --recipes r3 --variants plain,fast+compile ;;
     mixed7b)  # issue "speed on real data": 7B r4 on COCO's common sizes, the bare loop at its best (file order)
-      # against the core compiled with micro-batches of one size, profiled (~9 min)
+      # against the core compiled with micro-batches of one size, profiled (~4 min)
       step_bench mixed7b --shape 7b --recipes r4 --image-sizes mixed --variants plain,fast+compile \
         --profile fast+compile ;;
-    mixed7bu)  # the same core compiled in plain shuffled order (what grouping buys), and one size (~8 min)
+    mixed7bu)  # the same core compiled in plain shuffled order (what grouping buys); one size, both sides (~5 min)
       step_bench mixed7bu --shape 7b --recipes r4 --image-sizes mixed --variants fast+compile-ungrouped
-      step_bench one7b --shape 7b --recipes r4 --variants fast+compile ;;
+      step_bench one7b --shape 7b --recipes r4 --variants plain,fast+compile ;;
     trial7b)  # issue "fair verdict": where a search trial's time goes: 7B r4 and r1 as one first-rung trial each
       # (3 of 30 steps, then scored on the validation split), every log line stamped with seconds since start
       for recipe in r4 r1; do

@@ -354,8 +354,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--decode",
         choices=DECODE_MODES,
         default="plain",
-        help="plain: dynamic KV cache; static: static KV cache, decoding step compiled on a GPU "
-        "(default: %(default)s)",
+        help="plain: dynamic KV cache; static: static KV cache, the decoding step compiled on a GPU for"
+        " each new batch shape (about 26 s at 7B): faster for long evaluations at one shape (256 images on"
+        " an H100: 31.4 images/s against 18.0) (default: %(default)s)",
     )
     arg("--cpu", action="store_true", help="evaluate on the CPU even if a GPU is visible")
     arg("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")

@@ -47,7 +47,7 @@ DECODE_MODES = ("plain", "static")
 # fast attention: the LLM's decoding steps attend with query heads grouped onto their key/value heads (no
 # 7x copy of the KV cache a step under a padding mask; src/models/decode_attention.py) and the vision
 # tower attends in one call a block (src/models/vision_attention.py); off: the models' own SDPA calls.
-FAST_ATTENTION = False
+FAST_ATTENTION = True
 
 
 @dataclass

@@ -306,9 +306,6 @@ def ready_for_generation(model):
     which generation does not run under. Merging does what loading the adapter onto its base does
     (src/eval/predict.py load_for_eval), so the answers are the same.
     """
-    import gc
-
-    import torch
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     from src.training.compile import uncompile_regions
@@ -322,10 +319,26 @@ def ready_for_generation(model):
     if getattr(merged, "is_gradient_checkpointing", False):
         merged.gradient_checkpointing_disable()
     merged.eval()
-    gc.collect()  # the trainer, its optimizer state and gradients
+    free_memory()  # the trainer, its optimizer state and gradients
+    return merged
+
+
+def free_memory() -> None:
+    """Free what a finished stage's objects still hold: collect reference cycles, then return the
+    allocator's cached GPU blocks.
+
+    A trained model can outlive its stage in a cycle (on GPUs accelerate wraps the model's forward in
+    autocast as a method bound to the model itself), which only the cyclic collector frees. Until it runs,
+    the next stage's model or evaluation's loads beside it, and a packed job capped at its reservation
+    runs out of memory there (docs/benchmarks.md, thirteenth session: r2's evaluation).
+    """
+    import gc
+
+    import torch
+
+    gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    return merged
 
 
 def samples_per_step(args) -> int:
@@ -527,6 +540,7 @@ def run_recipe(
             break  # the pause falls before this stage begins
         progress.emit("stage_start", recipe=recipe.name, stage=stage.name, model=model_id)
         result = train_stage(recipe.name, stage, model_id, opts, stage_dir, merge=not is_last, pause_at=pause)
+        free_memory()  # before the next stage or evaluation loads a model beside this one's
         results.append(result)
         if on_stage_done:
             on_stage_done(result)

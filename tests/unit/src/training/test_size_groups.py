@@ -1,8 +1,8 @@
 """Micro-batches of equal image sizes (src/training/size_groups.py): the sampler only reorders (every image
-once an epoch, the same micro-batches a step), groups sizes where counts allow, follows the seed and the
-epoch, leaves a data set of one size in the plain shuffled order, and keeps data parallelism and resume
-right through the trainer's and accelerate's own data loaders. Image sizes come from the files' headers
-and match what the processor makes of them.
+once an epoch, the same micro-batches a step, a fixed model's loss the same over each window of steps),
+groups sizes where counts allow, follows the seed and the epoch, leaves a data set of one size in the
+plain shuffled order, and keeps data parallelism and resume right through the trainer's and accelerate's
+own data loaders. Image sizes come from the files' headers and match what the processor makes of them.
 """
 
 import random
@@ -65,6 +65,35 @@ def test_micro_batches_are_of_one_size_where_counts_allow(sizes, micro_batch, ac
     # largest sample's swap to the front may break two more
     windows = -(-len(keys) // (WINDOW_STEPS * micro_batch * accum))
     assert total - uniform <= windows * (len(sizes) - 1) + 2
+
+
+def test_the_loss_is_unchanged_over_each_window_and_in_expectation():
+    # A fixed model's loss per sample, larger for larger images (the worst case for a reordering). A
+    # step's loss is the mean of its 16 samples. Grouping reorders within windows of the same shuffle, so
+    # every window's and the epoch's mean loss stay the plain order's (but for the one largest sample
+    # transformers' grouping swaps into the first window), and in expectation over seeds so does each.
+    count, per_step = 4000, 16
+    keys = mixed_keys(count)
+    rng = random.Random(1)
+    loss = [key / 1000 + rng.gauss(0, 0.3) for key in keys]
+    window = SizeGroupedSampler(keys, per_step, seed=0).window_steps() * per_step
+
+    def window_means(order):
+        return [
+            sum(loss[i] for i in order[start : start + window]) / window for start in range(0, count, window)
+        ]
+
+    gaps = []
+    for seed in range(40):
+        grouped, plain = (
+            window_means(SizeGroupedSampler(keys, per_step, seed).order(0)),
+            window_means(plain_order(count, seed)),
+        )
+        assert sum(grouped) == pytest.approx(sum(plain), abs=1e-9)  # the epoch: every sample once
+        moved = [abs(g - p) for g, p in zip(grouped, plain, strict=True) if abs(g - p) > 1e-9]
+        assert len(moved) <= 2 and all(gap < 2 / window for gap in moved)  # the one swapped sample
+        gaps.append(grouped[0] - plain[0])
+    assert abs(sum(gaps) / len(gaps)) < 1e-3
 
 
 def test_a_small_data_set_keeps_four_windows_an_epoch():

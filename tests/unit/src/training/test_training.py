@@ -288,3 +288,34 @@ def test_a_fault_fires_at_its_step_when_that_step_is_not_logged(
     with pytest.raises(RuntimeError, match="injected fault at r2-vision-only step 2"):
         run_recipe(RECIPES["r2-vision-only"], opts)
     assert not (tmp_path / "loss_history.jsonl").exists()  # step 2 ended unlogged, and nothing came after
+
+
+def test_a_finished_stage_frees_its_model_even_when_held_in_a_cycle(
+    tiny_model_dir, tiny_data_dir, tmp_path, monkeypatch
+):
+    # On GPUs accelerate binds an autocast forward to the model itself: a cycle only the collector frees.
+    # Before the fix, the trained 7B (15.5 GiB) was still alive when a packed r2's evaluation loaded the
+    # base beside it, out of memory under its 18 GiB reservation.
+    import gc
+    import logging
+    import types
+    import weakref
+
+    models = []
+    load = run_module.load_for_stage
+
+    def load_in_a_cycle(stage, model_id, device):
+        model = load(stage, model_id, device)
+        model.forward = types.MethodType(type(model).forward, model)  # as accelerate's autocast wrapper
+        models.append(weakref.ref(model))
+        return model
+
+    monkeypatch.setattr(run_module, "load_for_stage", load_in_a_cycle)
+    # pytest's log capture keeps every record, and a record's arguments can be the stage's objects
+    monkeypatch.setattr(logging.getLogger(), "handlers", [])
+    gc.disable()  # no automatic collection may hide a missing one
+    try:
+        run_recipe(RECIPES["r3-two-stage"], tiny_run_options(tiny_model_dir, tiny_data_dir, tmp_path))
+        assert len(models) == 2 and [ref() for ref in models] == [None, None]
+    finally:
+        gc.enable()
