@@ -45,6 +45,8 @@ here (TOKENS_A_SAMPLE, LARGEST_TEXT_TOKENS, below), derived on the CPU with the 
 agrees: 2026-11-26 bench, 7B r1 plain: 2373.6 tokens/s x 0.7877 s / 4 samples = 467.4 tokens a sample;
 eighth session, 7B r1: 13,132 tokens/s x 0.5695 s / 16 = 467.4 (391 image tokens + 76.4 text); its "88 text
 tokens a sample" is the largest sample's; the tenth session's Qwen3-VL-8B samples: "~100 text tokens".
+A row on mixed image sizes carries its own sample (`planned_patches`, `text_tokens`): the bench plans such a
+row at the data set's largest image, as the worker does, with its timed samples' mean text.
 """
 
 from __future__ import annotations
@@ -105,6 +107,10 @@ OPTIONAL = {
     "date": (str, type(None)),
     "note": str,
     "caveat": str,
+    # a row not on the bench's one-size sample (mixed sizes): planned, as the bench planned it, at these
+    # patches a sample (the data set's largest image) and text tokens a sample (its timed samples' mean)
+    "planned_patches": int,
+    "text_tokens": int,
 }
 
 
@@ -148,6 +154,8 @@ def row_problems(row: dict) -> list[str]:
         problems.append("micro_batch and grad_accum must be at least 1")
     if row["measured_peak_gib"] is None and row["measured_step_s"] is None:
         problems.append("neither a measured peak nor a measured step")
+    if (row["image_sizes"] == "mixed") != ("planned_patches" in row and "text_tokens" in row):
+        problems.append("planned_patches and text_tokens: given for a row of mixed sizes, and only for one")
     if row["offloaded"] and not row["recompute"]:
         problems.append("offloaded without recompute (the worker offloads only with recompute)")
     if row["dequantized"] and not any(s.quantized for s in _stages(row)):
@@ -203,7 +211,7 @@ def target(row: dict):
 def planned_gib(row: dict, sample: Sample | None = None) -> float:
     """Today's planned peak GiB of a row's setting, as the bench computes its planned column."""
     shape, _ = published_shape(row["shape"])
-    sample = sample or bench_sample(row["shape"])
+    sample = sample or row_sample(row) or bench_sample(row["shape"])
     stage, chain = target(row)
     estimate = estimate_recipe_memory if chain else estimate_stage_memory
     return estimate(
@@ -223,7 +231,7 @@ def planned_gib(row: dict, sample: Sample | None = None) -> float:
 def planned_step_s(row: dict, sample: Sample | None = None) -> float:
     """Today's predicted seconds of one optimizer step at a row's setting (a chain: its stages' mean)."""
     shape, _ = published_shape(row["shape"])
-    sample = sample or bench_sample(row["shape"])
+    sample = sample or row_sample(row) or bench_sample(row["shape"])
     stage, _ = target(row)
     return predict_step_seconds(
         shape,
@@ -298,10 +306,18 @@ class Result:
 
 def compute(rows: list[dict], step_sample: str = "largest") -> list[Result]:
     samples = {name: bench_sample(name, step_sample) for name in {row["shape"] for row in rows}}
-    return [
-        Result(row, planned_gib(row, samples[row["shape"]]), planned_step_s(row, samples[row["shape"]]))
-        for row in rows
-    ]
+    results = []
+    for row in rows:
+        sample = row_sample(row) or samples[row["shape"]]
+        results.append(Result(row, planned_gib(row, sample), planned_step_s(row, sample)))
+    return results
+
+
+def row_sample(row: dict) -> Sample | None:
+    """The sample a mixed-size row was planned at (its own keys); None for the bench's one-size sample."""
+    if "planned_patches" not in row:
+        return None
+    return Sample(row["planned_patches"], row["text_tokens"], row["text_tokens"])
 
 
 HEADER = (

@@ -76,6 +76,8 @@ def test_the_row_check_rejects_bad_rows(rows):
         "micro_batch": {"micro_batch": True},  # nor a bool an int
         "stage": {"stage": "stage1-vision"},  # r1 has no stages
         "dequantized": {"recipe": "r2", "dequantized": True},  # nothing 4-bit to dequantize
+        "planned_patches": {"image_sizes": "mixed"},  # a mixed row says what it was planned at
+        "text_tokens": {"planned_patches": 1936, "text_tokens": 72},  # and a one-size row does not
     }
     for key, change in bad.items():
         problems = pvm.row_problems({**good, **change})
@@ -178,6 +180,10 @@ def test_a_rows_planned_peak_and_step_are_the_planners_own(rows):
     row = _row(rows, shape="7b", recipe="r3", stage=None, measured_peak_gib=38.2)
     r3 = RECIPES["r3-two-stage"]
     assert pvm.planned_gib(row) == estimate_recipe_memory(seven_b, r3, 4, 1564, 76, False).gib
+    # 7B r4 on mixed sizes, grouped (thirteenth session): planned at the largest image, 612x612
+    row = _row(rows, shape="7b", recipe="r4", image_sizes="mixed", measured_peak_gib=44.74)
+    assert pvm.planned_gib(row) == estimate_stage_memory(seven_b, r4, 4, 1936, 72, False, compiled=True).gib
+    assert pvm.compute([row])[0].planned_gib == pvm.planned_gib(row) == pytest.approx(44.30, abs=0.01)
 
 
 def test_the_rows_before_frozen_towers_ran_under_no_grad_are_planned_so(rows):
