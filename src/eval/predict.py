@@ -423,12 +423,13 @@ def use_fast_attention(model, on: bool) -> None:
     from src.models.vision_attention import VARLEN_NAMES, use_varlen_vision_attention, vision_configs
 
     use_packed_decode_attention(model, on)
-    if on:
+    vision = vision_configs(model)
+    if on and any(config._attn_implementation not in VARLEN_NAMES for config in vision):
         use_varlen_vision_attention(model)
-        return
-    for config in vision_configs(model):
-        if config._attn_implementation in VARLEN_NAMES:
-            config._attn_implementation = "sdpa"
+    elif not on:
+        for config in vision:
+            if config._attn_implementation in VARLEN_NAMES:
+                config._attn_implementation = "sdpa"
 
 
 def _load(record: DetectionRecord, load_image):

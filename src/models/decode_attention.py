@@ -85,10 +85,9 @@ def use_packed_decode_attention(model, on: bool = True) -> bool:
     ALL_MASK_ATTENTION_FUNCTIONS.register(PACKED_ATTENTION, sdpa_mask)
     wanted, current = (PACKED_ATTENTION, "sdpa") if on else ("sdpa", PACKED_ATTENTION)
     configs = [c for c in text_configs(model) if c._attn_implementation in (current, wanted)]
+    if any(c._attn_implementation == current for c in configs):  # said once, not every batch
+        how = "query heads grouped onto their key/value heads" if on else "the model's SDPA"
+        log.info("LLM attention at decoding steps: %s", how)
     for config in configs:
         config._attn_implementation = wanted
-    if configs:
-        log.info(
-            "LLM attention at decoding steps: %s", "query heads grouped (one SDPA call)" if on else "SDPA"
-        )
     return bool(configs)
