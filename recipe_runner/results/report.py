@@ -52,6 +52,7 @@ class RecipeRow:
     final_loss: float | None = None
     output_dir: str = ""
     error: str | None = None
+    eval_error: str | None = None  # it trained, but its evaluation failed (status.json "eval"): no metrics
     recipe_key: str = ""  # the recipe itself, shared by every seed of a sweep
     seed: int | None = None
     dataset: str | None = None
@@ -93,7 +94,13 @@ def recipe_row(job: dict, base: dict) -> RecipeRow:
         final_loss=job.get("final_loss"),
         output_dir=str(out),
         error=job.get("error") or status.get("error"),
+        eval_error=_eval_error(status),
     )
+
+
+def _eval_error(status: dict) -> str | None:
+    evaluation = status.get("eval") or {}
+    return (evaluation.get("error") or "unknown error") if evaluation.get("status") == "failed" else None
 
 
 def best_per_metric(rows: list[RecipeRow]) -> dict[str, str]:

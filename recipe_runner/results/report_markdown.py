@@ -64,7 +64,17 @@ def answer_lines(report: dict) -> list[str]:
     else:
         lines = ["No recipe produced metrics: see the status column and each recipe's train.log."]
     verdicts = report.get("verdicts", [])
-    return lines + [verdict_sentence(verdict, len(verdicts) > 1) for verdict in verdicts]
+    return lines + [verdict_sentence(verdict, len(verdicts) > 1) for verdict in verdicts] + unscored(rows)
+
+
+def unscored(rows: list[dict]) -> list[str]:
+    """A sentence for each recipe that trained but was not scored: the verdict above leaves it out."""
+    return [
+        f"**Not in the verdict: `{row['recipe']}`** trained, but its evaluation failed ({row['eval_error']});"
+        f" `recipe-run eval {row['output_dir']}` scores it again."
+        for row in rows
+        if row["status"] == "succeeded" and row.get("eval_error")
+    ]
 
 
 def reservation_cell(row: dict) -> str:

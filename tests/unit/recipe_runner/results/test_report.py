@@ -108,6 +108,29 @@ def test_report_names_the_winner_and_keeps_the_failed_row(tmp_path, tiny_data_di
     assert report["best"]["precision"] == "r4-joint"
 
 
+def test_a_recipe_whose_evaluation_failed_is_named_beside_the_verdict(tmp_path, tiny_data_dir):
+    # A packed r2 once trained, then ran out of memory loading its evaluation: no metrics.json, and the
+    # winner was chosen among the others without a word about it.
+    launch = _launch(tmp_path, tiny_data_dir)
+    summary = json.loads((launch / "summary.json").read_text())
+    unscored = launch / "r2-vision-only"
+    error = "OutOfMemoryError: CUDA out of memory. Tried to allocate 13.71 GiB"
+    _write(unscored / "status.json", {"status": "succeeded", "eval": {"status": "failed", "error": error}})
+    summary["jobs"].append(
+        {"recipe": "r2-vision-only", "status": "succeeded", "output_dir": str(unscored), "duration_s": 9.0}
+    )
+    _write(launch / "summary.json", summary)
+    write_report(launch)
+    markdown = (launch / "report.md").read_text()
+    assert (
+        f"**Not in the verdict: `r2-vision-only`** trained, but its evaluation failed ({error});" in markdown
+    )
+    assert f"`recipe-run eval {unscored}` scores it again" in markdown
+    assert "Not in the verdict: `r4-joint`" not in markdown and "Not in the verdict: `r1" not in markdown
+    report = json.loads((launch / "report.json").read_text())
+    assert [row["eval_error"] for row in report["recipes"]] == [None, None, error]
+
+
 def test_report_pictures_open_with_the_expected_size(tmp_path, tiny_data_dir):
     launch = _launch(tmp_path, tiny_data_dir)
     write_report(launch)
