@@ -16,6 +16,7 @@ from pathlib import Path
 from recipe_runner.host.models import model_dir_for
 from recipe_runner.planning.request import LaunchRequest, PlanError
 from src.contract.flags import AUTO_EFFECTIVE_BATCH, BY_DEST, DEFAULT_DATASET, DEFAULT_MODEL, TrainFlags
+from src.planning.evaluation import eval_peak_bytes
 from src.planning.memory import (
     HEADROOM,
     choose_checkpointing,
@@ -55,10 +56,17 @@ class MemoryEstimate:
     offloaded: bool = False  # recompute's block inputs wait in host memory (--offload-activations)
     dequantized: bool = False  # a 4-bit recipe keeps bf16 copies of its weights (counted in predicted_gib)
     share: int = 1  # planned to fit 1/share of the GPU, so that jobs run side by side (estimate_settings)
+    eval_gib: float = 0.0  # evaluation after training: the bf16 model and one image (0: --skip-eval)
 
     @property
     def fits(self) -> bool:
         return self.predicted_gib <= self.capacity_gib
+
+    @property
+    def reserved_gib(self) -> float:
+        """What a packed job holds its GPU to: its training's peak, or its evaluation's where larger (a 4-bit
+        recipe trained small evaluates on the bf16 model, in the same capped process)."""
+        return max(self.predicted_gib, self.eval_gib)
 
     def describe(self) -> str:
         verdict = "fits" if self.fits else "DOES NOT FIT"
@@ -270,7 +278,15 @@ def estimate_recipe(request: LaunchRequest, recipe, inputs, capacity_mib: int) -
     if plan is None:
         return None
     per_stage = steps * plan.predicted_step_s + (COMPILE_S if compiled else 0.0)
-    return replace(plan, train_s=round(per_stage * len(recipe.stages or (recipe,)), 1))
+    evaluation = 0.0 if flags.skip_eval else evaluation_gib(shape, workload)
+    return replace(plan, train_s=round(per_stage * len(recipe.stages or (recipe,)), 1), eval_gib=evaluation)
+
+
+def evaluation_gib(shape: ModelShape, workload: Workload) -> float:
+    """Evaluation's least GPU memory for the largest sample: its prompt (image and text tokens) and an
+    answer as long as its text (the worker caps answers near the data's longest)."""
+    prompt = workload.patches // shape.merge_size**2 + workload.text_tokens
+    return round(eval_peak_bytes(shape, prompt, workload.text_tokens) / 2**30, 2)
 
 
 # With packing, each recipe is also planned as if it had this share of the GPU: the fastest setting in half,
@@ -291,7 +307,7 @@ def estimate_settings(request: LaunchRequest, capacity_mib: int) -> dict[str, li
         found = [best]
         for share in SHARES:
             plan = estimate_recipe(request, request.recipe(name), inputs, capacity_mib // share)
-            if plan is not None and plan.fits and plan.predicted_gib < found[-1].predicted_gib:
+            if plan is not None and plan.fits and plan.reserved_gib < found[-1].reserved_gib:
                 why = f"; the fastest in 1/{share} of the GPU, so that jobs run side by side"
                 found.append(replace(plan, capacity_gib=best.capacity_gib, share=share, why=why))
         settings[name] = found

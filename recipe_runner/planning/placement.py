@@ -171,7 +171,8 @@ class Plan:
             how += "its GPUs whole (no memory plan, --pack off, or sharded)"
         else:
             share = f"{job.reserve_mib / 1024:.1f} GiB a GPU"
-            how += f"reserves {share} (planned peak + {PACK_MARGIN:.0%} + CUDA context)"
+            peak = "planned peak, training's or evaluation's"
+            how += f"reserves {share} ({peak}, + {PACK_MARGIN:.0%} + CUDA context)"
         if job.predicted_s:
             how += f"; about {job.predicted_s:.0f} s of training predicted (the longest starts first)"
         return how
@@ -320,7 +321,7 @@ def place_job(
         return replace(job, predicted_s=0.0)
     if not (plan.fits and request.pack == "auto"):
         return replace(job, predicted_s=plan.train_s / split + _startup_s(ranks))
-    reserve = reservation_mib(plan.predicted_gib)
+    reserve = reservation_mib(plan.reserved_gib)
     return replace(
         job,
         env={**job.env, BUDGET_ENV: str(reserve - CUDA_CONTEXT_MIB)},  # the worker stays inside it

@@ -164,25 +164,6 @@ def batching_order(processor, records: list[DetectionRecord]) -> list[int]:
     return sorted(range(len(records)), key=lambda i: -tokens[i])
 
 
-def eval_bytes_per_image(shape, prompt_tokens: int, max_new_tokens: int) -> int:
-    """GPU bytes one more image in a generate() batch needs, for a src.planning.parameters.ModelShape in bf16.
-
-    The KV cache of prompt + answer (2 x layers x kv_heads x head_dim x 2 bytes a token), the prefill's
-    largest transient per prompt token (one decoder layer's MLP and hidden states, every image at once),
-    the vision tower's per prompt token (4 patches a token) and the last position's fp32 logits.
-    """
-    from src.planning.memory import BF16, FP32
-
-    kv_per_token = 2 * shape.layers * shape.kv_heads * shape.head_dim * BF16
-    prefill_per_token = BF16 * (3 * shape.intermediate + 6 * shape.hidden)
-    vision_per_token = shape.merge_size**2 * BF16 * (4 * shape.vision_embed + 2 * shape.vision_intermediate)
-    return (
-        (prompt_tokens + max_new_tokens) * kv_per_token
-        + prompt_tokens * (prefill_per_token + vision_per_token)
-        + FP32 * shape.vocab
-    )
-
-
 def eval_batch_size(
     free_bytes: int,
     shape,
@@ -195,9 +176,10 @@ def eval_batch_size(
     """Images per generate() call that fit in `free_bytes` of GPU memory (at least 1, at most `cap`).
 
     `shape` is the model's src.planning.parameters.ModelShape; `prompt_tokens` the longest prompt (text and
-    image tokens); see eval_bytes_per_image. `weights_loaded=False` (free memory read before loading the
-    model) subtracts the bf16 weights first (src.planning.memory.weight_bytes).
+    image tokens); see src.planning.evaluation.eval_bytes_per_image. `weights_loaded=False` (free memory
+    read before loading the model) subtracts the bf16 weights first (src.planning.memory.weight_bytes).
     """
+    from src.planning.evaluation import eval_bytes_per_image
     from src.planning.memory import weight_bytes
 
     if not weights_loaded:

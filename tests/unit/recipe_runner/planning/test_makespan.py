@@ -83,3 +83,36 @@ def test_a_short_launch_on_80gb_plans_some_recipes_smaller_so_that_they_run_side
 def test_a_long_launch_keeps_every_recipe_at_its_fastest_setting(host, monkeypatch, config_only_7b, capsys):
     out = _plan(host, monkeypatch, config_only_7b, capsys, steps=1000)
     assert "every recipe at its fastest setting" in out and "side by side instead" not in out
+
+
+def test_a_packed_job_reserves_what_its_evaluation_needs_when_training_needs_less(
+    host, monkeypatch, config_only_7b, capsys
+):
+    # 7B r1 at its smallest (4-bit, micro-batch 1, recompute) trains in a few GiB, but evaluates on the bf16
+    # model (15.5 GiB) in the same process, capped at the reservation: it must reserve that.
+    from src.planning.evaluation import eval_peak_bytes
+    from src.planning.parameters import ModelShape
+
+    host.set_gpus(monkeypatch, json.dumps([{"memory_total_mib": H100_MIB, "name": "NVIDIA H100 80GB HBM3"}]))
+    model, data = config_only_7b
+    small = [
+        "--batch-size",
+        "1",
+        "--grad-accum",
+        "16",
+        "--gradient-checkpointing",
+        "on",
+        "--dequantize-once",
+        "off",
+    ]
+    flags = ["--recipes", "r1", "--gpus", "0", "--model-id", str(model), "--dataset", str(data), *small]
+
+    def reserved_gib(*extra: str) -> float:
+        assert main(["plan", *flags, "--output-dir", str(host.out), *extra]) == 0
+        line = next(line for line in capsys.readouterr().out.splitlines() if "placed:" in line)
+        return float(line.split("reserves ")[1].split(" GiB")[0])
+
+    weights = eval_peak_bytes(ModelShape.from_model_dir(model), 391 + 88, 88) / 2**30
+    assert weights > 15.0
+    assert reserved_gib() >= weights * 1.05  # evaluation's peak, with the margin
+    assert reserved_gib("--skip-eval") < 10.0  # no evaluation: training's few GiB

@@ -24,11 +24,11 @@ from src.eval.predict import (
     answer_lengths,
     batching_order,
     eval_batch_size,
-    eval_bytes_per_image,
     load_for_eval,
     predict_records,
     resolve_model,
 )
+from src.planning.evaluation import eval_bytes_per_image
 from tests.conftest import REPO
 
 METRIC_KEYS = {"precision", "recall", "f1", "map_50", "map_50_95", "mean_iou", "parse_rate", "tp", "fp", "fn"}
