@@ -59,16 +59,9 @@ def _packable(query, attention_mask, groups: int, kwargs: dict) -> bool:
 
 def text_configs(model) -> list:
     """The configs the LLM's attention layers read (one per model; the vision tower's are left alone)."""
-    found = []
-    for module in model.modules():
-        config = getattr(module, "config", None)
-        if config is None or not hasattr(module, "num_key_value_groups"):
-            continue
-        if type(module).__name__.endswith("VisionAttention"):
-            continue
-        if not any(config is seen for seen in found):
-            found.append(config)
-    return found
+    from src.models.vision_attention import attention_configs
+
+    return attention_configs(model, vision=False)
 
 
 def use_packed_decode_attention(model, on: bool = True) -> bool:

@@ -157,12 +157,19 @@ def _sdpa_batched(q, k, v, images: int, scale: float):
 
 def vision_configs(model) -> list:
     """The vision configs of a (possibly PEFT-wrapped) Qwen2-VL model: the config its vision blocks read."""
+    return attention_configs(model, vision=True)
+
+
+def attention_configs(model, vision: bool) -> list:
+    """The distinct configs that `model`'s attention modules read their implementation from: the vision
+    tower's (vision) or the LLM's (its attention modules group query heads: `num_key_value_groups`)."""
     found = []
     for module in model.modules():
         config = getattr(module, "config", None)
-        if type(module).__name__.endswith("VisionAttention") and config is not None:
-            if not any(config is seen for seen in found):
-                found.append(config)
+        is_vision = type(module).__name__.endswith("VisionAttention")
+        wanted = is_vision if vision else not is_vision and hasattr(module, "num_key_value_groups")
+        if wanted and config is not None and not any(config is seen for seen in found):
+            found.append(config)
     return found
 
 
